@@ -1,0 +1,393 @@
+//! `cache.db`: the SQLite index of runs, metrics and file stats.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::hash::{Hash, StatKey};
+use crate::{CacheError, Result};
+
+/// Bumped with every migration below; a database newer than this is refused, not corrupted.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the initial schema.
+    r#"
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL,
+        pipeline TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        op TEXT NOT NULL,
+        op_version INTEGER NOT NULL,
+        key_doc TEXT NOT NULL,
+        output_tree TEXT,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+        error TEXT,
+        started_at REAL NOT NULL,
+        ended_at REAL NOT NULL,
+        host TEXT NOT NULL,
+        engine_version TEXT NOT NULL,
+        log_blob TEXT
+    );
+    CREATE UNIQUE INDEX runs_ok_key ON runs(key) WHERE status = 'ok';
+    CREATE INDEX runs_by_stage ON runs(pipeline, stage, ended_at);
+    CREATE TABLE metrics (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        value REAL,
+        PRIMARY KEY (run_id, name)
+    );
+    CREATE TABLE stat_cache (
+        path TEXT PRIMARY KEY,
+        dev INTEGER NOT NULL,
+        ino INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    "#,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Ok,
+    Failed,
+}
+
+impl RunStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Ok => "ok",
+            RunStatus::Failed => "failed",
+        }
+    }
+}
+
+/// A run to record.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub key: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub op: String,
+    pub op_version: u32,
+    /// Everything that went into the key, so a later run can say exactly what changed.
+    pub key_doc: serde_json::Value,
+    /// `None` for a failed run.
+    pub output_tree: Option<Hash>,
+    pub status: RunStatus,
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub started_at: f64,
+    pub ended_at: f64,
+    pub host: String,
+    pub engine_version: String,
+    pub log_blob: Option<Hash>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A recorded run.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: i64,
+    pub run: NewRun,
+}
+
+impl std::ops::Deref for RunRecord {
+    type Target = NewRun;
+    fn deref(&self) -> &NewRun {
+        &self.run
+    }
+}
+
+pub(crate) struct Db {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Db {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        let err = |source| CacheError::Db { path: path.to_path_buf(), source };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        let mut db = Self { conn, path: path.to_path_buf() };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> CacheError {
+        CacheError::Db { path: self.path.clone(), source }
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| CacheError::Db { path: path.clone(), source };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let version: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err)?;
+        if version > SCHEMA_VERSION {
+            return Err(CacheError::SchemaTooNew {
+                path: self.path.clone(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(sql).map_err(err)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    pub(crate) fn record(&mut self, run: &NewRun) -> Result<i64> {
+        let path = self.path.clone();
+        let err = |source| CacheError::Db { path: path.clone(), source };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        if run.status == RunStatus::Ok {
+            let existing: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM runs WHERE key = ?1 AND status = 'ok'",
+                    [&run.key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(err)?;
+            if let Some(id) = existing {
+                return Ok(id);
+            }
+        }
+        tx.execute(
+            "INSERT INTO runs (key, pipeline, stage, op, op_version, key_doc, output_tree, status,
+                error, started_at, ended_at, host, engine_version, log_blob)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                run.key,
+                run.pipeline,
+                run.stage,
+                run.op,
+                run.op_version,
+                run.key_doc.to_string(),
+                run.output_tree.map(|h| h.to_hex()),
+                run.status.as_str(),
+                run.error,
+                run.started_at,
+                run.ended_at,
+                run.host,
+                run.engine_version,
+                run.log_blob.map(|h| h.to_hex()),
+            ],
+        )
+        .map_err(err)?;
+        let id = tx.last_insert_rowid();
+        {
+            let mut stmt = tx
+                .prepare("INSERT INTO metrics (run_id, name, value) VALUES (?1, ?2, ?3)")
+                .map_err(err)?;
+            for (name, value) in &run.metrics {
+                // SQLite stores NaN as NULL; read back as NaN.
+                let value = if value.is_nan() { None } else { Some(*value) };
+                stmt.execute(params![id, name, value]).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(id)
+    }
+
+    pub(crate) fn lookup(&self, key: &str) -> Result<Option<RunRecord>> {
+        self.query_one(
+            "SELECT * FROM runs WHERE key = ?1 AND status = 'ok'",
+            &[&key as &dyn rusqlite::ToSql],
+        )
+    }
+
+    pub(crate) fn latest_run(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        status: Option<RunStatus>,
+    ) -> Result<Option<RunRecord>> {
+        match status {
+            Some(status) => self.query_one(
+                "SELECT * FROM runs WHERE pipeline = ?1 AND stage = ?2 AND status = ?3
+                 ORDER BY ended_at DESC, id DESC LIMIT 1",
+                &[&pipeline as &dyn rusqlite::ToSql, &stage, &status.as_str()],
+            ),
+            None => self.query_one(
+                "SELECT * FROM runs WHERE pipeline = ?1 AND stage = ?2
+                 ORDER BY ended_at DESC, id DESC LIMIT 1",
+                &[&pipeline as &dyn rusqlite::ToSql, &stage],
+            ),
+        }
+    }
+
+    fn query_one(&self, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Option<RunRecord>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        let row = stmt
+            .query_row(args, |r| {
+                Ok((
+                    r.get::<_, i64>("id")?,
+                    r.get::<_, String>("key")?,
+                    r.get::<_, String>("pipeline")?,
+                    r.get::<_, String>("stage")?,
+                    r.get::<_, String>("op")?,
+                    r.get::<_, u32>("op_version")?,
+                    r.get::<_, String>("key_doc")?,
+                    r.get::<_, Option<String>>("output_tree")?,
+                    r.get::<_, String>("status")?,
+                    r.get::<_, Option<String>>("error")?,
+                    r.get::<_, f64>("started_at")?,
+                    r.get::<_, f64>("ended_at")?,
+                    r.get::<_, String>("host")?,
+                    r.get::<_, String>("engine_version")?,
+                    r.get::<_, Option<String>>("log_blob")?,
+                ))
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some(row) = row else { return Ok(None) };
+        let (id, key, pipeline, stage, op, op_version, key_doc, tree, status, error, s, e, host, ver, log) =
+            row;
+        let corrupt = |what: &str| {
+            CacheError::Db {
+                path: self.path.clone(),
+                source: rusqlite::Error::InvalidColumnType(
+                    0,
+                    format!("run {id}: bad {what}"),
+                    rusqlite::types::Type::Text,
+                ),
+            }
+        };
+        let parse_hash = |h: Option<String>, what: &str| -> Result<Option<Hash>> {
+            h.map(|h| h.parse().map_err(|_| corrupt(what))).transpose()
+        };
+        let run = NewRun {
+            key,
+            pipeline,
+            stage,
+            op,
+            op_version,
+            key_doc: serde_json::from_str(&key_doc).map_err(|_| corrupt("key_doc"))?,
+            output_tree: parse_hash(tree, "output_tree")?,
+            status: if status == "ok" { RunStatus::Ok } else { RunStatus::Failed },
+            error,
+            started_at: s,
+            ended_at: e,
+            host,
+            engine_version: ver,
+            log_blob: parse_hash(log, "log_blob")?,
+            metrics: self.metrics(id)?,
+        };
+        Ok(Some(RunRecord { id, run }))
+    }
+
+    fn metrics(&self, run_id: i64) -> Result<BTreeMap<String, f64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, value FROM metrics WHERE run_id = ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([run_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<f64>>(1)?.unwrap_or(f64::NAN)))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn stat_entries(&self, paths: &[PathBuf]) -> HashMap<PathBuf, (StatKey, Hash)> {
+        let mut out = HashMap::new();
+        let Ok(mut stmt) = self.conn.prepare_cached(
+            "SELECT dev, ino, size, mtime_ns, hash FROM stat_cache WHERE path = ?1",
+        ) else {
+            return out;
+        };
+        let mut wanted = Vec::new();
+        for path in paths {
+            if path.is_dir() {
+                for entry in walkdir::WalkDir::new(path).follow_links(true).into_iter().flatten() {
+                    if entry.file_type().is_file() {
+                        wanted.push(entry.into_path());
+                    }
+                }
+            } else {
+                wanted.push(path.clone());
+            }
+        }
+        for path in wanted {
+            let row = stmt
+                .query_row([path.to_string_lossy()], |r| {
+                    Ok((
+                        StatKey {
+                            dev: r.get::<_, i64>(0)? as u64,
+                            ino: r.get::<_, i64>(1)? as u64,
+                            size: r.get::<_, i64>(2)? as u64,
+                            mtime_ns: r.get(3)?,
+                        },
+                        r.get::<_, String>(4)?,
+                    ))
+                })
+                .optional();
+            if let Ok(Some((stat, hash))) = row {
+                if let Ok(hash) = hash.parse() {
+                    out.insert(path, (stat, hash));
+                }
+            }
+        }
+        out
+    }
+
+    pub(crate) fn put_stat_entries(&mut self, entries: &[(PathBuf, StatKey, Hash)]) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| CacheError::Db { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO stat_cache (path, dev, ino, size, mtime_ns, hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            for (p, s, h) in entries {
+                stmt.execute(params![
+                    p.to_string_lossy(),
+                    s.dev as i64,
+                    s.ino as i64,
+                    s.size as i64,
+                    s.mtime_ns,
+                    h.to_hex()
+                ])
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cache.db");
+        drop(Db::open(&p).unwrap());
+        let conn = Connection::open(&p).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(Db::open(&p), Err(CacheError::SchemaTooNew { found: 99, .. })));
+    }
+}

@@ -1,0 +1,266 @@
+//! blake3 content hashes of bytes, files and folders.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rayon::prelude::*;
+
+use crate::{CacheError, Result};
+
+/// A blake3 hash, shown as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hash([u8; 32]);
+
+impl Hash {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Hash(bytes)
+    }
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+    /// The first 12 hex digits, for people.
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_string()
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({})", self.short())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a 64-digit hex blake3 hash")]
+pub struct HashParseError(pub String);
+
+impl FromStr for Hash {
+    type Err = HashParseError;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        blake3::Hash::from_hex(s)
+            .map(|h| Hash(*h.as_bytes()))
+            .map_err(|_| HashParseError(s.to_string()))
+    }
+}
+
+impl serde::Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn hash_bytes(bytes: &[u8]) -> Hash {
+    Hash(*blake3::hash(bytes).as_bytes())
+}
+
+/// Files at least this big are memory-mapped and hashed on all cores.
+const MMAP_THRESHOLD: u64 = 4 << 20;
+
+/// Hashes a file's content.
+pub fn hash_file(path: &Path) -> Result<Hash> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| CacheError::io(path, e))?
+        .len();
+    let mut hasher = blake3::Hasher::new();
+    if len >= MMAP_THRESHOLD {
+        hasher
+            .update_mmap_rayon(path)
+            .map_err(|e| CacheError::io(path, e))?;
+    } else {
+        let mut file = std::fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            let n = file.read(&mut buf).map_err(|e| CacheError::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    Ok(Hash(*hasher.finalize().as_bytes()))
+}
+
+/// What the stat cache remembers about a file: if all of it still matches, the hash does too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StatKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl StatKey {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        StatKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        }
+    }
+}
+
+/// A file modified this recently may still be changing within the same mtime tick; such files
+/// are hashed but not remembered (git's "racy clean" problem).
+const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Hashes files and folders in parallel, reusing `known` hashes whose stat still matches.
+/// Returns the results in order plus the stat entries worth remembering.
+pub(crate) fn hash_paths_with(
+    paths: &[PathBuf],
+    known: &HashMap<PathBuf, (StatKey, Hash)>,
+) -> (Vec<Result<Hash>>, Vec<(PathBuf, StatKey, Hash)>) {
+    // Expand folders into their files so that every file is one parallel work item.
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut plans: Vec<Result<PathPlan>> = Vec::with_capacity(paths.len());
+    for path in paths {
+        plans.push(plan_path(path, &mut files));
+    }
+    let now = now_ns();
+    let hashed: Vec<Result<(Hash, Option<StatKey>)>> = files
+        .par_iter()
+        .map(|file| {
+            let meta = std::fs::metadata(file).map_err(|e| CacheError::io(file, e))?;
+            let stat = StatKey::of(&meta);
+            if let Some((old, hash)) = known.get(file) {
+                if *old == stat {
+                    return Ok((*hash, None));
+                }
+            }
+            let hash = hash_file(file)?;
+            let remember = (now - stat.mtime_ns > RACY_WINDOW_NS).then_some(stat);
+            Ok((hash, remember))
+        })
+        .collect();
+    let mut fresh = Vec::new();
+    for (file, result) in files.iter().zip(&hashed) {
+        if let Ok((hash, Some(stat))) = result {
+            fresh.push((file.clone(), *stat, *hash));
+        }
+    }
+    let results = plans
+        .into_iter()
+        .map(|plan| match plan? {
+            PathPlan::File(i) => match &hashed[i] {
+                Ok((h, _)) => Ok(*h),
+                Err(e) => Err(clone_error(e)),
+            },
+            PathPlan::Dir { root, range } => {
+                // A folder's hash covers each file's relative path and content hash, in order.
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(b"dir\0");
+                for i in range {
+                    let (h, _) = hashed[i].as_ref().map_err(clone_error)?;
+                    let rel = files[i].strip_prefix(&root).unwrap_or(&files[i]);
+                    hasher.update(rel.to_string_lossy().as_bytes());
+                    hasher.update(b"\0");
+                    hasher.update(h.as_bytes());
+                }
+                Ok(Hash(*hasher.finalize().as_bytes()))
+            }
+        })
+        .collect();
+    (results, fresh)
+}
+
+enum PathPlan {
+    File(usize),
+    Dir { root: PathBuf, range: std::ops::Range<usize> },
+}
+
+fn plan_path(path: &Path, files: &mut Vec<PathBuf>) -> Result<PathPlan> {
+    let meta = std::fs::metadata(path).map_err(|e| CacheError::io(path, e))?;
+    if meta.is_dir() {
+        let start = files.len();
+        let mut found = Vec::new();
+        for entry in walkdir::WalkDir::new(path).follow_links(true).sort_by_file_name() {
+            let entry = entry.map_err(|e| {
+                let p = e.path().unwrap_or(path).to_path_buf();
+                CacheError::io(p, std::io::Error::other(e.to_string()))
+            })?;
+            if entry.file_type().is_file() {
+                found.push(entry.into_path());
+            }
+        }
+        files.extend(found);
+        Ok(PathPlan::Dir { root: path.to_path_buf(), range: start..files.len() })
+    } else {
+        files.push(path.to_path_buf());
+        Ok(PathPlan::File(files.len() - 1))
+    }
+}
+
+fn clone_error(e: &CacheError) -> CacheError {
+    match e {
+        CacheError::Io { path, source } => {
+            CacheError::io(path.clone(), std::io::Error::new(source.kind(), source.to_string()))
+        }
+        other => CacheError::io(PathBuf::new(), std::io::Error::other(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_and_bytes_agree_small_and_large() {
+        let dir = tempfile::tempdir().unwrap();
+        for size in [0usize, 10, (MMAP_THRESHOLD as usize) + 3] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let p = dir.path().join(format!("f{size}"));
+            std::fs::write(&p, &data).unwrap();
+            assert_eq!(hash_file(&p).unwrap(), hash_bytes(&data));
+        }
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let h = hash_bytes(b"x");
+        assert_eq!(h.to_hex().parse::<Hash>().unwrap(), h);
+        assert!("zz".parse::<Hash>().is_err());
+    }
+
+    #[test]
+    fn folder_hash_sees_renames_and_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("a"), "1").unwrap();
+        std::fs::write(d.join("sub/b"), "2").unwrap();
+        let h = |known: &HashMap<_, _>| hash_paths_with(std::slice::from_ref(&d), known).0.remove(0).unwrap();
+        let h1 = h(&HashMap::new());
+        std::fs::rename(d.join("a"), d.join("c")).unwrap();
+        let h2 = h(&HashMap::new());
+        assert_ne!(h1, h2);
+        std::fs::write(d.join("sub/b"), "3").unwrap();
+        assert_ne!(h(&HashMap::new()), h2);
+    }
+}

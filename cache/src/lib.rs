@@ -1,0 +1,226 @@
+//! The result cache of `engine`: a content-addressed object store plus a SQLite index.
+//!
+//! Objects (`objects/ab/cdef…`) are immutable blobs named by their blake3 hash; a stage's output
+//! is a [`Tree`] manifest (path -> blob) that is itself a blob. `cache.db` records every run
+//! (its key, what went into the key, the output tree, metrics, timings, host, log) and a stat
+//! cache so unchanged workspace files are not re-read. This crate knows nothing of pipelines or
+//! ops: callers hand it keys, folders and records.
+//!
+//! Crash consistency: objects are written to `tmp/` and renamed into place, and a run record is
+//! one transaction written only after all of its objects exist, so a kill at any instant leaves
+//! either no record or a complete one. `tmp/` leftovers of dead processes are removed on open.
+
+mod db;
+mod hash;
+mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub use db::{NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
+pub use hash::{hash_bytes, hash_file, Hash, HashParseError};
+pub use store::{Scratch, Store, Tree, TreeEntry};
+
+/// Everything that can go wrong in the cache, with the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cache database {path}: {source}")]
+    Db { path: PathBuf, source: rusqlite::Error },
+    #[error("cache database {path} has schema version {found}, newer than this engine's {supported}; upgrade engine or use another --cache-dir")]
+    SchemaTooNew { path: PathBuf, found: i64, supported: i64 },
+    #[error("object {0} is missing from the store")]
+    MissingObject(Hash),
+    #[error("object {hash} is corrupt (its content hashes to {actual})")]
+    CorruptObject { hash: Hash, actual: Hash },
+    #[error("tree manifest {hash} is not valid: {message}")]
+    BadTree { hash: Hash, message: String },
+    #[error("{path} is not inside the folder it must stay in")]
+    PathEscape { path: PathBuf },
+}
+
+impl CacheError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CacheError::Io { path: path.into(), source }
+    }
+}
+
+pub type Result<T, E = CacheError> = std::result::Result<T, E>;
+
+/// The cache folder (`.engine/` by default): store + database, safe to share between threads.
+pub struct Cache {
+    root: PathBuf,
+    store: Store,
+    db: Mutex<db::Db>,
+}
+
+impl Cache {
+    /// Opens (creating if needed) the cache at `root`, migrating its schema and clearing
+    /// scratch folders left by processes that no longer exist.
+    pub fn open(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root).map_err(|e| CacheError::io(root, e))?;
+        let root = root.canonicalize().map_err(|e| CacheError::io(root, e))?;
+        let store = Store::open(&root)?;
+        store.clean_stale_scratch()?;
+        let db = db::Db::open(&root.join("cache.db"))?;
+        Ok(Self { root, store, db: Mutex::new(db) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, db::Db> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back), so a poisoned lock is still usable.
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Content hashes of workspace files or folders (a folder hashes its sorted relative paths
+    /// and file hashes). Unchanged files (same device, inode, size, mtime) are not re-read.
+    pub fn hash_paths(&self, paths: &[PathBuf]) -> Vec<Result<Hash>> {
+        let known = self.db().stat_entries(paths);
+        let (results, fresh) = hash::hash_paths_with(paths, &known);
+        if !fresh.is_empty() {
+            if let Err(e) = self.db().put_stat_entries(&fresh) {
+                tracing::warn!("could not update the stat cache: {e}");
+            }
+        }
+        results
+    }
+
+    /// The successful run recorded under `key`, if any.
+    pub fn lookup(&self, key: &str) -> Result<Option<RunRecord>> {
+        self.db().lookup(key)
+    }
+
+    /// The most recent successful run of `stage` in `pipeline` (for "why did this rerun").
+    pub fn latest_run(&self, pipeline: &str, stage: &str) -> Result<Option<RunRecord>> {
+        self.db().latest_run(pipeline, stage, Some(RunStatus::Ok))
+    }
+
+    /// The most recent run of `stage` in `pipeline`, whatever its status (for `logs`).
+    pub fn latest_attempt(&self, pipeline: &str, stage: &str) -> Result<Option<RunRecord>> {
+        self.db().latest_run(pipeline, stage, None)
+    }
+
+    /// Records a finished run in one transaction. For a successful run every object it
+    /// references must already be in the store. Returns the run id; if another process already
+    /// recorded the same key, that record wins and its id is returned.
+    pub fn record(&self, run: &NewRun) -> Result<i64> {
+        if let Some(tree) = &run.output_tree {
+            if !self.store.contains(tree) {
+                return Err(CacheError::MissingObject(*tree));
+            }
+        }
+        self.db().record(run)
+    }
+
+    /// True when the tree manifest and every blob it names are present (cheap: no re-hash).
+    pub fn tree_is_complete(&self, tree: &Hash) -> bool {
+        match self.store.read_tree(tree) {
+            Ok(t) => t.entries.iter().all(|e| self.store.contains(&e.blob)),
+            Err(_) => false,
+        }
+    }
+
+    /// Path of the database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.root.join("cache.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn new_run(key: &str, tree: Option<Hash>) -> NewRun {
+        NewRun {
+            key: key.to_string(),
+            pipeline: "p".into(),
+            stage: "s".into(),
+            op: "shell".into(),
+            op_version: 1,
+            key_doc: serde_json::json!({"params": {"a": 1}}),
+            output_tree: tree,
+            status: if tree.is_some() { RunStatus::Ok } else { RunStatus::Failed },
+            error: None,
+            started_at: 1.0,
+            ended_at: 2.0,
+            host: "h".into(),
+            engine_version: "0".into(),
+            log_blob: None,
+            metrics: BTreeMap::from([("acc".to_string(), 0.5), ("nan".to_string(), f64::NAN)]),
+        }
+    }
+
+    #[test]
+    fn record_then_lookup_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let scratch = cache.store().scratch().unwrap();
+        std::fs::write(scratch.path().join("a.txt"), "hello").unwrap();
+        let tree = cache.store().put_dir(scratch.path(), &[]).unwrap();
+        cache.record(&new_run("k1", Some(tree))).unwrap();
+        let rec = cache.lookup("k1").unwrap().unwrap();
+        assert_eq!(rec.output_tree, Some(tree));
+        assert_eq!(rec.metrics["acc"], 0.5);
+        assert!(rec.metrics["nan"].is_nan());
+        assert!(cache.tree_is_complete(&tree));
+        assert!(cache.lookup("k2").unwrap().is_none());
+        // Reopening sees the same record.
+        drop(cache);
+        let cache = Cache::open(dir.path()).unwrap();
+        assert!(cache.lookup("k1").unwrap().is_some());
+    }
+
+    #[test]
+    fn failed_runs_are_not_cache_hits() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        cache.record(&new_run("k", None)).unwrap();
+        assert!(cache.lookup("k").unwrap().is_none());
+        assert!(cache.latest_attempt("p", "s").unwrap().is_some());
+        assert!(cache.latest_run("p", "s").unwrap().is_none());
+    }
+
+    #[test]
+    fn record_refuses_missing_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let err = cache.record(&new_run("k", Some(hash_bytes(b"nope")))).unwrap_err();
+        assert!(matches!(err, CacheError::MissingObject(_)));
+    }
+
+    #[test]
+    fn duplicate_key_keeps_first_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let tree = cache.store().put_bytes(b"{\"entries\":[]}").unwrap();
+        let a = cache.record(&new_run("k", Some(tree))).unwrap();
+        let b = cache.record(&new_run("k", Some(tree))).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn stat_cache_avoids_rehash_and_sees_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let f = ws.path().join("f.txt");
+        std::fs::write(&f, "one").unwrap();
+        let h1 = cache.hash_paths(std::slice::from_ref(&f)).remove(0).unwrap();
+        assert_eq!(h1, hash_bytes(b"one"));
+        std::fs::write(&f, "two!").unwrap();
+        let h2 = cache.hash_paths(std::slice::from_ref(&f)).remove(0).unwrap();
+        assert_eq!(h2, hash_bytes(b"two!"));
+        let missing = cache.hash_paths(&[ws.path().join("nope")]).remove(0);
+        assert!(missing.is_err());
+    }
+}

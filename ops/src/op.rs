@@ -1,0 +1,203 @@
+//! The contract between the engine and a stage implementation.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// A stage implementation. Implementations are stateless: everything a run needs arrives in the
+/// [`RunContext`], so one instance serves every stage and thread.
+pub trait Op: Send + Sync {
+    /// The name pipelines use after `op:`.
+    fn name(&self) -> &'static str;
+    /// Bumped whenever the op's results for the same params and inputs could change; it is part
+    /// of every stage key, so bumping it invalidates exactly this op's cached results.
+    fn version(&self) -> u32;
+    /// One line for `--help`-style listings and "did you mean" messages.
+    fn summary(&self) -> &'static str;
+    /// Checks params without running anything: unknown keys and wrong types are errors that
+    /// name the offending field.
+    fn validate(&self, params: &Value) -> Result<(), ParamError>;
+    /// Workspace-relative files or folders whose *content* is part of the stage key.
+    fn deps(&self, _params: &Value) -> Vec<String> {
+        Vec::new()
+    }
+    /// Workspace-relative paths the op writes outside its output folder; the engine captures
+    /// them into the stored result and puts them back after a cache hit.
+    fn outs(&self, _params: &Value) -> Vec<String> {
+        Vec::new()
+    }
+    /// Input names this op requires (beyond what the pipeline declares); checked at plan time.
+    fn required_inputs(&self, _params: &Value) -> Vec<String> {
+        Vec::new()
+    }
+    /// Does the work. Must write results only under `ctx.out_dir` (and the declared `outs`).
+    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError>;
+}
+
+/// An upstream result handed to a stage, as read-only directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// `inputs: {name: stage}` or `stage[k=v]`.
+    One(PathBuf),
+    /// `inputs: {name: "stage[*]"}`: every selected instance, labelled by its matrix values
+    /// (`p=2,q=a`), in plan order. `dir` holds one entry per item, named by its label.
+    Many {
+        dir: PathBuf,
+        items: Vec<(String, PathBuf)>,
+    },
+}
+
+impl Input {
+    /// The one directory a tool can be pointed at: the result itself, or the folder holding
+    /// one entry per item.
+    pub fn root(&self) -> &Path {
+        match self {
+            Input::One(p) => p,
+            Input::Many { dir, .. } => dir,
+        }
+    }
+
+    /// Every directory this input covers, in order.
+    pub fn paths(&self) -> Vec<&Path> {
+        match self {
+            Input::One(p) => vec![p.as_path()],
+            Input::Many { items, .. } => items.iter().map(|(_, p)| p.as_path()).collect(),
+        }
+    }
+}
+
+/// Metric name -> value, flat. Non-finite values are allowed (a diverged loss is a result).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Shared flag raised by the engine on Ctrl-C or timeout; long-running ops poll it.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Op-reported progress ("epoch 3/10 loss 0.41"), shown beside the running stage.
+#[derive(Clone)]
+pub struct Progress(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl Progress {
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+    /// A reporter that drops everything (tests, non-interactive callers).
+    pub fn silent() -> Self {
+        Self::new(|_| {})
+    }
+    pub fn report(&self, message: &str) {
+        (self.0)(message)
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
+/// Everything one run of one stage gets.
+pub struct RunContext<'a> {
+    /// The stage's params after interpolation and overrides, already validated.
+    pub params: &'a Value,
+    /// Upstream results by the local names of the stage's `inputs:`.
+    pub inputs: &'a BTreeMap<String, Input>,
+    /// A fresh, empty directory; everything in it becomes the stage's output.
+    pub out_dir: &'a Path,
+    /// The folder holding the pipeline file; `deps`/`outs` are relative to it.
+    pub workspace: &'a Path,
+    /// Deterministic per stage instance, part of the stage key.
+    pub seed: u64,
+    /// CPUs the scheduler allotted (`resources.cpus`, default 1).
+    pub cpus: usize,
+    pub cancel: &'a CancelFlag,
+    pub progress: &'a Progress,
+    /// The stage log; stored with the result.
+    pub log: &'a mut dyn Write,
+    /// Filled by the op; recorded as queryable rows.
+    pub metrics: Metrics,
+}
+
+impl RunContext<'_> {
+    pub fn input(&self, name: &str) -> Result<&Input, OpError> {
+        self.inputs
+            .get(name)
+            .ok_or_else(|| OpError::MissingInput(name.to_string()))
+    }
+
+    /// Returns `Err(Cancelled)` once the engine asked the stage to stop.
+    pub fn check_cancelled(&self) -> Result<(), OpError> {
+        if self.cancel.is_cancelled() {
+            Err(OpError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A param that failed validation: `path` is dotted from the params root (`model.width`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParamError {
+    pub path: String,
+    pub message: String,
+    /// How to fix it, when the op knows.
+    pub fix: Option<String>,
+}
+
+impl ParamError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { path: path.into(), message: message.into(), fix: None }
+    }
+    pub fn with_fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("invalid params at '{}': {}", .0.path, .0.message)]
+    Params(#[from] ParamError),
+    #[error("the stage has no input named '{0}'; declare it under `inputs:`")]
+    MissingInput(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl OpError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        OpError::Io { context: context.into(), source }
+    }
+}
+
+/// Deserialises params into an op's typed struct; the error names the offending field's path.
+/// Typed param structs use `#[serde(deny_unknown_fields)]` so unknown keys are errors too.
+pub fn parse_params<T: DeserializeOwned>(params: &Value) -> Result<T, ParamError> {
+    serde_path_to_error::deserialize(params).map_err(|err| {
+        let path = err.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ParamError::new(path, err.into_inner().to_string())
+    })
+}
