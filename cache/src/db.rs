@@ -234,6 +234,29 @@ impl Db {
         }
     }
 
+    pub(crate) fn recent_runs(&self, pipeline: &str, stage: &str, limit: usize) -> Result<Vec<RunRecord>> {
+        let ids: Vec<i64> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT id FROM runs WHERE pipeline = ?1 AND stage = ?2 AND status = 'ok'
+                     ORDER BY ended_at DESC, id DESC LIMIT ?3",
+                )
+                .map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map(params![pipeline, stage, limit as i64], |r| r.get(0))
+                .map_err(|e| self.err(e))?;
+            rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))?
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(r) = self.query_one("SELECT * FROM runs WHERE id = ?1", &[&id as &dyn rusqlite::ToSql])? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
     fn query_one(&self, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Option<RunRecord>> {
         let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let row = stmt

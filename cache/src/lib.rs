@@ -104,6 +104,11 @@ impl Cache {
         self.db().latest_run(pipeline, stage, Some(RunStatus::Ok))
     }
 
+    /// The `limit` most recent successful runs of `stage` in `pipeline`, newest first.
+    pub fn recent_runs(&self, pipeline: &str, stage: &str, limit: usize) -> Result<Vec<RunRecord>> {
+        self.db().recent_runs(pipeline, stage, limit)
+    }
+
     /// The most recent run of `stage` in `pipeline`, whatever its status (for `logs`).
     pub fn latest_attempt(&self, pipeline: &str, stage: &str) -> Result<Option<RunRecord>> {
         self.db().latest_run(pipeline, stage, None)

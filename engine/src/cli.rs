@@ -1,0 +1,663 @@
+//! Argument definitions and the commands behind them.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cache::Cache;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use engine::exec::{self, RunOptions, RunSummary, StageReport, StageStatus};
+use engine::exec::RECENT_RUNS;
+use engine::keys::{closest_run, explain, node_key, partial_doc, DepHashes};
+use engine::plan::{self, Plan, PlanOptions};
+use engine::progress::{Display, Live, Plain};
+use engine::spec::{Pipeline, SpecError};
+use ops::Registry;
+use serde_json::{json, Value};
+
+const EXIT_OK: i32 = 0;
+const EXIT_STAGE_FAILED: i32 = 1;
+const EXIT_BAD_INPUT: i32 = 2;
+const EXIT_INTERRUPTED: i32 = 130;
+
+#[derive(Parser)]
+#[command(name = "engine", version, about = "Declarative, content-hashed ML experiment pipelines")]
+struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every stale stage of a pipeline.
+    Run(RunArgs),
+    /// Show each stage as cached, stale (with the reason) or never run.
+    Status(StatusArgs),
+    /// Explain exactly what differs from the closest cached run of a stage.
+    Why(StageArgs),
+    /// Print the stage graph.
+    Dag(DagArgs),
+    /// Show a stage's params, key, metrics, outputs and timings.
+    Show(ShowArgs),
+    /// Print the log of a stage's latest run.
+    Logs(StageArgs),
+    /// List the built-in ops.
+    Ops,
+}
+
+#[derive(Args, Clone)]
+struct PipelineArgs {
+    /// The pipeline file (YAML).
+    pipeline: PathBuf,
+    /// Override a value: `vars.n=5`, `stages.train.params.lr=0.1` (value parsed as YAML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Cache folder (default: .engine/ beside the pipeline file).
+    #[arg(long, env = "ENGINE_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Refuse pipelines that expand to more stages than this (default: the file's
+    /// `max_stages`, else 100000).
+    #[arg(long, value_name = "N")]
+    max_stages: Option<usize>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// CPUs to use for stages at once (default: all cores).
+    #[arg(short, long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Show what would run and why, running nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// After a failure, keep running stages that do not depend on it.
+    #[arg(long)]
+    keep_going: bool,
+    /// Rerun this stage (name or `name[k=v]`) even if cached; repeatable.
+    #[arg(long, value_name = "STAGE")]
+    force: Vec<String>,
+    /// Print one JSON object describing the run on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StageArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// A stage name, or one matrix instance such as `square[p=2]`.
+    stage: String,
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    stage: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+#[derive(Args)]
+struct DagArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+    format: DagFormat,
+}
+
+/// A failure that ends the command, with its exit code.
+struct Exit {
+    code: i32,
+    message: String,
+}
+
+impl From<SpecError> for Exit {
+    fn from(e: SpecError) -> Self {
+        Exit { code: EXIT_BAD_INPUT, message: format!("error: {e}") }
+    }
+}
+
+impl From<cache::CacheError> for Exit {
+    fn from(e: cache::CacheError) -> Self {
+        Exit { code: EXIT_STAGE_FAILED, message: format!("error: cache: {e}") }
+    }
+}
+
+impl From<exec::ExecError> for Exit {
+    fn from(e: exec::ExecError) -> Self {
+        match e {
+            exec::ExecError::Spec(s) => s.into(),
+            exec::ExecError::Cache(c) => c.into(),
+        }
+    }
+}
+
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let result = match cli.command {
+        Command::Run(args) => cmd_run(args),
+        Command::Status(args) => cmd_status(args),
+        Command::Why(args) => cmd_why(args),
+        Command::Dag(args) => cmd_dag(args),
+        Command::Show(args) => cmd_show(args),
+        Command::Logs(args) => cmd_logs(args),
+        Command::Ops => {
+            let registry = Registry::builtin();
+            for name in registry.names() {
+                if let Some(op) = registry.get(name) {
+                    println!("{name:<24} v{:<3} {}", op.version(), op.summary());
+                }
+            }
+            Ok(EXIT_OK)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(exit) => {
+            eprintln!("{}", exit.message);
+            exit.code
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Loads and plans a pipeline; touches no cache.
+fn load_plan(args: &PipelineArgs) -> Result<Plan, Exit> {
+    let pipeline = Pipeline::load(&args.pipeline, &args.sets)?;
+    let cache_dir = cache_dir(args, &pipeline);
+    let options = PlanOptions { max_stages: args.max_stages, protected: vec![cache_dir] };
+    Ok(plan::build(pipeline, &Registry::builtin(), &options)?)
+}
+
+fn cache_dir(args: &PipelineArgs, pipeline: &Pipeline) -> PathBuf {
+    match &args.cache_dir {
+        Some(dir) if dir.is_absolute() => dir.clone(),
+        Some(dir) => std::env::current_dir().map(|c| c.join(dir)).unwrap_or_else(|_| dir.clone()),
+        None => pipeline.workspace.join(".engine"),
+    }
+}
+
+fn open_cache(args: &PipelineArgs, plan: &Plan) -> Result<Arc<Cache>, Exit> {
+    let dir = cache_dir(args, &plan.pipeline);
+    Cache::open(&dir).map(Arc::new).map_err(|e| Exit {
+        code: EXIT_STAGE_FAILED,
+        message: format!("error: cannot open the cache at {}: {e}", dir.display()),
+    })
+}
+
+fn select(plan: &Plan, stage: &str) -> Result<Vec<usize>, Exit> {
+    let nodes = plan.select(stage);
+    if nodes.is_empty() {
+        return Err(plan.unknown_stage(stage).into());
+    }
+    Ok(nodes)
+}
+
+fn cmd_run(args: RunArgs) -> Result<i32, Exit> {
+    let plan = load_plan(&args.pipeline)?;
+    let mut force = Vec::new();
+    for f in &args.force {
+        force.extend(select(&plan, f)?);
+    }
+    let cache = open_cache(&args.pipeline, &plan)?;
+    if args.dry_run {
+        let statuses = stage_statuses(&plan, &cache, &force)?;
+        print_statuses(&plan, &statuses, args.json);
+        return Ok(EXIT_OK);
+    }
+    let interrupt = Arc::new(AtomicBool::new(false));
+    {
+        let interrupt = interrupt.clone();
+        let _ = ctrlc::set_handler(move || {
+            if INTERRUPTS.fetch_add(1, Ordering::SeqCst) >= 1 {
+                ops::kill_all_children();
+                std::process::exit(EXIT_INTERRUPTED);
+            }
+            interrupt.store(true, Ordering::SeqCst);
+        });
+    }
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .max(1);
+    let options = RunOptions { jobs, keep_going: args.keep_going, force };
+    let mut display: Box<dyn Display> = if std::io::stderr().is_terminal() && !args.json {
+        Box::new(Live::new())
+    } else {
+        Box::new(Plain::new())
+    };
+    let summary = exec::run(&plan, &cache, &options, &interrupt, display.as_mut())?;
+    if args.json {
+        let stages: Vec<Value> = summary.reports.iter().map(|r| stage_json(&plan, &cache, r)).collect();
+        let out = json!({
+            "pipeline": plan.pipeline.name,
+            "stages": stages,
+            "counts": {
+                "ran": summary.count(StageStatus::Ran),
+                "cached": summary.count(StageStatus::Cached),
+                "failed": summary.count(StageStatus::Failed),
+                "skipped": summary.count(StageStatus::Skipped),
+            },
+            "interrupted": summary.interrupted,
+            "wall_s": summary.wall_s,
+        });
+        println!("{out}");
+    }
+    Ok(exit_code(&summary))
+}
+
+fn exit_code(summary: &RunSummary) -> i32 {
+    if summary.interrupted {
+        EXIT_INTERRUPTED
+    } else if summary.count(StageStatus::Failed) > 0 {
+        EXIT_STAGE_FAILED
+    } else {
+        EXIT_OK
+    }
+}
+
+fn metrics_json(metrics: &ops::Metrics) -> Value {
+    metrics
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Number::from_f64(*v).map(Value::Number).unwrap_or(Value::Null)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn outputs_json(cache: &Cache, tree: Option<&cache::Hash>) -> Value {
+    let Some(tree) = tree else { return json!({}) };
+    let Ok(t) = cache.store().read_tree(tree) else { return json!({}) };
+    t.entries
+        .iter()
+        .map(|e| {
+            (
+                e.path.clone(),
+                json!({
+                    "hash": e.blob.to_hex(),
+                    "size": e.size,
+                    "path": cache.store().object_path(&e.blob),
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn stage_json(plan: &Plan, cache: &Cache, r: &StageReport) -> Value {
+    let node = &plan.nodes[r.node];
+    json!({
+        "name": node.name,
+        "stage": node.stage,
+        "op": node.op.name(),
+        "key": r.key,
+        "status": r.status,
+        "duration_s": r.duration_s,
+        "metrics": metrics_json(&r.metrics),
+        "tree": r.tree.map(|t| t.to_hex()),
+        "outputs": outputs_json(cache, r.tree.as_ref()),
+        "message": r.message,
+        "reasons": r.reasons,
+    })
+}
+
+/// Cached or stale, with reasons, for every node; runs nothing.
+struct NodeStatus {
+    /// Key and end time of the run the reasons compare against.
+    compared_with: Option<(String, f64)>,
+    cached: bool,
+    never_run: bool,
+    key: Option<String>,
+    reasons: Vec<String>,
+}
+
+fn stage_statuses(plan: &Plan, cache: &Cache, force: &[usize]) -> Result<Vec<NodeStatus>, Exit> {
+    let mut deps = DepHashes::for_static_deps(plan, cache)?;
+    let mut trees: Vec<Option<cache::Hash>> = vec![None; plan.nodes.len()];
+    let mut out: Vec<NodeStatus> = Vec::with_capacity(plan.nodes.len());
+    for (i, node) in plan.nodes.iter().enumerate() {
+        let node_deps = match deps.for_node(plan, cache, i) {
+            Ok(d) => d,
+            Err(message) => {
+                // A dep another stage produces and that does not exist yet.
+                out.push(NodeStatus { compared_with: None, cached: false, never_run: false, key: None, reasons: vec![message] });
+                continue;
+            }
+        };
+        let recent = cache.recent_runs(&plan.pipeline.name, &node.name, RECENT_RUNS)?;
+        let status = match node_key(plan, i, &trees, &node_deps) {
+            Some((doc, key)) => {
+                let hit = cache
+                    .lookup(&key)?
+                    .and_then(|r| r.output_tree)
+                    .filter(|t| cache.tree_is_complete(t));
+                let previous = closest_run(&doc, &recent);
+                if force.contains(&i) {
+                    NodeStatus { compared_with: None, cached: false, never_run: previous.is_none(), key: Some(key), reasons: vec!["--force".into()] }
+                } else if !node.cache {
+                    NodeStatus { compared_with: None, cached: false, never_run: previous.is_none(), key: Some(key), reasons: vec!["cache: false".into()] }
+                } else if let Some(tree) = hit {
+                    trees[i] = Some(tree);
+                    NodeStatus { compared_with: None, cached: true, never_run: false, key: Some(key), reasons: Vec::new() }
+                } else {
+                    let mut reasons = explain(&doc, previous);
+                    if reasons.is_empty() {
+                        reasons.push("the recorded result's objects are missing from the store".into());
+                    }
+                    NodeStatus { compared_with: previous.map(|p| (p.key.clone(), p.ended_at)), cached: false, never_run: previous.is_none(), key: Some(key), reasons }
+                }
+            }
+            None => {
+                let stale_up: Vec<&str> = node
+                    .upstream()
+                    .into_iter()
+                    .filter(|&u| trees[u].is_none())
+                    .map(|u| plan.nodes[u].name.as_str())
+                    .collect();
+                let partial = partial_doc(plan, i, &node_deps);
+                let previous = closest_run(&partial, &recent);
+                let mut reasons = explain(&partial, previous);
+                reasons.retain(|r| r != "never run");
+                reasons.push(format!(
+                    "upstream {} will run first; this stage reruns only if its output changes",
+                    stale_up.join(", ")
+                ));
+                if previous.is_none() {
+                    reasons.insert(0, "never run".into());
+                }
+                NodeStatus { compared_with: previous.map(|p| (p.key.clone(), p.ended_at)), cached: false, never_run: previous.is_none(), key: None, reasons }
+            }
+        };
+        out.push(status);
+    }
+    Ok(out)
+}
+
+fn status_word(s: &NodeStatus) -> &'static str {
+    if s.cached {
+        "cached"
+    } else if s.never_run {
+        "never run"
+    } else {
+        "stale"
+    }
+}
+
+fn print_statuses(plan: &Plan, statuses: &[NodeStatus], as_json: bool) {
+    if as_json {
+        let stages: Vec<Value> = plan
+            .nodes
+            .iter()
+            .zip(statuses)
+            .map(|(n, s)| {
+                json!({
+                    "name": n.name,
+                    "stage": n.stage,
+                    "op": n.op.name(),
+                    "key": s.key,
+                    "status": if s.cached { "cached" } else { "stale" },
+                    "never_run": s.never_run,
+                    "reasons": s.reasons,
+                })
+            })
+            .collect();
+        let cached = statuses.iter().filter(|s| s.cached).count();
+        println!(
+            "{}",
+            json!({"pipeline": plan.pipeline.name, "stages": stages, "counts": {"cached": cached, "stale": statuses.len() - cached}})
+        );
+        return;
+    }
+    let width = plan.nodes.iter().map(|n| n.name.len()).max().unwrap_or(0);
+    for (n, s) in plan.nodes.iter().zip(statuses) {
+        if s.cached {
+            println!("{:<width$}  cached", n.name);
+        } else {
+            println!("{:<width$}  {}: {}", n.name, status_word(s), s.reasons.join("; "));
+        }
+    }
+}
+
+fn cmd_status(args: StatusArgs) -> Result<i32, Exit> {
+    let plan = load_plan(&args.pipeline)?;
+    let cache = open_cache(&args.pipeline, &plan)?;
+    let statuses = stage_statuses(&plan, &cache, &[])?;
+    print_statuses(&plan, &statuses, args.json);
+    Ok(EXIT_OK)
+}
+
+fn cmd_why(args: StageArgs) -> Result<i32, Exit> {
+    let plan = load_plan(&args.pipeline)?;
+    let nodes = select(&plan, &args.stage)?;
+    let cache = open_cache(&args.pipeline, &plan)?;
+    let statuses = stage_statuses(&plan, &cache, &[])?;
+    for i in nodes {
+        let node = &plan.nodes[i];
+        let s = &statuses[i];
+        if s.cached {
+            println!("{}: cached (key {}); nothing differs", node.name, s.key.as_deref().unwrap_or("?"));
+            continue;
+        }
+        let previous = s.compared_with.clone();
+        match &previous {
+            Some(p) => println!(
+                "{}: would run. Compared with its closest cached run (key {}, finished {}):",
+                node.name,
+                &p.0[..12.min(p.0.len())],
+                format_time(p.1)
+            ),
+            None => println!("{}: would run.", node.name),
+        }
+        for r in &s.reasons {
+            println!("  - {r}");
+        }
+        // For a stale upstream, say why it is stale too.
+        for u in node.upstream() {
+            if !statuses[u].cached {
+                println!("  upstream {} is {}: {}", plan.nodes[u].name, status_word(&statuses[u]), statuses[u].reasons.join("; "));
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn format_time(unix: f64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(unix.max(0.0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn cmd_dag(args: DagArgs) -> Result<i32, Exit> {
+    let plan = load_plan(&args.pipeline)?;
+    let id = |i: usize| format!("n{i}");
+    match args.format {
+        DagFormat::Text => {
+            for n in &plan.nodes {
+                let ups: Vec<String> = n
+                    .inputs
+                    .iter()
+                    .map(|inp| format!("{} <- {}", inp.name, inp.reference))
+                    .chain(n.dep_producers.iter().map(|&p| format!("deps <- {}", plan.nodes[p].name)))
+                    .collect();
+                if ups.is_empty() {
+                    println!("{} ({})", n.name, n.op.name());
+                } else {
+                    println!("{} ({})  [{}]", n.name, n.op.name(), ups.join(", "));
+                }
+            }
+        }
+        DagFormat::Dot => {
+            println!("digraph \"{}\" {{", plan.pipeline.name.replace('"', "'"));
+            println!("  rankdir=LR;");
+            for (i, n) in plan.nodes.iter().enumerate() {
+                println!("  {} [label=\"{}\\n({})\"];", id(i), n.name.replace('"', "'"), n.op.name());
+            }
+            for (i, n) in plan.nodes.iter().enumerate() {
+                for u in n.upstream() {
+                    println!("  {} -> {};", id(u), id(i));
+                }
+            }
+            println!("}}");
+        }
+        DagFormat::Mermaid => {
+            println!("graph LR");
+            for (i, n) in plan.nodes.iter().enumerate() {
+                println!("  {}[\"{} ({})\"]", id(i), n.name.replace('"', "'"), n.op.name());
+            }
+            for (i, n) in plan.nodes.iter().enumerate() {
+                for u in n.upstream() {
+                    println!("  {} --> {}", id(u), id(i));
+                }
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn cmd_show(args: ShowArgs) -> Result<i32, Exit> {
+    let plan = load_plan(&args.pipeline)?;
+    let nodes = select(&plan, &args.stage)?;
+    let cache = open_cache(&args.pipeline, &plan)?;
+    let statuses = stage_statuses(&plan, &cache, &[])?;
+    let mut shown = Vec::new();
+    for i in nodes {
+        let node = &plan.nodes[i];
+        let s = &statuses[i];
+        let record = match &s.key {
+            Some(k) if s.cached => cache.lookup(k)?,
+            _ => None,
+        };
+        let last = cache.latest_attempt(&plan.pipeline.name, &node.name)?;
+        let log_path = last
+            .as_ref()
+            .and_then(|r| r.log_blob)
+            .map(|h| cache.store().object_path(&h));
+        let v = json!({
+            "name": node.name,
+            "stage": node.stage,
+            "op": node.op.name(),
+            "op_version": node.op.version(),
+            "key": s.key,
+            "status": if s.cached { "cached" } else { "stale" },
+            "reasons": s.reasons,
+            "params": node.params,
+            "seed": node.seed,
+            "metrics": record.as_ref().map(|r| metrics_json(&r.metrics)).unwrap_or(json!({})),
+            "tree": record.as_ref().and_then(|r| r.output_tree).map(|t| t.to_hex()),
+            "outputs": outputs_json(&cache, record.as_ref().and_then(|r| r.output_tree.as_ref())),
+            "started_at": record.as_ref().map(|r| r.started_at),
+            "duration_s": record.as_ref().map(|r| r.ended_at - r.started_at),
+            "host": record.as_ref().map(|r| r.host.clone()),
+            "log": log_path,
+        });
+        shown.push(v);
+    }
+    if args.json {
+        if shown.len() == 1 {
+            println!("{}", shown[0]);
+        } else {
+            println!("{}", Value::Array(shown));
+        }
+        return Ok(EXIT_OK);
+    }
+    for v in shown {
+        println!("{}", v["name"].as_str().unwrap_or("?"));
+        println!("  op        {} v{}", v["op"].as_str().unwrap_or("?"), v["op_version"]);
+        println!("  status    {}", v["status"].as_str().unwrap_or("?"));
+        if let Some(k) = v["key"].as_str() {
+            println!("  key       {k}");
+        }
+        println!("  params    {}", v["params"]);
+        if let Some(m) = v["metrics"].as_object().filter(|m| !m.is_empty()) {
+            for (k, val) in m {
+                println!("  metric    {k} = {val}");
+            }
+        }
+        if let Some(o) = v["outputs"].as_object() {
+            for (path, e) in o {
+                println!("  output    {path}  {}  ({} bytes)", e["path"].as_str().unwrap_or("?"), e["size"]);
+            }
+        }
+        if let Some(d) = v["duration_s"].as_f64() {
+            println!("  duration  {d:.3}s on {}", v["host"].as_str().unwrap_or("?"));
+        }
+        if let Some(l) = v["log"].as_str() {
+            println!("  log       {l}");
+        }
+        for r in v["reasons"].as_array().into_iter().flatten() {
+            println!("  stale     {}", r.as_str().unwrap_or(""));
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn cmd_logs(args: StageArgs) -> Result<i32, Exit> {
+    let plan = load_plan(&args.pipeline)?;
+    let nodes = select(&plan, &args.stage)?;
+    let cache = open_cache(&args.pipeline, &plan)?;
+    let many = nodes.len() > 1;
+    let mut found = false;
+    for i in nodes {
+        let node = &plan.nodes[i];
+        let Some(run) = cache.latest_attempt(&plan.pipeline.name, &node.name)? else {
+            continue;
+        };
+        let Some(blob) = run.log_blob else { continue };
+        let path = cache.store().object_path(&blob);
+        let text = std::fs::read(&path).map_err(|e| Exit {
+            code: EXIT_STAGE_FAILED,
+            message: format!("error: cannot read the log {}: {e}", path.display()),
+        })?;
+        if many {
+            println!("==> {} <==", node.name);
+        }
+        print!("{}", String::from_utf8_lossy(&text));
+        found = true;
+    }
+    if !found {
+        return Err(Exit {
+            code: EXIT_STAGE_FAILED,
+            message: format!("error: '{}' has no recorded run yet; `engine run {}` first", args.stage, display_path(&args.pipeline.pipeline)),
+        });
+    }
+    Ok(EXIT_OK)
+}
+
+fn display_path(p: &Path) -> String {
+    p.display().to_string()
+}

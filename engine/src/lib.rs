@@ -1,0 +1,13 @@
+//! `engine`: declarative, content-hashed ML experiment pipelines.
+//!
+//! [`spec`] reads a YAML pipeline, [`plan`] expands it into stage instances in topological
+//! order, [`key`] hashes what each result depends on, and [`exec`] runs what is stale against
+//! the [`cache`] crate's store, in parallel. The numerical work lives in the `ops` crate; this
+//! crate never computes anything itself.
+
+pub mod exec;
+pub mod key;
+pub mod keys;
+pub mod plan;
+pub mod progress;
+pub mod spec;

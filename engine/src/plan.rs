@@ -1,0 +1,620 @@
+//! From a [`Pipeline`] to a [`Plan`]: matrices expanded, references resolved, params validated
+//! by their ops, and the stage instances in a deterministic topological order.
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::cmp::Reverse;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ops::{Op, Registry};
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde_json::{Map, Value};
+
+use crate::spec::interpolate::{self, render, Scope};
+use crate::spec::{suggestion, Pipeline, Resources, SpecError, StageSpec};
+
+/// One stage instance (a stage, or one point of its matrix).
+#[derive(Clone)]
+pub struct Node {
+    /// `stage` or `stage[k=v,...]`.
+    pub name: String,
+    pub stage: String,
+    /// `k=v,...`, empty without a matrix.
+    pub label: String,
+    pub matrix: Map<String, Value>,
+    pub op: Arc<dyn Op>,
+    pub params: Value,
+    pub inputs: Vec<NodeInput>,
+    /// Workspace-relative, normalised.
+    pub deps: Vec<String>,
+    pub outs: Vec<String>,
+    /// Nodes whose `outs` produce one of this node's `deps` (an implicit edge).
+    pub dep_producers: Vec<usize>,
+    pub seed: u64,
+    pub retries: u32,
+    pub timeout: Option<Duration>,
+    pub resources: Resources,
+    pub cache: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeInput {
+    pub name: String,
+    /// As written (`square[*]`), after interpolation.
+    pub reference: String,
+    pub sources: InputSources,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputSources {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl InputSources {
+    pub fn nodes(&self) -> Vec<usize> {
+        match self {
+            InputSources::One(i) => vec![*i],
+            InputSources::Many(v) => v.clone(),
+        }
+    }
+}
+
+impl Node {
+    /// Every node this one waits for.
+    pub fn upstream(&self) -> Vec<usize> {
+        let mut up: Vec<usize> = self.inputs.iter().flat_map(|i| i.sources.nodes()).collect();
+        up.extend(&self.dep_producers);
+        up.sort_unstable();
+        up.dedup();
+        up
+    }
+}
+
+/// The expanded pipeline. `nodes` are topologically ordered: every node's upstream nodes come
+/// before it.
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("name", &self.name).field("op", &self.op.name()).finish()
+    }
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub pipeline: Pipeline,
+    pub nodes: Vec<Node>,
+}
+
+impl Plan {
+    /// Nodes of `stage` (a stage name or an instance name).
+    pub fn select(&self, stage: &str) -> Vec<usize> {
+        let exact: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].name == stage).collect();
+        if !exact.is_empty() {
+            return exact;
+        }
+        (0..self.nodes.len()).filter(|&i| self.nodes[i].stage == stage).collect()
+    }
+
+    /// An error for a stage name on the command line that matches nothing.
+    pub fn unknown_stage(&self, stage: &str) -> SpecError {
+        let names: Vec<&str> = self.pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+        let mut e = SpecError::new("", format!("there is no stage '{stage}'"))
+            .fix(suggestion(stage, names.iter().copied()));
+        e.file = self.pipeline.file.clone();
+        e
+    }
+
+    /// Every node downstream of `roots`, including them.
+    pub fn descendants(&self, roots: &[usize]) -> Vec<bool> {
+        let mut mark = vec![false; self.nodes.len()];
+        for &r in roots {
+            mark[r] = true;
+        }
+        for i in 0..self.nodes.len() {
+            if !mark[i] && self.nodes[i].upstream().iter().any(|&u| mark[u]) {
+                mark[i] = true;
+            }
+        }
+        mark
+    }
+}
+
+/// Options of planning that do not come from the file.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Overrides the pipeline's `max_stages`.
+    pub max_stages: Option<usize>,
+    /// Folders `deps`/`outs` may never point into (the cache).
+    pub protected: Vec<PathBuf>,
+}
+
+pub fn build(pipeline: Pipeline, registry: &Registry, options: &PlanOptions) -> Result<Plan, SpecError> {
+    let max_stages = options.max_stages.unwrap_or(pipeline.max_stages);
+    let locate = |e: SpecError| pipeline.locate(e);
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut by_stage: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut raw_inputs: Vec<Vec<(String, String, String)>> = Vec::new();
+    for spec in &pipeline.stages {
+        let op = registry.get(&spec.op).cloned().ok_or_else(|| {
+            locate(
+                SpecError::new(format!("stages.{}.op", spec.name), format!("unknown op '{}'", spec.op))
+                    .fix(format!(
+                        "{} (`engine ops` lists every op)",
+                        suggestion(&spec.op, registry.names().collect::<Vec<_>>())
+                    )),
+            )
+        })?;
+        let count = spec
+            .matrix
+            .iter()
+            .try_fold(1usize, |acc, (_, values)| acc.checked_mul(values.len()))
+            .filter(|n| nodes.len().saturating_add(*n) <= max_stages);
+        let Some(count) = count else {
+            return Err(locate(
+                SpecError::new(
+                    format!("stages.{}.matrix", spec.name),
+                    format!(
+                        "the matrix expands the pipeline past {max_stages} stages ({})",
+                        spec.matrix
+                            .iter()
+                            .map(|(k, v)| format!("{k}: {}", v.len()))
+                            .collect::<Vec<_>>()
+                            .join(" x ")
+                    ),
+                )
+                .fix("shrink the matrix, or raise the limit with `max_stages:` or --max-stages"),
+            ));
+        };
+        for point in 0..count {
+            let matrix = matrix_point(&spec.matrix, point);
+            let node = expand(&pipeline, spec, &op, matrix, options).map_err(locate)?;
+            by_stage.entry(&spec.name).or_default().push(nodes.len());
+            raw_inputs.push(node.1);
+            nodes.push(node.0);
+        }
+    }
+
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if let Some(prev) = seen.insert(&node.name, i) {
+            let _ = prev;
+            return Err(locate(SpecError::new(
+                format!("stages.{}.matrix", node.stage),
+                format!("two matrix points are both named '{}'", node.name),
+            )
+            .fix("matrix values must differ in their text form (1 and \"1\" do not)")));
+        }
+    }
+
+    for (i, inputs) in raw_inputs.into_iter().enumerate() {
+        let mut resolved = Vec::new();
+        for (local, reference, field) in inputs {
+            let sources = resolve_reference(&pipeline, &nodes, &by_stage, &reference)
+                .map_err(|m| locate(m.field_if_empty(&field)))?;
+            resolved.push(NodeInput { name: local, reference, sources });
+        }
+        nodes[i].inputs = resolved;
+    }
+    link_produced_deps(&mut nodes);
+    let order = topological_order(&nodes).map_err(|cycle| {
+        let first = &nodes[cycle[0]];
+        locate(
+            SpecError::new(
+                format!("stages.{}.inputs", first.stage),
+                format!(
+                    "the stages form a cycle: {}",
+                    cycle.iter().chain(std::iter::once(&cycle[0])).map(|&i| nodes[i].name.as_str()).collect::<Vec<_>>().join(" -> ")
+                ),
+            )
+            .fix("a stage cannot depend on its own output; remove one of these inputs"),
+        )
+    })?;
+    let nodes = reorder(nodes, &order);
+    Ok(Plan { pipeline, nodes })
+}
+
+trait FieldIfEmpty {
+    fn field_if_empty(self, field: &str) -> Self;
+}
+
+impl FieldIfEmpty for SpecError {
+    fn field_if_empty(mut self, field: &str) -> Self {
+        if self.field.is_empty() {
+            self.field = field.to_string();
+        }
+        self
+    }
+}
+
+/// The `point`-th combination of the matrix, in declaration order (last variable fastest).
+fn matrix_point(matrix: &[(String, Vec<Value>)], mut point: usize) -> Map<String, Value> {
+    let mut chosen = vec![Value::Null; matrix.len()];
+    for (i, (_, values)) in matrix.iter().enumerate().rev() {
+        chosen[i] = values[point % values.len()].clone();
+        point /= values.len();
+    }
+    matrix.iter().map(|(k, _)| k.clone()).zip(chosen).collect()
+}
+
+pub fn label_of(matrix: &Map<String, Value>) -> String {
+    matrix
+        .iter()
+        .map(|(k, v)| format!("{k}={}", render(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+type RawInputs = Vec<(String, String, String)>;
+
+fn expand(
+    pipeline: &Pipeline,
+    spec: &StageSpec,
+    op: &Arc<dyn Op>,
+    matrix: Map<String, Value>,
+    options: &PlanOptions,
+) -> Result<(Node, RawInputs), SpecError> {
+    let stage_path = format!("stages.{}", spec.name);
+    let scope = Scope { vars: Some(&pipeline.vars), matrix: Some(&matrix) };
+    let params = interpolate::resolve(&Value::Object(spec.params.clone()), &scope, &format!("{stage_path}.params"))?;
+    op.validate(&params).map_err(|e| {
+        let field = if e.path.is_empty() {
+            format!("{stage_path}.params")
+        } else {
+            format!("{stage_path}.params.{}", e.path)
+        };
+        let mut err = SpecError::new(field, format!("{} (op '{}')", e.message, op.name()));
+        err.fix = e.fix.or_else(|| unknown_field_fix(&e.message));
+        err
+    })?;
+    let mut raw_inputs = Vec::new();
+    for (local, reference) in &spec.inputs {
+        let field = format!("{stage_path}.inputs.{local}");
+        let resolved = interpolate::resolve(&Value::String(reference.clone()), &scope, &field)?;
+        raw_inputs.push((local.clone(), render(&resolved), field));
+    }
+    let seed = match &spec.seed {
+        None => 0,
+        Some(s) => {
+            let v = interpolate::resolve(s, &scope, &format!("{stage_path}.seed"))?;
+            v.as_u64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                .ok_or_else(|| SpecError::new(format!("{stage_path}.seed"), format!("must be a non-negative integer, found {v}")))?
+        }
+    };
+    let deps = check_paths(&op.deps(&params), pipeline, options, &format!("{stage_path}.params.deps"))?;
+    let outs = check_paths(&op.outs(&params), pipeline, options, &format!("{stage_path}.params.outs"))?;
+    for required in op.required_inputs(&params) {
+        if !spec.inputs.iter().any(|(l, _)| *l == required) {
+            return Err(SpecError::new(
+                format!("{stage_path}.inputs"),
+                format!("op '{}' needs an input named '{required}'", op.name()),
+            )
+            .fix(format!("add `inputs: {{{required}: <stage>}}`")));
+        }
+    }
+    let label = label_of(&matrix);
+    let name = if matrix.is_empty() { spec.name.clone() } else { format!("{}[{label}]", spec.name) };
+    Ok((
+        Node {
+            name,
+            stage: spec.name.clone(),
+            label,
+            matrix,
+            op: op.clone(),
+            params,
+            inputs: Vec::new(),
+            deps,
+            outs,
+            dep_producers: Vec::new(),
+            seed,
+            retries: spec.retries,
+            timeout: spec.timeout,
+            resources: spec.resources.clone(),
+            cache: spec.cache,
+        },
+        raw_inputs,
+    ))
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" -> "did you mean ...".
+fn unknown_field_fix(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    let expected: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    Some(format!("remove '{field}' ({})", suggestion(field, expected.iter().copied())))
+}
+
+/// Normalises workspace-relative paths and refuses ones that leave the workspace or point
+/// into the cache.
+fn check_paths(
+    paths: &[String],
+    pipeline: &Pipeline,
+    options: &PlanOptions,
+    field: &str,
+) -> Result<Vec<String>, SpecError> {
+    let mut out = Vec::new();
+    for (i, raw) in paths.iter().enumerate() {
+        let f = format!("{field}.{i}");
+        let path = Path::new(raw);
+        if path.is_absolute() {
+            return Err(SpecError::new(f, format!("'{raw}' is an absolute path"))
+                .fix("deps and outs are relative to the pipeline's folder; copy or link the file into it"));
+        }
+        let mut normal = PathBuf::new();
+        for c in path.components() {
+            match c {
+                Component::Normal(p) => normal.push(p),
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    if !normal.pop() {
+                        return Err(SpecError::new(f, format!("'{raw}' leaves the pipeline's folder"))
+                            .fix("deps and outs must stay inside the folder holding the pipeline file"));
+                    }
+                }
+                _ => return Err(SpecError::new(f, format!("'{raw}' is not a relative path"))),
+            }
+        }
+        if normal.as_os_str().is_empty() {
+            return Err(SpecError::new(f, format!("'{raw}' names the whole workspace"))
+                .fix("name the files or folders the stage reads or writes"));
+        }
+        let absolute = pipeline.workspace.join(&normal);
+        let default_cache = pipeline.workspace.join(".engine");
+        if absolute.starts_with(&default_cache) || options.protected.iter().any(|p| absolute.starts_with(p)) {
+            return Err(SpecError::new(f, format!("'{raw}' points into the engine's cache"))
+                .fix("read upstream results through `inputs:`, never from the cache folder"));
+        }
+        out.push(normal.to_string_lossy().into_owned());
+    }
+    Ok(out)
+}
+
+/// Parses `stage`, `stage[*]`, `stage[k=v,...]`, `stage[k=v,*]`.
+fn resolve_reference(
+    pipeline: &Pipeline,
+    nodes: &[Node],
+    by_stage: &HashMap<&str, Vec<usize>>,
+    reference: &str,
+) -> Result<InputSources, SpecError> {
+    let reference = reference.trim();
+    let (stage, selector) = match reference.split_once('[') {
+        None => (reference, None),
+        Some((s, rest)) => {
+            let Some(inner) = rest.strip_suffix(']') else {
+                return Err(SpecError::new("", format!("'{reference}' has an unclosed '['"))
+                    .fix("write stage[k=v] or stage[*]"));
+            };
+            (s.trim(), Some(inner))
+        }
+    };
+    let Some(instances) = by_stage.get(stage) else {
+        let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+        return Err(SpecError::new("", format!("input refers to unknown stage '{stage}'"))
+            .fix(suggestion(stage, names.iter().copied())));
+    };
+    let spec = pipeline.stage(stage);
+    let Some(selector) = selector else {
+        if instances.len() == 1 && spec.is_some_and(|s| s.matrix.is_empty()) {
+            return Ok(InputSources::One(instances[0]));
+        }
+        return Err(SpecError::new("", format!("stage '{stage}' has a matrix ({} instances)", instances.len()))
+            .fix(format!("write \"{stage}[*]\" for all of them or {stage}[k=v] for one")));
+    };
+    let mut wildcard = false;
+    let mut wanted: BTreeMap<String, String> = BTreeMap::new();
+    for part in selector.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if part == "*" {
+            wildcard = true;
+            continue;
+        }
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(SpecError::new("", format!("'{part}' in '{reference}' is not k=v or *"))
+                .fix(format!("write {stage}[k=v] or {stage}[*]")));
+        };
+        wanted.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let matrix_vars: Vec<&str> = spec.map(|s| s.matrix.iter().map(|(k, _)| k.as_str()).collect()).unwrap_or_default();
+    for (k, v) in &wanted {
+        let Some((_, values)) = spec.and_then(|s| s.matrix.iter().find(|(name, _)| name == k)) else {
+            return Err(SpecError::new("", format!("stage '{stage}' has no matrix variable '{k}'"))
+                .fix(suggestion(k, matrix_vars.iter().copied())));
+        };
+        let rendered: Vec<String> = values.iter().map(render).collect();
+        if !rendered.contains(v) {
+            return Err(SpecError::new("", format!("'{k}={v}' matches no instance of stage '{stage}'"))
+                .fix(format!("'{k}' takes: {}", rendered.join(", "))));
+        }
+    }
+    let matches: Vec<usize> = instances
+        .iter()
+        .copied()
+        .filter(|&i| wanted.iter().all(|(k, v)| nodes[i].matrix.get(k).map(render).as_deref() == Some(v.as_str())))
+        .collect();
+    if wildcard {
+        return Ok(InputSources::Many(matches));
+    }
+    match matches.as_slice() {
+        [one] => Ok(InputSources::One(*one)),
+        _ => Err(SpecError::new("", format!("'{reference}' matches {} instances, not one", matches.len()))
+            .fix(format!("name every matrix variable ({}), or add ',*' to take them all as a list", matrix_vars.join(", ")))),
+    }
+}
+
+/// A dep inside another stage's `outs` makes that stage upstream.
+fn link_produced_deps(nodes: &mut [Node]) {
+    let mut producers: Vec<(PathBuf, usize)> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for o in &n.outs {
+            producers.push((PathBuf::from(o), i));
+        }
+    }
+    if producers.is_empty() {
+        return;
+    }
+    for i in 0..nodes.len() {
+        let mut found = Vec::new();
+        for d in &nodes[i].deps {
+            let d = Path::new(d);
+            for (o, p) in &producers {
+                if *p != i && (d.starts_with(o) || o.starts_with(d)) {
+                    found.push(*p);
+                }
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        nodes[i].dep_producers = found;
+    }
+}
+
+/// Kahn's algorithm, always taking the earliest-declared ready node, so the order is stable.
+/// On a cycle, returns the node indices along it.
+fn topological_order(nodes: &[Node]) -> Result<Vec<usize>, Vec<usize>> {
+    let mut graph: DiGraph<usize, ()> = DiGraph::with_capacity(nodes.len(), nodes.len());
+    let idx: Vec<NodeIndex> = (0..nodes.len()).map(|i| graph.add_node(i)).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        for u in n.upstream() {
+            graph.add_edge(idx[u], idx[i], ());
+        }
+    }
+    let mut indegree: Vec<usize> = (0..nodes.len())
+        .map(|i| graph.neighbors_directed(idx[i], petgraph::Direction::Incoming).count())
+        .collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..nodes.len()).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(nodes.len());
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for next in graph.neighbors_directed(idx[i], petgraph::Direction::Outgoing) {
+            let j = graph[next];
+            indegree[j] -= 1;
+            if indegree[j] == 0 {
+                ready.push(Reverse(j));
+            }
+        }
+    }
+    if order.len() == nodes.len() {
+        return Ok(order);
+    }
+    // Walk backwards along remaining edges until a node repeats: that loop is a cycle.
+    let start = (0..nodes.len()).find(|&i| indegree[i] > 0).unwrap_or(0);
+    let mut path = vec![start];
+    let mut current = start;
+    loop {
+        let Some(prev) = nodes[current].upstream().into_iter().find(|&u| indegree[u] > 0) else {
+            return Err(path);
+        };
+        if let Some(pos) = path.iter().position(|&p| p == prev) {
+            let mut cycle: Vec<usize> = path[pos..].to_vec();
+            cycle.reverse();
+            return Err(cycle);
+        }
+        path.push(prev);
+        current = prev;
+    }
+}
+
+fn reorder(nodes: Vec<Node>, order: &[usize]) -> Vec<Node> {
+    let mut new_index = vec![0; nodes.len()];
+    for (new, &old) in order.iter().enumerate() {
+        new_index[old] = new;
+    }
+    let mut slots: Vec<Option<Node>> = nodes.into_iter().map(Some).collect();
+    order
+        .iter()
+        .map(|&old| {
+            let mut n = slots[old].take().expect("each index appears once in a topological order");
+            for input in &mut n.inputs {
+                input.sources = match &input.sources {
+                    InputSources::One(i) => InputSources::One(new_index[*i]),
+                    InputSources::Many(v) => InputSources::Many(v.iter().map(|i| new_index[*i]).collect()),
+                };
+            }
+            n.dep_producers = n.dep_producers.iter().map(|i| new_index[*i]).collect();
+            n
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> Result<Plan, SpecError> {
+        let dir = std::env::temp_dir();
+        let p = Pipeline::from_str(text, &dir.join("p.yaml"), &[])?;
+        build(p, &Registry::builtin(), &PlanOptions::default())
+    }
+
+    const DEMO: &str = r#"
+name: demo
+vars: {n: 3}
+stages:
+  total:
+    op: shell
+    inputs: {parts: "square[*]"}
+    cmd: "cat $ENGINE_IN_PARTS/*/out.txt"
+  make:
+    op: shell
+    cmd: "seq ${vars.n} > $ENGINE_OUT/numbers.txt"
+  square:
+    op: shell
+    matrix: {p: [2, 3]}
+    inputs: {numbers: make}
+    cmd: "awk '{print $1^${matrix.p}}' $ENGINE_IN_NUMBERS/numbers.txt > $ENGINE_OUT/out.txt"
+"#;
+
+    #[test]
+    fn expands_and_orders() {
+        let p = plan(DEMO).unwrap();
+        let names: Vec<&str> = p.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["make", "square[p=2]", "square[p=3]", "total"]);
+        assert_eq!(p.nodes[1].params["cmd"], "awk '{print $1^2}' $ENGINE_IN_NUMBERS/numbers.txt > $ENGINE_OUT/out.txt");
+        assert_eq!(p.nodes[3].inputs[0].sources, InputSources::Many(vec![1, 2]));
+        assert_eq!(p.nodes[1].inputs[0].sources, InputSources::One(0));
+    }
+
+    #[test]
+    fn selectors() {
+        let text = DEMO.replace("\"square[*]\"", "\"square[p=3]\"");
+        let p = plan(&text).unwrap();
+        assert_eq!(p.nodes[3].inputs[0].sources, InputSources::One(2));
+        let e = plan(&DEMO.replace("\"square[*]\"", "square")).unwrap_err();
+        assert!(e.fix.unwrap().contains("square[*]"));
+        let e = plan(&DEMO.replace("\"square[*]\"", "\"square[p=4]\"")).unwrap_err();
+        assert!(e.fix.unwrap().contains("2, 3"));
+        assert_eq!(e.field, "stages.total.inputs.parts");
+        let e = plan(&DEMO.replace("\"square[*]\"", "\"sqare[*]\"")).unwrap_err();
+        assert!(e.fix.unwrap().contains("square"));
+    }
+
+    #[test]
+    fn cycle_is_reported_with_its_path() {
+        let e = plan("stages:\n  a: {op: shell, cmd: x, inputs: {i: b}}\n  b: {op: shell, cmd: x, inputs: {i: c}}\n  c: {op: shell, cmd: x, inputs: {i: a}}\n").unwrap_err();
+        assert!(e.message.contains("cycle"), "{e}");
+        for n in ["a", "b", "c"] {
+            assert!(e.message.contains(n));
+        }
+    }
+
+    #[test]
+    fn limits_and_paths() {
+        let e = plan("max_stages: 5\nstages:\n  a: {op: shell, cmd: x, matrix: {p: [1,2,3], q: [1,2]}}\n").unwrap_err();
+        assert!(e.message.contains("past 5"), "{e}");
+        let e = plan("stages:\n  a: {op: shell, cmd: x, deps: [../x]}\n").unwrap_err();
+        assert_eq!(e.field, "stages.a.params.deps.0");
+        let e = plan("stages:\n  a: {op: shell, cmd: x, outs: [.engine/objects/x]}\n").unwrap_err();
+        assert!(e.message.contains("cache"));
+        let e = plan("stages:\n  a: {op: shel, cmd: x}\n").unwrap_err();
+        assert!(e.fix.unwrap().contains("'shell'"));
+        let e = plan("stages:\n  a: {op: shell, cmd: x, matrix: {p: [1, \"1\"]}}\n").unwrap_err();
+        assert!(e.message.contains("both named"), "{e}");
+    }
+
+    #[test]
+    fn outs_feeding_deps_make_an_edge() {
+        let p = plan("stages:\n  use: {op: shell, cmd: x, deps: [data/a.txt]}\n  make: {op: shell, cmd: x, outs: [data]}\n").unwrap();
+        assert_eq!(p.nodes[0].name, "make");
+        assert_eq!(p.nodes[1].dep_producers, vec![0]);
+    }
+}

@@ -1,0 +1,223 @@
+//! `${vars.x}` and `${matrix.k}` in string values.
+//!
+//! A string that is exactly one reference takes the referenced value with its type (a number
+//! stays a number, a list a list); a reference inside a longer string is spliced in as text.
+//! `${NAME}` without a dot is left alone for the shell, and `$${` is a literal `${`.
+
+use serde_json::{Map, Value};
+
+use super::{suggestion, SpecError};
+
+/// What references can see. `matrix: None` means "not resolved yet": `${matrix.*}` is kept.
+pub struct Scope<'a> {
+    pub vars: Option<&'a Map<String, Value>>,
+    pub matrix: Option<&'a Map<String, Value>>,
+}
+
+/// Resolves every reference in `value` (strings at any depth); `path` names it in errors.
+pub fn resolve(value: &Value, scope: &Scope<'_>, path: &str) -> Result<Value, SpecError> {
+    Ok(match value {
+        Value::String(s) => resolve_str(s, scope, path)?,
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| resolve(v, scope, &format!("{path}.{i}")))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), resolve(v, scope, &format!("{path}.{k}"))?)))
+                .collect::<Result<_, SpecError>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+enum Piece<'s> {
+    Text(&'s str),
+    Ref(&'s str),
+}
+
+/// Splits a string into text and `${ref}` pieces (only refs containing a dot are ours).
+fn pieces<'s>(s: &'s str, path: &str) -> Result<Vec<Piece<'s>>, SpecError> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        if i > 0 && rest.as_bytes()[i - 1] == b'$' {
+            // `$${` : keep both characters for now; the last pass unescapes.
+            out.push(Piece::Text(&rest[..i + 2]));
+            rest = &rest[i + 2..];
+            continue;
+        }
+        let Some(end) = rest[i..].find('}') else {
+            return Err(SpecError::new(path, format!("unclosed '${{' in \"{s}\""))
+                .fix("close it with '}', or write '$${' for a literal '${'"));
+        };
+        let inner = &rest[i + 2..i + end];
+        out.push(Piece::Text(&rest[..i]));
+        if inner.contains('.') {
+            out.push(Piece::Ref(inner.trim()));
+        } else {
+            out.push(Piece::Text(&rest[i..i + end + 1]));
+        }
+        rest = &rest[i + end + 1..];
+    }
+    out.push(Piece::Text(rest));
+    Ok(out)
+}
+
+fn resolve_str(s: &str, scope: &Scope<'_>, path: &str) -> Result<Value, SpecError> {
+    if !s.contains("${") {
+        return Ok(Value::String(s.to_string()));
+    }
+    let parts = pieces(s, path)?;
+    let final_pass = scope.matrix.is_some();
+    let non_empty: Vec<&Piece> = parts
+        .iter()
+        .filter(|p| !matches!(p, Piece::Text(t) if t.is_empty()))
+        .collect();
+    if let [Piece::Ref(r)] = non_empty.as_slice() {
+        if let Some(v) = lookup(r, scope, path)? {
+            return Ok(v);
+        }
+    }
+    let mut out = String::new();
+    for piece in &parts {
+        match piece {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Ref(r) => match lookup(r, scope, path)? {
+                Some(v) => out.push_str(&render(&v)),
+                None => {
+                    out.push_str("${");
+                    out.push_str(r);
+                    out.push('}');
+                }
+            },
+        }
+    }
+    if final_pass {
+        out = out.replace("$${", "${");
+    }
+    Ok(Value::String(out))
+}
+
+/// Text form of a value spliced into a string.
+pub fn render(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// `Ok(None)`: a reference this pass leaves for later (`${matrix.*}` before expansion).
+fn lookup(reference: &str, scope: &Scope<'_>, path: &str) -> Result<Option<Value>, SpecError> {
+    let mut segments = reference.split('.');
+    let namespace = segments.next().unwrap_or_default();
+    let rest: Vec<&str> = segments.collect();
+    let (root, what) = match namespace {
+        "vars" => match scope.vars {
+            Some(v) => (v, "var"),
+            None => return Ok(None),
+        },
+        "matrix" => match scope.matrix {
+            Some(m) => (m, "matrix variable"),
+            None => return Ok(None),
+        },
+        other => {
+            return Err(SpecError::new(
+                path,
+                format!("unknown namespace '{other}' in ${{{reference}}}"),
+            )
+            .fix(format!(
+                "use ${{vars.NAME}} or ${{matrix.NAME}} ({}); write $${{...}} for a literal",
+                suggestion(other, ["vars", "matrix"])
+            )))
+        }
+    };
+    let mut current: Option<&Value> = None;
+    for (i, seg) in rest.iter().enumerate() {
+        let next = match current {
+            None => root.get(*seg),
+            Some(Value::Object(m)) => m.get(*seg),
+            Some(Value::Array(a)) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
+            Some(_) => None,
+        };
+        match next {
+            Some(v) => current = Some(v),
+            None => {
+                let fix = if i == 0 {
+                    let known: Vec<&str> = root.keys().map(String::as_str).collect();
+                    if namespace == "vars" {
+                        format!(
+                            "{}; define it under `vars:` or pass --set vars.{seg}=VALUE",
+                            suggestion(seg, known.iter().copied())
+                        )
+                    } else if known.is_empty() {
+                        "this stage has no `matrix:`".to_string()
+                    } else {
+                        suggestion(seg, known.iter().copied())
+                    }
+                } else {
+                    format!("'{}' has no entry '{seg}'", rest[..i].join("."))
+                };
+                return Err(SpecError::new(
+                    path,
+                    format!("${{{reference}}} does not resolve: no {what} '{}'", rest[..=i].join(".")),
+                )
+                .fix(fix));
+            }
+        }
+    }
+    match current {
+        Some(v) => Ok(Some(v.clone())),
+        None => Err(SpecError::new(path, format!("${{{reference}}} names no {what}"))
+            .fix(format!("write ${{{namespace}.NAME}}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn vars() -> Map<String, Value> {
+        json!({"n": 3, "words": ["a", "b"], "m": {"w": 8}}).as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn typed_and_spliced() {
+        let v = vars();
+        let scope = Scope { vars: Some(&v), matrix: None };
+        assert_eq!(resolve(&json!("${vars.n}"), &scope, "x").unwrap(), json!(3));
+        assert_eq!(resolve(&json!("${vars.words}"), &scope, "x").unwrap(), json!(["a", "b"]));
+        assert_eq!(resolve(&json!("n=${vars.n} w=${vars.m.w}"), &scope, "x").unwrap(), json!("n=3 w=8"));
+        assert_eq!(resolve(&json!("${vars.words.1}"), &scope, "x").unwrap(), json!("b"));
+        // matrix refs wait for the planner; shell vars and escapes are left alone
+        assert_eq!(resolve(&json!("${matrix.p} ${HOME} $${vars.n}"), &scope, "x").unwrap(), json!("${matrix.p} ${HOME} $${vars.n}"));
+    }
+
+    #[test]
+    fn final_pass_unescapes_and_resolves_matrix() {
+        let v = vars();
+        let m = json!({"p": 2}).as_object().unwrap().clone();
+        let scope = Scope { vars: Some(&v), matrix: Some(&m) };
+        assert_eq!(resolve(&json!("${matrix.p}"), &scope, "x").unwrap(), json!(2));
+        assert_eq!(resolve(&json!("a $${vars.n}"), &scope, "x").unwrap(), json!("a ${vars.n}"));
+    }
+
+    #[test]
+    fn unresolved_is_an_error_with_a_fix() {
+        let v = vars();
+        let scope = Scope { vars: Some(&v), matrix: None };
+        let e = resolve(&json!("${vars.nn}"), &scope, "stages.a.params.cmd").unwrap_err();
+        assert_eq!(e.field, "stages.a.params.cmd");
+        assert!(e.fix.unwrap().contains("did you mean 'n'"));
+        let e = resolve(&json!("${var.n}"), &scope, "x").unwrap_err();
+        assert!(e.message.contains("unknown namespace"));
+        assert!(resolve(&json!("${vars.n"), &scope, "x").is_err());
+    }
+}

@@ -1,0 +1,696 @@
+//! The pipeline file: YAML -> validated [`Pipeline`] (vars resolved, `--set` applied).
+//!
+//! Values are handled as JSON after loading (YAML anchors and merge keys applied), so params
+//! reach ops and the key encoder in one canonical form. `${matrix.*}` references stay in place
+//! here; the planner resolves them per matrix instance.
+
+mod error;
+pub mod interpolate;
+mod source;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+pub use error::{closest, suggestion, SpecError};
+pub use source::{Pos, SourceMap};
+
+/// Matrices may not expand a pipeline past this many stages unless `max_stages:` or
+/// `--max-stages` says otherwise.
+pub const DEFAULT_MAX_STAGES: usize = 100_000;
+
+/// Top-level keys of a pipeline file.
+const TOP_LEVEL: &[&str] = &["name", "vars", "stages", "max_stages", "description"];
+
+/// Stage keys the engine reads itself; any other key is a param of the stage's op.
+pub const STAGE_FIELDS: &[&str] = &[
+    "op",
+    "params",
+    "inputs",
+    "matrix",
+    "retries",
+    "timeout",
+    "resources",
+    "cache",
+    "seed",
+    "description",
+];
+
+/// A loaded pipeline, before matrix expansion.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    /// The pipeline file as the user named it.
+    pub file: PathBuf,
+    /// The folder holding the pipeline file: commands run there, `deps`/`outs` are relative
+    /// to it.
+    pub workspace: PathBuf,
+    pub vars: Map<String, Value>,
+    pub stages: Vec<StageSpec>,
+    pub max_stages: usize,
+    source: SourceMap,
+    /// `--set` paths, so errors in values that came from the command line say so.
+    overrides: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub name: String,
+    pub op: String,
+    /// Op params, with stage shorthand merged in; `${matrix.*}` unresolved.
+    pub params: Map<String, Value>,
+    /// Local input name -> reference (`stage`, `stage[k=v]`, `stage[*]`), unresolved.
+    pub inputs: Vec<(String, String)>,
+    pub matrix: Vec<(String, Vec<Value>)>,
+    pub retries: u32,
+    pub timeout: Option<Duration>,
+    pub resources: Resources,
+    /// `cache: false`: always run, never reuse.
+    pub cache: bool,
+    /// Explicit seed (may be `${matrix.seed}`); 0 when absent.
+    pub seed: Option<Value>,
+    pub description: Option<String>,
+}
+
+/// Scheduling needs of a stage; never part of its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resources {
+    pub cpus: usize,
+    pub gpus: usize,
+    pub mem_bytes: Option<u64>,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self { cpus: 1, gpus: 0, mem_bytes: None }
+    }
+}
+
+impl Pipeline {
+    /// Loads `file`, applies `sets` (`dotted.key=yaml-value`) and resolves `${vars.*}`.
+    pub fn load(file: &Path, sets: &[String]) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            located(file, SpecError::new("", format!("cannot read the pipeline file: {e}")))
+                .fix("check the path; a pipeline is a YAML file such as pipelines/demo.yaml")
+        })?;
+        Self::from_str(&text, file, sets)
+    }
+
+    /// As [`Pipeline::load`], from text already read.
+    pub fn from_str(text: &str, file: &Path, sets: &[String]) -> Result<Self, SpecError> {
+        let source = SourceMap::build(text);
+        let locate = |e: SpecError| locate_with(&source, file, &[], e);
+        let doc = parse_yaml(text, file)?;
+        let mut doc = match doc {
+            Value::Object(map) => map,
+            Value::Null => {
+                return Err(located(file, SpecError::new("", "the pipeline file is empty"))
+                    .fix("start with `name: my-pipeline` and a `stages:` mapping"))
+            }
+            other => {
+                return Err(locate(SpecError::new(
+                    "",
+                    format!("a pipeline must be a mapping, found {}", kind(&other)),
+                ))
+                .fix("start with `name: my-pipeline` and a `stages:` mapping"))
+            }
+        };
+        for key in doc.keys() {
+            if !TOP_LEVEL.contains(&key.as_str()) {
+                return Err(locate(
+                    SpecError::new(key.clone(), "unknown top-level key")
+                        .fix(suggestion(key, TOP_LEVEL.iter().copied())),
+                ));
+            }
+        }
+        let stages = match doc.get_mut("stages") {
+            Some(Value::Object(stages)) => stages,
+            Some(other) => {
+                return Err(locate(SpecError::new(
+                    "stages",
+                    format!("must be a mapping of stage name -> stage, found {}", kind(other)),
+                )))
+            }
+            None => {
+                return Err(locate(SpecError::new("stages", "the pipeline has no `stages:`"))
+                    .fix("add `stages:` with at least one stage, e.g. `hello: {op: shell, cmd: \"echo hi\"}`"))
+            }
+        };
+        for (name, stage) in stages.iter_mut() {
+            normalize_stage(name, stage).map_err(&locate)?;
+        }
+        let mut overrides = Vec::new();
+        for set in sets {
+            let path = apply_set(&mut doc, set).map_err(|e| located(file, e))?;
+            overrides.push((path, set.clone()));
+        }
+        let locate = |e: SpecError| locate_with(&source, file, &overrides, e);
+
+        let name = match doc.get("name") {
+            None => file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "pipeline".into()),
+            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(other) => {
+                return Err(locate(SpecError::new(
+                    "name",
+                    format!("must be a non-empty string, found {}", kind(other)),
+                )))
+            }
+        };
+        let vars = match doc.get("vars") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(vars)) => vars.clone(),
+            Some(other) => {
+                return Err(locate(SpecError::new(
+                    "vars",
+                    format!("must be a mapping of name -> value, found {}", kind(other)),
+                )))
+            }
+        };
+        let max_stages = match doc.get("max_stages") {
+            None => DEFAULT_MAX_STAGES,
+            Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                locate(SpecError::new("max_stages", format!("must be a positive integer, found {v}")))
+            })? as usize,
+        };
+        let scope = interpolate::Scope { vars: Some(&vars), matrix: None };
+        let mut stage_specs = Vec::new();
+        if let Some(Value::Object(stages)) = doc.get("stages") {
+            if stages.is_empty() {
+                return Err(locate(SpecError::new("stages", "the pipeline has no stages"))
+                    .fix("add at least one stage under `stages:`"));
+            }
+            for (name, stage) in stages {
+                let path = format!("stages.{name}");
+                let stage = interpolate::resolve(stage, &scope, &path).map_err(&locate)?;
+                stage_specs.push(parse_stage(name, &stage).map_err(&locate)?);
+            }
+        }
+        let workspace = file
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .unwrap_or(Path::new("."))
+            .canonicalize()
+            .map_err(|e| {
+                located(file, SpecError::new("", format!("cannot resolve the pipeline's folder: {e}")))
+            })?;
+        Ok(Self {
+            name,
+            file: file.to_path_buf(),
+            workspace,
+            vars,
+            stages: stage_specs,
+            max_stages,
+            source,
+            overrides,
+        })
+    }
+
+    /// Attaches the file, position and `--set` origin to an error about `error.field`.
+    pub fn locate(&self, error: SpecError) -> SpecError {
+        locate_with(&self.source, &self.file, &self.overrides, error)
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&StageSpec> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+fn located(file: &Path, mut error: SpecError) -> SpecError {
+    error.file = file.to_path_buf();
+    error
+}
+
+fn locate_with(
+    source: &SourceMap,
+    file: &Path,
+    overrides: &[(String, String)],
+    mut error: SpecError,
+) -> SpecError {
+    error.file = file.to_path_buf();
+    if let Some((_, set)) = overrides
+        .iter()
+        .rev()
+        .find(|(path, _)| error.field == *path || error.field.starts_with(&format!("{path}.")))
+    {
+        error.message = format!("{} (value from --set {set})", error.message);
+    } else if error.pos.is_none() {
+        error.pos = source.find(&error.field);
+    }
+    error
+}
+
+fn parse_yaml(text: &str, file: &Path) -> Result<Value, SpecError> {
+    let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        let mut err = located(file, SpecError::new("", format!("malformed YAML: {e}")))
+            .fix("check indentation and quoting near this position (a `:` inside a value needs quotes)");
+        if let Some(loc) = e.location() {
+            err.pos = Some(Pos { line: loc.line(), col: loc.column() });
+        }
+        err
+    })?;
+    value.apply_merge().map_err(|e| {
+        located(file, SpecError::new("", format!("invalid YAML merge key: {e}")))
+    })?;
+    yaml_to_json(&value, "").map_err(|e| {
+        let source = SourceMap::build(text);
+        locate_with(&source, file, &[], e)
+    })
+}
+
+/// Converts YAML to JSON values: keys become strings, tags and non-finite floats are errors.
+pub fn yaml_to_json(value: &serde_yaml::Value, path: &str) -> Result<Value, SpecError> {
+    use serde_yaml::Value as Y;
+    Ok(match value {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(*b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| {
+                    SpecError::new(path, format!("{f} is not a finite number"))
+                        .fix("write a finite number, or quote it to pass a string")
+                })?
+            }
+        }
+        Y::String(s) => Value::String(s.clone()),
+        Y::Sequence(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| yaml_to_json(v, &join(path, &i.to_string())))
+                .collect::<Result<_, _>>()?,
+        ),
+        Y::Mapping(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                let key = match k {
+                    Y::String(s) => s.clone(),
+                    Y::Number(n) => n.to_string(),
+                    Y::Bool(b) => b.to_string(),
+                    other => {
+                        return Err(SpecError::new(
+                            path,
+                            format!("mapping keys must be strings, found {other:?}"),
+                        ))
+                    }
+                };
+                let v = yaml_to_json(v, &join(path, &key))?;
+                out.insert(key, v);
+            }
+            Value::Object(out)
+        }
+        Y::Tagged(t) => {
+            return Err(SpecError::new(path, format!("YAML tags ({}) are not supported", t.tag))
+                .fix("remove the `!tag`"))
+        }
+    })
+}
+
+fn join(base: &str, segment: &str) -> String {
+    if base.is_empty() {
+        segment.to_string()
+    } else {
+        format!("{base}.{segment}")
+    }
+}
+
+/// A short description of a JSON value's type, for messages.
+pub fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "nothing (null)",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Moves op-param shorthand (`cmd:` beside `op:`) into `params:`.
+fn normalize_stage(name: &str, stage: &mut Value) -> Result<(), SpecError> {
+    let path = format!("stages.{name}");
+    validate_stage_name(name, &path)?;
+    let Value::Object(map) = stage else {
+        return Err(SpecError::new(
+            &path,
+            format!("a stage must be a mapping with at least `op:`, found {}", kind(stage)),
+        )
+        .fix(format!("write `{name}: {{op: shell, cmd: \"...\"}}`")));
+    };
+    let mut params = match map.remove("params") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(p)) => p,
+        Some(other) => {
+            return Err(SpecError::new(
+                format!("{path}.params"),
+                format!("must be a mapping of param -> value, found {}", kind(&other)),
+            ))
+        }
+    };
+    let shorthand: Vec<String> = map
+        .keys()
+        .filter(|k| !STAGE_FIELDS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    for key in shorthand {
+        if params.contains_key(&key) {
+            return Err(SpecError::new(
+                format!("{path}.{key}"),
+                format!("'{key}' is given both beside `op:` and under `params:`"),
+            )
+            .fix("keep one of the two"));
+        }
+        if let Some(v) = map.remove(&key) {
+            params.insert(key, v);
+        }
+    }
+    map.insert("params".into(), Value::Object(params));
+    Ok(())
+}
+
+fn validate_stage_name(name: &str, path: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::new(path, format!("'{name}' is not a valid stage name"))
+            .fix("use letters, digits, '_', '-' and '.' only"))
+    }
+}
+
+/// Applies one `--set dotted.key=value` to the document; returns the path it set.
+fn apply_set(doc: &mut Map<String, Value>, set: &str) -> Result<String, SpecError> {
+    let Some((key, raw)) = set.split_once('=') else {
+        return Err(SpecError::new("", format!("--set {set}: expected KEY=VALUE"))
+            .fix("e.g. --set vars.n=5 or --set stages.train.params.lr=0.1"));
+    };
+    let segments: Vec<&str> = key.split('.').collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(SpecError::new("", format!("--set {set}: '{key}' has an empty segment")));
+    }
+    let yaml: serde_yaml::Value = serde_yaml::from_str(raw).map_err(|e| {
+        SpecError::new("", format!("--set {set}: the value is not valid YAML: {e}"))
+            .fix("quote the value in the shell, e.g. --set 'stages.a.params.cmd=\"echo hi\"'")
+    })?;
+    let value = yaml_to_json(&yaml, key)
+        .map_err(|e| SpecError::new("", format!("--set {set}: {}", e.message)))?;
+    let mut segments: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
+    if segments[0] == "stages" && segments.len() >= 3 {
+        let stage = &segments[1];
+        let stages = doc.get("stages").and_then(Value::as_object);
+        if !stages.is_some_and(|s| s.contains_key(stage)) {
+            let names: Vec<&str> = stages
+                .map(|s| s.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            return Err(SpecError::new(
+                "",
+                format!("--set {set}: there is no stage '{stage}'"),
+            )
+            .fix(suggestion(stage, names.iter().copied())));
+        }
+        if !STAGE_FIELDS.contains(&segments[2].as_str()) {
+            segments.insert(2, "params".into());
+        }
+    }
+    let mut node = doc;
+    for (i, seg) in segments.iter().enumerate() {
+        if i + 1 == segments.len() {
+            node.insert(seg.clone(), value);
+            break;
+        }
+        let entry = node
+            .entry(seg.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if entry.is_null() {
+            *entry = Value::Object(Map::new());
+        }
+        node = match entry {
+            Value::Object(m) => m,
+            other => {
+                return Err(SpecError::new(
+                    "",
+                    format!(
+                        "--set {set}: '{}' is {}, not a mapping",
+                        segments[..=i].join("."),
+                        kind(other)
+                    ),
+                ))
+            }
+        };
+    }
+    Ok(segments.join("."))
+}
+
+fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
+    let path = format!("stages.{name}");
+    let field = |f: &str| format!("{path}.{f}");
+    let map = stage.as_object().cloned().unwrap_or_default();
+    let op = match map.get("op") {
+        Some(Value::String(op)) => op.clone(),
+        Some(other) => {
+            return Err(SpecError::new(field("op"), format!("must be an op name, found {}", kind(other))))
+        }
+        None => {
+            return Err(SpecError::new(&path, "the stage has no `op:`")
+                .fix("add `op: shell` (or another op; `engine ops` lists them)"))
+        }
+    };
+    let params = match map.get("params") {
+        Some(Value::Object(p)) => p.clone(),
+        _ => Map::new(),
+    };
+    let inputs = match map.get("inputs") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(inputs)) => {
+            let mut out = Vec::new();
+            for (local, reference) in inputs {
+                match reference {
+                    Value::String(r) => out.push((local.clone(), r.clone())),
+                    other => {
+                        return Err(SpecError::new(
+                            field(&format!("inputs.{local}")),
+                            format!("must be a stage reference string, found {}", kind(other)),
+                        )
+                        .fix("write `name: stage`, `name: stage[k=v]` or `name: \"stage[*]\"`"))
+                    }
+                }
+            }
+            out
+        }
+        Some(other) => {
+            return Err(SpecError::new(
+                field("inputs"),
+                format!("must be a mapping of local name -> stage reference, found {}", kind(other)),
+            )
+            .fix("e.g. `inputs: {data: make_data}`"))
+        }
+    };
+    let matrix = match map.get("matrix") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(m)) => {
+            if m.is_empty() {
+                return Err(SpecError::new(field("matrix"), "the matrix is empty")
+                    .fix("give at least one variable with a list of values, or remove `matrix:`"));
+            }
+            let mut out = Vec::new();
+            for (var, values) in m {
+                let values = match values {
+                    Value::Array(v) if !v.is_empty() => v.clone(),
+                    Value::Array(_) => {
+                        return Err(SpecError::new(
+                            field(&format!("matrix.{var}")),
+                            "the matrix variable has no values",
+                        )
+                        .fix("list at least one value, e.g. `[1, 2]`"))
+                    }
+                    other => {
+                        return Err(SpecError::new(
+                            field(&format!("matrix.{var}")),
+                            format!("must be a list of values, found {}", kind(other)),
+                        )
+                        .fix(format!("write `{var}: [a, b]`")))
+                    }
+                };
+                out.push((var.clone(), values));
+            }
+            out
+        }
+        Some(other) => {
+            return Err(SpecError::new(
+                field("matrix"),
+                format!("must be a mapping of variable -> list of values, found {}", kind(other)),
+            ))
+        }
+    };
+    let retries = match map.get("retries") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n <= 100)
+            .ok_or_else(|| {
+                SpecError::new(field("retries"), format!("must be an integer 0..=100, found {v}"))
+            })? as u32,
+    };
+    let timeout = match map.get("timeout") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(s) if s > 0.0 => Some(Duration::from_secs_f64(s)),
+            _ => {
+                return Err(SpecError::new(field("timeout"), "must be positive")
+                    .fix("e.g. `timeout: 10m` or `timeout: 30` (seconds)"))
+            }
+        },
+        Some(Value::String(s)) => Some(humantime::parse_duration(s).map_err(|e| {
+            SpecError::new(field("timeout"), format!("'{s}' is not a duration: {e}"))
+                .fix("e.g. `timeout: 10m`, `90s` or `2h`")
+        })?),
+        Some(other) => {
+            return Err(SpecError::new(field("timeout"), format!("must be a duration, found {}", kind(other)))
+                .fix("e.g. `timeout: 10m`"))
+        }
+    };
+    let resources = parse_resources(map.get("resources"), &field("resources"))?;
+    let cache = match map.get("cache") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(SpecError::new(field("cache"), format!("must be true or false, found {}", kind(other))))
+        }
+    };
+    let seed = map.get("seed").filter(|v| !v.is_null()).cloned();
+    if let Some(s) = &seed {
+        if !s.is_u64() && !s.is_string() {
+            return Err(SpecError::new(field("seed"), format!("must be a non-negative integer, found {s}")));
+        }
+    }
+    let description = map.get("description").and_then(Value::as_str).map(str::to_string);
+    Ok(StageSpec {
+        name: name.to_string(),
+        op,
+        params,
+        inputs,
+        matrix,
+        retries,
+        timeout,
+        resources,
+        cache,
+        seed,
+        description,
+    })
+}
+
+fn parse_resources(value: Option<&Value>, path: &str) -> Result<Resources, SpecError> {
+    let mut res = Resources::default();
+    let map = match value {
+        None | Some(Value::Null) => return Ok(res),
+        Some(Value::Object(m)) => m,
+        Some(other) => {
+            return Err(SpecError::new(path, format!("must be a mapping, found {}", kind(other)))
+                .fix("e.g. `resources: {cpus: 2, mem: 4G}`"))
+        }
+    };
+    for (key, v) in map {
+        let f = format!("{path}.{key}");
+        match key.as_str() {
+            "cpus" => {
+                res.cpus = v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
+                    SpecError::new(&f, format!("must be a positive integer, found {v}"))
+                })? as usize
+            }
+            "gpus" => {
+                res.gpus = v
+                    .as_u64()
+                    .ok_or_else(|| SpecError::new(&f, format!("must be an integer, found {v}")))?
+                    as usize
+            }
+            "mem" => res.mem_bytes = Some(parse_bytes(v).map_err(|m| SpecError::new(&f, m).fix("e.g. `mem: 4G` or `mem: 512M`"))?),
+            other => {
+                return Err(SpecError::new(&f, format!("unknown resource '{other}'"))
+                    .fix(suggestion(other, ["cpus", "gpus", "mem"])))
+            }
+        }
+    }
+    Ok(res)
+}
+
+fn parse_bytes(v: &Value) -> Result<u64, String> {
+    if let Some(n) = v.as_u64() {
+        return Ok(n);
+    }
+    let s = v.as_str().ok_or_else(|| format!("must be a size such as 4G, found {v}"))?;
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1.0,
+        "K" => 1024.0,
+        "M" => 1024.0 * 1024.0,
+        "G" => 1024.0 * 1024.0 * 1024.0,
+        "T" => 1024.0f64.powi(4),
+        _ => return Err(format!("'{s}' has an unknown unit")),
+    };
+    Ok((num * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, sets: &[&str]) -> Result<Pipeline, SpecError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Pipeline::from_str(text, Path::new("p.yaml"), &sets)
+    }
+
+    #[test]
+    fn shorthand_vars_and_sets() {
+        let p = load(
+            "name: demo\nvars: {n: 3}\nstages:\n  make:\n    op: shell\n    cmd: \"seq ${vars.n}\"\n    retries: 2\n    timeout: 10m\n",
+            &["vars.n=5", "stages.make.env={A: 1}"],
+        )
+        .unwrap();
+        let s = &p.stages[0];
+        assert_eq!(s.params["cmd"], "seq 5");
+        assert_eq!(s.params["env"]["A"], 1);
+        assert_eq!(s.retries, 2);
+        assert_eq!(s.timeout, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn errors_are_located() {
+        let e = load("stages:\n  a:\n    op: shell\n    retries: -1\n", &[]).unwrap_err();
+        assert_eq!(e.field, "stages.a.retries");
+        assert_eq!(e.pos, Some(Pos { line: 4, col: 5 }));
+        let e = load("stages:\n  a:\n    op: shell\n  b: [\n", &[]).unwrap_err();
+        assert!(e.message.contains("malformed YAML"), "{e}");
+        assert!(e.pos.is_some());
+        let e = load("stagse: {}\n", &[]).unwrap_err();
+        assert!(e.fix.unwrap().contains("stages"));
+    }
+
+    #[test]
+    fn set_errors_name_the_override() {
+        let e = load("stages:\n  a: {op: shell, cmd: x}\n", &["stages.b.params.x=1"]).unwrap_err();
+        assert!(e.message.contains("no stage 'b'"), "{e}");
+        let e = load("stages:\n  a: {op: shell, cmd: x, retries: 1}\n", &["stages.a.retries=x"]).unwrap_err();
+        assert!(e.message.contains("--set stages.a.retries=x"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes(&Value::from("4G")), Ok(4 << 30));
+        assert_eq!(parse_bytes(&Value::from("512MiB")), Ok(512 << 20));
+        assert!(parse_bytes(&Value::from("4Q")).is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! Layers on runtime shapes: each a plain struct with a constructor (init scheme + seeded RNG),
+//! a `forward`, and parameters named through [`HasParams`](super::HasParams).
+
+mod conv;
+mod linear;
+mod norm;
+mod pool;
+
+pub use conv::{unfold, Conv2d, ConvGeometry};
+pub use linear::Linear;
+pub use norm::{BatchNorm2d, LayerNorm};
+pub use pool::{global_avg_pool, AvgPool2d};
+
+use dfdx::{shapes::*, tensor::*, tensor_ops::*};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::tensor::host_mut;
+use super::{Dev, Float, NnError};
+
+/// What a forward pass needs besides its input: train or eval behaviour (BatchNorm statistics,
+/// dropout) and the seeded RNG that dropout masks come from.
+#[derive(Debug)]
+pub struct ForwardCtx {
+    pub training: bool,
+    pub rng: StdRng,
+}
+
+impl ForwardCtx {
+    pub fn train(seed: u64) -> Self {
+        Self {
+            training: true,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn eval() -> Self {
+        Self {
+            training: false,
+            rng: StdRng::seed_from_u64(0),
+        }
+    }
+}
+
+/// ReLU(x) = max(x, 0), elementwise.
+pub fn relu<S: Shape, E: Float, T: Tape<E, Dev>>(
+    x: Tensor<S, E, Dev, T>,
+) -> Result<Tensor<S, E, Dev, T>, NnError>
+where
+    Dev: Device<E>,
+{
+    Ok(x.try_relu()?)
+}
+
+/// GELU(x) = x Phi(x) = x/2 (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016; PyTorch's default
+/// `approximate='none'`); dGELU/dx = Phi(x) + x phi(x), phi the standard normal density.
+///
+/// Not dfdx's `accurate_gelu`: its 0.13 backward drops the 1/sqrt 2 of the inner derivative.
+/// Elementwise on host memory (CPU).
+pub fn gelu<S: Shape, E: Float, T: Tape<E, Dev>>(
+    x: Tensor<S, E, Dev, T>,
+) -> Result<Tensor<S, E, Dev, T>, NnError>
+where
+    Dev: Device<E>,
+{
+    let phi = |x: f64| 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2));
+    let density = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    let shape = *x.shape();
+    let x = x.try_contiguous()?;
+    let (x, mut tape) = x.split_tape();
+    let y: Vec<E> = x
+        .as_vec()
+        .into_iter()
+        .map(|v| {
+            let v = v.into_f64();
+            E::of_f64(v * phi(v))
+        })
+        .collect();
+    let out = x.device().try_tensor_from_vec(y, shape)?;
+    let out_id = out.clone();
+    tape.add_backward_op(move |grads| {
+        let go: Vec<E> = host_mut::<E>(grads.get_or_alloc_mut(&out_id)?).to_vec();
+        let xv = x.as_vec();
+        let gx = host_mut::<E>(grads.get_or_alloc_mut(&x)?);
+        for ((g, &v), &o) in gx.iter_mut().zip(&xv).zip(&go) {
+            let v = v.into_f64();
+            *g += E::of_f64(o.into_f64() * (phi(v) + v * density(v)));
+        }
+        Ok(())
+    });
+    Ok(out.put_tape(tape))
+}
+
+/// Inverted dropout: in training, zero each element with probability `p` and scale the rest by
+/// 1 / (1 - p); the identity in eval. The mask comes from `ctx.rng`, so runs are reproducible.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+}
+
+impl Dropout {
+    pub fn new(p: f64) -> Result<Self, NnError> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(NnError::spec("dropout", format!("probability {p} is not in [0, 1)")));
+        }
+        Ok(Self { p })
+    }
+
+    pub fn forward<S: Shape, E: Float, T: Tape<E, Dev>>(
+        &self,
+        x: Tensor<S, E, Dev, T>,
+        ctx: &mut ForwardCtx,
+    ) -> Result<Tensor<S, E, Dev, T>, NnError>
+    where
+        Dev: Device<E>,
+    {
+        if !ctx.training || self.p == 0.0 {
+            return Ok(x);
+        }
+        let keep = E::of_f64(1.0 / (1.0 - self.p));
+        let n = x.shape().num_elements();
+        let mask: Vec<E> = (0..n)
+            .map(|_| {
+                if ctx.rng.gen::<f64>() < self.p {
+                    E::zero()
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = super::tensor::from_vec(x.device(), mask, *x.shape())?;
+        Ok(x.try_mul(mask)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck::{check_input_grad, rand_tensor};
+
+    #[test]
+    fn relu_and_gelu_gradients_match_finite_differences() {
+        let dev = Dev::default();
+        // Inputs away from 0 so that ReLU's kink is not straddled by the finite difference.
+        let x = rand_tensor(&dev, (3, 5), 7);
+        let vals: Vec<f64> = x
+            .as_vec()
+            .into_iter()
+            .map(|v| if v.abs() < 0.05 { v + 0.2 } else { v })
+            .collect();
+        let x = super::super::tensor::from_vec(&dev, vals, (3, 5)).unwrap();
+        check_input_grad(&x, |t| relu(t), 1e-6);
+        check_input_grad(&x, |t| gelu(t), 1e-6);
+    }
+
+    #[test]
+    fn gelu_matches_exact_formula() {
+        let dev = Dev::default();
+        let x = super::super::tensor::from_vec(&dev, vec![-2.0f64, -0.5, 0.0, 0.7, 3.0], (5,))
+            .unwrap();
+        let y = gelu(x.clone()).unwrap().as_vec();
+        // GELU(x) = x/2 (1 + erf(x/sqrt 2)); erf values from tables.
+        let erf = [-0.9544997361, -0.3829249225, 0.0, 0.5160726898, 0.9973002039];
+        for (i, xi) in x.as_vec().iter().enumerate() {
+            let want = 0.5 * xi * (1.0 + erf[i]);
+            assert!((y[i] - want).abs() < 1e-6, "gelu({xi}) = {} vs {want}", y[i]);
+        }
+    }
+
+    #[test]
+    fn dropout_scales_kept_values_and_is_seeded() {
+        let dev = Dev::default();
+        let x = super::super::tensor::from_vec(&dev, vec![1.0f64; 1000], (1000,)).unwrap();
+        let d = Dropout::new(0.25).unwrap();
+        let a = d.forward(x.clone(), &mut ForwardCtx::train(3)).unwrap().as_vec();
+        let b = d.forward(x.clone(), &mut ForwardCtx::train(3)).unwrap().as_vec();
+        assert_eq!(a, b);
+        let zeros = a.iter().filter(|v| **v == 0.0).count();
+        assert!((200..300).contains(&zeros), "{zeros} zeros");
+        assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-12));
+        let e = d.forward(x, &mut ForwardCtx::eval()).unwrap().as_vec();
+        assert!(e.iter().all(|v| *v == 1.0));
+        assert!(Dropout::new(1.0).is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! Models built at run time from a `model:` spec.
+//!
+//! A [`ModelSpec`] is the validated, serialisable description (it travels with checkpoints);
+//! [`Model::build`] turns it, the shape of one input sample and an [`Init`] into weights.
+//! Every model maps `(batch, c, h, w)` to `(batch, outputs)`: class logits, or a field
+//! flattened per sample (see [`Model::output_shape`]).
+
+mod dag;
+mod nb201;
+pub mod topology;
+
+pub use dag::{CnnDag, CnnDagSpec, MlpDag, MlpDagSpec, ReluConvBn};
+pub use nb201::{Nb201, Nb201Spec};
+pub use topology::Dag;
+
+use dfdx::{shapes::*, tensor::*, tensor_ops::*};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::nn::layers::ForwardCtx;
+use crate::nn::{Dev, Float, HasParams, Init, NnError, Param, Tensor2, Tensor4};
+
+/// The `model:` block of a stage, tagged by `kind`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSpec {
+    MlpDag(MlpDagSpec),
+    CnnDag(CnnDagSpec),
+    Nb201(Nb201Spec),
+}
+
+impl ModelSpec {
+    /// Parses a spec from JSON, naming the offending field on error.
+    pub fn from_json(value: serde_json::Value) -> Result<Self, NnError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            NnError::spec(if path == "." { "model".to_string() } else { format!("model.{path}") }, e.inner().to_string())
+        })
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelSpec::MlpDag(_) => "mlp_dag",
+            ModelSpec::CnnDag(_) => "cnn_dag",
+            ModelSpec::Nb201(_) => "nb201",
+        }
+    }
+}
+
+/// Shape of one input sample: channels, height, width (an MLP flattens it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputShape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Net<E: Float> {
+    MlpDag(MlpDag<E>),
+    CnnDag(CnnDag<E>),
+    Nb201(Nb201<E>),
+}
+
+/// A built model: its spec, input shape and weights.
+#[derive(Clone, Debug)]
+pub struct Model<E: Float> {
+    spec: ModelSpec,
+    input: InputShape,
+    net: Net<E>,
+}
+
+impl<E: Float> Model<E>
+where
+    Dev: Device<E>,
+{
+    /// Builds the weights of `spec` for inputs of shape `input`, drawn from `seed`.
+    pub fn build(dev: &Dev, spec: &ModelSpec, input: InputShape, init: &Init, seed: u64) -> Result<Self, NnError> {
+        if input.channels == 0 || input.height == 0 || input.width == 0 {
+            return Err(NnError::spec("input", format!("empty input shape {input:?}")));
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let net = match spec {
+            ModelSpec::MlpDag(s) => {
+                let features = input.channels * input.height * input.width;
+                Net::MlpDag(MlpDag::new(dev, s, features, init, &mut rng)?)
+            }
+            ModelSpec::CnnDag(s) => Net::CnnDag(CnnDag::new(dev, s, input.channels, init, &mut rng)?),
+            ModelSpec::Nb201(s) => {
+                // Both reductions halve the map on two branches that must agree (stride-2 conv
+                // rounds up, 2x2 pooling rounds down), as in the reference implementation.
+                if input.height % 4 != 0 || input.width % 4 != 0 {
+                    return Err(NnError::spec(
+                        "input",
+                        format!("nb201 needs height and width divisible by 4, got {}x{}", input.height, input.width),
+                    ));
+                }
+                Net::Nb201(Nb201::new(dev, s, input.channels, init, &mut rng)?)
+            }
+        };
+        Ok(Self { spec: spec.clone(), input, net })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn input_shape(&self) -> InputShape {
+        self.input
+    }
+
+    /// Shape of one output sample: `[classes]`, or `[channels, h, w]` for field models.
+    pub fn output_shape(&self) -> Vec<usize> {
+        match &self.spec {
+            ModelSpec::MlpDag(s) => vec![s.classes],
+            ModelSpec::CnnDag(s) => vec![s.classes],
+            ModelSpec::Nb201(s) => vec![s.classes],
+        }
+    }
+
+    /// `(batch, c, h, w)` -> `(batch, outputs)`.
+    pub fn forward<T: Tape<E, Dev>>(&mut self, x: Tensor4<E, T>, ctx: &mut ForwardCtx) -> Result<Tensor2<E, T>, NnError> {
+        let (_, c, h, w) = *x.shape();
+        let want = (self.input.channels, self.input.height, self.input.width);
+        if (c, h, w) != want {
+            return Err(NnError::shape("model input (channels, height, width)", want, (c, h, w)));
+        }
+        match &mut self.net {
+            Net::MlpDag(m) => m.forward(x),
+            Net::CnnDag(m) => m.forward(x, ctx),
+            Net::Nb201(m) => m.forward(x, ctx),
+        }
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> usize {
+        crate::nn::collect_params(self)
+            .iter()
+            .filter(|(_, p)| p.kind == crate::nn::ParamKind::Trainable)
+            .map(|(_, p)| p.numel())
+            .sum()
+    }
+}
+
+impl<E: Float> HasParams<E> for Model<E> {
+    fn visit_params<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a Param<E>)>) {
+        match &self.net {
+            Net::MlpDag(m) => m.visit_params(prefix, out),
+            Net::CnnDag(m) => m.visit_params(prefix, out),
+            Net::Nb201(m) => m.visit_params(prefix, out),
+        }
+    }
+    fn visit_params_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Param<E>)>) {
+        match &mut self.net {
+            Net::MlpDag(m) => m.visit_params_mut(prefix, out),
+            Net::CnnDag(m) => m.visit_params_mut(prefix, out),
+            Net::Nb201(m) => m.visit_params_mut(prefix, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
