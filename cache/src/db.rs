@@ -110,24 +110,39 @@ pub(crate) struct Db {
 
 impl Db {
     pub(crate) fn open(path: &Path) -> Result<Self> {
-        let err = |source| CacheError::Db { path: path.to_path_buf(), source };
+        let err = |source| CacheError::Db {
+            path: path.to_path_buf(),
+            source,
+        };
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
-        let mut db = Self { conn, path: path.to_path_buf() };
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        let mut db = Self {
+            conn,
+            path: path.to_path_buf(),
+        };
         db.migrate()?;
         Ok(db)
     }
 
     fn err(&self, source: rusqlite::Error) -> CacheError {
-        CacheError::Db { path: self.path.clone(), source }
+        CacheError::Db {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn migrate(&mut self) -> Result<()> {
         let path = self.path.clone();
-        let err = |source| CacheError::Db { path: path.clone(), source };
+        let err = |source| CacheError::Db {
+            path: path.clone(),
+            source,
+        };
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -152,7 +167,10 @@ impl Db {
 
     pub(crate) fn record(&mut self, run: &NewRun) -> Result<i64> {
         let path = self.path.clone();
-        let err = |source| CacheError::Db { path: path.clone(), source };
+        let err = |source| CacheError::Db {
+            path: path.clone(),
+            source,
+        };
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -234,7 +252,12 @@ impl Db {
         }
     }
 
-    pub(crate) fn recent_runs(&self, pipeline: &str, stage: &str, limit: usize) -> Result<Vec<RunRecord>> {
+    pub(crate) fn recent_runs(
+        &self,
+        pipeline: &str,
+        stage: &str,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>> {
         let ids: Vec<i64> = {
             let mut stmt = self
                 .conn
@@ -246,11 +269,15 @@ impl Db {
             let rows = stmt
                 .query_map(params![pipeline, stage, limit as i64], |r| r.get(0))
                 .map_err(|e| self.err(e))?;
-            rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))?
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(|e| self.err(e))?
         };
         let mut out = Vec::new();
         for id in ids {
-            if let Some(r) = self.query_one("SELECT * FROM runs WHERE id = ?1", &[&id as &dyn rusqlite::ToSql])? {
+            if let Some(r) = self.query_one(
+                "SELECT * FROM runs WHERE id = ?1",
+                &[&id as &dyn rusqlite::ToSql],
+            )? {
                 out.push(r);
             }
         }
@@ -282,17 +309,30 @@ impl Db {
             .optional()
             .map_err(|e| self.err(e))?;
         let Some(row) = row else { return Ok(None) };
-        let (id, key, pipeline, stage, op, op_version, key_doc, tree, status, error, s, e, host, ver, log) =
-            row;
-        let corrupt = |what: &str| {
-            CacheError::Db {
-                path: self.path.clone(),
-                source: rusqlite::Error::InvalidColumnType(
-                    0,
-                    format!("run {id}: bad {what}"),
-                    rusqlite::types::Type::Text,
-                ),
-            }
+        let (
+            id,
+            key,
+            pipeline,
+            stage,
+            op,
+            op_version,
+            key_doc,
+            tree,
+            status,
+            error,
+            s,
+            e,
+            host,
+            ver,
+            log,
+        ) = row;
+        let corrupt = |what: &str| CacheError::Db {
+            path: self.path.clone(),
+            source: rusqlite::Error::InvalidColumnType(
+                0,
+                format!("run {id}: bad {what}"),
+                rusqlite::types::Type::Text,
+            ),
         };
         let parse_hash = |h: Option<String>, what: &str| -> Result<Option<Hash>> {
             h.map(|h| h.parse().map_err(|_| corrupt(what))).transpose()
@@ -305,7 +345,11 @@ impl Db {
             op_version,
             key_doc: serde_json::from_str(&key_doc).map_err(|_| corrupt("key_doc"))?,
             output_tree: parse_hash(tree, "output_tree")?,
-            status: if status == "ok" { RunStatus::Ok } else { RunStatus::Failed },
+            status: if status == "ok" {
+                RunStatus::Ok
+            } else {
+                RunStatus::Failed
+            },
             error,
             started_at: s,
             ended_at: e,
@@ -324,10 +368,14 @@ impl Db {
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([run_id], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<f64>>(1)?.unwrap_or(f64::NAN)))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<f64>>(1)?.unwrap_or(f64::NAN),
+                ))
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
     }
 
     pub(crate) fn stat_entries(&self, paths: &[PathBuf]) -> HashMap<PathBuf, (StatKey, Hash)> {
@@ -340,7 +388,11 @@ impl Db {
         let mut wanted = Vec::new();
         for path in paths {
             if path.is_dir() {
-                for entry in walkdir::WalkDir::new(path).follow_links(true).into_iter().flatten() {
+                for entry in walkdir::WalkDir::new(path)
+                    .follow_links(true)
+                    .into_iter()
+                    .flatten()
+                {
                     if entry.file_type().is_file() {
                         wanted.push(entry.into_path());
                     }
@@ -374,7 +426,10 @@ impl Db {
 
     pub(crate) fn put_stat_entries(&mut self, entries: &[(PathBuf, StatKey, Hash)]) -> Result<()> {
         let path = self.path.clone();
-        let err = |source| CacheError::Db { path: path.clone(), source };
+        let err = |source| CacheError::Db {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(err)?;
         {
             let mut stmt = tx
@@ -411,6 +466,9 @@ mod tests {
         let conn = Connection::open(&p).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        assert!(matches!(Db::open(&p), Err(CacheError::SchemaTooNew { found: 99, .. })));
+        assert!(matches!(
+            Db::open(&p),
+            Err(CacheError::SchemaTooNew { found: 99, .. })
+        ));
     }
 }

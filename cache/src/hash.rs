@@ -120,6 +120,9 @@ impl StatKey {
     }
 }
 
+/// A file's stat and content hash, as remembered in the stat cache.
+pub(crate) type StatEntry = (PathBuf, StatKey, Hash);
+
 /// A file modified this recently may still be changing within the same mtime tick; such files
 /// are hashed but not remembered (git's "racy clean" problem).
 const RACY_WINDOW_NS: i64 = 2_000_000_000;
@@ -136,7 +139,7 @@ fn now_ns() -> i64 {
 pub(crate) fn hash_paths_with(
     paths: &[PathBuf],
     known: &HashMap<PathBuf, (StatKey, Hash)>,
-) -> (Vec<Result<Hash>>, Vec<(PathBuf, StatKey, Hash)>) {
+) -> (Vec<Result<Hash>>, Vec<StatEntry>) {
     // Expand folders into their files so that every file is one parallel work item.
     let mut files: Vec<PathBuf> = Vec::new();
     let mut plans: Vec<Result<PathPlan>> = Vec::with_capacity(paths.len());
@@ -192,7 +195,10 @@ pub(crate) fn hash_paths_with(
 
 enum PathPlan {
     File(usize),
-    Dir { root: PathBuf, range: std::ops::Range<usize> },
+    Dir {
+        root: PathBuf,
+        range: std::ops::Range<usize>,
+    },
 }
 
 fn plan_path(path: &Path, files: &mut Vec<PathBuf>) -> Result<PathPlan> {
@@ -200,7 +206,10 @@ fn plan_path(path: &Path, files: &mut Vec<PathBuf>) -> Result<PathPlan> {
     if meta.is_dir() {
         let start = files.len();
         let mut found = Vec::new();
-        for entry in walkdir::WalkDir::new(path).follow_links(true).sort_by_file_name() {
+        for entry in walkdir::WalkDir::new(path)
+            .follow_links(true)
+            .sort_by_file_name()
+        {
             let entry = entry.map_err(|e| {
                 let p = e.path().unwrap_or(path).to_path_buf();
                 CacheError::io(p, std::io::Error::other(e.to_string()))
@@ -210,7 +219,10 @@ fn plan_path(path: &Path, files: &mut Vec<PathBuf>) -> Result<PathPlan> {
             }
         }
         files.extend(found);
-        Ok(PathPlan::Dir { root: path.to_path_buf(), range: start..files.len() })
+        Ok(PathPlan::Dir {
+            root: path.to_path_buf(),
+            range: start..files.len(),
+        })
     } else {
         files.push(path.to_path_buf());
         Ok(PathPlan::File(files.len() - 1))
@@ -219,9 +231,10 @@ fn plan_path(path: &Path, files: &mut Vec<PathBuf>) -> Result<PathPlan> {
 
 fn clone_error(e: &CacheError) -> CacheError {
     match e {
-        CacheError::Io { path, source } => {
-            CacheError::io(path.clone(), std::io::Error::new(source.kind(), source.to_string()))
-        }
+        CacheError::Io { path, source } => CacheError::io(
+            path.clone(),
+            std::io::Error::new(source.kind(), source.to_string()),
+        ),
         other => CacheError::io(PathBuf::new(), std::io::Error::other(other.to_string())),
     }
 }
@@ -255,7 +268,12 @@ mod tests {
         std::fs::create_dir_all(d.join("sub")).unwrap();
         std::fs::write(d.join("a"), "1").unwrap();
         std::fs::write(d.join("sub/b"), "2").unwrap();
-        let h = |known: &HashMap<_, _>| hash_paths_with(std::slice::from_ref(&d), known).0.remove(0).unwrap();
+        let h = |known: &HashMap<_, _>| {
+            hash_paths_with(std::slice::from_ref(&d), known)
+                .0
+                .remove(0)
+                .unwrap()
+        };
         let h1 = h(&HashMap::new());
         std::fs::rename(d.join("a"), d.join("c")).unwrap();
         let h2 = h(&HashMap::new());

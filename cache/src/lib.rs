@@ -25,11 +25,21 @@ pub use store::{Scratch, Store, Tree, TreeEntry};
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cache database {path}: {source}")]
-    Db { path: PathBuf, source: rusqlite::Error },
+    Db {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("cache database {path} has schema version {found}, newer than this engine's {supported}; upgrade engine or use another --cache-dir")]
-    SchemaTooNew { path: PathBuf, found: i64, supported: i64 },
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
     #[error("object {0} is missing from the store")]
     MissingObject(Hash),
     #[error("object {hash} is corrupt (its content hashes to {actual})")]
@@ -42,7 +52,10 @@ pub enum CacheError {
 
 impl CacheError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CacheError::Io { path: path.into(), source }
+        CacheError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -64,7 +77,11 @@ impl Cache {
         let store = Store::open(&root)?;
         store.clean_stale_scratch()?;
         let db = db::Db::open(&root.join("cache.db"))?;
-        Ok(Self { root, store, db: Mutex::new(db) })
+        Ok(Self {
+            root,
+            store,
+            db: Mutex::new(db),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -154,7 +171,11 @@ mod tests {
             op_version: 1,
             key_doc: serde_json::json!({"params": {"a": 1}}),
             output_tree: tree,
-            status: if tree.is_some() { RunStatus::Ok } else { RunStatus::Failed },
+            status: if tree.is_some() {
+                RunStatus::Ok
+            } else {
+                RunStatus::Failed
+            },
             error: None,
             started_at: 1.0,
             ended_at: 2.0,
@@ -199,7 +220,9 @@ mod tests {
     fn record_refuses_missing_objects() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
-        let err = cache.record(&new_run("k", Some(hash_bytes(b"nope")))).unwrap_err();
+        let err = cache
+            .record(&new_run("k", Some(hash_bytes(b"nope"))))
+            .unwrap_err();
         assert!(matches!(err, CacheError::MissingObject(_)));
     }
 
@@ -220,10 +243,16 @@ mod tests {
         let cache = Cache::open(dir.path()).unwrap();
         let f = ws.path().join("f.txt");
         std::fs::write(&f, "one").unwrap();
-        let h1 = cache.hash_paths(std::slice::from_ref(&f)).remove(0).unwrap();
+        let h1 = cache
+            .hash_paths(std::slice::from_ref(&f))
+            .remove(0)
+            .unwrap();
         assert_eq!(h1, hash_bytes(b"one"));
         std::fs::write(&f, "two!").unwrap();
-        let h2 = cache.hash_paths(std::slice::from_ref(&f)).remove(0).unwrap();
+        let h2 = cache
+            .hash_paths(std::slice::from_ref(&f))
+            .remove(0)
+            .unwrap();
         assert_eq!(h2, hash_bytes(b"two!"));
         let missing = cache.hash_paths(&[ws.path().join("nope")]).remove(0);
         assert!(missing.is_err());

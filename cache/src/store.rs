@@ -198,7 +198,12 @@ impl Store {
                     }
                     self.install(&staged, &blob)?;
                 }
-                Ok(TreeEntry { path: rel.clone(), blob, size: meta.len(), executable })
+                Ok(TreeEntry {
+                    path: rel.clone(),
+                    blob,
+                    size: meta.len(),
+                    executable,
+                })
             })
             .collect::<Result<_>>()?;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -208,7 +213,10 @@ impl Store {
 
     pub fn put_tree(&self, tree: &Tree) -> Result<Hash> {
         let bytes = serde_json::to_vec(tree).map_err(|e| {
-            CacheError::io(PathBuf::from("<tree>"), std::io::Error::other(e.to_string()))
+            CacheError::io(
+                PathBuf::from("<tree>"),
+                std::io::Error::other(e.to_string()),
+            )
         })?;
         self.put_bytes(&bytes)
     }
@@ -222,8 +230,10 @@ impl Store {
             }
             Err(e) => return Err(CacheError::io(path, e)),
         };
-        serde_json::from_slice(&bytes)
-            .map_err(|e| CacheError::BadTree { hash: *hash, message: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| CacheError::BadTree {
+            hash: *hash,
+            message: e.to_string(),
+        })
     }
 
     /// Re-hashes one object and compares with its name.
@@ -234,7 +244,10 @@ impl Store {
         }
         let actual = hash_file(&path)?;
         if actual != *hash {
-            return Err(CacheError::CorruptObject { hash: *hash, actual });
+            return Err(CacheError::CorruptObject {
+                hash: *hash,
+                actual,
+            });
         }
         Ok(())
     }
@@ -251,11 +264,19 @@ impl Store {
                 continue;
             };
             // `out` must not match `outputs/x`: the prefix ends at a path boundary.
-            if !prefix.is_empty() && !rel.is_empty() && !rel.starts_with('/') && !prefix.ends_with('/') {
+            if !prefix.is_empty()
+                && !rel.is_empty()
+                && !rel.starts_with('/')
+                && !prefix.ends_with('/')
+            {
                 continue;
             }
             let rel = rel.trim_start_matches('/');
-            let target = if rel.is_empty() { dest.to_path_buf() } else { safe_join(dest, rel)? };
+            let target = if rel.is_empty() {
+                dest.to_path_buf()
+            } else {
+                safe_join(dest, rel)?
+            };
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
             }
@@ -285,10 +306,13 @@ impl Store {
     /// Every object hash present (for verify and gc).
     pub fn all_objects(&self) -> Result<Vec<Hash>> {
         let mut out = Vec::new();
-        let fans = std::fs::read_dir(&self.objects).map_err(|e| CacheError::io(&self.objects, e))?;
+        let fans =
+            std::fs::read_dir(&self.objects).map_err(|e| CacheError::io(&self.objects, e))?;
         for fan in fans.flatten() {
             let prefix = fan.file_name().to_string_lossy().into_owned();
-            let Ok(files) = std::fs::read_dir(fan.path()) else { continue };
+            let Ok(files) = std::fs::read_dir(fan.path()) else {
+                continue;
+            };
             for file in files.flatten() {
                 let name = format!("{prefix}{}", file.file_name().to_string_lossy());
                 if let Ok(h) = name.parse() {
@@ -307,7 +331,9 @@ fn safe_join(dest: &Path, rel: &str) -> Result<PathBuf> {
         .components()
         .any(|c| !matches!(c, std::path::Component::Normal(_)))
     {
-        return Err(CacheError::PathEscape { path: rel_path.to_path_buf() });
+        return Err(CacheError::PathEscape {
+            path: rel_path.to_path_buf(),
+        });
     }
     Ok(dest.join(rel_path))
 }
@@ -318,7 +344,10 @@ fn collect_files(
     out: &mut Vec<(String, PathBuf, bool)>,
     movable: bool,
 ) -> Result<()> {
-    for entry in walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name() {
+    for entry in walkdir::WalkDir::new(root)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
         let entry = entry.map_err(|e| {
             let p = e.path().unwrap_or(root).to_path_buf();
             CacheError::io(p, std::io::Error::other(e.to_string()))
@@ -393,8 +422,13 @@ mod tests {
         store.materialize(&tree, "", out.path(), true).unwrap();
         assert_eq!(std::fs::read_to_string(out.path().join("a")).unwrap(), "A");
         let back = tempfile::tempdir().unwrap();
-        store.materialize(&tree, "@ws/w.txt", &back.path().join("w.txt"), false).unwrap();
-        assert_eq!(std::fs::read_to_string(back.path().join("w.txt")).unwrap(), "ws");
+        store
+            .materialize(&tree, "@ws/w.txt", &back.path().join("w.txt"), false)
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(back.path().join("w.txt")).unwrap(),
+            "ws"
+        );
         // the workspace file was copied, not consumed
         assert!(ws.path().join("w.txt").exists());
     }
@@ -408,9 +442,15 @@ mod tests {
         let p = store.object_path(&h);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::write(&p, b"pAyload").unwrap();
-        assert!(matches!(store.verify_object(&h), Err(CacheError::CorruptObject { .. })));
+        assert!(matches!(
+            store.verify_object(&h),
+            Err(CacheError::CorruptObject { .. })
+        ));
         std::fs::remove_file(&p).unwrap();
-        assert!(matches!(store.verify_object(&h), Err(CacheError::MissingObject(_))));
+        assert!(matches!(
+            store.verify_object(&h),
+            Err(CacheError::MissingObject(_))
+        ));
     }
 
     #[test]

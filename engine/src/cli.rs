@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use cache::Cache;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use engine::exec::{self, RunOptions, RunSummary, StageReport, StageStatus};
 use engine::exec::RECENT_RUNS;
+use engine::exec::{self, RunOptions, RunSummary, StageReport, StageStatus};
 use engine::keys::{closest_run, explain, node_key, partial_doc, DepHashes};
 use engine::plan::{self, Plan, PlanOptions};
 use engine::progress::{Display, Live, Plain};
@@ -22,7 +22,11 @@ const EXIT_BAD_INPUT: i32 = 2;
 const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser)]
-#[command(name = "engine", version, about = "Declarative, content-hashed ML experiment pipelines")]
+#[command(
+    name = "engine",
+    version,
+    about = "Declarative, content-hashed ML experiment pipelines"
+)]
 struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -134,13 +138,19 @@ struct Exit {
 
 impl From<SpecError> for Exit {
     fn from(e: SpecError) -> Self {
-        Exit { code: EXIT_BAD_INPUT, message: format!("error: {e}") }
+        Exit {
+            code: EXIT_BAD_INPUT,
+            message: format!("error: {e}"),
+        }
     }
 }
 
 impl From<cache::CacheError> for Exit {
     fn from(e: cache::CacheError) -> Self {
-        Exit { code: EXIT_STAGE_FAILED, message: format!("error: cache: {e}") }
+        Exit {
+            code: EXIT_STAGE_FAILED,
+            message: format!("error: cache: {e}"),
+        }
     }
 }
 
@@ -202,14 +212,19 @@ fn init_tracing(verbose: u8) {
 fn load_plan(args: &PipelineArgs) -> Result<Plan, Exit> {
     let pipeline = Pipeline::load(&args.pipeline, &args.sets)?;
     let cache_dir = cache_dir(args, &pipeline);
-    let options = PlanOptions { max_stages: args.max_stages, protected: vec![cache_dir] };
+    let options = PlanOptions {
+        max_stages: args.max_stages,
+        protected: vec![cache_dir],
+    };
     Ok(plan::build(pipeline, &Registry::builtin(), &options)?)
 }
 
 fn cache_dir(args: &PipelineArgs, pipeline: &Pipeline) -> PathBuf {
     match &args.cache_dir {
         Some(dir) if dir.is_absolute() => dir.clone(),
-        Some(dir) => std::env::current_dir().map(|c| c.join(dir)).unwrap_or_else(|_| dir.clone()),
+        Some(dir) => std::env::current_dir()
+            .map(|c| c.join(dir))
+            .unwrap_or_else(|_| dir.clone()),
         None => pipeline.workspace.join(".engine"),
     }
 }
@@ -255,9 +270,17 @@ fn cmd_run(args: RunArgs) -> Result<i32, Exit> {
     }
     let jobs = args
         .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .max(1);
-    let options = RunOptions { jobs, keep_going: args.keep_going, force };
+    let options = RunOptions {
+        jobs,
+        keep_going: args.keep_going,
+        force,
+    };
     let mut display: Box<dyn Display> = if std::io::stderr().is_terminal() && !args.json {
         Box::new(Live::new())
     } else {
@@ -265,7 +288,11 @@ fn cmd_run(args: RunArgs) -> Result<i32, Exit> {
     };
     let summary = exec::run(&plan, &cache, &options, &interrupt, display.as_mut())?;
     if args.json {
-        let stages: Vec<Value> = summary.reports.iter().map(|r| stage_json(&plan, &cache, r)).collect();
+        let stages: Vec<Value> = summary
+            .reports
+            .iter()
+            .map(|r| stage_json(&plan, &cache, r))
+            .collect();
         let out = json!({
             "pipeline": plan.pipeline.name,
             "stages": stages,
@@ -296,14 +323,23 @@ fn exit_code(summary: &RunSummary) -> i32 {
 fn metrics_json(metrics: &ops::Metrics) -> Value {
     metrics
         .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Number::from_f64(*v).map(Value::Number).unwrap_or(Value::Null)))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                serde_json::Number::from_f64(*v)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null),
+            )
+        })
         .collect::<serde_json::Map<_, _>>()
         .into()
 }
 
 fn outputs_json(cache: &Cache, tree: Option<&cache::Hash>) -> Value {
     let Some(tree) = tree else { return json!({}) };
-    let Ok(t) = cache.store().read_tree(tree) else { return json!({}) };
+    let Ok(t) = cache.store().read_tree(tree) else {
+        return json!({});
+    };
     t.entries
         .iter()
         .map(|e| {
@@ -356,7 +392,13 @@ fn stage_statuses(plan: &Plan, cache: &Cache, force: &[usize]) -> Result<Vec<Nod
             Ok(d) => d,
             Err(message) => {
                 // A dep another stage produces and that does not exist yet.
-                out.push(NodeStatus { compared_with: None, cached: false, never_run: false, key: None, reasons: vec![message] });
+                out.push(NodeStatus {
+                    compared_with: None,
+                    cached: false,
+                    never_run: false,
+                    key: None,
+                    reasons: vec![message],
+                });
                 continue;
             }
         };
@@ -369,18 +411,44 @@ fn stage_statuses(plan: &Plan, cache: &Cache, force: &[usize]) -> Result<Vec<Nod
                     .filter(|t| cache.tree_is_complete(t));
                 let previous = closest_run(&doc, &recent);
                 if force.contains(&i) {
-                    NodeStatus { compared_with: None, cached: false, never_run: previous.is_none(), key: Some(key), reasons: vec!["--force".into()] }
+                    NodeStatus {
+                        compared_with: None,
+                        cached: false,
+                        never_run: previous.is_none(),
+                        key: Some(key),
+                        reasons: vec!["--force".into()],
+                    }
                 } else if !node.cache {
-                    NodeStatus { compared_with: None, cached: false, never_run: previous.is_none(), key: Some(key), reasons: vec!["cache: false".into()] }
+                    NodeStatus {
+                        compared_with: None,
+                        cached: false,
+                        never_run: previous.is_none(),
+                        key: Some(key),
+                        reasons: vec!["cache: false".into()],
+                    }
                 } else if let Some(tree) = hit {
                     trees[i] = Some(tree);
-                    NodeStatus { compared_with: None, cached: true, never_run: false, key: Some(key), reasons: Vec::new() }
+                    NodeStatus {
+                        compared_with: None,
+                        cached: true,
+                        never_run: false,
+                        key: Some(key),
+                        reasons: Vec::new(),
+                    }
                 } else {
                     let mut reasons = explain(&doc, previous);
                     if reasons.is_empty() {
-                        reasons.push("the recorded result's objects are missing from the store".into());
+                        reasons.push(
+                            "the recorded result's objects are missing from the store".into(),
+                        );
                     }
-                    NodeStatus { compared_with: previous.map(|p| (p.key.clone(), p.ended_at)), cached: false, never_run: previous.is_none(), key: Some(key), reasons }
+                    NodeStatus {
+                        compared_with: previous.map(|p| (p.key.clone(), p.ended_at)),
+                        cached: false,
+                        never_run: previous.is_none(),
+                        key: Some(key),
+                        reasons,
+                    }
                 }
             }
             None => {
@@ -401,7 +469,13 @@ fn stage_statuses(plan: &Plan, cache: &Cache, force: &[usize]) -> Result<Vec<Nod
                 if previous.is_none() {
                     reasons.insert(0, "never run".into());
                 }
-                NodeStatus { compared_with: previous.map(|p| (p.key.clone(), p.ended_at)), cached: false, never_run: previous.is_none(), key: None, reasons }
+                NodeStatus {
+                    compared_with: previous.map(|p| (p.key.clone(), p.ended_at)),
+                    cached: false,
+                    never_run: previous.is_none(),
+                    key: None,
+                    reasons,
+                }
             }
         };
         out.push(status);
@@ -449,7 +523,12 @@ fn print_statuses(plan: &Plan, statuses: &[NodeStatus], as_json: bool) {
         if s.cached {
             println!("{:<width$}  cached", n.name);
         } else {
-            println!("{:<width$}  {}: {}", n.name, status_word(s), s.reasons.join("; "));
+            println!(
+                "{:<width$}  {}: {}",
+                n.name,
+                status_word(s),
+                s.reasons.join("; ")
+            );
         }
     }
 }
@@ -471,7 +550,11 @@ fn cmd_why(args: StageArgs) -> Result<i32, Exit> {
         let node = &plan.nodes[i];
         let s = &statuses[i];
         if s.cached {
-            println!("{}: cached (key {}); nothing differs", node.name, s.key.as_deref().unwrap_or("?"));
+            println!(
+                "{}: cached (key {}); nothing differs",
+                node.name,
+                s.key.as_deref().unwrap_or("?")
+            );
             continue;
         }
         let previous = s.compared_with.clone();
@@ -490,7 +573,12 @@ fn cmd_why(args: StageArgs) -> Result<i32, Exit> {
         // For a stale upstream, say why it is stale too.
         for u in node.upstream() {
             if !statuses[u].cached {
-                println!("  upstream {} is {}: {}", plan.nodes[u].name, status_word(&statuses[u]), statuses[u].reasons.join("; "));
+                println!(
+                    "  upstream {} is {}: {}",
+                    plan.nodes[u].name,
+                    status_word(&statuses[u]),
+                    statuses[u].reasons.join("; ")
+                );
             }
         }
     }
@@ -512,7 +600,11 @@ fn cmd_dag(args: DagArgs) -> Result<i32, Exit> {
                     .inputs
                     .iter()
                     .map(|inp| format!("{} <- {}", inp.name, inp.reference))
-                    .chain(n.dep_producers.iter().map(|&p| format!("deps <- {}", plan.nodes[p].name)))
+                    .chain(
+                        n.dep_producers
+                            .iter()
+                            .map(|&p| format!("deps <- {}", plan.nodes[p].name)),
+                    )
                     .collect();
                 if ups.is_empty() {
                     println!("{} ({})", n.name, n.op.name());
@@ -525,7 +617,12 @@ fn cmd_dag(args: DagArgs) -> Result<i32, Exit> {
             println!("digraph \"{}\" {{", plan.pipeline.name.replace('"', "'"));
             println!("  rankdir=LR;");
             for (i, n) in plan.nodes.iter().enumerate() {
-                println!("  {} [label=\"{}\\n({})\"];", id(i), n.name.replace('"', "'"), n.op.name());
+                println!(
+                    "  {} [label=\"{}\\n({})\"];",
+                    id(i),
+                    n.name.replace('"', "'"),
+                    n.op.name()
+                );
             }
             for (i, n) in plan.nodes.iter().enumerate() {
                 for u in n.upstream() {
@@ -537,7 +634,12 @@ fn cmd_dag(args: DagArgs) -> Result<i32, Exit> {
         DagFormat::Mermaid => {
             println!("graph LR");
             for (i, n) in plan.nodes.iter().enumerate() {
-                println!("  {}[\"{} ({})\"]", id(i), n.name.replace('"', "'"), n.op.name());
+                println!(
+                    "  {}[\"{} ({})\"]",
+                    id(i),
+                    n.name.replace('"', "'"),
+                    n.op.name()
+                );
             }
             for (i, n) in plan.nodes.iter().enumerate() {
                 for u in n.upstream() {
@@ -597,7 +699,11 @@ fn cmd_show(args: ShowArgs) -> Result<i32, Exit> {
     }
     for v in shown {
         println!("{}", v["name"].as_str().unwrap_or("?"));
-        println!("  op        {} v{}", v["op"].as_str().unwrap_or("?"), v["op_version"]);
+        println!(
+            "  op        {} v{}",
+            v["op"].as_str().unwrap_or("?"),
+            v["op_version"]
+        );
         println!("  status    {}", v["status"].as_str().unwrap_or("?"));
         if let Some(k) = v["key"].as_str() {
             println!("  key       {k}");
@@ -610,11 +716,18 @@ fn cmd_show(args: ShowArgs) -> Result<i32, Exit> {
         }
         if let Some(o) = v["outputs"].as_object() {
             for (path, e) in o {
-                println!("  output    {path}  {}  ({} bytes)", e["path"].as_str().unwrap_or("?"), e["size"]);
+                println!(
+                    "  output    {path}  {}  ({} bytes)",
+                    e["path"].as_str().unwrap_or("?"),
+                    e["size"]
+                );
             }
         }
         if let Some(d) = v["duration_s"].as_f64() {
-            println!("  duration  {d:.3}s on {}", v["host"].as_str().unwrap_or("?"));
+            println!(
+                "  duration  {d:.3}s on {}",
+                v["host"].as_str().unwrap_or("?")
+            );
         }
         if let Some(l) = v["log"].as_str() {
             println!("  log       {l}");
@@ -652,7 +765,11 @@ fn cmd_logs(args: StageArgs) -> Result<i32, Exit> {
     if !found {
         return Err(Exit {
             code: EXIT_STAGE_FAILED,
-            message: format!("error: '{}' has no recorded run yet; `engine run {}` first", args.stage, display_path(&args.pipeline.pipeline)),
+            message: format!(
+                "error: '{}' has no recorded run yet; `engine run {}` first",
+                args.stage,
+                display_path(&args.pipeline.pipeline)
+            ),
         });
     }
     Ok(EXIT_OK)

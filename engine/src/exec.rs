@@ -87,8 +87,16 @@ enum Event {
 }
 
 enum WorkerOutcome {
-    Ran { tree: Hash, metrics: Metrics, duration_s: f64 },
-    Failed { message: String, log_tail: String, duration_s: f64 },
+    Ran {
+        tree: Hash,
+        metrics: Metrics,
+        duration_s: f64,
+    },
+    Failed {
+        message: String,
+        log_tail: String,
+        duration_s: f64,
+    },
     Cancelled,
 }
 
@@ -129,9 +137,14 @@ pub fn run(
     let mut state = vec![State::Waiting; n];
     let mut trees: Vec<Option<Hash>> = vec![None; n];
     let mut reports: Vec<Option<StageReport>> = vec![None; n];
-    let mut ready: BinaryHeap<Reverse<usize>> = (0..n).filter(|&i| waiting_on[i] == 0).map(Reverse).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..n)
+        .filter(|&i| waiting_on[i] == 0)
+        .map(Reverse)
+        .collect();
     let mut queued: BinaryHeap<Reverse<usize>> = BinaryHeap::new();
     let mut queued_keys: HashMap<usize, (Value, String, Vec<String>)> = HashMap::new();
+    // Stages whose key equals one already queued or running wait for it and reuse its result.
+    let mut in_flight: HashMap<String, Vec<usize>> = HashMap::new();
     let mut running: HashMap<usize, Running> = HashMap::new();
     let mut free_cpus = options.jobs.max(1);
     let mut stop_new = false;
@@ -147,7 +160,9 @@ pub fn run(
             for r in running.values() {
                 r.cancel.cancel();
             }
-            display.message("interrupted: stopping running stages (press Ctrl-C again to exit at once)");
+            display.message(
+                "interrupted: stopping running stages (press Ctrl-C again to exit at once)",
+            );
         }
         // Key and look up every ready stage; cache hits free their dependents at once.
         while !stop_new {
@@ -156,7 +171,17 @@ pub fn run(
             let node_deps = match deps.for_node(plan, cache, i) {
                 Ok(d) => d,
                 Err(message) => {
-                    fail(plan, i, message, String::new(), 0.0, None, &mut state, &mut reports, display);
+                    fail(
+                        plan,
+                        i,
+                        message,
+                        String::new(),
+                        0.0,
+                        None,
+                        &mut state,
+                        &mut reports,
+                        display,
+                    );
                     skip_descendants(i, plan, &downstream, &mut state, &mut reports, display);
                     if !options.keep_going {
                         stop_new = true;
@@ -200,12 +225,16 @@ pub fn run(
                 }
                 r
             };
+            if let Some(parked) = in_flight.get_mut(&key) {
+                parked.push(i);
+                continue;
+            }
+            in_flight.insert(key.clone(), Vec::new());
             queued_keys.insert(i, (doc, key, reasons));
             queued.push(Reverse(i));
         }
         // Start queued stages while CPUs are free, in plan order.
-        while !stop_new {
-            let Some(&Reverse(i)) = queued.peek() else { break };
+        while let (false, Some(&Reverse(i))) = (stop_new, queued.peek()) {
             let need = plan.nodes[i].resources.cpus.clamp(1, options.jobs.max(1));
             if need > free_cpus {
                 break;
@@ -214,7 +243,13 @@ pub fn run(
             let (doc, key, reasons) = queued_keys.remove(&i).unwrap_or_default();
             free_cpus -= need;
             let cancel = CancelFlag::new();
-            running.insert(i, Running { cancel: cancel.clone(), cpus: need });
+            running.insert(
+                i,
+                Running {
+                    cancel: cancel.clone(),
+                    cpus: need,
+                },
+            );
             state[i] = State::Running;
             display.started(plan, i, &reasons);
             let job = Job {
@@ -244,10 +279,22 @@ pub fn run(
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Finished { node: i, outcome }) => {
                 let r = running.remove(&i);
+                let finished_key = reports[i].as_ref().and_then(|r| r.key.clone());
+                if let Some(parked) = finished_key.and_then(|k| in_flight.remove(&k)) {
+                    // Re-examined now: a cache hit if this run succeeded, a run of their own if not.
+                    ready.extend(parked.into_iter().map(Reverse));
+                }
                 free_cpus += r.as_ref().map_or(1, |r| r.cpus);
-                progress_texts.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
+                progress_texts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&i);
                 match outcome {
-                    WorkerOutcome::Ran { tree, metrics, duration_s } => {
+                    WorkerOutcome::Ran {
+                        tree,
+                        metrics,
+                        duration_s,
+                    } => {
                         trees[i] = Some(tree);
                         state[i] = State::Done;
                         if let Some(rep) = reports[i].as_mut() {
@@ -260,9 +307,23 @@ pub fn run(
                         }
                         release(i, &downstream, &mut waiting_on, &mut ready);
                     }
-                    WorkerOutcome::Failed { message, log_tail, duration_s } => {
+                    WorkerOutcome::Failed {
+                        message,
+                        log_tail,
+                        duration_s,
+                    } => {
                         let key = reports[i].as_ref().and_then(|r| r.key.clone());
-                        fail(plan, i, message, log_tail, duration_s, key, &mut state, &mut reports, display);
+                        fail(
+                            plan,
+                            i,
+                            message,
+                            log_tail,
+                            duration_s,
+                            key,
+                            &mut state,
+                            &mut reports,
+                            display,
+                        );
                         skip_descendants(i, plan, &downstream, &mut state, &mut reports, display);
                         if !options.keep_going {
                             stop_new = true;
@@ -280,7 +341,10 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        let texts = progress_texts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let texts = progress_texts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         display.tick(plan, &texts);
     }
 
@@ -305,12 +369,21 @@ pub fn run(
             })
         })
         .collect();
-    let summary = RunSummary { reports, interrupted, wall_s: started.elapsed().as_secs_f64() };
+    let summary = RunSummary {
+        reports,
+        interrupted,
+        wall_s: started.elapsed().as_secs_f64(),
+    };
     display.end(plan, &summary);
     Ok(summary)
 }
 
-fn release(i: usize, downstream: &[Vec<usize>], waiting_on: &mut [usize], ready: &mut BinaryHeap<Reverse<usize>>) {
+fn release(
+    i: usize,
+    downstream: &[Vec<usize>],
+    waiting_on: &mut [usize],
+    ready: &mut BinaryHeap<Reverse<usize>>,
+) {
     for &d in &downstream[i] {
         waiting_on[d] -= 1;
         if waiting_on[d] == 0 {
@@ -340,7 +413,10 @@ fn fail(
         metrics: Metrics::new(),
         tree: None,
         message: Some(message),
-        reasons: reports[i].as_ref().map(|r| r.reasons.clone()).unwrap_or_default(),
+        reasons: reports[i]
+            .as_ref()
+            .map(|r| r.reasons.clone())
+            .unwrap_or_default(),
     };
     display.failed(plan, &report, &log_tail);
     reports[i] = Some(report);
@@ -367,7 +443,10 @@ fn skip_descendants(
             duration_s: 0.0,
             metrics: Metrics::new(),
             tree: None,
-            message: Some(format!("skipped: upstream '{}' failed", plan.nodes[failed].name)),
+            message: Some(format!(
+                "skipped: upstream '{}' failed",
+                plan.nodes[failed].name
+            )),
             reasons: Vec::new(),
         };
         display.finished(plan, &report);
@@ -417,7 +496,11 @@ fn restore_outs(plan: &Plan, cache: &Cache, i: usize, tree: &Tree) -> Result<(),
         .iter()
         .filter_map(|e| e.path.strip_prefix(&prefix).map(|rel| (e, ws.join(rel))))
         .collect();
-    let present: Vec<PathBuf> = wanted.iter().filter(|(_, p)| p.is_file()).map(|(_, p)| p.clone()).collect();
+    let present: Vec<PathBuf> = wanted
+        .iter()
+        .filter(|(_, p)| p.is_file())
+        .map(|(_, p)| p.clone())
+        .collect();
     let hashes: HashMap<PathBuf, Hash> = present
         .iter()
         .cloned()
@@ -429,8 +512,12 @@ fn restore_outs(plan: &Plan, cache: &Cache, i: usize, tree: &Tree) -> Result<(),
         if hashes.get(&path) == Some(&entry.blob) {
             continue;
         }
-        let single = Tree { entries: vec![entry.clone()] };
-        cache.store().materialize(&single, &entry.path, &path, false)?;
+        let single = Tree {
+            entries: vec![entry.clone()],
+        };
+        cache
+            .store()
+            .materialize(&single, &entry.path, &path, false)?;
     }
     Ok(())
 }
@@ -441,13 +528,19 @@ fn input_trees(plan: &Plan, i: usize, trees: &[Option<Hash>]) -> Vec<(String, Jo
         .iter()
         .map(|input| {
             let ji = match &input.sources {
-                InputSources::One(u) => JobInput::One(trees[*u].unwrap_or_else(|| cache::hash_bytes(b""))),
+                InputSources::One(u) => {
+                    JobInput::One(trees[*u].unwrap_or_else(|| cache::hash_bytes(b"")))
+                }
                 InputSources::Many(list) => JobInput::Many(
                     list.iter()
                         .enumerate()
                         .map(|(k, &u)| {
                             let label = plan.nodes[u].label.replace('/', "_");
-                            let label = if label.is_empty() { k.to_string() } else { label };
+                            let label = if label.is_empty() {
+                                k.to_string()
+                            } else {
+                                label
+                            };
                             (label, trees[u].unwrap_or_else(|| cache::hash_bytes(b"")))
                         })
                         .collect(),
@@ -537,7 +630,10 @@ fn execute(
                     materialize_input(cache, tree, &d)?;
                     out.push((label.clone(), d));
                 }
-                std::fs::create_dir_all(&dir).map_err(|e| cache::CacheError::Io { path: dir.clone(), source: e })?;
+                std::fs::create_dir_all(&dir).map_err(|e| cache::CacheError::Io {
+                    path: dir.clone(),
+                    source: e,
+                })?;
                 Input::Many { dir, items: out }
             }
         };
@@ -550,16 +646,27 @@ fn execute(
         let texts = job.progress_texts.clone();
         let i = job.node;
         Progress::new(move |m| {
-            texts.lock().unwrap_or_else(|p| p.into_inner()).insert(i, m.to_string());
+            texts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(i, m.to_string());
         })
     };
     let mut last_error = String::new();
     for attempt in 0..=node.retries {
         if attempt > 0 {
-            let _ = writeln!(log, "\n--- engine: attempt {} of {} (previous: {last_error}) ---", attempt + 1, node.retries + 1);
+            let _ = writeln!(
+                log,
+                "\n--- engine: attempt {} of {} (previous: {last_error}) ---",
+                attempt + 1,
+                node.retries + 1
+            );
         }
         let out_dir = scratch.path().join(format!("out{attempt}"));
-        std::fs::create_dir_all(&out_dir).map_err(|e| cache::CacheError::Io { path: out_dir.clone(), source: e })?;
+        std::fs::create_dir_all(&out_dir).map_err(|e| cache::CacheError::Io {
+            path: out_dir.clone(),
+            source: e,
+        })?;
         if job.interrupt.is_cancelled() {
             return Ok(WorkerOutcome::Cancelled);
         }
@@ -576,7 +683,8 @@ fn execute(
             log: &mut log,
             metrics: Metrics::new(),
         };
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.op.run(&mut ctx)));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.op.run(&mut ctx)));
         let metrics = std::mem::take(&mut ctx.metrics);
         let timed_out = watchdog.stop();
         let result = match result {
@@ -612,7 +720,11 @@ fn execute(
                         log_blob: Some(log_blob),
                         metrics: metrics.clone(),
                     })?;
-                    return Ok(WorkerOutcome::Ran { tree, metrics, duration_s });
+                    return Ok(WorkerOutcome::Ran {
+                        tree,
+                        metrics,
+                        duration_s,
+                    });
                 }
                 Err(message) => last_error = message,
             },
@@ -648,7 +760,11 @@ fn execute(
         log_blob: Some(log_blob),
         metrics: Metrics::new(),
     })?;
-    Ok(WorkerOutcome::Failed { message: last_error, log_tail: tail(&log, 20), duration_s })
+    Ok(WorkerOutcome::Failed {
+        message: last_error,
+        log_tail: tail(&log, 20),
+        duration_s,
+    })
 }
 
 /// Cancels one attempt of a stage on Ctrl-C or when its timeout passes. Without a timeout the
@@ -664,7 +780,12 @@ impl Watchdog {
     fn start(interrupt: CancelFlag, timeout: Option<Duration>) -> Self {
         let timed_out = Arc::new(AtomicBool::new(false));
         let Some(timeout) = timeout else {
-            return Self { cancel: interrupt, timed_out, stop_tx: None, thread: None };
+            return Self {
+                cancel: interrupt,
+                timed_out,
+                stop_tx: None,
+                thread: None,
+            };
         };
         let cancel = CancelFlag::new();
         let deadline = Instant::now() + timeout;
@@ -687,7 +808,12 @@ impl Watchdog {
                 }
             })
         };
-        Self { cancel, timed_out, stop_tx: Some(stop_tx), thread: Some(thread) }
+        Self {
+            cancel,
+            timed_out,
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
+        }
     }
 
     /// Ends the watch; true if the attempt was stopped by its timeout.
@@ -702,15 +828,23 @@ impl Watchdog {
 
 fn materialize_input(cache: &Cache, tree: &Hash, dir: &Path) -> Result<(), ExecError> {
     let mut t = cache.store().read_tree(tree)?;
-    t.entries.retain(|e| !e.path.starts_with(&format!("{WORKSPACE_PREFIX}/")));
+    t.entries
+        .retain(|e| !e.path.starts_with(&format!("{WORKSPACE_PREFIX}/")));
     cache.store().materialize(&t, "", dir, true)?;
     Ok(())
 }
 
 /// Moves the output folder and declared `outs` into the store; returns the tree hash.
-fn store_result(node: &crate::plan::Node, workspace: &Path, cache: &Cache, out_dir: &Path) -> Result<Hash, String> {
+fn store_result(
+    node: &crate::plan::Node,
+    workspace: &Path,
+    cache: &Cache,
+    out_dir: &Path,
+) -> Result<Hash, String> {
     if out_dir.join(WORKSPACE_PREFIX).exists() {
-        return Err(format!("the stage wrote '{WORKSPACE_PREFIX}' into its output folder; that name is reserved"));
+        return Err(format!(
+            "the stage wrote '{WORKSPACE_PREFIX}' into its output folder; that name is reserved"
+        ));
     }
     let mut extra = Vec::new();
     for out in &node.outs {
@@ -720,7 +854,10 @@ fn store_result(node: &crate::plan::Node, workspace: &Path, cache: &Cache, out_d
         }
         extra.push((format!("{WORKSPACE_PREFIX}/{out}"), path));
     }
-    cache.store().put_dir(out_dir, &extra).map_err(|e| format!("storing the output failed: {e}"))
+    cache
+        .store()
+        .put_dir(out_dir, &extra)
+        .map_err(|e| format!("storing the output failed: {e}"))
 }
 
 /// The last `lines` lines of a log.

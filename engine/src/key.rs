@@ -25,7 +25,11 @@ const KEY_SCHEMA: u32 = 1;
 
 /// The key document: everything that goes into the key, plus the upstream stage names (which
 /// do not) so `why` can say where a changed input came from.
-pub fn key_doc(node: &Node, inputs: &BTreeMap<String, InputTrees>, deps: &BTreeMap<String, Hash>) -> Value {
+pub fn key_doc(
+    node: &Node,
+    inputs: &BTreeMap<String, InputTrees>,
+    deps: &BTreeMap<String, Hash>,
+) -> Value {
     let mut ins = Map::new();
     for (name, trees) in inputs {
         let v = match trees {
@@ -39,7 +43,10 @@ pub fn key_doc(node: &Node, inputs: &BTreeMap<String, InputTrees>, deps: &BTreeM
         };
         ins.insert(name.clone(), v);
     }
-    let deps: Map<String, Value> = deps.iter().map(|(p, h)| (p.clone(), Value::String(h.to_hex()))).collect();
+    let deps: Map<String, Value> = deps
+        .iter()
+        .map(|(p, h)| (p.clone(), Value::String(h.to_hex())))
+        .collect();
     json!({
         "key_schema": KEY_SCHEMA,
         "op": node.op.name(),
@@ -59,7 +66,9 @@ pub fn stage_key(doc: &Value) -> String {
             strip_from(v);
         }
     }
-    blake3::hash(canonical_json(&material).as_bytes()).to_hex().to_string()
+    blake3::hash(canonical_json(&material).as_bytes())
+        .to_hex()
+        .to_string()
 }
 
 fn strip_from(v: &mut Value) {

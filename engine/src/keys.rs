@@ -32,13 +32,16 @@ impl DepHashes {
                 }
             }
         }
-        let mut hashes = Self { known: HashMap::new() };
+        let mut hashes = Self {
+            known: HashMap::new(),
+        };
         let results = hashes.hash(plan, cache, &paths);
         for (path, result) in paths.iter().zip(results) {
             if let Err(message) = result {
                 return Err(plan.pipeline.locate(
-                    SpecError::new(fields[path].clone(), message)
-                        .fix("create the file, fix the path, or produce it with another stage's `outs:`"),
+                    SpecError::new(fields[path].clone(), message).fix(
+                        "create the file, fix the path, or produce it with another stage's `outs:`",
+                    ),
                 ));
             }
         }
@@ -46,7 +49,10 @@ impl DepHashes {
     }
 
     fn hash(&mut self, plan: &Plan, cache: &Cache, paths: &[String]) -> Vec<Result<Hash, String>> {
-        let absolute: Vec<PathBuf> = paths.iter().map(|p| plan.pipeline.workspace.join(p)).collect();
+        let absolute: Vec<PathBuf> = paths
+            .iter()
+            .map(|p| plan.pipeline.workspace.join(p))
+            .collect();
         let results = cache.hash_paths(&absolute);
         paths
             .iter()
@@ -63,7 +69,12 @@ impl DepHashes {
 
     /// Hashes of `node`'s deps; deps produced by other stages are (re)hashed now, after their
     /// producers finished.
-    pub fn for_node(&mut self, plan: &Plan, cache: &Cache, node: usize) -> Result<BTreeMap<String, Hash>, String> {
+    pub fn for_node(
+        &mut self,
+        plan: &Plan,
+        cache: &Cache,
+        node: usize,
+    ) -> Result<BTreeMap<String, Hash>, String> {
         let n = &plan.nodes[node];
         if !n.dep_producers.is_empty() {
             let fresh = self.hash(plan, cache, &n.deps);
@@ -102,10 +113,19 @@ pub fn node_key(
     let mut inputs = BTreeMap::new();
     for input in &n.inputs {
         let trees = match &input.sources {
-            InputSources::One(i) => InputTrees::One { from: plan.nodes[*i].name.clone(), tree: trees[*i]? },
+            InputSources::One(i) => InputTrees::One {
+                from: plan.nodes[*i].name.clone(),
+                tree: trees[*i]?,
+            },
             InputSources::Many(list) => InputTrees::Many(
                 list.iter()
-                    .map(|&i| Some((plan.nodes[i].label.clone(), plan.nodes[i].name.clone(), trees[i]?)))
+                    .map(|&i| {
+                        Some((
+                            plan.nodes[i].label.clone(),
+                            plan.nodes[i].name.clone(),
+                            trees[i]?,
+                        ))
+                    })
                     .collect::<Option<_>>()?,
             ),
         };
@@ -145,7 +165,12 @@ pub fn explain(current: &Value, previous: Option<&RunRecord>) -> Vec<String> {
     for k in ["key_schema", "op", "op_version", "seed"] {
         let (a, b) = (field(old, k), field(current, k));
         if a != b && current.get(k).is_some() {
-            reasons.push(format!("{}: {} -> {}", k.replace('_', " "), short(&a), short(&b)));
+            reasons.push(format!(
+                "{}: {} -> {}",
+                k.replace('_', " "),
+                short(&a),
+                short(&b)
+            ));
         }
     }
     let mut old_params = BTreeMap::new();
@@ -174,7 +199,11 @@ pub fn explain(current: &Value, previous: Option<&RunRecord>) -> Vec<String> {
         }
     }
     if let Some(new_inputs) = current.get("inputs").and_then(Value::as_object) {
-        let old_inputs = old.get("inputs").and_then(Value::as_object).cloned().unwrap_or_default();
+        let old_inputs = old
+            .get("inputs")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         for (name, now) in new_inputs {
             match old_inputs.get(name) {
                 None => reasons.push(format!("input '{name}' added")),
@@ -195,7 +224,12 @@ pub fn explain(current: &Value, previous: Option<&RunRecord>) -> Vec<String> {
 
 fn strip(v: &Value) -> Value {
     match v {
-        Value::Object(m) => Value::Object(m.iter().filter(|(k, _)| *k != "from").map(|(k, v)| (k.clone(), v.clone())).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| *k != "from")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
         Value::Array(items) => Value::Array(items.iter().map(strip).collect()),
         other => other.clone(),
     }
@@ -218,7 +252,10 @@ fn describe_input_change(name: &str, before: &Value, now: &Value) -> String {
             if a.len() != b.len() {
                 format!("input '{name}' now has {} items (was {})", b.len(), a.len())
             } else {
-                format!("input '{name}' changed: new output of {}", changed.join(", "))
+                format!(
+                    "input '{name}' changed: new output of {}",
+                    changed.join(", ")
+                )
             }
         }
         _ => format!("input '{name}' changed shape"),
@@ -229,7 +266,11 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, v) in m {
-                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&path, v, out);
             }
         }
@@ -239,7 +280,12 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
     }
 }
 
-fn diff_maps(old: &BTreeMap<String, Value>, new: &BTreeMap<String, Value>, reasons: &mut Vec<String>, what: &str) {
+fn diff_maps(
+    old: &BTreeMap<String, Value>,
+    new: &BTreeMap<String, Value>,
+    reasons: &mut Vec<String>,
+    what: &str,
+) {
     for (k, b) in new {
         match old.get(k) {
             None => reasons.push(format!("{what} {k} added: {}", short(b))),
@@ -266,5 +312,7 @@ fn short(v: &Value) -> String {
 }
 
 fn short_hash(v: &Value) -> String {
-    v.as_str().map(|s| s.chars().take(12).collect()).unwrap_or_else(|| "?".into())
+    v.as_str()
+        .map(|s| s.chars().take(12).collect())
+        .unwrap_or_else(|| "?".into())
 }

@@ -1,8 +1,8 @@
 //! From a [`Pipeline`] to a [`Plan`]: matrices expanded, references resolved, params validated
 //! by their ops, and the stage instances in a deterministic topological order.
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +76,10 @@ impl Node {
 /// before it.
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("name", &self.name).field("op", &self.op.name()).finish()
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("op", &self.op.name())
+            .finish()
     }
 }
 
@@ -89,16 +92,25 @@ pub struct Plan {
 impl Plan {
     /// Nodes of `stage` (a stage name or an instance name).
     pub fn select(&self, stage: &str) -> Vec<usize> {
-        let exact: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].name == stage).collect();
+        let exact: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].name == stage)
+            .collect();
         if !exact.is_empty() {
             return exact;
         }
-        (0..self.nodes.len()).filter(|&i| self.nodes[i].stage == stage).collect()
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].stage == stage)
+            .collect()
     }
 
     /// An error for a stage name on the command line that matches nothing.
     pub fn unknown_stage(&self, stage: &str) -> SpecError {
-        let names: Vec<&str> = self.pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = self
+            .pipeline
+            .stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
         let mut e = SpecError::new("", format!("there is no stage '{stage}'"))
             .fix(suggestion(stage, names.iter().copied()));
         e.file = self.pipeline.file.clone();
@@ -129,7 +141,11 @@ pub struct PlanOptions {
     pub protected: Vec<PathBuf>,
 }
 
-pub fn build(pipeline: Pipeline, registry: &Registry, options: &PlanOptions) -> Result<Plan, SpecError> {
+pub fn build(
+    pipeline: Pipeline,
+    registry: &Registry,
+    options: &PlanOptions,
+) -> Result<Plan, SpecError> {
     let max_stages = options.max_stages.unwrap_or(pipeline.max_stages);
     let locate = |e: SpecError| pipeline.locate(e);
     let mut nodes: Vec<Node> = Vec::new();
@@ -138,11 +154,14 @@ pub fn build(pipeline: Pipeline, registry: &Registry, options: &PlanOptions) -> 
     for spec in &pipeline.stages {
         let op = registry.get(&spec.op).cloned().ok_or_else(|| {
             locate(
-                SpecError::new(format!("stages.{}.op", spec.name), format!("unknown op '{}'", spec.op))
-                    .fix(format!(
-                        "{} (`engine ops` lists every op)",
-                        suggestion(&spec.op, registry.names().collect::<Vec<_>>())
-                    )),
+                SpecError::new(
+                    format!("stages.{}.op", spec.name),
+                    format!("unknown op '{}'", spec.op),
+                )
+                .fix(format!(
+                    "{} (`engine ops` lists every op)",
+                    suggestion(&spec.op, registry.names().collect::<Vec<_>>())
+                )),
             )
         })?;
         let count = spec
@@ -179,11 +198,13 @@ pub fn build(pipeline: Pipeline, registry: &Registry, options: &PlanOptions) -> 
     for (i, node) in nodes.iter().enumerate() {
         if let Some(prev) = seen.insert(&node.name, i) {
             let _ = prev;
-            return Err(locate(SpecError::new(
-                format!("stages.{}.matrix", node.stage),
-                format!("two matrix points are both named '{}'", node.name),
-            )
-            .fix("matrix values must differ in their text form (1 and \"1\" do not)")));
+            return Err(locate(
+                SpecError::new(
+                    format!("stages.{}.matrix", node.stage),
+                    format!("two matrix points are both named '{}'", node.name),
+                )
+                .fix("matrix values must differ in their text form (1 and \"1\" do not)"),
+            ));
         }
     }
 
@@ -192,7 +213,11 @@ pub fn build(pipeline: Pipeline, registry: &Registry, options: &PlanOptions) -> 
         for (local, reference, field) in inputs {
             let sources = resolve_reference(&pipeline, &nodes, &by_stage, &reference)
                 .map_err(|m| locate(m.field_if_empty(&field)))?;
-            resolved.push(NodeInput { name: local, reference, sources });
+            resolved.push(NodeInput {
+                name: local,
+                reference,
+                sources,
+            });
         }
         nodes[i].inputs = resolved;
     }
@@ -204,7 +229,12 @@ pub fn build(pipeline: Pipeline, registry: &Registry, options: &PlanOptions) -> 
                 format!("stages.{}.inputs", first.stage),
                 format!(
                     "the stages form a cycle: {}",
-                    cycle.iter().chain(std::iter::once(&cycle[0])).map(|&i| nodes[i].name.as_str()).collect::<Vec<_>>().join(" -> ")
+                    cycle
+                        .iter()
+                        .chain(std::iter::once(&cycle[0]))
+                        .map(|&i| nodes[i].name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" -> ")
                 ),
             )
             .fix("a stage cannot depend on its own output; remove one of these inputs"),
@@ -255,8 +285,15 @@ fn expand(
     options: &PlanOptions,
 ) -> Result<(Node, RawInputs), SpecError> {
     let stage_path = format!("stages.{}", spec.name);
-    let scope = Scope { vars: Some(&pipeline.vars), matrix: Some(&matrix) };
-    let params = interpolate::resolve(&Value::Object(spec.params.clone()), &scope, &format!("{stage_path}.params"))?;
+    let scope = Scope {
+        vars: Some(&pipeline.vars),
+        matrix: Some(&matrix),
+    };
+    let params = interpolate::resolve(
+        &Value::Object(spec.params.clone()),
+        &scope,
+        &format!("{stage_path}.params"),
+    )?;
     op.validate(&params).map_err(|e| {
         let field = if e.path.is_empty() {
             format!("{stage_path}.params")
@@ -279,11 +316,26 @@ fn expand(
             let v = interpolate::resolve(s, &scope, &format!("{stage_path}.seed"))?;
             v.as_u64()
                 .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                .ok_or_else(|| SpecError::new(format!("{stage_path}.seed"), format!("must be a non-negative integer, found {v}")))?
+                .ok_or_else(|| {
+                    SpecError::new(
+                        format!("{stage_path}.seed"),
+                        format!("must be a non-negative integer, found {v}"),
+                    )
+                })?
         }
     };
-    let deps = check_paths(&op.deps(&params), pipeline, options, &format!("{stage_path}.params.deps"))?;
-    let outs = check_paths(&op.outs(&params), pipeline, options, &format!("{stage_path}.params.outs"))?;
+    let deps = check_paths(
+        &op.deps(&params),
+        pipeline,
+        options,
+        &format!("{stage_path}.params.deps"),
+    )?;
+    let outs = check_paths(
+        &op.outs(&params),
+        pipeline,
+        options,
+        &format!("{stage_path}.params.outs"),
+    )?;
     for required in op.required_inputs(&params) {
         if !spec.inputs.iter().any(|(l, _)| *l == required) {
             return Err(SpecError::new(
@@ -294,7 +346,11 @@ fn expand(
         }
     }
     let label = label_of(&matrix);
-    let name = if matrix.is_empty() { spec.name.clone() } else { format!("{}[{label}]", spec.name) };
+    let name = if matrix.is_empty() {
+        spec.name.clone()
+    } else {
+        format!("{}[{label}]", spec.name)
+    };
     Ok((
         Node {
             name,
@@ -322,7 +378,10 @@ fn unknown_field_fix(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     let (field, rest) = rest.split_once('`')?;
     let expected: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
-    Some(format!("remove '{field}' ({})", suggestion(field, expected.iter().copied())))
+    Some(format!(
+        "remove '{field}' ({})",
+        suggestion(field, expected.iter().copied())
+    ))
 }
 
 /// Normalises workspace-relative paths and refuses ones that leave the workspace or point
@@ -348,22 +407,33 @@ fn check_paths(
                 Component::CurDir => {}
                 Component::ParentDir => {
                     if !normal.pop() {
-                        return Err(SpecError::new(f, format!("'{raw}' leaves the pipeline's folder"))
-                            .fix("deps and outs must stay inside the folder holding the pipeline file"));
+                        return Err(SpecError::new(
+                            f,
+                            format!("'{raw}' leaves the pipeline's folder"),
+                        )
+                        .fix(
+                            "deps and outs must stay inside the folder holding the pipeline file",
+                        ));
                     }
                 }
                 _ => return Err(SpecError::new(f, format!("'{raw}' is not a relative path"))),
             }
         }
         if normal.as_os_str().is_empty() {
-            return Err(SpecError::new(f, format!("'{raw}' names the whole workspace"))
-                .fix("name the files or folders the stage reads or writes"));
+            return Err(
+                SpecError::new(f, format!("'{raw}' names the whole workspace"))
+                    .fix("name the files or folders the stage reads or writes"),
+            );
         }
         let absolute = pipeline.workspace.join(&normal);
         let default_cache = pipeline.workspace.join(".engine");
-        if absolute.starts_with(&default_cache) || options.protected.iter().any(|p| absolute.starts_with(p)) {
-            return Err(SpecError::new(f, format!("'{raw}' points into the engine's cache"))
-                .fix("read upstream results through `inputs:`, never from the cache folder"));
+        if absolute.starts_with(&default_cache)
+            || options.protected.iter().any(|p| absolute.starts_with(p))
+        {
+            return Err(
+                SpecError::new(f, format!("'{raw}' points into the engine's cache"))
+                    .fix("read upstream results through `inputs:`, never from the cache folder"),
+            );
         }
         out.push(normal.to_string_lossy().into_owned());
     }
@@ -382,24 +452,36 @@ fn resolve_reference(
         None => (reference, None),
         Some((s, rest)) => {
             let Some(inner) = rest.strip_suffix(']') else {
-                return Err(SpecError::new("", format!("'{reference}' has an unclosed '['"))
-                    .fix("write stage[k=v] or stage[*]"));
+                return Err(
+                    SpecError::new("", format!("'{reference}' has an unclosed '['"))
+                        .fix("write stage[k=v] or stage[*]"),
+                );
             };
             (s.trim(), Some(inner))
         }
     };
     let Some(instances) = by_stage.get(stage) else {
         let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
-        return Err(SpecError::new("", format!("input refers to unknown stage '{stage}'"))
-            .fix(suggestion(stage, names.iter().copied())));
+        return Err(
+            SpecError::new("", format!("input refers to unknown stage '{stage}'"))
+                .fix(suggestion(stage, names.iter().copied())),
+        );
     };
     let spec = pipeline.stage(stage);
     let Some(selector) = selector else {
         if instances.len() == 1 && spec.is_some_and(|s| s.matrix.is_empty()) {
             return Ok(InputSources::One(instances[0]));
         }
-        return Err(SpecError::new("", format!("stage '{stage}' has a matrix ({} instances)", instances.len()))
-            .fix(format!("write \"{stage}[*]\" for all of them or {stage}[k=v] for one")));
+        return Err(SpecError::new(
+            "",
+            format!(
+                "stage '{stage}' has a matrix ({} instances)",
+                instances.len()
+            ),
+        )
+        .fix(format!(
+            "write \"{stage}[*]\" for all of them or {stage}[k=v] for one"
+        )));
     };
     let mut wildcard = false;
     let mut wanted: BTreeMap<String, String> = BTreeMap::new();
@@ -409,35 +491,56 @@ fn resolve_reference(
             continue;
         }
         let Some((k, v)) = part.split_once('=') else {
-            return Err(SpecError::new("", format!("'{part}' in '{reference}' is not k=v or *"))
-                .fix(format!("write {stage}[k=v] or {stage}[*]")));
+            return Err(
+                SpecError::new("", format!("'{part}' in '{reference}' is not k=v or *"))
+                    .fix(format!("write {stage}[k=v] or {stage}[*]")),
+            );
         };
         wanted.insert(k.trim().to_string(), v.trim().to_string());
     }
-    let matrix_vars: Vec<&str> = spec.map(|s| s.matrix.iter().map(|(k, _)| k.as_str()).collect()).unwrap_or_default();
+    let matrix_vars: Vec<&str> = spec
+        .map(|s| s.matrix.iter().map(|(k, _)| k.as_str()).collect())
+        .unwrap_or_default();
     for (k, v) in &wanted {
-        let Some((_, values)) = spec.and_then(|s| s.matrix.iter().find(|(name, _)| name == k)) else {
-            return Err(SpecError::new("", format!("stage '{stage}' has no matrix variable '{k}'"))
-                .fix(suggestion(k, matrix_vars.iter().copied())));
+        let Some((_, values)) = spec.and_then(|s| s.matrix.iter().find(|(name, _)| name == k))
+        else {
+            return Err(SpecError::new(
+                "",
+                format!("stage '{stage}' has no matrix variable '{k}'"),
+            )
+            .fix(suggestion(k, matrix_vars.iter().copied())));
         };
         let rendered: Vec<String> = values.iter().map(render).collect();
         if !rendered.contains(v) {
-            return Err(SpecError::new("", format!("'{k}={v}' matches no instance of stage '{stage}'"))
-                .fix(format!("'{k}' takes: {}", rendered.join(", "))));
+            return Err(SpecError::new(
+                "",
+                format!("'{k}={v}' matches no instance of stage '{stage}'"),
+            )
+            .fix(format!("'{k}' takes: {}", rendered.join(", "))));
         }
     }
     let matches: Vec<usize> = instances
         .iter()
         .copied()
-        .filter(|&i| wanted.iter().all(|(k, v)| nodes[i].matrix.get(k).map(render).as_deref() == Some(v.as_str())))
+        .filter(|&i| {
+            wanted
+                .iter()
+                .all(|(k, v)| nodes[i].matrix.get(k).map(render).as_deref() == Some(v.as_str()))
+        })
         .collect();
     if wildcard {
         return Ok(InputSources::Many(matches));
     }
     match matches.as_slice() {
         [one] => Ok(InputSources::One(*one)),
-        _ => Err(SpecError::new("", format!("'{reference}' matches {} instances, not one", matches.len()))
-            .fix(format!("name every matrix variable ({}), or add ',*' to take them all as a list", matrix_vars.join(", ")))),
+        _ => Err(SpecError::new(
+            "",
+            format!("'{reference}' matches {} instances, not one", matches.len()),
+        )
+        .fix(format!(
+            "name every matrix variable ({}), or add ',*' to take them all as a list",
+            matrix_vars.join(", ")
+        ))),
     }
 }
 
@@ -452,9 +555,9 @@ fn link_produced_deps(nodes: &mut [Node]) {
     if producers.is_empty() {
         return;
     }
-    for i in 0..nodes.len() {
+    for (i, node) in nodes.iter_mut().enumerate() {
         let mut found = Vec::new();
-        for d in &nodes[i].deps {
+        for d in &node.deps {
             let d = Path::new(d);
             for (o, p) in &producers {
                 if *p != i && (d.starts_with(o) || o.starts_with(d)) {
@@ -464,7 +567,7 @@ fn link_produced_deps(nodes: &mut [Node]) {
         }
         found.sort_unstable();
         found.dedup();
-        nodes[i].dep_producers = found;
+        node.dep_producers = found;
     }
 }
 
@@ -479,9 +582,16 @@ fn topological_order(nodes: &[Node]) -> Result<Vec<usize>, Vec<usize>> {
         }
     }
     let mut indegree: Vec<usize> = (0..nodes.len())
-        .map(|i| graph.neighbors_directed(idx[i], petgraph::Direction::Incoming).count())
+        .map(|i| {
+            graph
+                .neighbors_directed(idx[i], petgraph::Direction::Incoming)
+                .count()
+        })
         .collect();
-    let mut ready: BinaryHeap<Reverse<usize>> = (0..nodes.len()).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..nodes.len())
+        .filter(|&i| indegree[i] == 0)
+        .map(Reverse)
+        .collect();
     let mut order = Vec::with_capacity(nodes.len());
     while let Some(Reverse(i)) = ready.pop() {
         order.push(i);
@@ -501,7 +611,11 @@ fn topological_order(nodes: &[Node]) -> Result<Vec<usize>, Vec<usize>> {
     let mut path = vec![start];
     let mut current = start;
     loop {
-        let Some(prev) = nodes[current].upstream().into_iter().find(|&u| indegree[u] > 0) else {
+        let Some(prev) = nodes[current]
+            .upstream()
+            .into_iter()
+            .find(|&u| indegree[u] > 0)
+        else {
             return Err(path);
         };
         if let Some(pos) = path.iter().position(|&p| p == prev) {
@@ -523,11 +637,15 @@ fn reorder(nodes: Vec<Node>, order: &[usize]) -> Vec<Node> {
     order
         .iter()
         .map(|&old| {
-            let mut n = slots[old].take().expect("each index appears once in a topological order");
+            let mut n = slots[old]
+                .take()
+                .expect("each index appears once in a topological order");
             for input in &mut n.inputs {
                 input.sources = match &input.sources {
                     InputSources::One(i) => InputSources::One(new_index[*i]),
-                    InputSources::Many(v) => InputSources::Many(v.iter().map(|i| new_index[*i]).collect()),
+                    InputSources::Many(v) => {
+                        InputSources::Many(v.iter().map(|i| new_index[*i]).collect())
+                    }
                 };
             }
             n.dep_producers = n.dep_producers.iter().map(|i| new_index[*i]).collect();
@@ -569,7 +687,10 @@ stages:
         let p = plan(DEMO).unwrap();
         let names: Vec<&str> = p.nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["make", "square[p=2]", "square[p=3]", "total"]);
-        assert_eq!(p.nodes[1].params["cmd"], "awk '{print $1^2}' $ENGINE_IN_NUMBERS/numbers.txt > $ENGINE_OUT/out.txt");
+        assert_eq!(
+            p.nodes[1].params["cmd"],
+            "awk '{print $1^2}' $ENGINE_IN_NUMBERS/numbers.txt > $ENGINE_OUT/out.txt"
+        );
         assert_eq!(p.nodes[3].inputs[0].sources, InputSources::Many(vec![1, 2]));
         assert_eq!(p.nodes[1].inputs[0].sources, InputSources::One(0));
     }
@@ -599,7 +720,10 @@ stages:
 
     #[test]
     fn limits_and_paths() {
-        let e = plan("max_stages: 5\nstages:\n  a: {op: shell, cmd: x, matrix: {p: [1,2,3], q: [1,2]}}\n").unwrap_err();
+        let e = plan(
+            "max_stages: 5\nstages:\n  a: {op: shell, cmd: x, matrix: {p: [1,2,3], q: [1,2]}}\n",
+        )
+        .unwrap_err();
         assert!(e.message.contains("past 5"), "{e}");
         let e = plan("stages:\n  a: {op: shell, cmd: x, deps: [../x]}\n").unwrap_err();
         assert_eq!(e.field, "stages.a.params.deps.0");

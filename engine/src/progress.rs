@@ -92,7 +92,11 @@ fn summary_line(summary: &RunSummary) -> String {
         summary.count(StageStatus::Failed),
         summary.count(StageStatus::Skipped),
         summary.wall_s,
-        if summary.interrupted { " (interrupted)" } else { "" }
+        if summary.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        }
     )
 }
 
@@ -105,7 +109,11 @@ pub struct Plain {
 
 impl Plain {
     pub fn new() -> Self {
-        Self { counts: Counts::default(), last_progress: HashMap::new(), verbose_hits: true }
+        Self {
+            counts: Counts::default(),
+            last_progress: HashMap::new(),
+            verbose_hits: true,
+        }
     }
 }
 
@@ -127,7 +135,11 @@ impl Display for Plain {
     }
     fn started(&mut self, plan: &Plan, node: usize, reasons: &[String]) {
         self.counts.running += 1;
-        err_line(&format!("run    {} ({})", plan.nodes[node].name, reasons.join("; ")));
+        err_line(&format!(
+            "run    {} ({})",
+            plan.nodes[node].name,
+            reasons.join("; ")
+        ));
     }
     fn finished(&mut self, plan: &Plan, report: &StageReport) {
         self.counts.record(report.status);
@@ -145,7 +157,11 @@ impl Display for Plain {
     fn failed(&mut self, plan: &Plan, report: &StageReport, log_tail: &str) {
         self.counts.failed += 1;
         self.counts.running = self.counts.running.saturating_sub(1);
-        err_line(&failure_text(&plan.nodes[report.node].name, report, log_tail));
+        err_line(&failure_text(
+            &plan.nodes[report.node].name,
+            report,
+            log_tail,
+        ));
     }
     fn message(&mut self, text: &str) {
         err_line(text);
@@ -158,7 +174,8 @@ impl Display for Plain {
                 .is_none_or(|(t, at)| t != text && at.elapsed() > Duration::from_secs(2));
             if stale {
                 err_line(&format!("       {}: {text}", plan.nodes[*node].name));
-                self.last_progress.insert(*node, (text.clone(), Instant::now()));
+                self.last_progress
+                    .insert(*node, (text.clone(), Instant::now()));
             }
         }
     }
@@ -179,8 +196,16 @@ impl Live {
     pub fn new() -> Self {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         let header = multi.add(ProgressBar::new_spinner());
-        header.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
-        Self { multi, header, bars: HashMap::new(), counts: Counts::default() }
+        header.set_style(
+            ProgressStyle::with_template("{spinner} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        Self {
+            multi,
+            header,
+            bars: HashMap::new(),
+            counts: Counts::default(),
+        }
     }
 }
 
@@ -214,7 +239,10 @@ impl Display for Live {
             self.multi.remove(&bar);
         }
         if report.status == StageStatus::Ran {
-            let _ = self.multi.println(format!("done   {} ({:.2}s)", plan.nodes[report.node].name, report.duration_s));
+            let _ = self.multi.println(format!(
+                "done   {} ({:.2}s)",
+                plan.nodes[report.node].name, report.duration_s
+            ));
         }
         self.header.set_message(self.counts.line());
     }
@@ -225,7 +253,11 @@ impl Display for Live {
             bar.finish_and_clear();
             self.multi.remove(&bar);
         }
-        let _ = self.multi.println(failure_text(&plan.nodes[report.node].name, report, log_tail));
+        let _ = self.multi.println(failure_text(
+            &plan.nodes[report.node].name,
+            report,
+            log_tail,
+        ));
         self.header.set_message(self.counts.line());
     }
     fn message(&mut self, text: &str) {

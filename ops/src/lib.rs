@@ -6,15 +6,15 @@
 //! input artifacts as read-only directories, a fresh output directory, a metrics sink, a progress
 //! reporter, a seed, a cancellation flag and a CPU allotment) and captures what it writes.
 
+mod children;
+pub mod nn;
 mod op;
 mod registry;
-mod children;
 mod shell;
-pub mod nn;
 
+pub use children::kill_all_children;
 pub use op::{
     parse_params, CancelFlag, Input, Metrics, Op, OpError, ParamError, Progress, RunContext,
 };
 pub use registry::Registry;
-pub use children::kill_all_children;
 pub use shell::{input_var, ShellOp, ShellParams, PROGRESS_MARKER};

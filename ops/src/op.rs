@@ -164,7 +164,11 @@ pub struct ParamError {
 
 impl ParamError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into(), fix: None }
+        Self {
+            path: path.into(),
+            message: message.into(),
+            fix: None,
+        }
     }
     pub fn with_fix(mut self, fix: impl Into<String>) -> Self {
         self.fix = Some(fix.into());
@@ -181,14 +185,20 @@ pub enum OpError {
     #[error("cancelled")]
     Cancelled,
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Failed(String),
 }
 
 impl OpError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        OpError::Io { context: context.into(), source }
+        OpError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

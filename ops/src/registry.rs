@@ -14,7 +14,9 @@ pub struct Registry {
 impl Registry {
     /// An empty registry (tests register their own ops).
     pub fn empty() -> Self {
-        Self { ops: BTreeMap::new() }
+        Self {
+            ops: BTreeMap::new(),
+        }
     }
 
     /// Every built-in op.

@@ -162,7 +162,13 @@ impl Op for ShellOp {
 pub fn input_var(name: &str) -> String {
     let cleaned: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("ENGINE_IN_{cleaned}")
 }
@@ -200,8 +206,7 @@ fn supervise(
         match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(Stream::Line(line)) => {
                 if let Some(rest) = line.strip_prefix(PROGRESS_MARKER.as_bytes()) {
-                    ctx.progress
-                        .report(String::from_utf8_lossy(rest).trim());
+                    ctx.progress.report(String::from_utf8_lossy(rest).trim());
                 }
                 ctx.log
                     .write_all(&line)
@@ -275,7 +280,9 @@ fn read_metrics(path: &Path) -> Result<Metrics, OpError> {
         Err(e) => return Err(OpError::io(format!("cannot read {}", path.display()), e)),
     };
     let value: Value = serde_json::from_str(&text).map_err(|e| {
-        OpError::Failed(format!("metrics.json is not valid JSON ({e}); write a flat object of name -> number"))
+        OpError::Failed(format!(
+            "metrics.json is not valid JSON ({e}); write a flat object of name -> number"
+        ))
     })?;
     let Value::Object(map) = value else {
         return Err(OpError::Failed(
@@ -301,7 +308,10 @@ mod tests {
     use serde_json::json;
     use std::sync::{Arc, Mutex};
 
-    fn run(params: Value, inputs: BTreeMap<String, Input>) -> (Result<(), OpError>, Metrics, String) {
+    fn run(
+        params: Value,
+        inputs: BTreeMap<String, Input>,
+    ) -> (Result<(), OpError>, Metrics, String) {
         let ws = tempfile::tempdir().unwrap();
         let out = tempfile::tempdir().unwrap();
         let cancel = CancelFlag::new();
@@ -368,9 +378,13 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let err = ShellOp.validate(&json!({"cmd": "x", "bogus": 1})).unwrap_err();
+        let err = ShellOp
+            .validate(&json!({"cmd": "x", "bogus": 1}))
+            .unwrap_err();
         assert!(err.message.contains("bogus"), "{err:?}");
-        let err = ShellOp.validate(&json!({"cmd": "x", "deps": 3})).unwrap_err();
+        let err = ShellOp
+            .validate(&json!({"cmd": "x", "deps": 3}))
+            .unwrap_err();
         assert_eq!(err.path, "deps");
     }
 

@@ -166,7 +166,10 @@ fn lookup(reference: &str, scope: &Scope<'_>, path: &str) -> Result<Option<Value
                 };
                 return Err(SpecError::new(
                     path,
-                    format!("${{{reference}}} does not resolve: no {what} '{}'", rest[..=i].join(".")),
+                    format!(
+                        "${{{reference}}} does not resolve: no {what} '{}'",
+                        rest[..=i].join(".")
+                    ),
                 )
                 .fix(fix));
             }
@@ -174,8 +177,10 @@ fn lookup(reference: &str, scope: &Scope<'_>, path: &str) -> Result<Option<Value
     }
     match current {
         Some(v) => Ok(Some(v.clone())),
-        None => Err(SpecError::new(path, format!("${{{reference}}} names no {what}"))
-            .fix(format!("write ${{{namespace}.NAME}}"))),
+        None => Err(
+            SpecError::new(path, format!("${{{reference}}} names no {what}"))
+                .fix(format!("write ${{{namespace}.NAME}}")),
+        ),
     }
 }
 
@@ -185,34 +190,64 @@ mod tests {
     use serde_json::json;
 
     fn vars() -> Map<String, Value> {
-        json!({"n": 3, "words": ["a", "b"], "m": {"w": 8}}).as_object().unwrap().clone()
+        json!({"n": 3, "words": ["a", "b"], "m": {"w": 8}})
+            .as_object()
+            .unwrap()
+            .clone()
     }
 
     #[test]
     fn typed_and_spliced() {
         let v = vars();
-        let scope = Scope { vars: Some(&v), matrix: None };
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: None,
+        };
         assert_eq!(resolve(&json!("${vars.n}"), &scope, "x").unwrap(), json!(3));
-        assert_eq!(resolve(&json!("${vars.words}"), &scope, "x").unwrap(), json!(["a", "b"]));
-        assert_eq!(resolve(&json!("n=${vars.n} w=${vars.m.w}"), &scope, "x").unwrap(), json!("n=3 w=8"));
-        assert_eq!(resolve(&json!("${vars.words.1}"), &scope, "x").unwrap(), json!("b"));
+        assert_eq!(
+            resolve(&json!("${vars.words}"), &scope, "x").unwrap(),
+            json!(["a", "b"])
+        );
+        assert_eq!(
+            resolve(&json!("n=${vars.n} w=${vars.m.w}"), &scope, "x").unwrap(),
+            json!("n=3 w=8")
+        );
+        assert_eq!(
+            resolve(&json!("${vars.words.1}"), &scope, "x").unwrap(),
+            json!("b")
+        );
         // matrix refs wait for the planner; shell vars and escapes are left alone
-        assert_eq!(resolve(&json!("${matrix.p} ${HOME} $${vars.n}"), &scope, "x").unwrap(), json!("${matrix.p} ${HOME} $${vars.n}"));
+        assert_eq!(
+            resolve(&json!("${matrix.p} ${HOME} $${vars.n}"), &scope, "x").unwrap(),
+            json!("${matrix.p} ${HOME} $${vars.n}")
+        );
     }
 
     #[test]
     fn final_pass_unescapes_and_resolves_matrix() {
         let v = vars();
         let m = json!({"p": 2}).as_object().unwrap().clone();
-        let scope = Scope { vars: Some(&v), matrix: Some(&m) };
-        assert_eq!(resolve(&json!("${matrix.p}"), &scope, "x").unwrap(), json!(2));
-        assert_eq!(resolve(&json!("a $${vars.n}"), &scope, "x").unwrap(), json!("a ${vars.n}"));
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: Some(&m),
+        };
+        assert_eq!(
+            resolve(&json!("${matrix.p}"), &scope, "x").unwrap(),
+            json!(2)
+        );
+        assert_eq!(
+            resolve(&json!("a $${vars.n}"), &scope, "x").unwrap(),
+            json!("a ${vars.n}")
+        );
     }
 
     #[test]
     fn unresolved_is_an_error_with_a_fix() {
         let v = vars();
-        let scope = Scope { vars: Some(&v), matrix: None };
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: None,
+        };
         let e = resolve(&json!("${vars.nn}"), &scope, "stages.a.params.cmd").unwrap_err();
         assert_eq!(e.field, "stages.a.params.cmd");
         assert!(e.fix.unwrap().contains("did you mean 'n'"));

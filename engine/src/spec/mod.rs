@@ -83,7 +83,11 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Self { cpus: 1, gpus: 0, mem_bytes: None }
+        Self {
+            cpus: 1,
+            gpus: 0,
+            mem_bytes: None,
+        }
     }
 }
 
@@ -91,8 +95,11 @@ impl Pipeline {
     /// Loads `file`, applies `sets` (`dotted.key=yaml-value`) and resolves `${vars.*}`.
     pub fn load(file: &Path, sets: &[String]) -> Result<Self, SpecError> {
         let text = std::fs::read_to_string(file).map_err(|e| {
-            located(file, SpecError::new("", format!("cannot read the pipeline file: {e}")))
-                .fix("check the path; a pipeline is a YAML file such as pipelines/demo.yaml")
+            located(
+                file,
+                SpecError::new("", format!("cannot read the pipeline file: {e}")),
+            )
+            .fix("check the path; a pipeline is a YAML file such as pipelines/demo.yaml")
         })?;
         Self::from_str(&text, file, sets)
     }
@@ -105,8 +112,10 @@ impl Pipeline {
         let mut doc = match doc {
             Value::Object(map) => map,
             Value::Null => {
-                return Err(located(file, SpecError::new("", "the pipeline file is empty"))
-                    .fix("start with `name: my-pipeline` and a `stages:` mapping"))
+                return Err(
+                    located(file, SpecError::new("", "the pipeline file is empty"))
+                        .fix("start with `name: my-pipeline` and a `stages:` mapping"),
+                )
             }
             other => {
                 return Err(locate(SpecError::new(
@@ -173,15 +182,23 @@ impl Pipeline {
         let max_stages = match doc.get("max_stages") {
             None => DEFAULT_MAX_STAGES,
             Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
-                locate(SpecError::new("max_stages", format!("must be a positive integer, found {v}")))
+                locate(SpecError::new(
+                    "max_stages",
+                    format!("must be a positive integer, found {v}"),
+                ))
             })? as usize,
         };
-        let scope = interpolate::Scope { vars: Some(&vars), matrix: None };
+        let scope = interpolate::Scope {
+            vars: Some(&vars),
+            matrix: None,
+        };
         let mut stage_specs = Vec::new();
         if let Some(Value::Object(stages)) = doc.get("stages") {
             if stages.is_empty() {
-                return Err(locate(SpecError::new("stages", "the pipeline has no stages"))
-                    .fix("add at least one stage under `stages:`"));
+                return Err(
+                    locate(SpecError::new("stages", "the pipeline has no stages"))
+                        .fix("add at least one stage under `stages:`"),
+                );
             }
             for (name, stage) in stages {
                 let path = format!("stages.{name}");
@@ -191,11 +208,20 @@ impl Pipeline {
         }
         let workspace = file
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
             .unwrap_or(Path::new("."))
             .canonicalize()
             .map_err(|e| {
-                located(file, SpecError::new("", format!("cannot resolve the pipeline's folder: {e}")))
+                located(
+                    file,
+                    SpecError::new("", format!("cannot resolve the pipeline's folder: {e}")),
+                )
             })?;
         Ok(Self {
             name,
@@ -245,15 +271,22 @@ fn locate_with(
 
 fn parse_yaml(text: &str, file: &Path) -> Result<Value, SpecError> {
     let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        let mut err = located(file, SpecError::new("", format!("malformed YAML: {e}")))
-            .fix("check indentation and quoting near this position (a `:` inside a value needs quotes)");
+        let mut err = located(file, SpecError::new("", format!("malformed YAML: {e}"))).fix(
+            "check indentation and quoting near this position (a `:` inside a value needs quotes)",
+        );
         if let Some(loc) = e.location() {
-            err.pos = Some(Pos { line: loc.line(), col: loc.column() });
+            err.pos = Some(Pos {
+                line: loc.line(),
+                col: loc.column(),
+            });
         }
         err
     })?;
     value.apply_merge().map_err(|e| {
-        located(file, SpecError::new("", format!("invalid YAML merge key: {e}")))
+        located(
+            file,
+            SpecError::new("", format!("invalid YAML merge key: {e}")),
+        )
     })?;
     yaml_to_json(&value, "").map_err(|e| {
         let source = SourceMap::build(text);
@@ -274,10 +307,12 @@ pub fn yaml_to_json(value: &serde_yaml::Value, path: &str) -> Result<Value, Spec
                 Value::from(u)
             } else {
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| {
-                    SpecError::new(path, format!("{f} is not a finite number"))
-                        .fix("write a finite number, or quote it to pass a string")
-                })?
+                serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .ok_or_else(|| {
+                        SpecError::new(path, format!("{f} is not a finite number"))
+                            .fix("write a finite number, or quote it to pass a string")
+                    })?
             }
         }
         Y::String(s) => Value::String(s.clone()),
@@ -308,8 +343,10 @@ pub fn yaml_to_json(value: &serde_yaml::Value, path: &str) -> Result<Value, Spec
             Value::Object(out)
         }
         Y::Tagged(t) => {
-            return Err(SpecError::new(path, format!("YAML tags ({}) are not supported", t.tag))
-                .fix("remove the `!tag`"))
+            return Err(
+                SpecError::new(path, format!("YAML tags ({}) are not supported", t.tag))
+                    .fix("remove the `!tag`"),
+            )
         }
     })
 }
@@ -341,7 +378,10 @@ fn normalize_stage(name: &str, stage: &mut Value) -> Result<(), SpecError> {
     let Value::Object(map) = stage else {
         return Err(SpecError::new(
             &path,
-            format!("a stage must be a mapping with at least `op:`, found {}", kind(stage)),
+            format!(
+                "a stage must be a mapping with at least `op:`, found {}",
+                kind(stage)
+            ),
         )
         .fix(format!("write `{name}: {{op: shell, cmd: \"...\"}}`")));
     };
@@ -351,7 +391,10 @@ fn normalize_stage(name: &str, stage: &mut Value) -> Result<(), SpecError> {
         Some(other) => {
             return Err(SpecError::new(
                 format!("{path}.params"),
-                format!("must be a mapping of param -> value, found {}", kind(&other)),
+                format!(
+                    "must be a mapping of param -> value, found {}",
+                    kind(&other)
+                ),
             ))
         }
     };
@@ -384,20 +427,27 @@ fn validate_stage_name(name: &str, path: &str) -> Result<(), SpecError> {
     if ok {
         Ok(())
     } else {
-        Err(SpecError::new(path, format!("'{name}' is not a valid stage name"))
-            .fix("use letters, digits, '_', '-' and '.' only"))
+        Err(
+            SpecError::new(path, format!("'{name}' is not a valid stage name"))
+                .fix("use letters, digits, '_', '-' and '.' only"),
+        )
     }
 }
 
 /// Applies one `--set dotted.key=value` to the document; returns the path it set.
 fn apply_set(doc: &mut Map<String, Value>, set: &str) -> Result<String, SpecError> {
     let Some((key, raw)) = set.split_once('=') else {
-        return Err(SpecError::new("", format!("--set {set}: expected KEY=VALUE"))
-            .fix("e.g. --set vars.n=5 or --set stages.train.params.lr=0.1"));
+        return Err(
+            SpecError::new("", format!("--set {set}: expected KEY=VALUE"))
+                .fix("e.g. --set vars.n=5 or --set stages.train.params.lr=0.1"),
+        );
     };
     let segments: Vec<&str> = key.split('.').collect();
     if segments.iter().any(|s| s.is_empty()) {
-        return Err(SpecError::new("", format!("--set {set}: '{key}' has an empty segment")));
+        return Err(SpecError::new(
+            "",
+            format!("--set {set}: '{key}' has an empty segment"),
+        ));
     }
     let yaml: serde_yaml::Value = serde_yaml::from_str(raw).map_err(|e| {
         SpecError::new("", format!("--set {set}: the value is not valid YAML: {e}"))
@@ -413,11 +463,10 @@ fn apply_set(doc: &mut Map<String, Value>, set: &str) -> Result<String, SpecErro
             let names: Vec<&str> = stages
                 .map(|s| s.keys().map(String::as_str).collect())
                 .unwrap_or_default();
-            return Err(SpecError::new(
-                "",
-                format!("--set {set}: there is no stage '{stage}'"),
-            )
-            .fix(suggestion(stage, names.iter().copied())));
+            return Err(
+                SpecError::new("", format!("--set {set}: there is no stage '{stage}'"))
+                    .fix(suggestion(stage, names.iter().copied())),
+            );
         }
         if !STAGE_FIELDS.contains(&segments[2].as_str()) {
             segments.insert(2, "params".into());
@@ -459,7 +508,10 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
     let op = match map.get("op") {
         Some(Value::String(op)) => op.clone(),
         Some(other) => {
-            return Err(SpecError::new(field("op"), format!("must be an op name, found {}", kind(other))))
+            return Err(SpecError::new(
+                field("op"),
+                format!("must be an op name, found {}", kind(other)),
+            ))
         }
         None => {
             return Err(SpecError::new(&path, "the stage has no `op:`")
@@ -491,7 +543,10 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
         Some(other) => {
             return Err(SpecError::new(
                 field("inputs"),
-                format!("must be a mapping of local name -> stage reference, found {}", kind(other)),
+                format!(
+                    "must be a mapping of local name -> stage reference, found {}",
+                    kind(other)
+                ),
             )
             .fix("e.g. `inputs: {data: make_data}`"))
         }
@@ -529,18 +584,21 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
         Some(other) => {
             return Err(SpecError::new(
                 field("matrix"),
-                format!("must be a mapping of variable -> list of values, found {}", kind(other)),
+                format!(
+                    "must be a mapping of variable -> list of values, found {}",
+                    kind(other)
+                ),
             ))
         }
     };
     let retries = match map.get("retries") {
         None | Some(Value::Null) => 0,
-        Some(v) => v
-            .as_u64()
-            .filter(|n| *n <= 100)
-            .ok_or_else(|| {
-                SpecError::new(field("retries"), format!("must be an integer 0..=100, found {v}"))
-            })? as u32,
+        Some(v) => v.as_u64().filter(|n| *n <= 100).ok_or_else(|| {
+            SpecError::new(
+                field("retries"),
+                format!("must be an integer 0..=100, found {v}"),
+            )
+        })? as u32,
     };
     let timeout = match map.get("timeout") {
         None | Some(Value::Null) => None,
@@ -556,8 +614,11 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
                 .fix("e.g. `timeout: 10m`, `90s` or `2h`")
         })?),
         Some(other) => {
-            return Err(SpecError::new(field("timeout"), format!("must be a duration, found {}", kind(other)))
-                .fix("e.g. `timeout: 10m`"))
+            return Err(SpecError::new(
+                field("timeout"),
+                format!("must be a duration, found {}", kind(other)),
+            )
+            .fix("e.g. `timeout: 10m`"))
         }
     };
     let resources = parse_resources(map.get("resources"), &field("resources"))?;
@@ -565,16 +626,25 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
         Some(other) => {
-            return Err(SpecError::new(field("cache"), format!("must be true or false, found {}", kind(other))))
+            return Err(SpecError::new(
+                field("cache"),
+                format!("must be true or false, found {}", kind(other)),
+            ))
         }
     };
     let seed = map.get("seed").filter(|v| !v.is_null()).cloned();
     if let Some(s) = &seed {
         if !s.is_u64() && !s.is_string() {
-            return Err(SpecError::new(field("seed"), format!("must be a non-negative integer, found {s}")));
+            return Err(SpecError::new(
+                field("seed"),
+                format!("must be a non-negative integer, found {s}"),
+            ));
         }
     }
-    let description = map.get("description").and_then(Value::as_str).map(str::to_string);
+    let description = map
+        .get("description")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     Ok(StageSpec {
         name: name.to_string(),
         op,
@@ -596,8 +666,10 @@ fn parse_resources(value: Option<&Value>, path: &str) -> Result<Resources, SpecE
         None | Some(Value::Null) => return Ok(res),
         Some(Value::Object(m)) => m,
         Some(other) => {
-            return Err(SpecError::new(path, format!("must be a mapping, found {}", kind(other)))
-                .fix("e.g. `resources: {cpus: 2, mem: 4G}`"))
+            return Err(
+                SpecError::new(path, format!("must be a mapping, found {}", kind(other)))
+                    .fix("e.g. `resources: {cpus: 2, mem: 4G}`"),
+            )
         }
     };
     for (key, v) in map {
@@ -614,7 +686,12 @@ fn parse_resources(value: Option<&Value>, path: &str) -> Result<Resources, SpecE
                     .ok_or_else(|| SpecError::new(&f, format!("must be an integer, found {v}")))?
                     as usize
             }
-            "mem" => res.mem_bytes = Some(parse_bytes(v).map_err(|m| SpecError::new(&f, m).fix("e.g. `mem: 4G` or `mem: 512M`"))?),
+            "mem" => {
+                res.mem_bytes = Some(
+                    parse_bytes(v)
+                        .map_err(|m| SpecError::new(&f, m).fix("e.g. `mem: 4G` or `mem: 512M`"))?,
+                )
+            }
             other => {
                 return Err(SpecError::new(&f, format!("unknown resource '{other}'"))
                     .fix(suggestion(other, ["cpus", "gpus", "mem"])))
@@ -628,12 +705,21 @@ fn parse_bytes(v: &Value) -> Result<u64, String> {
     if let Some(n) = v.as_u64() {
         return Ok(n);
     }
-    let s = v.as_str().ok_or_else(|| format!("must be a size such as 4G, found {v}"))?;
+    let s = v
+        .as_str()
+        .ok_or_else(|| format!("must be a size such as 4G, found {v}"))?;
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let num: f64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let mult: f64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 1.0,
         "K" => 1024.0,
         "M" => 1024.0 * 1024.0,
@@ -681,9 +767,17 @@ mod tests {
 
     #[test]
     fn set_errors_name_the_override() {
-        let e = load("stages:\n  a: {op: shell, cmd: x}\n", &["stages.b.params.x=1"]).unwrap_err();
+        let e = load(
+            "stages:\n  a: {op: shell, cmd: x}\n",
+            &["stages.b.params.x=1"],
+        )
+        .unwrap_err();
         assert!(e.message.contains("no stage 'b'"), "{e}");
-        let e = load("stages:\n  a: {op: shell, cmd: x, retries: 1}\n", &["stages.a.retries=x"]).unwrap_err();
+        let e = load(
+            "stages:\n  a: {op: shell, cmd: x, retries: 1}\n",
+            &["stages.a.retries=x"],
+        )
+        .unwrap_err();
         assert!(e.message.contains("--set stages.a.retries=x"), "{e}");
     }
 

@@ -28,7 +28,9 @@ impl SourceMap {
         if parser.load(&mut builder, false).is_err() {
             return Self::default();
         }
-        Self { positions: builder.positions }
+        Self {
+            positions: builder.positions,
+        }
     }
 
     /// The position of `path`, or of its nearest ancestor that has one. Op params written as
@@ -62,8 +64,15 @@ fn shorthand_path(path: &str) -> Option<String> {
 }
 
 enum Frame {
-    Map { path: String, expecting_key: bool, key: Option<(String, Pos)> },
-    Seq { path: String, index: usize },
+    Map {
+        path: String,
+        expecting_key: bool,
+        key: Option<(String, Pos)>,
+    },
+    Seq {
+        path: String,
+        index: usize,
+    },
 }
 
 #[derive(Default)]
@@ -83,10 +92,17 @@ fn join(base: &str, segment: &str) -> String {
 impl Builder {
     /// The path of a value about to start at `mark`, recording its position.
     fn value_path(&mut self, mark: Marker) -> Option<String> {
-        let pos = Pos { line: mark.line(), col: mark.col() + 1 };
+        let pos = Pos {
+            line: mark.line(),
+            col: mark.col() + 1,
+        };
         match self.stack.last_mut() {
             None => Some(String::new()),
-            Some(Frame::Map { path, expecting_key, key }) => {
+            Some(Frame::Map {
+                path,
+                expecting_key,
+                key,
+            }) => {
                 let (k, key_pos) = key.take()?;
                 *expecting_key = true;
                 let p = join(path, &k);
@@ -105,10 +121,16 @@ impl Builder {
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
-        let pos = Pos { line: mark.line(), col: mark.col() + 1 };
+        let pos = Pos {
+            line: mark.line(),
+            col: mark.col() + 1,
+        };
         match ev {
             Event::Scalar(text, ..) => {
-                if let Some(Frame::Map { expecting_key, key, .. }) = self.stack.last_mut() {
+                if let Some(Frame::Map {
+                    expecting_key, key, ..
+                }) = self.stack.last_mut()
+                {
                     if *expecting_key {
                         *key = Some((text, pos));
                         *expecting_key = false;
@@ -121,13 +143,25 @@ impl MarkedEventReceiver for Builder {
                 self.value_path(mark);
             }
             Event::MappingStart(..) => {
-                if let Some(Frame::Map { expecting_key: true, .. }) = self.stack.last() {
+                if let Some(Frame::Map {
+                    expecting_key: true,
+                    ..
+                }) = self.stack.last()
+                {
                     // A complex (mapping) key: not something a pipeline uses; ignore its inside.
-                    self.stack.push(Frame::Map { path: "?".into(), expecting_key: true, key: None });
+                    self.stack.push(Frame::Map {
+                        path: "?".into(),
+                        expecting_key: true,
+                        key: None,
+                    });
                     return;
                 }
                 let path = self.value_path(mark).unwrap_or_else(|| "?".into());
-                self.stack.push(Frame::Map { path, expecting_key: true, key: None });
+                self.stack.push(Frame::Map {
+                    path,
+                    expecting_key: true,
+                    key: None,
+                });
             }
             Event::SequenceStart(..) => {
                 let path = self.value_path(mark).unwrap_or_else(|| "?".into());
@@ -151,9 +185,18 @@ mod tests {
         let map = SourceMap::build(text);
         assert_eq!(map.find("name"), Some(Pos { line: 1, col: 1 }));
         assert_eq!(map.find("stages.make.op"), Some(Pos { line: 4, col: 5 }));
-        assert_eq!(map.find("stages.make.params.cmd"), Some(Pos { line: 5, col: 5 }));
-        assert_eq!(map.find("stages.make.deps.1"), Some(Pos { line: 8, col: 9 }));
-        assert_eq!(map.find("stages.other.params.x"), Some(Pos { line: 10, col: 14 }));
+        assert_eq!(
+            map.find("stages.make.params.cmd"),
+            Some(Pos { line: 5, col: 5 })
+        );
+        assert_eq!(
+            map.find("stages.make.deps.1"),
+            Some(Pos { line: 8, col: 9 })
+        );
+        assert_eq!(
+            map.find("stages.other.params.x"),
+            Some(Pos { line: 10, col: 14 })
+        );
         // unknown leaf falls back to its parent
         assert_eq!(map.find("stages.make.nope"), Some(Pos { line: 3, col: 3 }));
     }

@@ -27,7 +27,10 @@ fn weighted_sum<S2: Shape>(y: Taped<S2>, r: &[f64]) -> Taped<Rank0> {
     let n = y.shape().num_elements();
     let dev = y.device().clone();
     let r = from_vec(&dev, r.to_vec(), (n,)).expect("sizes agree");
-    y.reshape_like(&(n,)).try_mul(r).unwrap().sum::<Rank0, Axis<0>>()
+    y.reshape_like(&(n,))
+        .try_mul(r)
+        .unwrap()
+        .sum::<Rank0, Axis<0>>()
 }
 
 fn assert_close(what: &str, analytic: &[f64], numeric: &[f64], tol: f64) {

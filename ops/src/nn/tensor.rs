@@ -112,7 +112,11 @@ where
     /// Replaces the values, keeping shape and kind (a new gradient id).
     pub fn set_vec(&mut self, values: Vec<E>) -> Result<(), NnError> {
         if values.len() != self.numel() {
-            return Err(NnError::shape("parameter values", self.numel(), values.len()));
+            return Err(NnError::shape(
+                "parameter values",
+                self.numel(),
+                values.len(),
+            ));
         }
         let dev = self.value.device().clone();
         self.value = dev.try_tensor_from_vec(values, (self.numel(),))?;
@@ -145,7 +149,6 @@ where
         }
     }
 }
-
 
 /// A layer or model whose parameters can be enumerated by stable dotted names.
 ///

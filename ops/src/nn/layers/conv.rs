@@ -81,7 +81,12 @@ where
         )?;
         let bias = if bias {
             let b = init.biases(name, fan_in, fan_out, out_channels, rng);
-            Some(Param::from_vec(dev, b, vec![out_channels], ParamKind::Trainable)?)
+            Some(Param::from_vec(
+                dev,
+                b,
+                vec![out_channels],
+                ParamKind::Trainable,
+            )?)
         } else {
             None
         };
@@ -118,7 +123,11 @@ where
     pub fn forward<T: Tape<E, Dev>>(&self, x: Tensor4<E, T>) -> Result<Tensor4<E, T>, NnError> {
         let (_, c, h, w) = *x.shape();
         if c != self.in_channels() {
-            return Err(NnError::shape("conv2d input channels", self.in_channels(), c));
+            return Err(NnError::shape(
+                "conv2d input channels",
+                self.in_channels(),
+                c,
+            ));
         }
         if self.out_size(h).is_none() || self.out_size(w).is_none() {
             let span = self.dilation * (self.kernel() - 1) + 1;
@@ -150,7 +159,10 @@ where
         match &self.bias {
             Some(bias) => {
                 let shape = *y.shape();
-                Ok(y.try_add(bias.vec1().try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?)?)
+                Ok(y.try_add(
+                    bias.vec1()
+                        .try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?,
+                )?)
             }
             None => Ok(y),
         }
@@ -183,7 +195,11 @@ where
             .map(|r| r / stride + 1)
     };
     let (Some(ho), Some(wo)) = (out(h), out(w)) else {
-        return Err(NnError::shape("unfold input (kernel larger than padded input)", k, (h, w)));
+        return Err(NnError::shape(
+            "unfold input (kernel larger than padded input)",
+            k,
+            (h, w),
+        ));
     };
     let (rows, l, chw) = (c * k * k, ho * wo, c * h * w);
     // Source offset within one sample for every (row, column); NONE marks padding.
@@ -213,7 +229,10 @@ where
     let xv = x.as_vec();
     let mut cols = vec![E::zero(); b * rows * l];
     for n in 0..b {
-        let (xs, cs) = (&xv[n * chw..(n + 1) * chw], &mut cols[n * rows * l..(n + 1) * rows * l]);
+        let (xs, cs) = (
+            &xv[n * chw..(n + 1) * chw],
+            &mut cols[n * rows * l..(n + 1) * rows * l],
+        );
         for (dst, &s) in cs.iter_mut().zip(&src) {
             if s != NONE {
                 *dst = xs[s];
@@ -247,7 +266,17 @@ mod tests {
 
     fn conv(geom: ConvGeometry, bias: bool) -> Conv2d<f64> {
         let mut rng = StdRng::seed_from_u64(0);
-        Conv2d::new(&Dev::default(), "conv", 2, 3, geom, bias, &Init::default(), &mut rng).unwrap()
+        Conv2d::new(
+            &Dev::default(),
+            "conv",
+            2,
+            3,
+            geom,
+            bias,
+            &Init::default(),
+            &mut rng,
+        )
+        .unwrap()
     }
 
     /// Direct definition: y[b,o,i,j] = b[o] + sum_{c,p,q} x[b,c,i s + p d - pad, j s + q d - pad] W[o,c,p,q].
@@ -265,10 +294,14 @@ mod tests {
                         for c in 0..c_n {
                             for p in 0..k {
                                 for q in 0..k {
-                                    let yy = (i * l.stride + p * l.dilation) as isize - l.padding as isize;
-                                    let xx = (j * l.stride + q * l.dilation) as isize - l.padding as isize;
-                                    if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w {
-                                        acc += x[((b * c_n + c) * h + yy as usize) * w + xx as usize]
+                                    let yy = (i * l.stride + p * l.dilation) as isize
+                                        - l.padding as isize;
+                                    let xx = (j * l.stride + q * l.dilation) as isize
+                                        - l.padding as isize;
+                                    if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w
+                                    {
+                                        acc += x
+                                            [((b * c_n + c) * h + yy as usize) * w + xx as usize]
                                             * wt[((o * c_n + c) * k + p) * k + q];
                                     }
                                 }
@@ -287,14 +320,32 @@ mod tests {
         let dev = Dev::default();
         for geom in [
             ConvGeometry::same(3),
-            ConvGeometry { kernel: 3, stride: 2, padding: 1, dilation: 1 },
-            ConvGeometry { kernel: 2, stride: 1, padding: 0, dilation: 2 },
-            ConvGeometry { kernel: 1, stride: 1, padding: 0, dilation: 1 },
+            ConvGeometry {
+                kernel: 3,
+                stride: 2,
+                padding: 1,
+                dilation: 1,
+            },
+            ConvGeometry {
+                kernel: 2,
+                stride: 1,
+                padding: 0,
+                dilation: 2,
+            },
+            ConvGeometry {
+                kernel: 1,
+                stride: 1,
+                padding: 0,
+                dilation: 1,
+            },
         ] {
             let l = conv(geom, true);
             let x = rand_tensor(&dev, (2, 2, 5, 6), 4);
             let y = l.forward(x.clone()).unwrap();
-            assert_eq!(*y.shape(), (2, 3, l.out_size(5).unwrap(), l.out_size(6).unwrap()));
+            assert_eq!(
+                *y.shape(),
+                (2, 3, l.out_size(5).unwrap(), l.out_size(6).unwrap())
+            );
             let want = naive(&l, &x.as_vec(), (2, 5, 6));
             for (a, b) in y.as_vec().iter().zip(&want) {
                 assert!((a - b).abs() < 1e-10, "{geom:?}: {a} vs {b}");
@@ -305,7 +356,12 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let dev = Dev::default();
-        let geom = ConvGeometry { kernel: 3, stride: 2, padding: 1, dilation: 1 };
+        let geom = ConvGeometry {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+            dilation: 1,
+        };
         let mut l = conv(geom, true);
         let x = rand_tensor(&dev, (2, 2, 5, 5), 5);
         check_input_grad(&x, |t| l.forward(t), 1e-6);
@@ -314,7 +370,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_inputs() {
-        let l = conv(ConvGeometry { kernel: 3, stride: 1, padding: 0, dilation: 1 }, false);
+        let l = conv(
+            ConvGeometry {
+                kernel: 3,
+                stride: 1,
+                padding: 0,
+                dilation: 1,
+            },
+            false,
+        );
         let dev = Dev::default();
         assert!(l.forward(rand_tensor(&dev, (1, 3, 5, 5), 1)).is_err());
         assert!(l.forward(rand_tensor(&dev, (1, 2, 2, 2), 1)).is_err());

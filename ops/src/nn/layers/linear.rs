@@ -29,13 +29,32 @@ where
         rng: &mut StdRng,
     ) -> Result<Self, NnError> {
         if in_features == 0 || out_features == 0 {
-            return Err(NnError::spec(name, "a linear layer needs at least one input and output"));
+            return Err(NnError::spec(
+                name,
+                "a linear layer needs at least one input and output",
+            ));
         }
-        let w = init.weights(name, in_features, out_features, in_features * out_features, rng);
-        let weight = Param::from_vec(dev, w, vec![out_features, in_features], ParamKind::Trainable)?;
+        let w = init.weights(
+            name,
+            in_features,
+            out_features,
+            in_features * out_features,
+            rng,
+        );
+        let weight = Param::from_vec(
+            dev,
+            w,
+            vec![out_features, in_features],
+            ParamKind::Trainable,
+        )?;
         let bias = if bias {
             let b = init.biases(name, in_features, out_features, out_features, rng);
-            Some(Param::from_vec(dev, b, vec![out_features], ParamKind::Trainable)?)
+            Some(Param::from_vec(
+                dev,
+                b,
+                vec![out_features],
+                ParamKind::Trainable,
+            )?)
         } else {
             None
         };
@@ -54,7 +73,11 @@ where
     pub fn forward<T: Tape<E, Dev>>(&self, x: Tensor2<E, T>) -> Result<Tensor2<E, T>, NnError> {
         let (b, k) = *x.shape();
         if k != self.in_features() {
-            return Err(NnError::shape("linear input features", self.in_features(), k));
+            return Err(NnError::shape(
+                "linear input features",
+                self.in_features(),
+                k,
+            ));
         }
         let wt = self.weight.mat2()?.try_permute::<_, Axes2<1, 0>>()?;
         let y = x.try_matmul(wt)?;
@@ -84,7 +107,16 @@ mod tests {
 
     fn layer(bias: bool) -> Linear<f64> {
         let mut rng = StdRng::seed_from_u64(0);
-        Linear::new(&Dev::default(), "fc", 4, 3, bias, &Init::default(), &mut rng).unwrap()
+        Linear::new(
+            &Dev::default(),
+            "fc",
+            4,
+            3,
+            bias,
+            &Init::default(),
+            &mut rng,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -93,7 +125,11 @@ mod tests {
         let l = layer(true);
         let x = rand_tensor(&dev, (2, 4), 1);
         let y = l.forward(x.clone()).unwrap().as_vec();
-        let (w, b, xv) = (l.weight.to_vec(), l.bias.as_ref().unwrap().to_vec(), x.as_vec());
+        let (w, b, xv) = (
+            l.weight.to_vec(),
+            l.bias.as_ref().unwrap().to_vec(),
+            x.as_vec(),
+        );
         for r in 0..2 {
             for o in 0..3 {
                 let want: f64 = (0..4).map(|i| xv[r * 4 + i] * w[o * 4 + i]).sum::<f64>() + b[o];

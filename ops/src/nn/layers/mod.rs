@@ -1,15 +1,19 @@
 //! Layers on runtime shapes: each a plain struct with a constructor (init scheme + seeded RNG),
 //! a `forward`, and parameters named through [`HasParams`](super::HasParams).
 
+mod attention;
 mod conv;
 mod linear;
 mod norm;
 mod pool;
+mod spectral;
 
+pub use attention::MultiHeadSelfAttention;
 pub use conv::{unfold, Conv2d, ConvGeometry};
 pub use linear::Linear;
 pub use norm::{BatchNorm2d, LayerNorm};
 pub use pool::{global_avg_pool, AvgPool2d};
+pub use spectral::SpectralConv2d;
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
@@ -101,7 +105,10 @@ pub struct Dropout {
 impl Dropout {
     pub fn new(p: f64) -> Result<Self, NnError> {
         if !(0.0..1.0).contains(&p) {
-            return Err(NnError::spec("dropout", format!("probability {p} is not in [0, 1)")));
+            return Err(NnError::spec(
+                "dropout",
+                format!("probability {p} is not in [0, 1)"),
+            ));
         }
         Ok(Self { p })
     }
@@ -149,21 +156,31 @@ mod tests {
             .map(|v| if v.abs() < 0.05 { v + 0.2 } else { v })
             .collect();
         let x = super::super::tensor::from_vec(&dev, vals, (3, 5)).unwrap();
-        check_input_grad(&x, |t| relu(t), 1e-6);
-        check_input_grad(&x, |t| gelu(t), 1e-6);
+        check_input_grad(&x, relu, 1e-6);
+        check_input_grad(&x, gelu, 1e-6);
     }
 
     #[test]
     fn gelu_matches_exact_formula() {
         let dev = Dev::default();
-        let x = super::super::tensor::from_vec(&dev, vec![-2.0f64, -0.5, 0.0, 0.7, 3.0], (5,))
-            .unwrap();
+        let x =
+            super::super::tensor::from_vec(&dev, vec![-2.0f64, -0.5, 0.0, 0.7, 3.0], (5,)).unwrap();
         let y = gelu(x.clone()).unwrap().as_vec();
         // GELU(x) = x/2 (1 + erf(x/sqrt 2)); erf values from tables.
-        let erf = [-0.9544997361, -0.3829249225, 0.0, 0.5160726898, 0.9973002039];
+        let erf = [
+            -0.9544997361,
+            -0.3829249225,
+            0.0,
+            0.5160726898,
+            0.9973002039,
+        ];
         for (i, xi) in x.as_vec().iter().enumerate() {
             let want = 0.5 * xi * (1.0 + erf[i]);
-            assert!((y[i] - want).abs() < 1e-6, "gelu({xi}) = {} vs {want}", y[i]);
+            assert!(
+                (y[i] - want).abs() < 1e-6,
+                "gelu({xi}) = {} vs {want}",
+                y[i]
+            );
         }
     }
 
@@ -172,12 +189,20 @@ mod tests {
         let dev = Dev::default();
         let x = super::super::tensor::from_vec(&dev, vec![1.0f64; 1000], (1000,)).unwrap();
         let d = Dropout::new(0.25).unwrap();
-        let a = d.forward(x.clone(), &mut ForwardCtx::train(3)).unwrap().as_vec();
-        let b = d.forward(x.clone(), &mut ForwardCtx::train(3)).unwrap().as_vec();
+        let a = d
+            .forward(x.clone(), &mut ForwardCtx::train(3))
+            .unwrap()
+            .as_vec();
+        let b = d
+            .forward(x.clone(), &mut ForwardCtx::train(3))
+            .unwrap()
+            .as_vec();
         assert_eq!(a, b);
         let zeros = a.iter().filter(|v| **v == 0.0).count();
         assert!((200..300).contains(&zeros), "{zeros} zeros");
-        assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-12));
+        assert!(a
+            .iter()
+            .all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-12));
         let e = d.forward(x, &mut ForwardCtx::eval()).unwrap().as_vec();
         assert!(e.iter().all(|v| *v == 1.0));
         assert!(Dropout::new(1.0).is_err());

@@ -34,11 +34,18 @@ impl AvgPool2d {
         Dev: Device<E>,
     {
         if self.kernel == 0 || self.stride == 0 {
-            return Err(NnError::spec("avg_pool", "kernel and stride must be positive"));
+            return Err(NnError::spec(
+                "avg_pool",
+                "kernel and stride must be positive",
+            ));
         }
         let (b, c, h, w) = *x.shape();
         let (Some(ho), Some(wo)) = (self.out_size(h), self.out_size(w)) else {
-            return Err(NnError::shape("avg pool input", format!(">= kernel {}", self.kernel), (h, w)));
+            return Err(NnError::shape(
+                "avg pool input",
+                format!(">= kernel {}", self.kernel),
+                (h, w),
+            ));
         };
         let geom = ConvGeometry {
             kernel: self.kernel,
@@ -95,7 +102,12 @@ mod tests {
     fn avg_pool_excluding_padding_averages_real_pixels() {
         let dev = Dev::default();
         let x = rand_tensor(&dev, (1, 2, 4, 5), 1);
-        let pool = AvgPool2d { kernel: 3, stride: 1, padding: 1, count_include_pad: false };
+        let pool = AvgPool2d {
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            count_include_pad: false,
+        };
         let y = pool.forward(x.clone()).unwrap();
         assert_eq!(*y.shape(), (1, 2, 4, 5));
         let (xv, yv) = (x.as_vec(), y.as_vec());
@@ -114,7 +126,12 @@ mod tests {
             }
         }
         check_input_grad(&x, |t| pool.forward(t), 1e-6);
-        let strided = AvgPool2d { kernel: 2, stride: 2, padding: 0, count_include_pad: true };
+        let strided = AvgPool2d {
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+            count_include_pad: true,
+        };
         assert_eq!(*strided.forward(x.clone()).unwrap().shape(), (1, 2, 2, 2));
         check_input_grad(&x, |t| strided.forward(t), 1e-6);
     }
@@ -129,6 +146,6 @@ mod tests {
             let want = xv[bc * 4..bc * 4 + 4].iter().sum::<f64>() / 4.0;
             assert!((y[bc] - want).abs() < 1e-12);
         }
-        check_input_grad(&x, |t| global_avg_pool(t), 1e-6);
+        check_input_grad(&x, global_avg_pool, 1e-6);
     }
 }

@@ -6,7 +6,9 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::topology::Dag;
-use crate::nn::layers::{global_avg_pool, relu, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear};
+use crate::nn::layers::{
+    global_avg_pool, relu, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
+};
 use crate::nn::tensor::{impl_has_params, join};
 use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor4};
 
@@ -71,7 +73,11 @@ pub struct MlpDag<E: Float> {
     pub edges: Vec<Option<Linear<E>>>,
     pub readout: Linear<E>,
 }
-impl_has_params!(MlpDag { stem, edges, readout });
+impl_has_params!(MlpDag {
+    stem,
+    edges,
+    readout
+});
 
 impl<E: Float> MlpDag<E>
 where
@@ -88,7 +94,10 @@ where
         if !dag.connects_input_to_output() {
             return Err(NnError::spec(
                 "model.topology",
-                format!("{:?} has no input-to-output path; it is not a valid network", spec.topology),
+                format!(
+                    "{:?} has no input-to-output path; it is not a valid network",
+                    spec.topology
+                ),
             ));
         }
         positive("model.width", spec.width)?;
@@ -160,7 +169,16 @@ where
         init: &Init,
         rng: &mut StdRng,
     ) -> Result<Self, NnError> {
-        let conv = Conv2d::new(dev, &join(name, "conv"), c_in, c_out, geometry, false, init, rng)?;
+        let conv = Conv2d::new(
+            dev,
+            &join(name, "conv"),
+            c_in,
+            c_out,
+            geometry,
+            false,
+            init,
+            rng,
+        )?;
         Ok(Self {
             conv,
             bn: BatchNorm2d::new(dev, c_out)?,
@@ -185,7 +203,12 @@ pub struct CnnDag<E: Float> {
     pub edges: Vec<Option<ReluConvBn<E>>>,
     pub readout: Linear<E>,
 }
-impl_has_params!(CnnDag { stem, stem_bn, edges, readout });
+impl_has_params!(CnnDag {
+    stem,
+    stem_bn,
+    edges,
+    readout
+});
 
 impl<E: Float> CnnDag<E>
 where
@@ -202,21 +225,43 @@ where
         if !dag.connects_input_to_output() {
             return Err(NnError::spec(
                 "model.topology",
-                format!("{:?} has no input-to-output path; it is not a valid network", spec.topology),
+                format!(
+                    "{:?} has no input-to-output path; it is not a valid network",
+                    spec.topology
+                ),
             ));
         }
         positive("model.width", spec.width)?;
         positive("model.classes", spec.classes)?;
-        if spec.kernel % 2 == 0 {
-            return Err(NnError::spec("model.kernel", format!("kernel {} must be odd (same padding)", spec.kernel)));
+        if spec.kernel % 2 != 1 {
+            return Err(NnError::spec(
+                "model.kernel",
+                format!("kernel {} must be odd (same padding)", spec.kernel),
+            ));
         }
         let w = spec.width;
-        let stem = Conv2d::new(dev, "stem", in_channels, w, ConvGeometry::same(3), false, init, rng)?;
+        let stem = Conv2d::new(
+            dev,
+            "stem",
+            in_channels,
+            w,
+            ConvGeometry::same(3),
+            false,
+            init,
+            rng,
+        )?;
         let edges = dag
             .edges()
             .map(|(pos, _, _, op)| match op {
-                2 => ReluConvBn::new(dev, &format!("edges.{pos}"), (w, w), ConvGeometry::same(spec.kernel), init, rng)
-                    .map(Some),
+                2 => ReluConvBn::new(
+                    dev,
+                    &format!("edges.{pos}"),
+                    (w, w),
+                    ConvGeometry::same(spec.kernel),
+                    init,
+                    rng,
+                )
+                .map(Some),
                 _ => Ok(None),
             })
             .collect::<Result<_, _>>()?;

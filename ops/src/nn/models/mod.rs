@@ -6,10 +6,12 @@
 //! flattened per sample (see [`Model::output_shape`]).
 
 mod dag;
+mod fno;
 mod nb201;
 pub mod topology;
 
 pub use dag::{CnnDag, CnnDagSpec, MlpDag, MlpDagSpec, ReluConvBn};
+pub use fno::{Fno2d, Fno2dMae, Fno2dMaeSpec, Fno2dSpec, FourierLayer};
 pub use nb201::{Nb201, Nb201Spec};
 pub use topology::Dag;
 
@@ -28,6 +30,8 @@ pub enum ModelSpec {
     MlpDag(MlpDagSpec),
     CnnDag(CnnDagSpec),
     Nb201(Nb201Spec),
+    Fno2d(Fno2dSpec),
+    Fno2dMae(Fno2dMaeSpec),
 }
 
 impl ModelSpec {
@@ -35,7 +39,14 @@ impl ModelSpec {
     pub fn from_json(value: serde_json::Value) -> Result<Self, NnError> {
         serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            NnError::spec(if path == "." { "model".to_string() } else { format!("model.{path}") }, e.inner().to_string())
+            NnError::spec(
+                if path == "." {
+                    "model".to_string()
+                } else {
+                    format!("model.{path}")
+                },
+                e.inner().to_string(),
+            )
         })
     }
 
@@ -44,6 +55,8 @@ impl ModelSpec {
             ModelSpec::MlpDag(_) => "mlp_dag",
             ModelSpec::CnnDag(_) => "cnn_dag",
             ModelSpec::Nb201(_) => "nb201",
+            ModelSpec::Fno2d(_) => "fno2d",
+            ModelSpec::Fno2dMae(_) => "fno2d_mae",
         }
     }
 }
@@ -58,9 +71,11 @@ pub struct InputShape {
 
 #[derive(Clone, Debug)]
 enum Net<E: Float> {
-    MlpDag(MlpDag<E>),
-    CnnDag(CnnDag<E>),
-    Nb201(Nb201<E>),
+    MlpDag(Box<MlpDag<E>>),
+    CnnDag(Box<CnnDag<E>>),
+    Nb201(Box<Nb201<E>>),
+    Fno2d(Box<Fno2d<E>>),
+    Fno2dMae(Box<Fno2dMae<E>>),
 }
 
 /// A built model: its spec, input shape and weights.
@@ -76,30 +91,63 @@ where
     Dev: Device<E>,
 {
     /// Builds the weights of `spec` for inputs of shape `input`, drawn from `seed`.
-    pub fn build(dev: &Dev, spec: &ModelSpec, input: InputShape, init: &Init, seed: u64) -> Result<Self, NnError> {
+    pub fn build(
+        dev: &Dev,
+        spec: &ModelSpec,
+        input: InputShape,
+        init: &Init,
+        seed: u64,
+    ) -> Result<Self, NnError> {
         if input.channels == 0 || input.height == 0 || input.width == 0 {
-            return Err(NnError::spec("input", format!("empty input shape {input:?}")));
+            return Err(NnError::spec(
+                "input",
+                format!("empty input shape {input:?}"),
+            ));
         }
         let mut rng = StdRng::seed_from_u64(seed);
+        let grid = (input.channels, input.height, input.width);
         let net = match spec {
             ModelSpec::MlpDag(s) => {
                 let features = input.channels * input.height * input.width;
-                Net::MlpDag(MlpDag::new(dev, s, features, init, &mut rng)?)
+                Net::MlpDag(Box::new(MlpDag::new(dev, s, features, init, &mut rng)?))
             }
-            ModelSpec::CnnDag(s) => Net::CnnDag(CnnDag::new(dev, s, input.channels, init, &mut rng)?),
+            ModelSpec::CnnDag(s) => Net::CnnDag(Box::new(CnnDag::new(
+                dev,
+                s,
+                input.channels,
+                init,
+                &mut rng,
+            )?)),
             ModelSpec::Nb201(s) => {
                 // Both reductions halve the map on two branches that must agree (stride-2 conv
                 // rounds up, 2x2 pooling rounds down), as in the reference implementation.
-                if input.height % 4 != 0 || input.width % 4 != 0 {
+                if input.height / 4 * 4 != input.height || input.width / 4 * 4 != input.width {
                     return Err(NnError::spec(
                         "input",
-                        format!("nb201 needs height and width divisible by 4, got {}x{}", input.height, input.width),
+                        format!(
+                            "nb201 needs height and width divisible by 4, got {}x{}",
+                            input.height, input.width
+                        ),
                     ));
                 }
-                Net::Nb201(Nb201::new(dev, s, input.channels, init, &mut rng)?)
+                Net::Nb201(Box::new(Nb201::new(
+                    dev,
+                    s,
+                    input.channels,
+                    init,
+                    &mut rng,
+                )?))
+            }
+            ModelSpec::Fno2d(s) => Net::Fno2d(Box::new(Fno2d::new(dev, s, grid, init, &mut rng)?)),
+            ModelSpec::Fno2dMae(s) => {
+                Net::Fno2dMae(Box::new(Fno2dMae::new(dev, s, grid, init, &mut rng)?))
             }
         };
-        Ok(Self { spec: spec.clone(), input, net })
+        Ok(Self {
+            spec: spec.clone(),
+            input,
+            net,
+        })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -116,20 +164,34 @@ where
             ModelSpec::MlpDag(s) => vec![s.classes],
             ModelSpec::CnnDag(s) => vec![s.classes],
             ModelSpec::Nb201(s) => vec![s.classes],
+            ModelSpec::Fno2d(s) => vec![s.out_channels, self.input.height, self.input.width],
+            ModelSpec::Fno2dMae(_) => {
+                vec![self.input.channels, self.input.height, self.input.width]
+            }
         }
     }
 
     /// `(batch, c, h, w)` -> `(batch, outputs)`.
-    pub fn forward<T: Tape<E, Dev>>(&mut self, x: Tensor4<E, T>, ctx: &mut ForwardCtx) -> Result<Tensor2<E, T>, NnError> {
+    pub fn forward<T: Tape<E, Dev>>(
+        &mut self,
+        x: Tensor4<E, T>,
+        ctx: &mut ForwardCtx,
+    ) -> Result<Tensor2<E, T>, NnError> {
         let (_, c, h, w) = *x.shape();
         let want = (self.input.channels, self.input.height, self.input.width);
         if (c, h, w) != want {
-            return Err(NnError::shape("model input (channels, height, width)", want, (c, h, w)));
+            return Err(NnError::shape(
+                "model input (channels, height, width)",
+                want,
+                (c, h, w),
+            ));
         }
         match &mut self.net {
             Net::MlpDag(m) => m.forward(x),
             Net::CnnDag(m) => m.forward(x, ctx),
             Net::Nb201(m) => m.forward(x, ctx),
+            Net::Fno2d(m) => m.forward(x),
+            Net::Fno2dMae(m) => m.forward(x),
         }
     }
 
@@ -149,6 +211,8 @@ impl<E: Float> HasParams<E> for Model<E> {
             Net::MlpDag(m) => m.visit_params(prefix, out),
             Net::CnnDag(m) => m.visit_params(prefix, out),
             Net::Nb201(m) => m.visit_params(prefix, out),
+            Net::Fno2d(m) => m.visit_params(prefix, out),
+            Net::Fno2dMae(m) => m.visit_params(prefix, out),
         }
     }
     fn visit_params_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Param<E>)>) {
@@ -156,6 +220,8 @@ impl<E: Float> HasParams<E> for Model<E> {
             Net::MlpDag(m) => m.visit_params_mut(prefix, out),
             Net::CnnDag(m) => m.visit_params_mut(prefix, out),
             Net::Nb201(m) => m.visit_params_mut(prefix, out),
+            Net::Fno2d(m) => m.visit_params_mut(prefix, out),
+            Net::Fno2dMae(m) => m.visit_params_mut(prefix, out),
         }
     }
 }

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::dag::{eval_cell, positive, ReluConvBn};
 use super::topology::Dag;
-use crate::nn::layers::{global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear};
+use crate::nn::layers::{
+    global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
+};
 use crate::nn::tensor::{impl_has_params, join};
 use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor4};
 
@@ -39,7 +41,7 @@ fn default_cells() -> usize {
 pub enum CellOp<E: Float> {
     Skip,
     AvgPool,
-    Conv(ReluConvBn<E>),
+    Conv(Box<ReluConvBn<E>>),
 }
 
 #[derive(Clone, Debug)]
@@ -56,7 +58,11 @@ impl<E: Float> crate::nn::HasParams<E> for Cell<E> {
             }
         }
     }
-    fn visit_params_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut crate::nn::Param<E>)>) {
+    fn visit_params_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        out: &mut Vec<(String, &'a mut crate::nn::Param<E>)>,
+    ) {
         for (i, e) in self.edges.iter_mut().enumerate() {
             if let Some(CellOp::Conv(c)) = e {
                 c.visit_params_mut(&join(&join(prefix, "edges"), &i.to_string()), out);
@@ -76,15 +82,36 @@ impl<E: Float> Cell<E>
 where
     Dev: Device<E>,
 {
-    fn new(dev: &Dev, name: &str, dag: &Dag, c: usize, init: &Init, rng: &mut StdRng) -> Result<Self, NnError> {
+    fn new(
+        dev: &Dev,
+        name: &str,
+        dag: &Dag,
+        c: usize,
+        init: &Init,
+        rng: &mut StdRng,
+    ) -> Result<Self, NnError> {
         let edges = dag
             .edges()
             .map(|(pos, _, _, op)| {
                 let edge_name = format!("{name}.edges.{pos}");
                 Ok(match op {
                     1 => Some(CellOp::Skip),
-                    2 => Some(CellOp::Conv(ReluConvBn::new(dev, &edge_name, (c, c), ConvGeometry::same(1), init, rng)?)),
-                    3 => Some(CellOp::Conv(ReluConvBn::new(dev, &edge_name, (c, c), ConvGeometry::same(3), init, rng)?)),
+                    2 => Some(CellOp::Conv(Box::new(ReluConvBn::new(
+                        dev,
+                        &edge_name,
+                        (c, c),
+                        ConvGeometry::same(1),
+                        init,
+                        rng,
+                    )?))),
+                    3 => Some(CellOp::Conv(Box::new(ReluConvBn::new(
+                        dev,
+                        &edge_name,
+                        (c, c),
+                        ConvGeometry::same(3),
+                        init,
+                        rng,
+                    )?))),
                     4 => Some(CellOp::AvgPool),
                     _ => None,
                 })
@@ -93,7 +120,12 @@ where
         Ok(Self { edges })
     }
 
-    fn forward<T: Tape<E, Dev>>(&mut self, dag: &Dag, x: Tensor4<E, T>, ctx: &ForwardCtx) -> Result<Tensor4<E, T>, NnError> {
+    fn forward<T: Tape<E, Dev>>(
+        &mut self,
+        dag: &Dag,
+        x: Tensor4<E, T>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor4<E, T>, NnError> {
         let edges = &mut self.edges;
         eval_cell(dag, x, |pos, _, v| match &mut edges[pos] {
             Some(CellOp::Conv(op)) => op.forward(v, ctx),
@@ -111,23 +143,64 @@ pub struct ReductionBlock<E: Float> {
     pub conv_b: ReluConvBn<E>,
     pub shortcut: Conv2d<E>,
 }
-impl_has_params!(ReductionBlock { conv_a, conv_b, shortcut });
+impl_has_params!(ReductionBlock {
+    conv_a,
+    conv_b,
+    shortcut
+});
 
 impl<E: Float> ReductionBlock<E>
 where
     Dev: Device<E>,
 {
-    fn new(dev: &Dev, name: &str, c_in: usize, c_out: usize, init: &Init, rng: &mut StdRng) -> Result<Self, NnError> {
-        let down = ConvGeometry { kernel: 3, stride: 2, padding: 1, dilation: 1 };
+    fn new(
+        dev: &Dev,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        init: &Init,
+        rng: &mut StdRng,
+    ) -> Result<Self, NnError> {
+        let down = ConvGeometry {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+            dilation: 1,
+        };
         Ok(Self {
             conv_a: ReluConvBn::new(dev, &join(name, "conv_a"), (c_in, c_out), down, init, rng)?,
-            conv_b: ReluConvBn::new(dev, &join(name, "conv_b"), (c_out, c_out), ConvGeometry::same(3), init, rng)?,
-            shortcut: Conv2d::new(dev, &join(name, "shortcut"), c_in, c_out, ConvGeometry::same(1), false, init, rng)?,
+            conv_b: ReluConvBn::new(
+                dev,
+                &join(name, "conv_b"),
+                (c_out, c_out),
+                ConvGeometry::same(3),
+                init,
+                rng,
+            )?,
+            shortcut: Conv2d::new(
+                dev,
+                &join(name, "shortcut"),
+                c_in,
+                c_out,
+                ConvGeometry::same(1),
+                false,
+                init,
+                rng,
+            )?,
         })
     }
 
-    fn forward<T: Tape<E, Dev>>(&mut self, x: Tensor4<E, T>, ctx: &ForwardCtx) -> Result<Tensor4<E, T>, NnError> {
-        let pool = AvgPool2d { kernel: 2, stride: 2, padding: 0, count_include_pad: true };
+    fn forward<T: Tape<E, Dev>>(
+        &mut self,
+        x: Tensor4<E, T>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor4<E, T>, NnError> {
+        let pool = AvgPool2d {
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+            count_include_pad: true,
+        };
         let skip = self.shortcut.forward(pool.forward(x.with_empty_tape())?)?;
         let y = self.conv_b.forward(self.conv_a.forward(x, ctx)?, ctx)?;
         Ok(y.try_add(skip)?)
@@ -138,7 +211,7 @@ where
 #[derive(Clone, Debug)]
 pub enum Nb201Block<E: Float> {
     Cell(Cell<E>),
-    Reduction(ReductionBlock<E>),
+    Reduction(Box<ReductionBlock<E>>),
 }
 
 impl<E: Float> crate::nn::HasParams<E> for Nb201Block<E> {
@@ -148,7 +221,11 @@ impl<E: Float> crate::nn::HasParams<E> for Nb201Block<E> {
             Nb201Block::Reduction(r) => r.visit_params(prefix, out),
         }
     }
-    fn visit_params_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut crate::nn::Param<E>)>) {
+    fn visit_params_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        out: &mut Vec<(String, &'a mut crate::nn::Param<E>)>,
+    ) {
         match self {
             Nb201Block::Cell(c) => c.visit_params_mut(prefix, out),
             Nb201Block::Reduction(r) => r.visit_params_mut(prefix, out),
@@ -166,28 +243,58 @@ pub struct Nb201<E: Float> {
     pub last_bn: BatchNorm2d<E>,
     pub classifier: Linear<E>,
 }
-impl_has_params!(Nb201 { stem, stem_bn, blocks, last_bn, classifier });
+impl_has_params!(Nb201 {
+    stem,
+    stem_bn,
+    blocks,
+    last_bn,
+    classifier
+});
 
 impl<E: Float> Nb201<E>
 where
     Dev: Device<E>,
 {
-    pub fn new(dev: &Dev, spec: &Nb201Spec, in_channels: usize, init: &Init, rng: &mut StdRng) -> Result<Self, NnError> {
+    pub fn new(
+        dev: &Dev,
+        spec: &Nb201Spec,
+        in_channels: usize,
+        init: &Init,
+        rng: &mut StdRng,
+    ) -> Result<Self, NnError> {
         let dag = Dag::parse_nb201("model.cell", &spec.cell)?;
         positive("model.channels", spec.channels)?;
         positive("model.cells_per_stage", spec.cells_per_stage)?;
         positive("model.classes", spec.classes)?;
         let c = spec.channels;
-        let stem = Conv2d::new(dev, "stem", in_channels, c, ConvGeometry::same(3), false, init, rng)?;
+        let stem = Conv2d::new(
+            dev,
+            "stem",
+            in_channels,
+            c,
+            ConvGeometry::same(3),
+            false,
+            init,
+            rng,
+        )?;
         let mut blocks = Vec::new();
         for (stage, width) in [c, 2 * c, 4 * c].into_iter().enumerate() {
             if stage > 0 {
                 let name = format!("blocks.{}", blocks.len());
-                blocks.push(Nb201Block::Reduction(ReductionBlock::new(dev, &name, width / 2, width, init, rng)?));
+                blocks.push(Nb201Block::Reduction(Box::new(ReductionBlock::new(
+                    dev,
+                    &name,
+                    width / 2,
+                    width,
+                    init,
+                    rng,
+                )?)));
             }
             for _ in 0..spec.cells_per_stage {
                 let name = format!("blocks.{}", blocks.len());
-                blocks.push(Nb201Block::Cell(Cell::new(dev, &name, &dag, width, init, rng)?));
+                blocks.push(Nb201Block::Cell(Cell::new(
+                    dev, &name, &dag, width, init, rng,
+                )?));
             }
         }
         Ok(Self {
@@ -201,7 +308,11 @@ where
     }
 
     /// `(batch, c, h, w)` -> `(batch, classes)`; h and w must survive two stride-2 reductions.
-    pub fn forward<T: Tape<E, Dev>>(&mut self, x: Tensor4<E, T>, ctx: &ForwardCtx) -> Result<Tensor2<E, T>, NnError> {
+    pub fn forward<T: Tape<E, Dev>>(
+        &mut self,
+        x: Tensor4<E, T>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor2<E, T>, NnError> {
         let mut z = self.stem_bn.forward(self.stem.forward(x)?, ctx)?;
         for block in &mut self.blocks {
             z = match block {

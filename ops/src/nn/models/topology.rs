@@ -68,7 +68,13 @@ impl Dag {
         }
         let dag = Self::parse_digits(field, s, 4)?;
         if dag.nodes() != 4 {
-            return Err(NnError::spec(field, format!("a NAS-Bench-201 cell has 3 groups (4 nodes), {s:?} has {}", dag.ops.len())));
+            return Err(NnError::spec(
+                field,
+                format!(
+                    "a NAS-Bench-201 cell has 3 groups (4 nodes), {s:?} has {}",
+                    dag.ops.len()
+                ),
+            ));
         }
         Ok(dag)
     }
@@ -81,29 +87,40 @@ impl Dag {
                 .strip_prefix('|')
                 .and_then(|g| g.strip_suffix('|'))
                 .ok_or_else(|| {
-                    NnError::spec(field, format!("arch string group {g:?} must look like |op~0|op~1|"))
+                    NnError::spec(
+                        field,
+                        format!("arch string group {g:?} must look like |op~0|op~1|"),
+                    )
                 })?;
             let mut row = vec![0u8; t + 1];
             let mut seen = vec![false; t + 1];
             for edge in inner.split('|') {
                 let (name, src) = edge.split_once('~').ok_or_else(|| {
-                    NnError::spec(field, format!("arch string edge {edge:?} must be op~source"))
+                    NnError::spec(
+                        field,
+                        format!("arch string edge {edge:?} must be op~source"),
+                    )
                 })?;
                 let code = NB201_OPS.iter().position(|o| *o == name).ok_or_else(|| {
                     NnError::spec(
                         field,
-                        format!("unknown op {name:?}; expected one of {}", NB201_OPS.join(", ")),
+                        format!(
+                            "unknown op {name:?}; expected one of {}",
+                            NB201_OPS.join(", ")
+                        ),
                     )
                 })?;
-                let src: usize = src
-                    .parse()
-                    .ok()
-                    .filter(|s| *s <= t)
-                    .ok_or_else(|| {
-                        NnError::spec(field, format!("edge {edge:?}: source must be a node 0..={t}"))
-                    })?;
+                let src: usize = src.parse().ok().filter(|s| *s <= t).ok_or_else(|| {
+                    NnError::spec(
+                        field,
+                        format!("edge {edge:?}: source must be a node 0..={t}"),
+                    )
+                })?;
                 if seen[src] {
-                    return Err(NnError::spec(field, format!("edge {edge:?}: source {src} given twice")));
+                    return Err(NnError::spec(
+                        field,
+                        format!("edge {edge:?}: source {src} given twice"),
+                    ));
                 }
                 seen[src] = true;
                 row[src] = code as u8;
@@ -117,7 +134,10 @@ impl Dag {
             ops.push(row);
         }
         if ops.len() != 3 {
-            return Err(NnError::spec(field, format!("a NAS-Bench-201 cell has 3 groups, {s:?} has {}", ops.len())));
+            return Err(NnError::spec(
+                field,
+                format!("a NAS-Bench-201 cell has 3 groups, {s:?} has {}", ops.len()),
+            ));
         }
         Ok(Self { ops })
     }
@@ -179,13 +199,19 @@ mod tests {
     fn parses_digit_topologies() {
         let d = Dag::parse_digits("t", "2_02_002", 2).unwrap();
         assert_eq!(d.nodes(), 4);
-        assert_eq!((d.op(1, 0), d.op(2, 0), d.op(2, 1), d.op(3, 2)), (2, 0, 2, 2));
+        assert_eq!(
+            (d.op(1, 0), d.op(2, 0), d.op(2, 1), d.op(3, 2)),
+            (2, 0, 2, 2)
+        );
         assert_eq!(d.in_degree(3), 1);
         assert!(d.connects_input_to_output());
         assert_eq!(d.to_digits(), "2_02_002");
-        let positions: Vec<(usize, usize, usize)> = d.edges().map(|(p, t, s, _)| (p, t, s)).collect();
+        let positions: Vec<(usize, usize, usize)> =
+            d.edges().map(|(p, t, s, _)| (p, t, s)).collect();
         assert_eq!(positions[4], (4, 3, 1));
-        assert!(!Dag::parse_digits("t", "2_00_000", 2).unwrap().connects_input_to_output());
+        assert!(!Dag::parse_digits("t", "2_00_000", 2)
+            .unwrap()
+            .connects_input_to_output());
         for bad in ["2_2", "3_02", "2__", "", "a"] {
             assert!(Dag::parse_digits("t", bad, 2).is_err(), "{bad:?}");
         }

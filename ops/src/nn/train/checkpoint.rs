@@ -7,7 +7,9 @@ use dfdx::tensor_ops::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::nn::models::InputShape;
-use crate::nn::{collect_params, collect_params_mut, Dev, Float, HasParams, Init, Model, ModelSpec, NnError};
+use crate::nn::{
+    collect_params, collect_params_mut, Dev, Float, HasParams, Init, Model, ModelSpec, NnError,
+};
 
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 pub const SPEC_FILE: &str = "model.json";
@@ -69,7 +71,13 @@ where
     let loaded = load_weights(&mut model, &dir.join(WEIGHTS_FILE), |n| Some(n.to_string()))?;
     let expected = collect_params(&model).len();
     if loaded.len() != expected {
-        return Err(ck_err(dir, format!("{} of the model's {expected} tensors were in the file", loaded.len())));
+        return Err(ck_err(
+            dir,
+            format!(
+                "{} of the model's {expected} tensors were in the file",
+                loaded.len()
+            ),
+        ));
     }
     Ok(model)
 }
@@ -95,17 +103,36 @@ where
         let Some(target) = rename(name) else { continue };
         let view = file.tensor(name).map_err(|e| ck_err(path, e))?;
         let Some((_, p)) = params.iter_mut().find(|(n, _)| *n == target) else {
-            return Err(ck_err(path, format!("tensor {name:?} maps to {target:?}, which the model does not have")));
+            return Err(ck_err(
+                path,
+                format!("tensor {name:?} maps to {target:?}, which the model does not have"),
+            ));
         };
         if view.shape() != p.shape.as_slice() {
-            return Err(ck_err(path, format!("tensor {name:?} has shape {:?}, parameter {target:?} {:?}", view.shape(), p.shape)));
+            return Err(ck_err(
+                path,
+                format!(
+                    "tensor {name:?} has shape {:?}, parameter {target:?} {:?}",
+                    view.shape(),
+                    p.shape
+                ),
+            ));
         }
         let values: Option<Vec<E>> = match view.dtype() {
-            safetensors::Dtype::F32 => f32::decode_le(view.data()).map(|v| v.into_iter().map(|x| E::of_f64(x as f64)).collect()),
-            safetensors::Dtype::F64 => f64::decode_le(view.data()).map(|v| v.into_iter().map(E::of_f64).collect()),
-            other => return Err(ck_err(path, format!("tensor {name:?} has dtype {other:?}; only F32 and F64 load"))),
+            safetensors::Dtype::F32 => f32::decode_le(view.data())
+                .map(|v| v.into_iter().map(|x| E::of_f64(x as f64)).collect()),
+            safetensors::Dtype::F64 => {
+                f64::decode_le(view.data()).map(|v| v.into_iter().map(E::of_f64).collect())
+            }
+            other => {
+                return Err(ck_err(
+                    path,
+                    format!("tensor {name:?} has dtype {other:?}; only F32 and F64 load"),
+                ))
+            }
         };
-        let values = values.ok_or_else(|| ck_err(path, format!("tensor {name:?}: truncated data")))?;
+        let values =
+            values.ok_or_else(|| ck_err(path, format!("tensor {name:?}: truncated data")))?;
         p.set_vec(values)?;
         loaded.push(target);
     }

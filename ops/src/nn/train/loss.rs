@@ -58,11 +58,17 @@ where
     if pred.shape() != target.shape() {
         return Err(NnError::shape("target", *pred.shape(), *target.shape()));
     }
-    Ok(pred.try_sub(target.clone())?.try_square()?.try_sum::<Rank0, _>()?)
+    Ok(pred
+        .try_sub(target.clone())?
+        .try_square()?
+        .try_sum::<Rank0, _>()?)
 }
 
 /// loss = (1 / (B N)) sum (pred - target)^2.
-pub fn mse<E: Float, T: Tape<E, Dev>>(pred: Tensor2<E, T>, target: &Tensor2<E>) -> Result<Tensor<Rank0, E, Dev, T>, NnError>
+pub fn mse<E: Float, T: Tape<E, Dev>>(
+    pred: Tensor2<E, T>,
+    target: &Tensor2<E>,
+) -> Result<Tensor<Rank0, E, Dev, T>, NnError>
 where
     Dev: Device<E>,
 {
@@ -95,10 +101,14 @@ where
         (LossKind::CrossEntropy, Target::Labels(y)) => cross_entropy(pred, y),
         (LossKind::Mse, Target::Values(t)) => mse(pred, t),
         (LossKind::SumOfSquares, Target::Values(t)) => sum_of_squares(pred, t),
-        (LossKind::CrossEntropy, Target::Values(_)) => {
-            Err(NnError::config("loss", "cross_entropy needs class labels as targets"))
-        }
-        (_, Target::Labels(_)) => Err(NnError::config("loss", "mse and sum_of_squares need value targets, not labels")),
+        (LossKind::CrossEntropy, Target::Values(_)) => Err(NnError::config(
+            "loss",
+            "cross_entropy needs class labels as targets",
+        )),
+        (_, Target::Labels(_)) => Err(NnError::config(
+            "loss",
+            "mse and sum_of_squares need value targets, not labels",
+        )),
     }
 }
 
@@ -114,7 +124,10 @@ pub fn accuracy<E: Float>(logits: &[E], classes: usize, labels: &[usize]) -> f64
             let best = row
                 .iter()
                 .enumerate()
-                .fold((0, E::neg_infinity()), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc });
+                .fold(
+                    (0, E::neg_infinity()),
+                    |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+                );
             best.0 == y
         })
         .count();
@@ -131,7 +144,11 @@ pub fn relative_l2<E: Float>(pred: &[E], target: &[E], per_sample: usize) -> f64
     let mut total = 0.0;
     let mut n = 0;
     for (p, t) in rows {
-        let err: f64 = p.iter().zip(t).map(|(a, b)| (a.into_f64() - b.into_f64()).powi(2)).sum();
+        let err: f64 = p
+            .iter()
+            .zip(t)
+            .map(|(a, b)| (a.into_f64() - b.into_f64()).powi(2))
+            .sum();
         let norm: f64 = t.iter().map(|b| b.into_f64().powi(2)).sum();
         total += (err / norm.max(f64::MIN_POSITIVE)).sqrt();
         n += 1;
@@ -172,7 +189,10 @@ mod tests {
         check_input_grad(&p, |x| sum_of_squares(x, &t), 1e-6);
         let rel = relative_l2(&p.as_vec(), &t.as_vec(), 2);
         assert!((rel - 0.5 * (2.0 / 1.0 + 4.0 / 3.0)).abs() < 1e-12);
-        assert_eq!(accuracy(&[0.1f64, 0.9, 0.8, 0.2, 0.3, 0.7], 2, &[1, 0, 0]), 2.0 / 3.0);
+        assert_eq!(
+            accuracy(&[0.1f64, 0.9, 0.8, 0.2, 0.3, 0.7], 2, &[1, 0, 0]),
+            2.0 / 3.0
+        );
         assert!(loss(LossKind::CrossEntropy, p, &Target::Values(t)).is_err());
     }
 }

@@ -7,9 +7,11 @@ mod optim;
 mod schedule;
 mod step;
 
-pub use checkpoint::{load_checkpoint, load_weights, save_checkpoint, CheckpointMeta, WEIGHTS_FILE, SPEC_FILE};
+pub use checkpoint::{
+    load_checkpoint, load_weights, save_checkpoint, CheckpointMeta, SPEC_FILE, WEIGHTS_FILE,
+};
 pub use loss::{accuracy, cross_entropy, loss, mse, relative_l2, sum_of_squares, LossKind, Target};
-pub use optim::{clip_grad_norm, OptimizerSpec, ParamGroup, Optimizer};
+pub use optim::{clip_grad_norm, Optimizer, OptimizerSpec, ParamGroup};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{evaluate, predict, train_step, EvalReport, StepReport};
 

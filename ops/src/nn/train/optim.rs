@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{collect_params, collect_params_mut, Dev, Float, HasParams, NnError, ParamKind, Tensor1};
+use crate::nn::{
+    collect_params, collect_params_mut, Dev, Float, HasParams, NnError, ParamKind, Tensor1,
+};
 
 /// The `optimizer:` block of a stage.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,22 +63,36 @@ impl OptimizerSpec {
             }
         };
         match *self {
-            OptimizerSpec::Sgd { momentum, nesterov, weight_decay } => {
+            OptimizerSpec::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
                 unit("optimizer.momentum", momentum)?;
                 non_negative("optimizer.weight_decay", weight_decay)?;
                 if nesterov && momentum == 0.0 {
-                    return Err(NnError::config("optimizer.nesterov", "Nesterov momentum needs momentum > 0"));
+                    return Err(NnError::config(
+                        "optimizer.nesterov",
+                        "Nesterov momentum needs momentum > 0",
+                    ));
                 }
                 Ok(())
             }
-            OptimizerSpec::Adamw { betas, eps, weight_decay } => {
+            OptimizerSpec::Adamw {
+                betas,
+                eps,
+                weight_decay,
+            } => {
                 unit("optimizer.betas.0", betas.0)?;
                 unit("optimizer.betas.1", betas.1)?;
                 non_negative("optimizer.weight_decay", weight_decay)?;
                 if eps > 0.0 {
                     Ok(())
                 } else {
-                    Err(NnError::config("optimizer.eps", format!("{eps} must be positive")))
+                    Err(NnError::config(
+                        "optimizer.eps",
+                        format!("{eps} must be positive"),
+                    ))
                 }
             }
         }
@@ -110,13 +126,21 @@ pub struct Optimizer<E: Float> {
 /// Rescales gradients so that their global L2 norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`: factor max_norm / (norm + 1e-6) when norm > max_norm). Returns the norm
 /// before clipping.
-pub fn clip_grad_norm<E: Float>(grads: &mut [Tensor1<E>], max_norm: Option<f64>) -> Result<f64, NnError>
+pub fn clip_grad_norm<E: Float>(
+    grads: &mut [Tensor1<E>],
+    max_norm: Option<f64>,
+) -> Result<f64, NnError>
 where
     Dev: Device<E>,
 {
     let mut sq = 0.0;
     for g in grads.iter() {
-        sq += g.clone().try_square()?.try_sum::<Rank0, _>()?.array().into_f64();
+        sq += g
+            .clone()
+            .try_square()?
+            .try_sum::<Rank0, _>()?
+            .array()
+            .into_f64();
     }
     let norm = sq.sqrt();
     if let Some(max) = max_norm {
@@ -163,7 +187,10 @@ where
 
     /// The gradients of `model`'s trainable parameters, in [`collect_params`] order (zeros for
     /// parameters the loss did not reach).
-    pub fn gradients<M: HasParams<E>>(model: &M, grads: &mut Gradients<E, Dev>) -> Result<Vec<Tensor1<E>>, NnError> {
+    pub fn gradients<M: HasParams<E>>(
+        model: &M,
+        grads: &mut Gradients<E, Dev>,
+    ) -> Result<Vec<Tensor1<E>>, NnError> {
         let mut out = Vec::new();
         for (_, p) in collect_params(model) {
             if p.kind == ParamKind::Trainable {
@@ -176,7 +203,12 @@ where
 
     /// One update of every trainable parameter with gradients `grads` (from [`Self::gradients`])
     /// at learning rate `lr`.
-    pub fn step<M: HasParams<E>>(&mut self, model: &mut M, grads: Vec<Tensor1<E>>, lr: f64) -> Result<(), NnError> {
+    pub fn step<M: HasParams<E>>(
+        &mut self,
+        model: &mut M,
+        grads: Vec<Tensor1<E>>,
+        lr: f64,
+    ) -> Result<(), NnError> {
         self.steps += 1;
         let t = self.steps as i32;
         let trainable: Vec<_> = collect_params_mut(model)
@@ -184,7 +216,11 @@ where
             .filter(|(_, p)| p.kind == ParamKind::Trainable)
             .collect();
         if trainable.len() != grads.len() {
-            return Err(NnError::shape("gradients per trainable parameter", trainable.len(), grads.len()));
+            return Err(NnError::shape(
+                "gradients per trainable parameter",
+                trainable.len(),
+                grads.len(),
+            ));
         }
         for ((name, p), g) in trainable.into_iter().zip(grads) {
             let lr_p = lr * self.multiplier(&name);
@@ -193,7 +229,11 @@ where
             }
             let value = p.value.clone();
             let new = match self.spec {
-                OptimizerSpec::Sgd { momentum, nesterov, weight_decay } => {
+                OptimizerSpec::Sgd {
+                    momentum,
+                    nesterov,
+                    weight_decay,
+                } => {
                     let g = if weight_decay > 0.0 {
                         g.try_add(value.clone().try_mul(E::of_f64(weight_decay))?)?
                     } else {
@@ -201,10 +241,16 @@ where
                     };
                     let dir = if momentum > 0.0 {
                         let buf = match self.state.remove(&name) {
-                            Some(State::Momentum(b)) => b.try_mul(E::of_f64(momentum))?.try_add(g.clone())?,
+                            Some(State::Momentum(b)) => {
+                                b.try_mul(E::of_f64(momentum))?.try_add(g.clone())?
+                            }
                             _ => g.clone(),
                         };
-                        let dir = if nesterov { g.try_add(buf.clone().try_mul(E::of_f64(momentum))?)? } else { buf.clone() };
+                        let dir = if nesterov {
+                            g.try_add(buf.clone().try_mul(E::of_f64(momentum))?)?
+                        } else {
+                            buf.clone()
+                        };
                         self.state.insert(name, State::Momentum(buf));
                         dir
                     } else {
@@ -212,13 +258,24 @@ where
                     };
                     value.try_sub(dir.try_mul(E::of_f64(lr_p))?)?
                 }
-                OptimizerSpec::Adamw { betas: (b1, b2), eps, weight_decay } => {
+                OptimizerSpec::Adamw {
+                    betas: (b1, b2),
+                    eps,
+                    weight_decay,
+                } => {
                     let (m, v) = match self.state.remove(&name) {
                         Some(State::Adam { m, v }) => (m, v),
-                        _ => (value.device().try_zeros_like(value.shape())?, value.device().try_zeros_like(value.shape())?),
+                        _ => (
+                            value.device().try_zeros_like(value.shape())?,
+                            value.device().try_zeros_like(value.shape())?,
+                        ),
                     };
-                    let m = m.try_mul(E::of_f64(b1))?.try_add(g.clone().try_mul(E::of_f64(1.0 - b1))?)?;
-                    let v = v.try_mul(E::of_f64(b2))?.try_add(g.try_square()?.try_mul(E::of_f64(1.0 - b2))?)?;
+                    let m = m
+                        .try_mul(E::of_f64(b1))?
+                        .try_add(g.clone().try_mul(E::of_f64(1.0 - b1))?)?;
+                    let v = v
+                        .try_mul(E::of_f64(b2))?
+                        .try_add(g.try_square()?.try_mul(E::of_f64(1.0 - b2))?)?;
                     let m_hat = m.clone().try_mul(E::of_f64(1.0 / (1.0 - b1.powi(t))))?;
                     let v_hat = v.clone().try_mul(E::of_f64(1.0 / (1.0 - b2.powi(t))))?;
                     let update = m_hat.try_div(v_hat.try_sqrt()?.try_add(E::of_f64(eps))?)?;
@@ -246,12 +303,20 @@ mod tests {
     }
     impl HasParams<f64> for Two {
         fn visit_params<'a>(&'a self, p: &str, out: &mut Vec<(String, &'a Param<f64>)>) {
-            self.a.visit_params(&crate::nn::tensor::join(p, "enc.a"), out);
-            self.b.visit_params(&crate::nn::tensor::join(p, "head.b"), out);
+            self.a
+                .visit_params(&crate::nn::tensor::join(p, "enc.a"), out);
+            self.b
+                .visit_params(&crate::nn::tensor::join(p, "head.b"), out);
         }
-        fn visit_params_mut<'a>(&'a mut self, p: &str, out: &mut Vec<(String, &'a mut Param<f64>)>) {
-            self.a.visit_params_mut(&crate::nn::tensor::join(p, "enc.a"), out);
-            self.b.visit_params_mut(&crate::nn::tensor::join(p, "head.b"), out);
+        fn visit_params_mut<'a>(
+            &'a mut self,
+            p: &str,
+            out: &mut Vec<(String, &'a mut Param<f64>)>,
+        ) {
+            self.a
+                .visit_params_mut(&crate::nn::tensor::join(p, "enc.a"), out);
+            self.b
+                .visit_params_mut(&crate::nn::tensor::join(p, "head.b"), out);
         }
     }
 
@@ -271,15 +336,21 @@ mod tests {
     #[test]
     fn sgd_nesterov_matches_pytorch_recurrence() {
         let mut m = two();
-        let spec = OptimizerSpec::Sgd { momentum: 0.9, nesterov: true, weight_decay: 0.1 };
+        let spec = OptimizerSpec::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.1,
+        };
         let mut opt = Optimizer::new(spec, vec![]).unwrap();
         // Step 1: g' = g + 0.1 p = [0.6, 0.3]; b = g'; d = g' + 0.9 b = 1.9 g'.
-        opt.step(&mut m, vec![g(vec![0.5, 0.5]), g(vec![0.0])], 0.1).unwrap();
+        opt.step(&mut m, vec![g(vec![0.5, 0.5]), g(vec![0.0])], 0.1)
+            .unwrap();
         let a1 = [1.0 - 0.1 * 1.9 * 0.6, -2.0 - 0.1 * 1.9 * 0.3];
         let got = m.a.to_vec();
         assert!((got[0] - a1[0]).abs() < 1e-12 && (got[1] - a1[1]).abs() < 1e-12);
         // Step 2 with zero gradient: g' = 0.1 p; b = 0.9 b1 + g'; d = g' + 0.9 b.
-        opt.step(&mut m, vec![g(vec![0.0, 0.0]), g(vec![0.0])], 0.1).unwrap();
+        opt.step(&mut m, vec![g(vec![0.0, 0.0]), g(vec![0.0])], 0.1)
+            .unwrap();
         let gp = 0.1 * a1[0];
         let b = 0.9 * 0.6 + gp;
         assert!((m.a.to_vec()[0] - (a1[0] - 0.1 * (gp + 0.9 * b))).abs() < 1e-12);
@@ -288,14 +359,25 @@ mod tests {
     #[test]
     fn adamw_first_step_moves_by_lr_and_groups_scale_or_freeze() {
         let mut m = two();
-        let spec = OptimizerSpec::Adamw { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 };
-        let groups = vec![ParamGroup { prefix: "head".into(), lr_multiplier: 0.0 }];
+        let spec = OptimizerSpec::Adamw {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let groups = vec![ParamGroup {
+            prefix: "head".into(),
+            lr_multiplier: 0.0,
+        }];
         let mut opt = Optimizer::new(spec, groups).unwrap();
         assert_eq!(opt.multiplier("head.b"), 0.0);
-        opt.step(&mut m, vec![g(vec![3.0, -0.2]), g(vec![1.0])], 0.01).unwrap();
+        opt.step(&mut m, vec![g(vec![3.0, -0.2]), g(vec![1.0])], 0.01)
+            .unwrap();
         // Bias-corrected first Adam step is lr * sign(g).
         let a = m.a.to_vec();
-        assert!((a[0] - 0.99).abs() < 1e-6 && (a[1] + 1.99).abs() < 1e-6, "{a:?}");
+        assert!(
+            (a[0] - 0.99).abs() < 1e-6 && (a[1] + 1.99).abs() < 1e-6,
+            "{a:?}"
+        );
         assert_eq!(m.b.to_vec(), vec![0.5]);
     }
 
@@ -306,6 +388,14 @@ mod tests {
         assert!((norm - 5.0).abs() < 1e-12);
         let after = clip_grad_norm(&mut gs, None).unwrap();
         assert!((after - 1.0).abs() < 1e-5);
-        assert!(Optimizer::<f64>::new(OptimizerSpec::Sgd { momentum: 1.5, nesterov: false, weight_decay: 0.0 }, vec![]).is_err());
+        assert!(Optimizer::<f64>::new(
+            OptimizerSpec::Sgd {
+                momentum: 1.5,
+                nesterov: false,
+                weight_decay: 0.0
+            },
+            vec![]
+        )
+        .is_err());
     }
 }

@@ -48,9 +48,16 @@ impl TryFrom<ScheduleFields> for Schedule {
     type Error = String;
     fn try_from(f: ScheduleFields) -> Result<Self, String> {
         let only = |allowed: &[&str]| {
-            let given = [("min_lr", f.min_lr.is_some()), ("every", f.every.is_some()), ("gamma", f.gamma.is_some())];
+            let given = [
+                ("min_lr", f.min_lr.is_some()),
+                ("every", f.every.is_some()),
+                ("gamma", f.gamma.is_some()),
+            ];
             match given.iter().find(|(n, set)| *set && !allowed.contains(n)) {
-                Some((n, _)) => Err(format!("`{n}` does not apply to schedule kind `{}`", f.kind)),
+                Some((n, _)) => Err(format!(
+                    "`{n}` does not apply to schedule kind `{}`",
+                    f.kind
+                )),
                 None => Ok(()),
             }
         };
@@ -61,24 +68,38 @@ impl TryFrom<ScheduleFields> for Schedule {
             }
             "cosine" => {
                 only(&["min_lr"])?;
-                ScheduleKind::Cosine { min_lr: f.min_lr.unwrap_or(0.0) }
+                ScheduleKind::Cosine {
+                    min_lr: f.min_lr.unwrap_or(0.0),
+                }
             }
             "step" => {
                 only(&["every", "gamma"])?;
                 ScheduleKind::Step {
-                    every: f.every.ok_or("schedule kind `step` needs `every` (steps between decays)")?,
+                    every: f
+                        .every
+                        .ok_or("schedule kind `step` needs `every` (steps between decays)")?,
                     gamma: f.gamma.unwrap_or(0.1),
                 }
             }
-            other => return Err(format!("unknown schedule kind `{other}`; expected constant, cosine or step")),
+            other => {
+                return Err(format!(
+                    "unknown schedule kind `{other}`; expected constant, cosine or step"
+                ))
+            }
         };
-        Ok(Schedule { kind, warmup_steps: f.warmup_steps })
+        Ok(Schedule {
+            kind,
+            warmup_steps: f.warmup_steps,
+        })
     }
 }
 
 impl From<Schedule> for ScheduleFields {
     fn from(s: Schedule) -> Self {
-        let mut f = ScheduleFields { warmup_steps: s.warmup_steps, ..Default::default() };
+        let mut f = ScheduleFields {
+            warmup_steps: s.warmup_steps,
+            ..Default::default()
+        };
         match s.kind {
             ScheduleKind::Constant => f.kind = "constant".into(),
             ScheduleKind::Cosine { min_lr } => {
@@ -105,13 +126,15 @@ impl Schedule {
 
     pub fn validate(&self) -> Result<(), NnError> {
         match self.kind {
-            ScheduleKind::Step { every: 0, .. } => Err(NnError::config("schedule.every", "must be at least 1")),
-            ScheduleKind::Step { gamma, .. } if !(gamma > 0.0 && gamma.is_finite()) => {
-                Err(NnError::config("schedule.gamma", format!("{gamma} must be positive")))
+            ScheduleKind::Step { every: 0, .. } => {
+                Err(NnError::config("schedule.every", "must be at least 1"))
             }
-            ScheduleKind::Cosine { min_lr } if !(min_lr >= 0.0 && min_lr.is_finite()) => {
-                Err(NnError::config("schedule.min_lr", format!("{min_lr} must be >= 0")))
-            }
+            ScheduleKind::Step { gamma, .. } if !(gamma > 0.0 && gamma.is_finite()) => Err(
+                NnError::config("schedule.gamma", format!("{gamma} must be positive")),
+            ),
+            ScheduleKind::Cosine { min_lr } if !(min_lr >= 0.0 && min_lr.is_finite()) => Err(
+                NnError::config("schedule.min_lr", format!("{min_lr} must be >= 0")),
+            ),
             _ => Ok(()),
         }
     }
@@ -144,18 +167,33 @@ mod tests {
         assert_eq!(c.lr_at(1.0, 0, 100), 1.0);
         assert!((c.lr_at(1.0, 50, 100) - 0.5).abs() < 1e-12);
         assert!(c.lr_at(1.0, 99, 100) < 1e-3);
-        let w: Schedule =
-            serde_json::from_value(serde_json::json!({"kind": "cosine", "warmup_steps": 10, "min_lr": 0.1})).unwrap();
+        let w: Schedule = serde_json::from_value(
+            serde_json::json!({"kind": "cosine", "warmup_steps": 10, "min_lr": 0.1}),
+        )
+        .unwrap();
         assert!((w.lr_at(2.0, 0, 110) - 0.2).abs() < 1e-12);
         assert!((w.lr_at(2.0, 9, 110) - 2.0).abs() < 1e-12);
         assert!((w.lr_at(2.0, 60, 110) - 1.05).abs() < 1e-12);
-        let s: Schedule = serde_json::from_value(serde_json::json!({"kind": "step", "every": 3, "gamma": 0.5})).unwrap();
-        assert_eq!([s.lr_at(1.0, 2, 9), s.lr_at(1.0, 3, 9), s.lr_at(1.0, 7, 9)], [1.0, 0.5, 0.25]);
+        let s: Schedule =
+            serde_json::from_value(serde_json::json!({"kind": "step", "every": 3, "gamma": 0.5}))
+                .unwrap();
+        assert_eq!(
+            [s.lr_at(1.0, 2, 9), s.lr_at(1.0, 3, 9), s.lr_at(1.0, 7, 9)],
+            [1.0, 0.5, 0.25]
+        );
         assert_eq!(Schedule::constant().lr_at(0.3, 1000, 10), 0.3);
-        let bad: Schedule = serde_json::from_value(serde_json::json!({"kind": "step", "every": 0, "gamma": 0.5})).unwrap();
+        let bad: Schedule =
+            serde_json::from_value(serde_json::json!({"kind": "step", "every": 0, "gamma": 0.5}))
+                .unwrap();
         assert!(bad.validate().is_err());
-        assert!(serde_json::from_value::<Schedule>(serde_json::json!({"kind": "cosine", "bogus": 1})).is_err());
-        assert!(serde_json::from_value::<Schedule>(serde_json::json!({"kind": "cosine", "every": 1})).is_err());
+        assert!(serde_json::from_value::<Schedule>(
+            serde_json::json!({"kind": "cosine", "bogus": 1})
+        )
+        .is_err());
+        assert!(serde_json::from_value::<Schedule>(
+            serde_json::json!({"kind": "cosine", "every": 1})
+        )
+        .is_err());
         assert!(serde_json::from_value::<Schedule>(serde_json::json!({"kind": "step"})).is_err());
         let round: Schedule = serde_json::from_value(serde_json::to_value(&w).unwrap()).unwrap();
         assert_eq!(round, w);

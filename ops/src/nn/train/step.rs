@@ -45,7 +45,10 @@ where
     drop(grads);
     let grad_norm = clip_grad_norm(&mut g, clip)?;
     opt.step(model, g, lr)?;
-    Ok(StepReport { loss: value, grad_norm })
+    Ok(StepReport {
+        loss: value,
+        grad_norm,
+    })
 }
 
 /// The model's outputs in eval mode (running BatchNorm statistics, no dropout, no tape).
@@ -86,9 +89,11 @@ where
         let end = (start + bs).min(n);
         let xb = x.clone().try_slice((start..end, .., .., ..))?;
         let tb = match target {
-            Target::Labels(y) => Target::Labels(y.get(start..end).map(<[usize]>::to_vec).ok_or_else(|| {
-                NnError::shape("labels", n, y.len())
-            })?),
+            Target::Labels(y) => Target::Labels(
+                y.get(start..end)
+                    .map(<[usize]>::to_vec)
+                    .ok_or_else(|| NnError::shape("labels", n, y.len()))?,
+            ),
             Target::Values(t) => {
                 if t.shape().0 != n {
                     return Err(NnError::shape("target rows", n, t.shape().0));
@@ -101,7 +106,7 @@ where
         loss_sum += loss(kind, y, &tb)?.array().into_f64() * (end - start) as f64;
         start = end;
     }
-    let per_sample = if n == 0 { 0 } else { preds.len() / n };
+    let per_sample = preds.len().checked_div(n).unwrap_or(0);
     let (accuracy, relative_l2) = match target {
         Target::Labels(y) => (Some(accuracy(&preds, per_sample, y)), None),
         Target::Values(t) => (None, Some(relative_l2(&preds, &t.as_vec(), per_sample))),
