@@ -10,7 +10,7 @@ use crate::hash::{Hash, StatKey};
 use crate::{CacheError, Result};
 
 /// Bumped with every migration below; a database newer than this is refused, not corrupted.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the initial schema.
@@ -49,7 +49,55 @@ const MIGRATIONS: &[&str] = &[
         hash TEXT NOT NULL
     );
     "#,
+    // 1 -> 2: per-stage claims, so concurrent engine processes run each key once.
+    r#"
+    CREATE TABLE claims (
+        key TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        heartbeat REAL NOT NULL
+    );
+    "#,
 ];
+
+/// Who holds a claim: `id` is unique per engine process (host, pid, start time).
+#[derive(Debug, Clone)]
+pub struct ClaimOwner {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimState {
+    Acquired,
+    HeldBy {
+        owner: String,
+        pid: u32,
+        host: String,
+    },
+}
+
+/// A run's references, for verify and gc.
+#[derive(Debug, Clone)]
+pub struct RunRef {
+    pub id: i64,
+    pub ok: bool,
+    pub pipeline: String,
+    pub stage: String,
+    pub key: String,
+    pub ended_at: f64,
+    pub output_tree: Option<Hash>,
+    pub log_blob: Option<Hash>,
+}
+
+pub(crate) fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunStatus {
@@ -176,16 +224,22 @@ impl Db {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
         if run.status == RunStatus::Ok {
-            let existing: Option<i64> = tx
+            let existing: Option<(i64, Option<String>)> = tx
                 .query_row(
-                    "SELECT id FROM runs WHERE key = ?1 AND status = 'ok'",
+                    "SELECT id, output_tree FROM runs WHERE key = ?1 AND status = 'ok'",
                     [&run.key],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
                 .map_err(err)?;
-            if let Some(id) = existing {
-                return Ok(id);
+            if let Some((id, tree)) = existing {
+                if tree == run.output_tree.map(|h| h.to_hex()) {
+                    return Ok(id);
+                }
+                // A recomputation (the old result's objects were lost) that produced other
+                // bytes: the new result replaces the old one.
+                tx.execute("DELETE FROM runs WHERE id = ?1", [id])
+                    .map_err(err)?;
             }
         }
         tx.execute(
@@ -376,6 +430,148 @@ impl Db {
             .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.err(e))
+    }
+
+    /// Claims `key` for `owner` unless a live owner holds it. A claim whose heartbeat is older
+    /// than `stale_after_s`, or whose owner process on this host is gone, is taken over.
+    pub(crate) fn try_claim(
+        &mut self,
+        key: &str,
+        me: &ClaimOwner,
+        stale_after_s: f64,
+    ) -> Result<ClaimState> {
+        let path = self.path.clone();
+        let err = |source| CacheError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let now = unix_now();
+        let held: Option<(String, String, i64, f64)> = tx
+            .query_row(
+                "SELECT owner, host, pid, heartbeat FROM claims WHERE key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        if let Some((owner, host, pid, heartbeat)) = held {
+            let dead = host == me.host && !crate::store::process_alive(pid as i32);
+            let stale = now - heartbeat > stale_after_s;
+            if owner != me.id && !dead && !stale {
+                return Ok(ClaimState::HeldBy {
+                    owner,
+                    pid: pid as u32,
+                    host,
+                });
+            }
+            if owner != me.id {
+                tracing::warn!(
+                    "taking over the claim on {key} from {owner} ({})",
+                    if dead {
+                        "its process is gone"
+                    } else {
+                        "no heartbeat"
+                    }
+                );
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO claims (key, owner, host, pid, heartbeat) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![key, me.id, me.host, me.pid, now],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(ClaimState::Acquired)
+    }
+
+    pub(crate) fn heartbeat(&mut self, keys: &[String], me: &ClaimOwner) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| CacheError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached("UPDATE claims SET heartbeat = ?1 WHERE key = ?2 AND owner = ?3")
+                .map_err(err)?;
+            let now = unix_now();
+            for k in keys {
+                stmt.execute(params![now, k, me.id]).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    pub(crate) fn release(&mut self, key: &str, me: &ClaimOwner) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM claims WHERE key = ?1 AND owner = ?2",
+                params![key, me.id],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every run as (id, status ok?, pipeline, stage, ended_at, output tree, log blob).
+    pub(crate) fn all_runs(&self) -> Result<Vec<RunRef>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, status, pipeline, stage, key, ended_at, output_tree, log_blob FROM runs")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, f64>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, status, pipeline, stage, key, ended_at, tree, log) =
+                row.map_err(|e| self.err(e))?;
+            out.push(RunRef {
+                id,
+                ok: status == "ok",
+                pipeline,
+                stage,
+                key,
+                ended_at,
+                // An unparsable hash is reported by verify as a missing object.
+                output_tree: tree.map(|t| t.parse().unwrap_or(Hash::from_bytes([0; 32]))),
+                log_blob: log.map(|t| t.parse().unwrap_or(Hash::from_bytes([0; 32]))),
+            });
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn delete_runs(&mut self, ids: &[i64]) -> Result<()> {
+        let path = self.path.clone();
+        let err = |source| CacheError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM runs WHERE id = ?1")
+                .map_err(err)?;
+            for id in ids {
+                stmt.execute([id]).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
     }
 
     pub(crate) fn stat_entries(&self, paths: &[PathBuf]) -> HashMap<PathBuf, (StatKey, Hash)> {

@@ -12,13 +12,15 @@
 
 mod db;
 mod hash;
+mod maintenance;
 mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-pub use db::{NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
+pub use db::{ClaimOwner, ClaimState, NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
 pub use hash::{hash_bytes, hash_file, Hash, HashParseError};
+pub use maintenance::{GcReport, Keep, VerifyReport};
 pub use store::{Scratch, Store, Tree, TreeEntry};
 
 /// Everything that can go wrong in the cache, with the path involved.
@@ -61,6 +63,41 @@ impl CacheError {
 
 pub type Result<T, E = CacheError> = std::result::Result<T, E>;
 
+/// An advisory `flock` on `<cache>/lock`, released when dropped (or when the process dies).
+pub struct CacheLock {
+    _file: std::fs::File,
+}
+
+impl CacheLock {
+    fn acquire(path: &Path, exclusive: bool) -> Result<Self> {
+        use std::os::unix::io::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| CacheError::io(path, e))?;
+        let mode = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let quick = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
+        if quick != 0 {
+            if exclusive {
+                eprintln!("waiting for running engine processes on this cache to finish…");
+            }
+            // SAFETY: as above, blocking this time.
+            let r = unsafe { libc::flock(file.as_raw_fd(), mode) };
+            if r != 0 {
+                return Err(CacheError::io(path, std::io::Error::last_os_error()));
+            }
+        }
+        Ok(Self { _file: file })
+    }
+}
+
 /// The cache folder (`.engine/` by default): store + database, safe to share between threads.
 pub struct Cache {
     root: PathBuf,
@@ -75,6 +112,13 @@ impl Cache {
         std::fs::create_dir_all(root).map_err(|e| CacheError::io(root, e))?;
         let root = root.canonicalize().map_err(|e| CacheError::io(root, e))?;
         let store = Store::open(&root)?;
+        // Fail early, with the OS's own words, on a cache we cannot write (read-only mount,
+        // permissions, full disk) rather than deep inside SQLite.
+        let probe = root
+            .join("tmp")
+            .join(format!(".probe-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| CacheError::io(&probe, e))?;
+        let _ = std::fs::remove_file(&probe);
         store.clean_stale_scratch()?;
         let db = db::Db::open(&root.join("cache.db"))?;
         Ok(Self {
@@ -149,6 +193,77 @@ impl Cache {
             Ok(t) => t.entries.iter().all(|e| self.store.contains(&e.blob)),
             Err(_) => false,
         }
+    }
+
+    /// Checks a cached result before it is reused: the manifest and every blob must exist and
+    /// hash to their names. Objects already verified and unchanged since (same stat) are not
+    /// re-read. Corrupt objects are deleted so a recomputation can store good ones; the
+    /// corrupt hashes are returned.
+    pub fn check_tree(&self, tree: &Hash) -> std::result::Result<(), Vec<Hash>> {
+        let manifest = match self.verified(&[*tree]).first() {
+            Some(true) => self.store.read_tree(tree),
+            _ => return Err(self.quarantine(&[*tree])),
+        };
+        let Ok(manifest) = manifest else {
+            return Err(self.quarantine(&[*tree]));
+        };
+        let blobs: Vec<Hash> = manifest.entries.iter().map(|e| e.blob).collect();
+        let ok = self.verified(&blobs);
+        let bad: Vec<Hash> = blobs
+            .iter()
+            .zip(ok)
+            .filter(|(_, ok)| !ok)
+            .map(|(h, _)| *h)
+            .collect();
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(self.quarantine(&bad))
+        }
+    }
+
+    /// Whether each object exists and hashes to its name (through the stat cache).
+    fn verified(&self, hashes: &[Hash]) -> Vec<bool> {
+        let paths: Vec<PathBuf> = hashes.iter().map(|h| self.store.object_path(h)).collect();
+        self.hash_paths(&paths)
+            .into_iter()
+            .zip(hashes)
+            .map(|(r, h)| matches!(r, Ok(actual) if actual == *h))
+            .collect()
+    }
+
+    fn quarantine(&self, bad: &[Hash]) -> Vec<Hash> {
+        for h in bad {
+            if let Err(e) = self.store.remove_object(h) {
+                tracing::warn!("could not delete corrupt object {h}: {e}");
+            }
+        }
+        bad.to_vec()
+    }
+
+    /// Claims `key` for this process (see [`ClaimOwner`]); a claim held by a live process
+    /// with a recent heartbeat is reported instead.
+    pub fn try_claim(&self, key: &str, me: &ClaimOwner, stale_after_s: f64) -> Result<ClaimState> {
+        self.db().try_claim(key, me, stale_after_s)
+    }
+
+    /// Refreshes this process's claims on `keys`.
+    pub fn heartbeat(&self, keys: &[String], me: &ClaimOwner) -> Result<()> {
+        self.db().heartbeat(keys, me)
+    }
+
+    pub fn release(&self, key: &str, me: &ClaimOwner) -> Result<()> {
+        self.db().release(key, me)
+    }
+
+    /// A shared lock held while a run uses the cache; `gc` and `verify` take it exclusively.
+    pub fn lock_shared(&self) -> Result<CacheLock> {
+        CacheLock::acquire(&self.root.join("lock"), false)
+    }
+
+    /// The exclusive lock; waits (saying so) while other processes hold the shared one.
+    pub fn lock_exclusive(&self) -> Result<CacheLock> {
+        CacheLock::acquire(&self.root.join("lock"), true)
     }
 
     /// Path of the database file.

@@ -303,6 +303,16 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes one object (gc, or a corrupt object so that a recomputation can replace it).
+    pub fn remove_object(&self, hash: &Hash) -> Result<()> {
+        let path = self.object_path(hash);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CacheError::io(path, e)),
+        }
+    }
+
     /// Every object hash present (for verify and gc).
     pub fn all_objects(&self) -> Result<Vec<Hash>> {
         let mut out = Vec::new();
@@ -373,7 +383,7 @@ fn collect_files(
     Ok(())
 }
 
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }

@@ -51,6 +51,52 @@ enum Command {
     Logs(StageArgs),
     /// List the built-in ops.
     Ops,
+    /// Re-hash every object and check every record; --repair drops records that need
+    /// missing or corrupt objects, so their stages rerun.
+    Verify(VerifyArgs),
+    /// Delete records outside a retention rule and every object no record refers to.
+    Gc(GcArgs),
+}
+
+#[derive(Args)]
+struct CacheArgs {
+    /// The cache folder (or give --pipeline to use the one beside that pipeline).
+    #[arg(long, env = "ENGINE_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// A pipeline file whose default cache (.engine/ beside it) to check.
+    pipeline: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Drop records that depend on missing or corrupt objects, delete corrupt objects.
+    #[arg(long)]
+    repair: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GcArgs {
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Keep the N most recent runs of every stage.
+    #[arg(long, value_name = "N", conflicts_with_all = ["older_than", "pipeline"])]
+    keep_last: Option<usize>,
+    /// Drop runs older than this (e.g. 30d, 12h).
+    #[arg(long, value_name = "AGE", conflicts_with = "pipeline")]
+    older_than: Option<String>,
+    /// Keep only the results this pipeline uses now (its current keys); drop everything else.
+    #[arg(long, value_name = "FILE")]
+    pipeline: Option<PathBuf>,
+    /// `--set` overrides for --pipeline.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "pipeline")]
+    sets: Vec<String>,
+    /// Print what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args, Clone)]
@@ -175,6 +221,8 @@ pub fn main() -> i32 {
         Command::Dag(args) => cmd_dag(args),
         Command::Show(args) => cmd_show(args),
         Command::Logs(args) => cmd_logs(args),
+        Command::Verify(args) => cmd_verify(args),
+        Command::Gc(args) => cmd_gc(args),
         Command::Ops => {
             let registry = Registry::builtin();
             for name in registry.names() {
@@ -777,4 +825,149 @@ fn cmd_logs(args: StageArgs) -> Result<i32, Exit> {
 
 fn display_path(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// The cache folder for commands that work on a cache rather than a pipeline.
+fn resolve_cache_dir(explicit: &Option<PathBuf>, pipeline: Option<&Path>) -> Result<PathBuf, Exit> {
+    if let Some(dir) = explicit {
+        return Ok(dir.clone());
+    }
+    if let Some(p) = pipeline {
+        let folder = p
+            .parent()
+            .filter(|f| !f.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        return Ok(folder.join(".engine"));
+    }
+    let here = PathBuf::from(".engine");
+    if here.is_dir() {
+        return Ok(here);
+    }
+    Err(Exit {
+        code: EXIT_BAD_INPUT,
+        message:
+            "error: no cache given: pass --cache-dir DIR, a pipeline file, or run where .engine/ is"
+                .into(),
+    })
+}
+
+fn open_existing_cache(dir: &Path) -> Result<Cache, Exit> {
+    if !dir.join("cache.db").is_file() {
+        return Err(Exit {
+            code: EXIT_BAD_INPUT,
+            message: format!(
+                "error: {} is not an engine cache (no cache.db)",
+                dir.display()
+            ),
+        });
+    }
+    Ok(Cache::open(dir)?)
+}
+
+fn cmd_verify(args: VerifyArgs) -> Result<i32, Exit> {
+    let dir = resolve_cache_dir(&args.cache.cache_dir, args.pipeline.as_deref())?;
+    let cache = open_existing_cache(&dir)?;
+    let report = cache.verify(args.repair)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "objects": report.objects,
+                "bytes": report.bytes,
+                "corrupt": report.corrupt.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
+                "bad_runs": report.bad_runs,
+                "problems": report.problems,
+                "unreferenced": report.unreferenced,
+                "repaired_runs": report.repaired_runs,
+                "deleted_objects": report.deleted_objects,
+            })
+        );
+    } else {
+        println!(
+            "checked {} objects ({} bytes)",
+            report.objects, report.bytes
+        );
+        for p in &report.problems {
+            println!("problem: {p}");
+        }
+        if report.unreferenced > 0 {
+            println!(
+                "{} unreferenced objects (harmless; `engine gc` removes them)",
+                report.unreferenced
+            );
+        }
+        if args.repair && report.problem_count() > 0 {
+            println!(
+                "repaired: dropped {} records (their stages will rerun), deleted {} corrupt objects",
+                report.repaired_runs, report.deleted_objects
+            );
+        }
+        println!("{} problems", report.problem_count());
+    }
+    Ok(if report.problem_count() > 0 && !args.repair {
+        EXIT_STAGE_FAILED
+    } else {
+        EXIT_OK
+    })
+}
+
+fn cmd_gc(args: GcArgs) -> Result<i32, Exit> {
+    let keep = if let Some(n) = args.keep_last {
+        cache::Keep::LastN(n)
+    } else if let Some(age) = &args.older_than {
+        let d = humantime::parse_duration(age).map_err(|e| Exit {
+            code: EXIT_BAD_INPUT,
+            message: format!("error: --older-than {age}: {e} (e.g. 30d, 12h, 90m)"),
+        })?;
+        cache::Keep::NewerThan(d.as_secs_f64())
+    } else if args.pipeline.is_some() {
+        cache::Keep::Keys(std::collections::HashSet::new())
+    } else {
+        cache::Keep::All
+    };
+    let dir = resolve_cache_dir(&args.cache.cache_dir, args.pipeline.as_deref())?;
+    let cache = Arc::new(open_existing_cache(&dir)?);
+    let keep = match (keep, &args.pipeline) {
+        (cache::Keep::Keys(_), Some(file)) => {
+            let pargs = PipelineArgs {
+                pipeline: file.clone(),
+                sets: args.sets.clone(),
+                cache_dir: Some(dir.clone()),
+                max_stages: None,
+            };
+            let plan = load_plan(&pargs)?;
+            let statuses = stage_statuses(&plan, &cache, &[])?;
+            let keys = statuses
+                .into_iter()
+                .filter(|s| s.cached)
+                .filter_map(|s| s.key)
+                .collect();
+            cache::Keep::Keys(keys)
+        }
+        (k, _) => k,
+    };
+    let report = cache.gc(&keep, args.dry_run)?;
+    println!(
+        "{}{} records dropped, {} objects deleted, {} freed",
+        if args.dry_run { "dry run: " } else { "" },
+        report.runs_dropped,
+        report.objects_deleted,
+        human_bytes(report.bytes_freed)
+    );
+    Ok(EXIT_OK)
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

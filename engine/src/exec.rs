@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use cache::{Cache, Hash, NewRun, RunStatus, Tree};
+use cache::{Cache, ClaimOwner, ClaimState, Hash, NewRun, RunStatus, Tree};
 use ops::{CancelFlag, Input, Metrics, OpError, Progress, RunContext};
 use serde_json::Value;
 
@@ -23,6 +23,11 @@ use crate::keys::{closest_run, explain, node_key, DepHashes};
 use crate::plan::{InputSources, Plan};
 use crate::progress::Display;
 use crate::spec::SpecError;
+
+/// A claim whose owner has not refreshed it for this long is taken over.
+pub const CLAIM_STALE_S: f64 = 30.0;
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const CLAIM_POLL: Duration = Duration::from_millis(200);
 
 /// How many recent runs of a stage are compared to find the closest one when explaining.
 pub const RECENT_RUNS: usize = 20;
@@ -123,6 +128,14 @@ pub fn run(
     display: &mut dyn Display,
 ) -> Result<RunSummary, ExecError> {
     let started = Instant::now();
+    // Held for the whole run so `gc`/`verify` never delete what this run is using.
+    let _lock = cache.lock_shared()?;
+    let owner = ClaimOwner {
+        id: format!("{}:{}:{}", hostname(), std::process::id(), unix_now()),
+        host: hostname(),
+        pid: std::process::id(),
+    };
+    let heartbeat = Heartbeat::start(cache.clone(), owner.clone());
     let n = plan.nodes.len();
     let mut deps = DepHashes::for_static_deps(plan, cache)?;
     let mut downstream: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -145,6 +158,10 @@ pub fn run(
     let mut queued_keys: HashMap<usize, (Value, String, Vec<String>)> = HashMap::new();
     // Stages whose key equals one already queued or running wait for it and reuse its result.
     let mut in_flight: HashMap<String, Vec<usize>> = HashMap::new();
+    // Stages another engine process is running: re-checked until its result is recorded or
+    // its claim is released or abandoned.
+    let mut claim_waits: Vec<(usize, Instant)> = Vec::new();
+    let mut warned_corrupt = false;
     let mut running: HashMap<usize, Running> = HashMap::new();
     let mut free_cpus = options.jobs.max(1);
     let mut stop_new = false;
@@ -194,7 +211,7 @@ pub fn run(
             };
             let forced = options.force.contains(&i);
             if node.cache && !forced {
-                if let Some(tree) = reuse(plan, cache, i, &key, &mut deps, display)? {
+                if let Some(tree) = reuse(plan, cache, i, &key, &mut warned_corrupt, display)? {
                     trees[i] = Some(tree.0);
                     state[i] = State::Done;
                     let report = StageReport {
@@ -229,9 +246,22 @@ pub fn run(
                 parked.push(i);
                 continue;
             }
-            in_flight.insert(key.clone(), Vec::new());
-            queued_keys.insert(i, (doc, key, reasons));
-            queued.push(Reverse(i));
+            match cache.try_claim(&key, &owner, CLAIM_STALE_S)? {
+                ClaimState::Acquired => {
+                    heartbeat.hold(&key);
+                    in_flight.insert(key.clone(), Vec::new());
+                    queued_keys.insert(i, (doc, key, reasons));
+                    queued.push(Reverse(i));
+                }
+                ClaimState::HeldBy { pid, host, .. } => {
+                    display.message(&format!(
+                        "waiting: {} is being run by another engine process (pid {pid} on {host})",
+                        node.name
+                    ));
+                    queued_keys.insert(i, (doc, key, reasons));
+                    claim_waits.push((i, Instant::now() + CLAIM_POLL));
+                }
+            }
         }
         // Start queued stages while CPUs are free, in plan order.
         while let (false, Some(&Reverse(i))) = (stop_new, queued.peek()) {
@@ -273,13 +303,65 @@ pub fn run(
             });
             spawn_worker(plan, cache, job, tx.clone());
         }
-        if running.is_empty() && (stop_new || (ready.is_empty() && queued.is_empty())) {
+        // Stages another process was running: reuse its result, or run them ourselves once
+        // its claim is gone.
+        let now = Instant::now();
+        let mut still_waiting = Vec::new();
+        for (i, due) in std::mem::take(&mut claim_waits) {
+            if stop_new {
+                queued_keys.remove(&i);
+                continue;
+            }
+            if due > now {
+                still_waiting.push((i, due));
+                continue;
+            }
+            let key = queued_keys.get(&i).map(|k| k.1.clone()).unwrap_or_default();
+            if let Some(tree) = reuse(plan, cache, i, &key, &mut warned_corrupt, display)? {
+                queued_keys.remove(&i);
+                trees[i] = Some(tree.0);
+                state[i] = State::Done;
+                let report = StageReport {
+                    node: i,
+                    status: StageStatus::Cached,
+                    key: Some(key),
+                    duration_s: 0.0,
+                    metrics: tree.1,
+                    tree: Some(tree.0),
+                    message: None,
+                    reasons: Vec::new(),
+                };
+                display.finished(plan, &report);
+                reports[i] = Some(report);
+                release(i, &downstream, &mut waiting_on, &mut ready);
+                continue;
+            }
+            match cache.try_claim(&key, &owner, CLAIM_STALE_S)? {
+                ClaimState::Acquired => {
+                    heartbeat.hold(&key);
+                    in_flight.insert(key, Vec::new());
+                    queued.push(Reverse(i));
+                }
+                ClaimState::HeldBy { .. } => still_waiting.push((i, now + CLAIM_POLL)),
+            }
+        }
+        claim_waits = still_waiting;
+        if running.is_empty()
+            && claim_waits.is_empty()
+            && (stop_new || (ready.is_empty() && queued.is_empty()))
+        {
             break;
         }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Finished { node: i, outcome }) => {
                 let r = running.remove(&i);
                 let finished_key = reports[i].as_ref().and_then(|r| r.key.clone());
+                if let Some(k) = &finished_key {
+                    heartbeat.drop_key(k);
+                    if let Err(e) = cache.release(k, &owner) {
+                        tracing::warn!("could not release the claim on {k}: {e}");
+                    }
+                }
                 if let Some(parked) = finished_key.and_then(|k| in_flight.remove(&k)) {
                     // Re-examined now: a cache hit if this run succeeded, a run of their own if not.
                     ready.extend(parked.into_iter().map(Reverse));
@@ -369,6 +451,7 @@ pub fn run(
             })
         })
         .collect();
+    heartbeat.stop();
     let summary = RunSummary {
         reports,
         interrupted,
@@ -462,7 +545,7 @@ fn reuse(
     cache: &Cache,
     i: usize,
     key: &str,
-    _deps: &mut DepHashes,
+    warned_corrupt: &mut bool,
     display: &mut dyn Display,
 ) -> Result<Option<(Hash, Metrics)>, ExecError> {
     let Some(record) = cache.lookup(key)? else {
@@ -472,11 +555,15 @@ fn reuse(
         return Ok(None);
     };
     let node = &plan.nodes[i];
-    if !cache.tree_is_complete(&tree_hash) {
-        display.message(&format!(
-            "warning: the cached result of '{}' has missing objects; recomputing it",
-            node.name
-        ));
+    if let Err(bad) = cache.check_tree(&tree_hash) {
+        if !*warned_corrupt {
+            display.message(&format!(
+                "warning: the cached result of '{}' is damaged (object {} missing or corrupt); recomputing it (`engine verify` checks the whole cache)",
+                node.name,
+                bad.first().map(|h| h.short()).unwrap_or_default()
+            ));
+            *warned_corrupt = true;
+        }
         return Ok(None);
     }
     if !node.outs.is_empty() {
@@ -765,6 +852,65 @@ fn execute(
         log_tail: tail(&log, 20),
         duration_s,
     })
+}
+
+/// Refreshes this process's claims every few seconds, so other processes can tell a live
+/// owner from a dead one.
+struct Heartbeat {
+    held: Arc<Mutex<std::collections::HashSet<String>>>,
+    stop_tx: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    fn start(cache: Arc<Cache>, owner: ClaimOwner) -> Self {
+        let held: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = {
+            let held = held.clone();
+            std::thread::spawn(move || loop {
+                match stop_rx.recv_timeout(HEARTBEAT_EVERY) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                let keys: Vec<String> = held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .cloned()
+                    .collect();
+                if !keys.is_empty() {
+                    if let Err(e) = cache.heartbeat(&keys, &owner) {
+                        tracing::warn!("claim heartbeat failed: {e}");
+                    }
+                }
+            })
+        };
+        Self {
+            held,
+            stop_tx,
+            thread,
+        }
+    }
+
+    fn hold(&self, key: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string());
+    }
+
+    fn drop_key(&self, key: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    fn stop(self) {
+        drop(self.stop_tx);
+        let _ = self.thread.join();
+    }
 }
 
 /// Cancels one attempt of a stage on Ctrl-C or when its timeout passes. Without a timeout the
