@@ -482,3 +482,84 @@ fn a_read_only_cache_gives_a_clear_error_and_keeps_its_results() {
     let verify = run(dir.path(), &["verify", "--cache-dir", cache_arg, "--json"]);
     assert_eq!(json_of(&verify)["problems"], serde_json::json!([]));
 }
+
+/// Reads a child's stderr lines on a thread so the test can wait for a given line.
+fn line_reader(stream: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for(rx: &std::sync::mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            let hit = line.contains(needle);
+            seen.push(line);
+            if hit {
+                return;
+            }
+        }
+    }
+    panic!("no line containing {needle:?}; saw:\n{}", seen.join("\n"));
+}
+
+#[test]
+fn watch_reruns_exactly_the_stage_whose_dep_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("input.txt"), "one\n").unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "stages:\n  reader:\n    op: shell\n    deps: [input.txt]\n    cmd: \"echo reader >> executions.log; cat input.txt > $ENGINE_OUT/o\"\n  other:\n    op: shell\n    cmd: \"echo other >> executions.log; echo x > $ENGINE_OUT/o\"\n",
+    )
+    .unwrap();
+    let mut child = engine()
+        .current_dir(dir.path())
+        .args(["watch", "p.yaml", "--debounce", "200ms"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = line_reader(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    wait_for(&rx, "watching", &mut seen);
+    assert_eq!(executions(dir.path()), ["other", "reader"]);
+
+    std::fs::write(dir.path().join("input.txt"), "two\n").unwrap();
+    wait_for(&rx, "changed:", &mut seen);
+    wait_for(&rx, "watching", &mut seen);
+    assert_eq!(executions(dir.path()), ["other", "reader", "reader"]);
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("deps file input.txt changed")),
+        "{}",
+        seen.join("\n")
+    );
+
+    // An invalid pipeline mid-edit is reported; watching goes on.
+    std::fs::write(dir.path().join("p.yaml"), "stages: [\n").unwrap();
+    wait_for(&rx, "malformed YAML", &mut seen);
+    wait_for(&rx, "still watching", &mut seen);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "watch exited on a bad pipeline"
+    );
+
+    // SAFETY: kill(2) on the child we spawned.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(executions(dir.path()).len(), 3);
+}

@@ -10,7 +10,7 @@ use crate::hash::{Hash, StatKey};
 use crate::{CacheError, Result};
 
 /// Bumped with every migration below; a database newer than this is refused, not corrupted.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the initial schema.
@@ -57,6 +57,16 @@ const MIGRATIONS: &[&str] = &[
         host TEXT NOT NULL,
         pid INTEGER NOT NULL,
         heartbeat REAL NOT NULL
+    );
+    "#,
+    // 2 -> 3: cluster jobs by stage key, so a restarted driver adopts instead of resubmitting.
+    r#"
+    CREATE TABLE cluster_jobs (
+        key TEXT PRIMARY KEY,
+        executor TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        submitted_at REAL NOT NULL
     );
     "#,
 ];
@@ -572,6 +582,43 @@ impl Db {
             }
         }
         tx.commit().map_err(err)
+    }
+
+    pub(crate) fn put_cluster_job(
+        &self,
+        key: &str,
+        executor: &str,
+        job_id: &str,
+        stage: &str,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO cluster_jobs (key, executor, job_id, stage, submitted_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![key, executor, job_id, stage, unix_now()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn cluster_job(&self, key: &str, executor: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT job_id FROM cluster_jobs WHERE key = ?1 AND executor = ?2",
+                params![key, executor],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn forget_cluster_job(&self, key: &str, executor: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM cluster_jobs WHERE key = ?1 AND executor = ?2",
+                params![key, executor],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
     }
 
     pub(crate) fn stat_entries(&self, paths: &[PathBuf]) -> HashMap<PathBuf, (StatKey, Hash)> {

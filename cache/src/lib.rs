@@ -256,6 +256,25 @@ impl Cache {
         self.db().release(key, me)
     }
 
+    /// Remembers the cluster job running `key`, so a restarted driver can adopt it.
+    pub fn put_cluster_job(
+        &self,
+        key: &str,
+        executor: &str,
+        job_id: &str,
+        stage: &str,
+    ) -> Result<()> {
+        self.db().put_cluster_job(key, executor, job_id, stage)
+    }
+
+    pub fn cluster_job(&self, key: &str, executor: &str) -> Result<Option<String>> {
+        self.db().cluster_job(key, executor)
+    }
+
+    pub fn forget_cluster_job(&self, key: &str, executor: &str) -> Result<()> {
+        self.db().forget_cluster_job(key, executor)
+    }
+
     /// A shared lock held while a run uses the cache; `gc` and `verify` take it exclusively.
     pub fn lock_shared(&self) -> Result<CacheLock> {
         CacheLock::acquire(&self.root.join("lock"), false)

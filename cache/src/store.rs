@@ -78,6 +78,18 @@ fn remove_tree(path: &Path) {
 static SCRATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Store {
+    /// The store of an existing cache, without its database: for workers on other machines,
+    /// which write objects but leave recording to the driver.
+    pub fn open_existing(root: &Path) -> Result<Self> {
+        if !root.join("objects").is_dir() {
+            return Err(CacheError::io(
+                root.join("objects"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no object store here"),
+            ));
+        }
+        Self::open(root)
+    }
+
     pub(crate) fn open(root: &Path) -> Result<Self> {
         let objects = root.join("objects");
         let tmp = root.join("tmp");

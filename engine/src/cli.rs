@@ -49,13 +49,29 @@ enum Command {
     Show(ShowArgs),
     /// Print the log of a stage's latest run.
     Logs(StageArgs),
+    /// Rerun what is stale whenever the pipeline file or a deps path changes.
+    Watch(WatchArgs),
     /// List the built-in ops.
     Ops,
+    /// Run one stage from a job file (what a Slurm job executes; not for direct use).
+    #[command(hide = true)]
+    ExecStage(ExecStageArgs),
     /// Re-hash every object and check every record; --repair drops records that need
     /// missing or corrupt objects, so their stages rerun.
     Verify(VerifyArgs),
     /// Delete records outside a retention rule and every object no record refers to.
     Gc(GcArgs),
+}
+
+#[derive(Args)]
+struct ExecStageArgs {
+    /// The job file the driver wrote.
+    job: PathBuf,
+    #[arg(long)]
+    cache_dir: PathBuf,
+    /// Where to write the result for the driver.
+    #[arg(long)]
+    result: PathBuf,
 }
 
 #[derive(Args)]
@@ -134,6 +150,45 @@ struct RunArgs {
     /// Print one JSON object describing the run on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    executor: ExecutorArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
+#[derive(Args)]
+struct ExecutorArgs {
+    /// Where stages run (default: the pipeline's `executor.kind`, else local).
+    #[arg(long, value_enum)]
+    executor: Option<ExecutorKind>,
+    /// Slurm partition for every job (a stage's `resources.partition` wins).
+    #[arg(long, value_name = "P")]
+    slurm_partition: Option<String>,
+    /// Slurm account to charge.
+    #[arg(long, value_name = "A")]
+    slurm_account: Option<String>,
+    /// At most this many Slurm jobs queued or running at once (default 100).
+    #[arg(long, value_name = "N")]
+    max_jobs: Option<usize>,
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// CPUs to use for stages at once (default: all cores).
+    #[arg(short, long, value_name = "N")]
+    jobs: Option<usize>,
+    /// After a failure, keep running stages that do not depend on it.
+    #[arg(long)]
+    keep_going: bool,
+    /// Quiet time after the last change before rerunning.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    debounce: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -221,7 +276,9 @@ pub fn main() -> i32 {
         Command::Dag(args) => cmd_dag(args),
         Command::Show(args) => cmd_show(args),
         Command::Logs(args) => cmd_logs(args),
+        Command::Watch(args) => cmd_watch(args),
         Command::Verify(args) => cmd_verify(args),
+        Command::ExecStage(args) => cmd_exec_stage(args),
         Command::Gc(args) => cmd_gc(args),
         Command::Ops => {
             let registry = Registry::builtin();
@@ -305,36 +362,52 @@ fn cmd_run(args: RunArgs) -> Result<i32, Exit> {
         print_statuses(&plan, &statuses, args.json);
         return Ok(EXIT_OK);
     }
-    let interrupt = Arc::new(AtomicBool::new(false));
-    {
-        let interrupt = interrupt.clone();
-        let _ = ctrlc::set_handler(move || {
-            if INTERRUPTS.fetch_add(1, Ordering::SeqCst) >= 1 {
-                ops::kill_all_children();
-                std::process::exit(EXIT_INTERRUPTED);
-            }
-            interrupt.store(true, Ordering::SeqCst);
-        });
-    }
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .max(1);
+    let interrupt = install_interrupt_handler();
     let options = RunOptions {
-        jobs,
+        jobs: jobs(args.jobs),
         keep_going: args.keep_going,
         force,
     };
-    let mut display: Box<dyn Display> = if std::io::stderr().is_terminal() && !args.json {
-        Box::new(Live::new())
-    } else {
-        Box::new(Plain::new())
+    let mut display = new_display(args.json);
+    let kind = args
+        .executor
+        .executor
+        .unwrap_or(match plan.pipeline.executor.kind.as_deref() {
+            Some("slurm") => ExecutorKind::Slurm,
+            _ => ExecutorKind::Local,
+        });
+    let summary = match kind {
+        ExecutorKind::Local => exec::run(&plan, &cache, &options, &interrupt, display.as_mut())?,
+        ExecutorKind::Slurm => {
+            let spec = &plan.pipeline.executor;
+            let slurm_options = engine::slurm::SlurmOptions {
+                partition: args
+                    .executor
+                    .slurm_partition
+                    .clone()
+                    .or_else(|| spec.partition.clone()),
+                account: args
+                    .executor
+                    .slurm_account
+                    .clone()
+                    .or_else(|| spec.account.clone()),
+                max_jobs: args.executor.max_jobs.or(spec.max_jobs).unwrap_or(100),
+                engine_bin: std::env::var_os("ENGINE_SLURM_BIN")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::current_exe().ok())
+                    .unwrap_or_else(|| PathBuf::from("engine")),
+            };
+            let mut executor = engine::slurm::SlurmExecutor::new(cache.clone(), slurm_options)?;
+            exec::run_with(
+                &plan,
+                &cache,
+                &options,
+                &interrupt,
+                display.as_mut(),
+                &mut executor,
+            )?
+        }
     };
-    let summary = exec::run(&plan, &cache, &options, &interrupt, display.as_mut())?;
     if args.json {
         let stages: Vec<Value> = summary
             .reports
@@ -356,6 +429,91 @@ fn cmd_run(args: RunArgs) -> Result<i32, Exit> {
         println!("{out}");
     }
     Ok(exit_code(&summary))
+}
+
+/// First Ctrl-C raises the returned flag (stages stop cleanly); a second exits at once,
+/// killing every process group the ops started.
+fn install_interrupt_handler() -> Arc<AtomicBool> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    let _ = ctrlc::set_handler(move || {
+        if INTERRUPTS.fetch_add(1, Ordering::SeqCst) >= 1 {
+            ops::kill_all_children();
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+    interrupt
+}
+
+fn jobs(requested: Option<usize>) -> usize {
+    requested
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1)
+}
+
+fn new_display(json: bool) -> Box<dyn Display> {
+    if std::io::stderr().is_terminal() && !json {
+        Box::new(Live::new())
+    } else {
+        Box::new(Plain::new())
+    }
+}
+
+fn cmd_watch(args: WatchArgs) -> Result<i32, Exit> {
+    let interrupt = install_interrupt_handler();
+    let mut watcher = engine::watch::PathWatcher::new().map_err(|e| Exit {
+        code: EXIT_STAGE_FAILED,
+        message: format!("error: cannot watch files: {e}"),
+    })?;
+    let file = args.pipeline.pipeline.clone();
+    let mut changed: Vec<PathBuf> = Vec::new();
+    loop {
+        if !changed.is_empty() {
+            let names: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+            eprintln!("changed: {}", names.join(", "));
+        }
+        // An invalid pipeline mid-edit is reported and watched until it is fixed.
+        let plan = match load_plan(&args.pipeline) {
+            Ok(plan) => Some(plan),
+            Err(e) => {
+                eprintln!("{}", e.message);
+                eprintln!("(still watching; fix the pipeline and save)");
+                None
+            }
+        };
+        if let Some(plan) = &plan {
+            let cache = open_cache(&args.pipeline, plan)?;
+            let options = RunOptions {
+                jobs: jobs(args.jobs),
+                keep_going: args.keep_going,
+                force: Vec::new(),
+            };
+            let mut display = new_display(false);
+            match exec::run(plan, &cache, &options, &interrupt, display.as_mut()) {
+                Ok(summary) if summary.interrupted => return Ok(EXIT_INTERRUPTED),
+                Ok(_) => {}
+                Err(e) => eprintln!("{}", Exit::from(e).message),
+            }
+        }
+        watcher
+            .set_targets(engine::watch::watch_targets(&file, plan.as_ref()))
+            .map_err(|e| Exit {
+                code: EXIT_STAGE_FAILED,
+                message: format!("error: cannot watch files: {e}"),
+            })?;
+        // Events caused by the run itself (outs written into the workspace) are not changes.
+        watcher.drain();
+        eprintln!("watching {} for changes (Ctrl-C to stop)", file.display());
+        match watcher.next_change(args.debounce, &|| interrupt.load(Ordering::SeqCst)) {
+            Some(paths) => changed = paths,
+            None => return Ok(EXIT_INTERRUPTED),
+        }
+    }
 }
 
 fn exit_code(summary: &RunSummary) -> i32 {
@@ -970,4 +1128,66 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+fn cmd_exec_stage(args: ExecStageArgs) -> Result<i32, Exit> {
+    let fail = |message: String| Exit {
+        code: EXIT_STAGE_FAILED,
+        message: format!("error: {message}"),
+    };
+    let text = std::fs::read(&args.job).map_err(|e| {
+        fail(format!(
+            "cannot read the job file {}: {e}",
+            args.job.display()
+        ))
+    })?;
+    let job: engine::worker::StageJob = serde_json::from_slice(&text)
+        .map_err(|e| fail(format!("{} is not a job file: {e}", args.job.display())))?;
+    let store = cache::Store::open_existing(&args.cache_dir)?;
+    let registry = Registry::builtin();
+    let op = registry
+        .get(&job.op)
+        .ok_or_else(|| {
+            fail(format!(
+                "this engine has no op '{}' (different versions on driver and nodes?)",
+                job.op
+            ))
+        })?
+        .clone();
+    if op.version() != job.op_version {
+        return Err(fail(format!(
+            "op '{}' is version {} here but the driver keyed it as version {}; install the same engine on the nodes",
+            job.op,
+            op.version(),
+            job.op_version
+        )));
+    }
+    // scancel and Slurm's time limit send SIGTERM: stop the op and write no result, so the
+    // driver can tell a killed job from a finished one.
+    let cancel = ops::CancelFlag::new();
+    {
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || cancel.cancel());
+    }
+    let progress = ops::Progress::new(|m| println!("progress: {m}"));
+    println!(
+        "engine exec-stage: {} (key {}) on {}",
+        job.stage,
+        job.key,
+        engine::worker::hostname()
+    );
+    let result = engine::worker::execute(&job, op.as_ref(), &store, &cancel, &progress)?;
+    if matches!(result.outcome, engine::worker::Outcome::Cancelled) {
+        println!("engine exec-stage: stopped by a signal; no result written");
+        return Ok(EXIT_INTERRUPTED);
+    }
+    let bytes =
+        serde_json::to_vec(&result).map_err(|e| fail(format!("cannot encode the result: {e}")))?;
+    let tmp = args.result.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .map_err(|e| fail(format!("cannot write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &args.result)
+        .map_err(|e| fail(format!("cannot write {}: {e}", args.result.display())))?;
+    println!("engine exec-stage: done");
+    Ok(EXIT_OK)
 }

@@ -7,22 +7,24 @@
 //! kill at any point leaves no partial record.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::{BinaryHeap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use cache::{Cache, ClaimOwner, ClaimState, Hash, NewRun, RunStatus, Tree};
-use ops::{CancelFlag, Input, Metrics, OpError, Progress, RunContext};
+use cache::{Cache, ClaimOwner, ClaimState, Hash, Tree};
+use ops::Metrics;
 use serde_json::Value;
 
+use crate::executor::{Executor, LocalExecutor, WorkerOutcome};
 use crate::keys::{closest_run, explain, node_key, DepHashes};
 use crate::plan::{InputSources, Plan};
 use crate::progress::Display;
 use crate::spec::SpecError;
+pub use crate::worker::WORKSPACE_PREFIX;
+use crate::worker::{hostname, unix_now, JobInput, StageJob};
 
 /// A claim whose owner has not refreshed it for this long is taken over.
 pub const CLAIM_STALE_S: f64 = 30.0;
@@ -31,9 +33,6 @@ const CLAIM_POLL: Duration = Duration::from_millis(200);
 
 /// How many recent runs of a stage are compared to find the closest one when explaining.
 pub const RECENT_RUNS: usize = 20;
-
-/// Tree paths under this prefix hold a stage's workspace `outs`.
-pub const WORKSPACE_PREFIX: &str = "@workspace";
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -87,29 +86,6 @@ pub enum ExecError {
     Cache(#[from] cache::CacheError),
 }
 
-enum Event {
-    Finished { node: usize, outcome: WorkerOutcome },
-}
-
-enum WorkerOutcome {
-    Ran {
-        tree: Hash,
-        metrics: Metrics,
-        duration_s: f64,
-    },
-    Failed {
-        message: String,
-        log_tail: String,
-        duration_s: f64,
-    },
-    Cancelled,
-}
-
-struct Running {
-    cancel: CancelFlag,
-    cpus: usize,
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     Waiting,
@@ -119,13 +95,26 @@ enum State {
     Skipped,
 }
 
-/// Runs every stale stage of `plan`. `interrupt` is raised by the Ctrl-C handler.
+/// Runs every stale stage of `plan` on this machine. `interrupt` is raised by Ctrl-C.
 pub fn run(
     plan: &Plan,
     cache: &Arc<Cache>,
     options: &RunOptions,
     interrupt: &AtomicBool,
     display: &mut dyn Display,
+) -> Result<RunSummary, ExecError> {
+    let mut executor = LocalExecutor::new(cache.clone(), options.jobs);
+    run_with(plan, cache, options, interrupt, display, &mut executor)
+}
+
+/// As [`run`], with stages started by `executor`.
+pub fn run_with(
+    plan: &Plan,
+    cache: &Arc<Cache>,
+    options: &RunOptions,
+    interrupt: &AtomicBool,
+    display: &mut dyn Display,
+    executor: &mut dyn Executor,
 ) -> Result<RunSummary, ExecError> {
     let started = Instant::now();
     // Held for the whole run so `gc`/`verify` never delete what this run is using.
@@ -162,21 +151,18 @@ pub fn run(
     // its claim is released or abandoned.
     let mut claim_waits: Vec<(usize, Instant)> = Vec::new();
     let mut warned_corrupt = false;
-    let mut running: HashMap<usize, Running> = HashMap::new();
-    let mut free_cpus = options.jobs.max(1);
+    // Node -> the capacity it holds.
+    let mut running: HashMap<usize, usize> = HashMap::new();
+    let mut free = executor.capacity().max(1);
     let mut stop_new = false;
     let mut interrupted = false;
-    let (tx, rx) = mpsc::channel::<Event>();
-    let progress_texts: Arc<Mutex<HashMap<usize, String>>> = Arc::default();
     display.begin(plan);
 
     loop {
         if interrupt.load(Ordering::SeqCst) && !interrupted {
             interrupted = true;
             stop_new = true;
-            for r in running.values() {
-                r.cancel.cancel();
-            }
+            executor.cancel_all();
             display.message(
                 "interrupted: stopping running stages (press Ctrl-C again to exit at once)",
             );
@@ -265,32 +251,18 @@ pub fn run(
         }
         // Start queued stages while CPUs are free, in plan order.
         while let (false, Some(&Reverse(i))) = (stop_new, queued.peek()) {
-            let need = plan.nodes[i].resources.cpus.clamp(1, options.jobs.max(1));
-            if need > free_cpus {
+            let cpus = plan.nodes[i].resources.cpus.clamp(1, options.jobs.max(1));
+            let need = executor.cost(cpus);
+            if need > free {
                 break;
             }
             queued.pop();
             let (doc, key, reasons) = queued_keys.remove(&i).unwrap_or_default();
-            free_cpus -= need;
-            let cancel = CancelFlag::new();
-            running.insert(
-                i,
-                Running {
-                    cancel: cancel.clone(),
-                    cpus: need,
-                },
-            );
+            free -= need;
+            running.insert(i, need);
             state[i] = State::Running;
             display.started(plan, i, &reasons);
-            let job = Job {
-                node: i,
-                key: key.clone(),
-                doc,
-                inputs: input_trees(plan, i, &trees),
-                cpus: need,
-                interrupt: cancel,
-                progress_texts: progress_texts.clone(),
-            };
+            let job = stage_job(plan, i, key.clone(), doc, cpus, &trees);
             reports[i] = Some(StageReport {
                 node: i,
                 status: StageStatus::Ran,
@@ -301,7 +273,28 @@ pub fn run(
                 message: None,
                 reasons,
             });
-            spawn_worker(plan, cache, job, tx.clone());
+            if let Err(e) =
+                executor.start(i, job, plan.nodes[i].op.clone(), &plan.nodes[i].resources)
+            {
+                running.remove(&i);
+                free += need;
+                let key = reports[i].as_ref().and_then(|r| r.key.clone());
+                fail(
+                    plan,
+                    i,
+                    format!("could not start: {e}"),
+                    String::new(),
+                    0.0,
+                    key,
+                    &mut state,
+                    &mut reports,
+                    display,
+                );
+                skip_descendants(i, plan, &downstream, &mut state, &mut reports, display);
+                if !options.keep_going {
+                    stop_new = true;
+                }
+            }
         }
         // Stages another process was running: reuse its result, or run them ourselves once
         // its claim is gone.
@@ -352,9 +345,9 @@ pub fn run(
         {
             break;
         }
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Event::Finished { node: i, outcome }) => {
-                let r = running.remove(&i);
+        for (i, outcome) in executor.wait(Duration::from_millis(100)) {
+            {
+                let held = running.remove(&i);
                 let finished_key = reports[i].as_ref().and_then(|r| r.key.clone());
                 if let Some(k) = &finished_key {
                     heartbeat.drop_key(k);
@@ -366,11 +359,7 @@ pub fn run(
                     // Re-examined now: a cache hit if this run succeeded, a run of their own if not.
                     ready.extend(parked.into_iter().map(Reverse));
                 }
-                free_cpus += r.as_ref().map_or(1, |r| r.cpus);
-                progress_texts
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&i);
+                free += held.unwrap_or(1);
                 match outcome {
                     WorkerOutcome::Ran {
                         tree,
@@ -420,14 +409,11 @@ pub fn run(
                     }
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        let texts = progress_texts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        display.tick(plan, &texts);
+        for m in executor.drain_messages() {
+            display.message(&m);
+        }
+        display.tick(plan, &executor.progress());
     }
 
     let reason = if interrupted {
@@ -609,6 +595,34 @@ fn restore_outs(plan: &Plan, cache: &Cache, i: usize, tree: &Tree) -> Result<(),
     Ok(())
 }
 
+/// The self-contained description of node `i`'s run, given its upstream trees.
+fn stage_job(
+    plan: &Plan,
+    i: usize,
+    key: String,
+    key_doc: Value,
+    cpus: usize,
+    trees: &[Option<Hash>],
+) -> StageJob {
+    let node = &plan.nodes[i];
+    StageJob {
+        key,
+        key_doc,
+        pipeline: plan.pipeline.name.clone(),
+        stage: node.name.clone(),
+        op: node.op.name().to_string(),
+        op_version: node.op.version(),
+        params: node.params.clone(),
+        inputs: input_trees(plan, i, trees),
+        seed: node.seed,
+        cpus,
+        retries: node.retries,
+        timeout_s: node.timeout.map(|t| t.as_secs_f64()),
+        outs: node.outs.clone(),
+        workspace: plan.pipeline.workspace.clone(),
+    }
+}
+
 fn input_trees(plan: &Plan, i: usize, trees: &[Option<Hash>]) -> Vec<(String, JobInput)> {
     plan.nodes[i]
         .inputs
@@ -636,222 +650,6 @@ fn input_trees(plan: &Plan, i: usize, trees: &[Option<Hash>]) -> Vec<(String, Jo
             (input.name.clone(), ji)
         })
         .collect()
-}
-
-enum JobInput {
-    One(Hash),
-    Many(Vec<(String, Hash)>),
-}
-
-struct Job {
-    node: usize,
-    key: String,
-    doc: Value,
-    inputs: Vec<(String, JobInput)>,
-    cpus: usize,
-    /// Raised by the scheduler on Ctrl-C.
-    interrupt: CancelFlag,
-    progress_texts: Arc<Mutex<HashMap<usize, String>>>,
-}
-
-fn spawn_worker(plan: &Plan, cache: &Arc<Cache>, job: Job, tx: mpsc::Sender<Event>) {
-    let node = plan.nodes[job.node].clone();
-    let pipeline = plan.pipeline.name.clone();
-    let workspace = plan.pipeline.workspace.clone();
-    let cache = cache.clone();
-    std::thread::spawn(move || {
-        let i = job.node;
-        let _span = tracing::info_span!("stage", name = %node.name, op = node.op.name()).entered();
-        let outcome = match execute(&node, &pipeline, &workspace, &cache, &job) {
-            Ok(o) => o,
-            Err(e) => WorkerOutcome::Failed {
-                message: format!("engine error: {e}"),
-                log_tail: String::new(),
-                duration_s: 0.0,
-            },
-        };
-        let _ = tx.send(Event::Finished { node: i, outcome });
-    });
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// This machine's name, for run records.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if r != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
-/// One stage, every attempt: materialise inputs, run the op, store and record the result.
-fn execute(
-    node: &crate::plan::Node,
-    pipeline: &str,
-    workspace: &Path,
-    cache: &Cache,
-    job: &Job,
-) -> Result<WorkerOutcome, ExecError> {
-    let scratch = cache.store().scratch()?;
-    let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
-    for (name, ji) in &job.inputs {
-        let dir = scratch.path().join("in").join(name);
-        let input = match ji {
-            JobInput::One(tree) => {
-                materialize_input(cache, tree, &dir)?;
-                Input::One(dir)
-            }
-            JobInput::Many(items) => {
-                let mut out = Vec::new();
-                for (label, tree) in items {
-                    let d = dir.join(label);
-                    materialize_input(cache, tree, &d)?;
-                    out.push((label.clone(), d));
-                }
-                std::fs::create_dir_all(&dir).map_err(|e| cache::CacheError::Io {
-                    path: dir.clone(),
-                    source: e,
-                })?;
-                Input::Many { dir, items: out }
-            }
-        };
-        inputs.insert(name.clone(), input);
-    }
-    let started_at = unix_now();
-    let start = Instant::now();
-    let mut log: Vec<u8> = Vec::new();
-    let progress = {
-        let texts = job.progress_texts.clone();
-        let i = job.node;
-        Progress::new(move |m| {
-            texts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(i, m.to_string());
-        })
-    };
-    let mut last_error = String::new();
-    for attempt in 0..=node.retries {
-        if attempt > 0 {
-            let _ = writeln!(
-                log,
-                "\n--- engine: attempt {} of {} (previous: {last_error}) ---",
-                attempt + 1,
-                node.retries + 1
-            );
-        }
-        let out_dir = scratch.path().join(format!("out{attempt}"));
-        std::fs::create_dir_all(&out_dir).map_err(|e| cache::CacheError::Io {
-            path: out_dir.clone(),
-            source: e,
-        })?;
-        if job.interrupt.is_cancelled() {
-            return Ok(WorkerOutcome::Cancelled);
-        }
-        let watchdog = Watchdog::start(job.interrupt.clone(), node.timeout);
-        let mut ctx = RunContext {
-            params: &node.params,
-            inputs: &inputs,
-            out_dir: &out_dir,
-            workspace,
-            seed: node.seed,
-            cpus: job.cpus,
-            cancel: &watchdog.cancel,
-            progress: &progress,
-            log: &mut log,
-            metrics: Metrics::new(),
-        };
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.op.run(&mut ctx)));
-        let metrics = std::mem::take(&mut ctx.metrics);
-        let timed_out = watchdog.stop();
-        let result = match result {
-            Ok(r) => r,
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(OpError::Failed(format!("the op panicked: {what}")))
-            }
-        };
-        match result {
-            Ok(()) => match store_result(node, workspace, cache, &out_dir) {
-                Ok(tree) => {
-                    let duration_s = start.elapsed().as_secs_f64();
-                    let log_blob = cache.store().put_bytes(&log)?;
-                    cache.record(&NewRun {
-                        key: job.key.clone(),
-                        pipeline: pipeline.to_string(),
-                        stage: node.name.clone(),
-                        op: node.op.name().to_string(),
-                        op_version: node.op.version(),
-                        key_doc: job.doc.clone(),
-                        output_tree: Some(tree),
-                        status: RunStatus::Ok,
-                        error: None,
-                        started_at,
-                        ended_at: unix_now(),
-                        host: hostname(),
-                        engine_version: env!("CARGO_PKG_VERSION").to_string(),
-                        log_blob: Some(log_blob),
-                        metrics: metrics.clone(),
-                    })?;
-                    return Ok(WorkerOutcome::Ran {
-                        tree,
-                        metrics,
-                        duration_s,
-                    });
-                }
-                Err(message) => last_error = message,
-            },
-            Err(OpError::Cancelled) if !timed_out => {
-                return Ok(WorkerOutcome::Cancelled);
-            }
-            Err(OpError::Cancelled) => {
-                last_error = format!(
-                    "timed out after {}",
-                    humantime::format_duration(node.timeout.unwrap_or_default())
-                );
-            }
-            Err(e) => last_error = e.to_string(),
-        }
-        let _ = writeln!(log, "engine: {last_error}");
-    }
-    let duration_s = start.elapsed().as_secs_f64();
-    let log_blob = cache.store().put_bytes(&log)?;
-    cache.record(&NewRun {
-        key: job.key.clone(),
-        pipeline: pipeline.to_string(),
-        stage: node.name.clone(),
-        op: node.op.name().to_string(),
-        op_version: node.op.version(),
-        key_doc: job.doc.clone(),
-        output_tree: None,
-        status: RunStatus::Failed,
-        error: Some(last_error.clone()),
-        started_at,
-        ended_at: unix_now(),
-        host: hostname(),
-        engine_version: env!("CARGO_PKG_VERSION").to_string(),
-        log_blob: Some(log_blob),
-        metrics: Metrics::new(),
-    })?;
-    Ok(WorkerOutcome::Failed {
-        message: last_error,
-        log_tail: tail(&log, 20),
-        duration_s,
-    })
 }
 
 /// Refreshes this process's claims every few seconds, so other processes can tell a live
@@ -911,104 +709,4 @@ impl Heartbeat {
         drop(self.stop_tx);
         let _ = self.thread.join();
     }
-}
-
-/// Cancels one attempt of a stage on Ctrl-C or when its timeout passes. Without a timeout the
-/// scheduler's interrupt flag is used directly and no thread is started.
-struct Watchdog {
-    cancel: CancelFlag,
-    timed_out: Arc<AtomicBool>,
-    stop_tx: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn start(interrupt: CancelFlag, timeout: Option<Duration>) -> Self {
-        let timed_out = Arc::new(AtomicBool::new(false));
-        let Some(timeout) = timeout else {
-            return Self {
-                cancel: interrupt,
-                timed_out,
-                stop_tx: None,
-                thread: None,
-            };
-        };
-        let cancel = CancelFlag::new();
-        let deadline = Instant::now() + timeout;
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let thread = {
-            let (cancel, timed_out) = (cancel.clone(), timed_out.clone());
-            std::thread::spawn(move || loop {
-                match stop_rx.recv_timeout(Duration::from_millis(20)) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
-                if interrupt.is_cancelled() {
-                    cancel.cancel();
-                    return;
-                }
-                if Instant::now() >= deadline {
-                    timed_out.store(true, Ordering::SeqCst);
-                    cancel.cancel();
-                    return;
-                }
-            })
-        };
-        Self {
-            cancel,
-            timed_out,
-            stop_tx: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Ends the watch; true if the attempt was stopped by its timeout.
-    fn stop(mut self) -> bool {
-        drop(self.stop_tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.timed_out.load(Ordering::SeqCst)
-    }
-}
-
-fn materialize_input(cache: &Cache, tree: &Hash, dir: &Path) -> Result<(), ExecError> {
-    let mut t = cache.store().read_tree(tree)?;
-    t.entries
-        .retain(|e| !e.path.starts_with(&format!("{WORKSPACE_PREFIX}/")));
-    cache.store().materialize(&t, "", dir, true)?;
-    Ok(())
-}
-
-/// Moves the output folder and declared `outs` into the store; returns the tree hash.
-fn store_result(
-    node: &crate::plan::Node,
-    workspace: &Path,
-    cache: &Cache,
-    out_dir: &Path,
-) -> Result<Hash, String> {
-    if out_dir.join(WORKSPACE_PREFIX).exists() {
-        return Err(format!(
-            "the stage wrote '{WORKSPACE_PREFIX}' into its output folder; that name is reserved"
-        ));
-    }
-    let mut extra = Vec::new();
-    for out in &node.outs {
-        let path = workspace.join(out);
-        if !path.exists() {
-            return Err(format!("declared out '{out}' was not written by the stage"));
-        }
-        extra.push((format!("{WORKSPACE_PREFIX}/{out}"), path));
-    }
-    cache
-        .store()
-        .put_dir(out_dir, &extra)
-        .map_err(|e| format!("storing the output failed: {e}"))
-}
-
-/// The last `lines` lines of a log.
-pub fn tail(log: &[u8], lines: usize) -> String {
-    let text = String::from_utf8_lossy(log);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

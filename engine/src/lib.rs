@@ -6,8 +6,12 @@
 //! crate never computes anything itself.
 
 pub mod exec;
+pub mod executor;
 pub mod key;
 pub mod keys;
 pub mod plan;
 pub mod progress;
+pub mod slurm;
 pub mod spec;
+pub mod watch;
+pub mod worker;

@@ -21,7 +21,14 @@ pub use source::{Pos, SourceMap};
 pub const DEFAULT_MAX_STAGES: usize = 100_000;
 
 /// Top-level keys of a pipeline file.
-const TOP_LEVEL: &[&str] = &["name", "vars", "stages", "max_stages", "description"];
+const TOP_LEVEL: &[&str] = &[
+    "name",
+    "vars",
+    "stages",
+    "max_stages",
+    "description",
+    "executor",
+];
 
 /// Stage keys the engine reads itself; any other key is a param of the stage's op.
 pub const STAGE_FIELDS: &[&str] = &[
@@ -49,6 +56,7 @@ pub struct Pipeline {
     pub vars: Map<String, Value>,
     pub stages: Vec<StageSpec>,
     pub max_stages: usize,
+    pub executor: ExecutorSpec,
     source: SourceMap,
     /// `--set` paths, so errors in values that came from the command line say so.
     overrides: Vec<(String, String)>,
@@ -79,6 +87,11 @@ pub struct Resources {
     pub cpus: usize,
     pub gpus: usize,
     pub mem_bytes: Option<u64>,
+    /// Cluster wall-time limit, as sbatch's `--time` takes it (`30`, `2:00:00`, `1-0`).
+    pub time: Option<String>,
+    pub partition: Option<String>,
+    /// Extra sbatch flags, one per item (`--constraint=a100`).
+    pub sbatch: Vec<String>,
 }
 
 impl Default for Resources {
@@ -87,8 +100,21 @@ impl Default for Resources {
             cpus: 1,
             gpus: 0,
             mem_bytes: None,
+            time: None,
+            partition: None,
+            sbatch: Vec::new(),
         }
     }
+}
+
+/// The pipeline's `executor:` block; command-line flags override it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecutorSpec {
+    /// `local` (default) or `slurm`.
+    pub kind: Option<String>,
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub max_jobs: Option<usize>,
 }
 
 impl Pipeline {
@@ -188,6 +214,7 @@ impl Pipeline {
                 ))
             })? as usize,
         };
+        let executor = parse_executor(doc.get("executor")).map_err(&locate)?;
         let scope = interpolate::Scope {
             vars: Some(&vars),
             matrix: None,
@@ -230,6 +257,7 @@ impl Pipeline {
             vars,
             stages: stage_specs,
             max_stages,
+            executor,
             source,
             overrides,
         })
@@ -692,13 +720,101 @@ fn parse_resources(value: Option<&Value>, path: &str) -> Result<Resources, SpecE
                         .map_err(|m| SpecError::new(&f, m).fix("e.g. `mem: 4G` or `mem: 512M`"))?,
                 )
             }
+            "time" => {
+                res.time = Some(match v {
+                    Value::String(t) if !t.trim().is_empty() => t.trim().to_string(),
+                    Value::Number(n) if n.as_u64().is_some() => n.to_string(),
+                    other => {
+                        return Err(SpecError::new(
+                            &f,
+                            format!("must be a time limit, found {other}"),
+                        )
+                        .fix("as sbatch --time takes it: minutes (`30`) or `H:MM:SS`"))
+                    }
+                })
+            }
+            "partition" => {
+                res.partition = Some(
+                    v.as_str()
+                        .filter(|p| !p.trim().is_empty())
+                        .ok_or_else(|| {
+                            SpecError::new(&f, format!("must be a partition name, found {v}"))
+                        })?
+                        .to_string(),
+                )
+            }
+            "sbatch" => {
+                res.sbatch = v
+                    .as_array()
+                    .and_then(|items| {
+                        items
+                            .iter()
+                            .map(|i| i.as_str().map(str::to_string))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .ok_or_else(|| {
+                        SpecError::new(&f, format!("must be a list of sbatch flags, found {v}"))
+                            .fix("e.g. `sbatch: [\"--constraint=a100\"]`")
+                    })?
+            }
             other => {
                 return Err(SpecError::new(&f, format!("unknown resource '{other}'"))
-                    .fix(suggestion(other, ["cpus", "gpus", "mem"])))
+                    .fix(suggestion(other, RESOURCE_FIELDS.iter().copied())))
             }
         }
     }
     Ok(res)
+}
+
+const RESOURCE_FIELDS: &[&str] = &["cpus", "gpus", "mem", "time", "partition", "sbatch"];
+
+fn parse_executor(value: Option<&Value>) -> Result<ExecutorSpec, SpecError> {
+    let mut spec = ExecutorSpec::default();
+    let map = match value {
+        None | Some(Value::Null) => return Ok(spec),
+        Some(Value::Object(m)) => m,
+        Some(other) => {
+            return Err(SpecError::new(
+                "executor",
+                format!("must be a mapping, found {}", kind(other)),
+            )
+            .fix("e.g. `executor: {kind: slurm, partition: gpu, max_jobs: 50}`"))
+        }
+    };
+    for (key, v) in map {
+        let f = format!("executor.{key}");
+        let text = || -> Result<String, SpecError> {
+            v.as_str()
+                .filter(|s| !s.trim().is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| SpecError::new(&f, format!("must be a non-empty string, found {v}")))
+        };
+        match key.as_str() {
+            "kind" => {
+                let k = text()?;
+                if k != "local" && k != "slurm" {
+                    return Err(SpecError::new(&f, format!("unknown executor '{k}'"))
+                        .fix(suggestion(&k, ["local", "slurm"])));
+                }
+                spec.kind = Some(k);
+            }
+            "partition" => spec.partition = Some(text()?),
+            "account" => spec.account = Some(text()?),
+            "max_jobs" => {
+                spec.max_jobs = Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                    SpecError::new(&f, format!("must be a positive integer, found {v}"))
+                })? as usize)
+            }
+            other => {
+                return Err(
+                    SpecError::new(&f, format!("unknown executor setting '{other}'")).fix(
+                        suggestion(other, ["kind", "partition", "account", "max_jobs"]),
+                    ),
+                )
+            }
+        }
+    }
+    Ok(spec)
 }
 
 fn parse_bytes(v: &Value) -> Result<u64, String> {

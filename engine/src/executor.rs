@@ -1,0 +1,189 @@
+//! Where stages run. The scheduler in `exec` decides *what* runs; an [`Executor`] runs it: in
+//! threads of this process ([`LocalExecutor`]) or as Slurm jobs (`slurm::SlurmExecutor`).
+//! Either way the finished result is recorded before the scheduler hears of it.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cache::{Cache, Hash};
+use ops::{CancelFlag, Metrics, Op, Progress};
+
+use crate::exec::ExecError;
+use crate::spec::Resources;
+use crate::worker::{self, Outcome, StageJob, StageResult};
+
+/// What became of a started stage.
+#[derive(Debug)]
+pub enum WorkerOutcome {
+    Ran {
+        tree: Hash,
+        metrics: Metrics,
+        duration_s: f64,
+    },
+    Failed {
+        message: String,
+        log_tail: String,
+        duration_s: f64,
+    },
+    Cancelled,
+}
+
+impl WorkerOutcome {
+    pub fn from_result(result: &StageResult) -> Self {
+        let duration_s = (result.ended_at - result.started_at).max(0.0);
+        match &result.outcome {
+            Outcome::Ok { tree, metrics } => WorkerOutcome::Ran {
+                tree: *tree,
+                metrics: metrics.clone(),
+                duration_s,
+            },
+            Outcome::Failed { error } => WorkerOutcome::Failed {
+                message: error.clone(),
+                log_tail: result.log_tail.clone(),
+                duration_s,
+            },
+            Outcome::Cancelled => WorkerOutcome::Cancelled,
+        }
+    }
+}
+
+pub trait Executor {
+    /// Total capacity, in the units of [`Executor::cost`].
+    fn capacity(&self) -> usize;
+    /// What a stage asking for `cpus` takes of the capacity.
+    fn cost(&self, cpus: usize) -> usize;
+    /// Starts a stage; its outcome arrives through [`Executor::wait`].
+    fn start(
+        &mut self,
+        node: usize,
+        job: StageJob,
+        op: Arc<dyn Op>,
+        resources: &Resources,
+    ) -> Result<(), ExecError>;
+    /// Waits up to `timeout` for stages to finish; returns those that did (already recorded).
+    fn wait(&mut self, timeout: Duration) -> Vec<(usize, WorkerOutcome)>;
+    /// Stops every running stage; their outcomes still arrive through `wait`.
+    fn cancel_all(&mut self);
+    /// Op-reported progress of running stages.
+    fn progress(&self) -> HashMap<usize, String> {
+        HashMap::new()
+    }
+    /// Notices for the display (adopted or resubmitted jobs).
+    fn drain_messages(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Runs each stage on a thread of this process, within a CPU budget.
+pub struct LocalExecutor {
+    cache: Arc<Cache>,
+    jobs: usize,
+    tx: mpsc::Sender<(usize, WorkerOutcome)>,
+    rx: mpsc::Receiver<(usize, WorkerOutcome)>,
+    cancels: HashMap<usize, CancelFlag>,
+    threads: HashMap<usize, std::thread::JoinHandle<()>>,
+    progress: Arc<Mutex<HashMap<usize, String>>>,
+}
+
+impl LocalExecutor {
+    pub fn new(cache: Arc<Cache>, jobs: usize) -> Self {
+        let (tx, rx) = mpsc::channel();
+        Self {
+            cache,
+            jobs: jobs.max(1),
+            tx,
+            rx,
+            cancels: HashMap::new(),
+            threads: HashMap::new(),
+            progress: Arc::default(),
+        }
+    }
+}
+
+impl Executor for LocalExecutor {
+    fn capacity(&self) -> usize {
+        self.jobs
+    }
+
+    fn cost(&self, cpus: usize) -> usize {
+        cpus.clamp(1, self.jobs)
+    }
+
+    fn start(
+        &mut self,
+        node: usize,
+        job: StageJob,
+        op: Arc<dyn Op>,
+        _resources: &Resources,
+    ) -> Result<(), ExecError> {
+        let cancel = CancelFlag::new();
+        self.cancels.insert(node, cancel.clone());
+        let cache = self.cache.clone();
+        let tx = self.tx.clone();
+        let texts = self.progress.clone();
+        let handle = std::thread::spawn(move || {
+            let _span = tracing::info_span!("stage", name = %job.stage, op = %job.op).entered();
+            let progress = {
+                let texts = texts.clone();
+                Progress::new(move |m| {
+                    texts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node, m.to_string());
+                })
+            };
+            let outcome =
+                match worker::execute(&job, op.as_ref(), cache.store(), &cancel, &progress)
+                    .and_then(|result| worker::record(&cache, &job, &result).map(|()| result))
+                {
+                    Ok(result) => WorkerOutcome::from_result(&result),
+                    Err(e) => WorkerOutcome::Failed {
+                        message: format!("engine error: {e}"),
+                        log_tail: String::new(),
+                        duration_s: 0.0,
+                    },
+                };
+            texts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&node);
+            let _ = tx.send((node, outcome));
+        });
+        self.threads.insert(node, handle);
+        Ok(())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Vec<(usize, WorkerOutcome)> {
+        let mut done = Vec::new();
+        if let Ok(first) = self.rx.recv_timeout(timeout) {
+            done.push(first);
+            while let Ok(more) = self.rx.try_recv() {
+                done.push(more);
+            }
+        }
+        for (node, _) in &done {
+            self.cancels.remove(node);
+            // The thread has sent its last message; joining releases its handle on the cache
+            // (and so the database connection) before the run returns.
+            if let Some(t) = self.threads.remove(node) {
+                let _ = t.join();
+            }
+        }
+        done
+    }
+
+    fn cancel_all(&mut self) {
+        for c in self.cancels.values() {
+            c.cancel();
+        }
+    }
+
+    fn progress(&self) -> HashMap<usize, String> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}

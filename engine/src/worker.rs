@@ -1,0 +1,372 @@
+//! Running one stage wherever it runs: in a thread of `engine run`, or in a Slurm job through
+//! `engine exec-stage`. A [`StageJob`] is self-contained (op, params, input trees, key), so a
+//! worker needs only the object store, never the database; the driver records the result.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use cache::{Cache, CacheError, Hash, NewRun, RunStatus, Store};
+use ops::{CancelFlag, Input, Metrics, Op, OpError, Progress, RunContext};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Tree paths under this prefix hold a stage's workspace `outs`.
+pub const WORKSPACE_PREFIX: &str = "@workspace";
+
+/// An upstream result by tree hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum JobInput {
+    One(Hash),
+    /// (label, tree) per instance, in plan order.
+    Many(Vec<(String, Hash)>),
+}
+
+/// Everything needed to run one stage instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageJob {
+    pub key: String,
+    pub key_doc: Value,
+    pub pipeline: String,
+    /// Instance name (`square[p=2]`).
+    pub stage: String,
+    pub op: String,
+    pub op_version: u32,
+    pub params: Value,
+    pub inputs: Vec<(String, JobInput)>,
+    pub seed: u64,
+    pub cpus: usize,
+    pub retries: u32,
+    pub timeout_s: Option<f64>,
+    pub outs: Vec<String>,
+    pub workspace: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Outcome {
+    Ok {
+        tree: Hash,
+        #[serde(with = "finite_or_text")]
+        metrics: Metrics,
+    },
+    Failed {
+        error: String,
+    },
+    Cancelled,
+}
+
+/// What all attempts of a stage produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageResult {
+    pub outcome: Outcome,
+    pub log_blob: Option<Hash>,
+    pub log_tail: String,
+    pub started_at: f64,
+    pub ended_at: f64,
+    pub host: String,
+}
+
+impl StageResult {
+    pub fn metrics(&self) -> Metrics {
+        match &self.outcome {
+            Outcome::Ok { metrics, .. } => metrics.clone(),
+            _ => Metrics::new(),
+        }
+    }
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// This machine's name, for run records.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Runs every attempt of `job`: materialise inputs, run the op, move its output into the
+/// store. Records nothing: see [`record`].
+pub fn execute(
+    job: &StageJob,
+    op: &dyn Op,
+    store: &Store,
+    interrupt: &CancelFlag,
+    progress: &Progress,
+) -> Result<StageResult, CacheError> {
+    let scratch = store.scratch()?;
+    let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
+    for (name, ji) in &job.inputs {
+        let dir = scratch.path().join("in").join(name);
+        let input = match ji {
+            JobInput::One(tree) => {
+                materialize_input(store, tree, &dir)?;
+                Input::One(dir)
+            }
+            JobInput::Many(items) => {
+                let mut out = Vec::new();
+                for (label, tree) in items {
+                    let d = dir.join(label);
+                    materialize_input(store, tree, &d)?;
+                    out.push((label.clone(), d));
+                }
+                std::fs::create_dir_all(&dir).map_err(|e| CacheError::Io {
+                    path: dir.clone(),
+                    source: e,
+                })?;
+                Input::Many { dir, items: out }
+            }
+        };
+        inputs.insert(name.clone(), input);
+    }
+    let started_at = unix_now();
+    let timeout = job.timeout_s.map(Duration::from_secs_f64);
+    let mut log: Vec<u8> = Vec::new();
+    let mut last_error = String::new();
+    let finish = |outcome: Outcome, log: &[u8]| -> Result<StageResult, CacheError> {
+        Ok(StageResult {
+            outcome,
+            log_blob: Some(store.put_bytes(log)?),
+            log_tail: tail(log, 20),
+            started_at,
+            ended_at: unix_now(),
+            host: hostname(),
+        })
+    };
+    for attempt in 0..=job.retries {
+        if attempt > 0 {
+            let _ = writeln!(
+                log,
+                "\n--- engine: attempt {} of {} (previous: {last_error}) ---",
+                attempt + 1,
+                job.retries + 1
+            );
+        }
+        let out_dir = scratch.path().join(format!("out{attempt}"));
+        std::fs::create_dir_all(&out_dir).map_err(|e| CacheError::Io {
+            path: out_dir.clone(),
+            source: e,
+        })?;
+        if interrupt.is_cancelled() {
+            return finish(Outcome::Cancelled, &log);
+        }
+        let watchdog = Watchdog::start(interrupt.clone(), timeout);
+        let mut ctx = RunContext {
+            params: &job.params,
+            inputs: &inputs,
+            out_dir: &out_dir,
+            workspace: &job.workspace,
+            seed: job.seed,
+            cpus: job.cpus,
+            cancel: &watchdog.cancel,
+            progress,
+            log: &mut log,
+            metrics: Metrics::new(),
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.run(&mut ctx)));
+        let metrics = std::mem::take(&mut ctx.metrics);
+        let timed_out = watchdog.stop();
+        // A stage that failed because it was being stopped (its processes got the signal
+        // first) was interrupted, not failed: no retry, no failure record.
+        if interrupt.is_cancelled() && !timed_out {
+            return finish(Outcome::Cancelled, &log);
+        }
+        let result = match result {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(OpError::Failed(format!("the op panicked: {what}")))
+            }
+        };
+        match result {
+            Ok(()) => match store_result(job, store, &out_dir) {
+                Ok(tree) => {
+                    return finish(Outcome::Ok { tree, metrics }, &log);
+                }
+                Err(message) => last_error = message,
+            },
+            Err(OpError::Cancelled) if !timed_out => return finish(Outcome::Cancelled, &log),
+            Err(OpError::Cancelled) => {
+                last_error = format!(
+                    "timed out after {}",
+                    humantime::format_duration(timeout.unwrap_or_default())
+                );
+            }
+            Err(e) => last_error = e.to_string(),
+        }
+        let _ = writeln!(log, "engine: {last_error}");
+    }
+    finish(Outcome::Failed { error: last_error }, &log)
+}
+
+/// Records a finished (not cancelled) stage in the database.
+pub fn record(cache: &Cache, job: &StageJob, result: &StageResult) -> Result<(), CacheError> {
+    let (status, tree, error) = match &result.outcome {
+        Outcome::Ok { tree, .. } => (RunStatus::Ok, Some(*tree), None),
+        Outcome::Failed { error } => (RunStatus::Failed, None, Some(error.clone())),
+        Outcome::Cancelled => return Ok(()),
+    };
+    cache.record(&NewRun {
+        key: job.key.clone(),
+        pipeline: job.pipeline.clone(),
+        stage: job.stage.clone(),
+        op: job.op.clone(),
+        op_version: job.op_version,
+        key_doc: job.key_doc.clone(),
+        output_tree: tree,
+        status,
+        error,
+        started_at: result.started_at,
+        ended_at: result.ended_at,
+        host: result.host.clone(),
+        engine_version: env!("CARGO_PKG_VERSION").to_string(),
+        log_blob: result.log_blob,
+        metrics: result.metrics(),
+    })?;
+    Ok(())
+}
+
+fn materialize_input(store: &Store, tree: &Hash, dir: &Path) -> Result<(), CacheError> {
+    let mut t = store.read_tree(tree)?;
+    t.entries
+        .retain(|e| !e.path.starts_with(&format!("{WORKSPACE_PREFIX}/")));
+    store.materialize(&t, "", dir, true)
+}
+
+/// Moves the output folder and declared `outs` into the store; returns the tree hash.
+fn store_result(job: &StageJob, store: &Store, out_dir: &Path) -> Result<Hash, String> {
+    if out_dir.join(WORKSPACE_PREFIX).exists() {
+        return Err(format!(
+            "the stage wrote '{WORKSPACE_PREFIX}' into its output folder; that name is reserved"
+        ));
+    }
+    let mut extra = Vec::new();
+    for out in &job.outs {
+        let path = job.workspace.join(out);
+        if !path.exists() {
+            return Err(format!("declared out '{out}' was not written by the stage"));
+        }
+        extra.push((format!("{WORKSPACE_PREFIX}/{out}"), path));
+    }
+    store
+        .put_dir(out_dir, &extra)
+        .map_err(|e| format!("storing the output failed: {e}"))
+}
+
+/// The last `lines` lines of a log.
+pub fn tail(log: &[u8], lines: usize) -> String {
+    let text = String::from_utf8_lossy(log);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Cancels one attempt of a stage on Ctrl-C or when its timeout passes. Without a timeout the
+/// interrupt flag is used directly and no thread is started.
+struct Watchdog {
+    cancel: CancelFlag,
+    timed_out: Arc<AtomicBool>,
+    stop_tx: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(interrupt: CancelFlag, timeout: Option<Duration>) -> Self {
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let Some(timeout) = timeout else {
+            return Self {
+                cancel: interrupt,
+                timed_out,
+                stop_tx: None,
+                thread: None,
+            };
+        };
+        let cancel = CancelFlag::new();
+        let deadline = Instant::now() + timeout;
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = {
+            let (cancel, timed_out) = (cancel.clone(), timed_out.clone());
+            std::thread::spawn(move || loop {
+                match stop_rx.recv_timeout(Duration::from_millis(20)) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                if interrupt.is_cancelled() {
+                    cancel.cancel();
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    timed_out.store(true, Ordering::SeqCst);
+                    cancel.cancel();
+                    return;
+                }
+            })
+        };
+        Self {
+            cancel,
+            timed_out,
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Ends the watch; true if the attempt was stopped by its timeout.
+    fn stop(mut self) -> bool {
+        drop(self.stop_tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.timed_out.load(Ordering::SeqCst)
+    }
+}
+
+/// JSON has no NaN or infinity; metrics (a diverged loss is a result) keep them as text.
+mod finite_or_text {
+    use ops::Metrics;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    pub fn serialize<S: Serializer>(m: &Metrics, s: S) -> Result<S::Ok, S::Error> {
+        let v: serde_json::Map<String, Value> = m
+            .iter()
+            .map(|(k, x)| {
+                let v = serde_json::Number::from_f64(*x)
+                    .map(Value::Number)
+                    .unwrap_or_else(|| Value::String(x.to_string()));
+                (k.clone(), v)
+            })
+            .collect();
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Metrics, D::Error> {
+        let v = serde_json::Map::<String, Value>::deserialize(d)?;
+        v.into_iter()
+            .map(|(k, x)| {
+                let f = match &x {
+                    Value::Number(n) => n.as_f64(),
+                    Value::String(s) => s.parse::<f64>().ok(),
+                    _ => None,
+                };
+                f.map(|f| (k.clone(), f)).ok_or_else(|| {
+                    serde::de::Error::custom(format!("metric {k}: {x} is not a number"))
+                })
+            })
+            .collect()
+    }
+}
