@@ -7,12 +7,11 @@ use std::sync::Arc;
 
 use cache::Cache;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use engine::exec::RECENT_RUNS;
 use engine::exec::{self, RunOptions, RunSummary, StageReport, StageStatus};
-use engine::keys::{closest_run, explain, node_key, partial_doc, DepHashes};
 use engine::plan::{self, Plan, PlanOptions};
 use engine::progress::{Display, Live, Plain};
 use engine::spec::{Pipeline, SpecError};
+use engine::status::{stage_statuses, status_word, NodeStatus};
 use ops::Registry;
 use serde_json::{json, Value};
 
@@ -51,6 +50,8 @@ enum Command {
     Logs(StageArgs),
     /// Rerun what is stale whenever the pipeline file or a deps path changes.
     Watch(WatchArgs),
+    /// Regenerate the pipeline's `report:` tables and plots from the cache (runs nothing).
+    Report(ReportArgs),
     /// List the built-in ops.
     Ops,
     /// Run one stage from a job file (what a Slurm job executes; not for direct use).
@@ -61,6 +62,23 @@ enum Command {
     Verify(VerifyArgs),
     /// Delete records outside a retention rule and every object no record refers to.
     Gc(GcArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReportFormat {
+    Md,
+    Html,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// Output folder (default: reports/<pipeline name>/ beside the pipeline file).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Md)]
+    format: ReportFormat,
 }
 
 #[derive(Args)]
@@ -278,6 +296,7 @@ pub fn main() -> i32 {
         Command::Logs(args) => cmd_logs(args),
         Command::Watch(args) => cmd_watch(args),
         Command::Verify(args) => cmd_verify(args),
+        Command::Report(args) => cmd_report(args),
         Command::ExecStage(args) => cmd_exec_stage(args),
         Command::Gc(args) => cmd_gc(args),
         Command::Ops => {
@@ -577,126 +596,6 @@ fn stage_json(plan: &Plan, cache: &Cache, r: &StageReport) -> Value {
         "message": r.message,
         "reasons": r.reasons,
     })
-}
-
-/// Cached or stale, with reasons, for every node; runs nothing.
-struct NodeStatus {
-    /// Key and end time of the run the reasons compare against.
-    compared_with: Option<(String, f64)>,
-    cached: bool,
-    never_run: bool,
-    key: Option<String>,
-    reasons: Vec<String>,
-}
-
-fn stage_statuses(plan: &Plan, cache: &Cache, force: &[usize]) -> Result<Vec<NodeStatus>, Exit> {
-    let mut deps = DepHashes::for_static_deps(plan, cache)?;
-    let mut trees: Vec<Option<cache::Hash>> = vec![None; plan.nodes.len()];
-    let mut out: Vec<NodeStatus> = Vec::with_capacity(plan.nodes.len());
-    for (i, node) in plan.nodes.iter().enumerate() {
-        let node_deps = match deps.for_node(plan, cache, i) {
-            Ok(d) => d,
-            Err(message) => {
-                // A dep another stage produces and that does not exist yet.
-                out.push(NodeStatus {
-                    compared_with: None,
-                    cached: false,
-                    never_run: false,
-                    key: None,
-                    reasons: vec![message],
-                });
-                continue;
-            }
-        };
-        let recent = cache.recent_runs(&plan.pipeline.name, &node.name, RECENT_RUNS)?;
-        let status = match node_key(plan, i, &trees, &node_deps) {
-            Some((doc, key)) => {
-                let hit = cache
-                    .lookup(&key)?
-                    .and_then(|r| r.output_tree)
-                    .filter(|t| cache.tree_is_complete(t));
-                let previous = closest_run(&doc, &recent);
-                if force.contains(&i) {
-                    NodeStatus {
-                        compared_with: None,
-                        cached: false,
-                        never_run: previous.is_none(),
-                        key: Some(key),
-                        reasons: vec!["--force".into()],
-                    }
-                } else if !node.cache {
-                    NodeStatus {
-                        compared_with: None,
-                        cached: false,
-                        never_run: previous.is_none(),
-                        key: Some(key),
-                        reasons: vec!["cache: false".into()],
-                    }
-                } else if let Some(tree) = hit {
-                    trees[i] = Some(tree);
-                    NodeStatus {
-                        compared_with: None,
-                        cached: true,
-                        never_run: false,
-                        key: Some(key),
-                        reasons: Vec::new(),
-                    }
-                } else {
-                    let mut reasons = explain(&doc, previous);
-                    if reasons.is_empty() {
-                        reasons.push(
-                            "the recorded result's objects are missing from the store".into(),
-                        );
-                    }
-                    NodeStatus {
-                        compared_with: previous.map(|p| (p.key.clone(), p.ended_at)),
-                        cached: false,
-                        never_run: previous.is_none(),
-                        key: Some(key),
-                        reasons,
-                    }
-                }
-            }
-            None => {
-                let stale_up: Vec<&str> = node
-                    .upstream()
-                    .into_iter()
-                    .filter(|&u| trees[u].is_none())
-                    .map(|u| plan.nodes[u].name.as_str())
-                    .collect();
-                let partial = partial_doc(plan, i, &node_deps);
-                let previous = closest_run(&partial, &recent);
-                let mut reasons = explain(&partial, previous);
-                reasons.retain(|r| r != "never run");
-                reasons.push(format!(
-                    "upstream {} will run first; this stage reruns only if its output changes",
-                    stale_up.join(", ")
-                ));
-                if previous.is_none() {
-                    reasons.insert(0, "never run".into());
-                }
-                NodeStatus {
-                    compared_with: previous.map(|p| (p.key.clone(), p.ended_at)),
-                    cached: false,
-                    never_run: previous.is_none(),
-                    key: None,
-                    reasons,
-                }
-            }
-        };
-        out.push(status);
-    }
-    Ok(out)
-}
-
-fn status_word(s: &NodeStatus) -> &'static str {
-    if s.cached {
-        "cached"
-    } else if s.never_run {
-        "never run"
-    } else {
-        "stale"
-    }
 }
 
 fn print_statuses(plan: &Plan, statuses: &[NodeStatus], as_json: bool) {
@@ -1190,4 +1089,35 @@ fn cmd_exec_stage(args: ExecStageArgs) -> Result<i32, Exit> {
         .map_err(|e| fail(format!("cannot write {}: {e}", args.result.display())))?;
     println!("engine exec-stage: done");
     Ok(EXIT_OK)
+}
+
+fn cmd_report(args: ReportArgs) -> Result<i32, Exit> {
+    let plan = load_plan(&args.pipeline)?;
+    // Validate the report section before touching the cache.
+    engine::report::parse_spec(&plan)?;
+    let cache = open_cache(&args.pipeline, &plan)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        plan.pipeline
+            .workspace
+            .join("reports")
+            .join(&plan.pipeline.name)
+    });
+    let format = match args.format {
+        ReportFormat::Md => engine::report::Format::Markdown,
+        ReportFormat::Html => engine::report::Format::Html,
+    };
+    match engine::report::build(&plan, &cache, &out, format) {
+        Ok(output) => {
+            print!("{}", output.text);
+            for f in &output.files {
+                eprintln!("wrote {}", f.display());
+            }
+            Ok(EXIT_OK)
+        }
+        Err(engine::report::ReportError::Spec(e)) => Err(e.into()),
+        Err(e) => Err(Exit {
+            code: EXIT_STAGE_FAILED,
+            message: format!("error: {e}"),
+        }),
+    }
 }

@@ -28,6 +28,7 @@ const TOP_LEVEL: &[&str] = &[
     "max_stages",
     "description",
     "executor",
+    "report",
 ];
 
 /// Stage keys the engine reads itself; any other key is a param of the stage's op.
@@ -57,6 +58,8 @@ pub struct Pipeline {
     pub stages: Vec<StageSpec>,
     pub max_stages: usize,
     pub executor: ExecutorSpec,
+    /// The `report:` block, read by `engine report` (vars resolved).
+    pub report: Option<Value>,
     source: SourceMap,
     /// `--set` paths, so errors in values that came from the command line say so.
     overrides: Vec<(String, String)>,
@@ -214,6 +217,20 @@ impl Pipeline {
                 ))
             })? as usize,
         };
+        let report = match doc.get("report") {
+            None | Some(Value::Null) => None,
+            Some(r) => Some(
+                interpolate::resolve(
+                    r,
+                    &interpolate::Scope {
+                        vars: Some(&vars),
+                        matrix: None,
+                    },
+                    "report",
+                )
+                .map_err(&locate)?,
+            ),
+        };
         let executor = parse_executor(doc.get("executor")).map_err(&locate)?;
         let scope = interpolate::Scope {
             vars: Some(&vars),
@@ -258,6 +275,7 @@ impl Pipeline {
             stages: stage_specs,
             max_stages,
             executor,
+            report,
             source,
             overrides,
         })

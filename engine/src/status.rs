@@ -1,0 +1,133 @@
+//! Cached or stale, with reasons, for every stage instance: what `status`, `why`, `show`,
+//! `run --dry-run` and `report` show. Runs nothing and changes nothing.
+
+use cache::Cache;
+
+use crate::exec::{ExecError, RECENT_RUNS};
+use crate::keys::{closest_run, explain, node_key, partial_doc, DepHashes};
+use crate::plan::Plan;
+
+/// Cached or stale, with reasons, for every node; runs nothing.
+pub struct NodeStatus {
+    /// Key and end time of the run the reasons compare against.
+    pub compared_with: Option<(String, f64)>,
+    pub cached: bool,
+    pub never_run: bool,
+    pub key: Option<String>,
+    pub reasons: Vec<String>,
+}
+
+/// Keys every node in order and looks each up, without running or modifying anything.
+pub fn stage_statuses(
+    plan: &Plan,
+    cache: &Cache,
+    force: &[usize],
+) -> Result<Vec<NodeStatus>, ExecError> {
+    let mut deps = DepHashes::for_static_deps(plan, cache)?;
+    let mut trees: Vec<Option<cache::Hash>> = vec![None; plan.nodes.len()];
+    let mut out: Vec<NodeStatus> = Vec::with_capacity(plan.nodes.len());
+    for (i, node) in plan.nodes.iter().enumerate() {
+        let node_deps = match deps.for_node(plan, cache, i) {
+            Ok(d) => d,
+            Err(message) => {
+                // A dep another stage produces and that does not exist yet.
+                out.push(NodeStatus {
+                    compared_with: None,
+                    cached: false,
+                    never_run: false,
+                    key: None,
+                    reasons: vec![message],
+                });
+                continue;
+            }
+        };
+        let recent = cache.recent_runs(&plan.pipeline.name, &node.name, RECENT_RUNS)?;
+        let status = match node_key(plan, i, &trees, &node_deps) {
+            Some((doc, key)) => {
+                let hit = cache
+                    .lookup(&key)?
+                    .and_then(|r| r.output_tree)
+                    .filter(|t| cache.tree_is_complete(t));
+                let previous = closest_run(&doc, &recent);
+                if force.contains(&i) {
+                    NodeStatus {
+                        compared_with: None,
+                        cached: false,
+                        never_run: previous.is_none(),
+                        key: Some(key),
+                        reasons: vec!["--force".into()],
+                    }
+                } else if !node.cache {
+                    NodeStatus {
+                        compared_with: None,
+                        cached: false,
+                        never_run: previous.is_none(),
+                        key: Some(key),
+                        reasons: vec!["cache: false".into()],
+                    }
+                } else if let Some(tree) = hit {
+                    trees[i] = Some(tree);
+                    NodeStatus {
+                        compared_with: None,
+                        cached: true,
+                        never_run: false,
+                        key: Some(key),
+                        reasons: Vec::new(),
+                    }
+                } else {
+                    let mut reasons = explain(&doc, previous);
+                    if reasons.is_empty() {
+                        reasons.push(
+                            "the recorded result's objects are missing from the store".into(),
+                        );
+                    }
+                    NodeStatus {
+                        compared_with: previous.map(|p| (p.key.clone(), p.ended_at)),
+                        cached: false,
+                        never_run: previous.is_none(),
+                        key: Some(key),
+                        reasons,
+                    }
+                }
+            }
+            None => {
+                let stale_up: Vec<&str> = node
+                    .upstream()
+                    .into_iter()
+                    .filter(|&u| trees[u].is_none())
+                    .map(|u| plan.nodes[u].name.as_str())
+                    .collect();
+                let partial = partial_doc(plan, i, &node_deps);
+                let previous = closest_run(&partial, &recent);
+                let mut reasons = explain(&partial, previous);
+                reasons.retain(|r| r != "never run");
+                reasons.push(format!(
+                    "upstream {} will run first; this stage reruns only if its output changes",
+                    stale_up.join(", ")
+                ));
+                if previous.is_none() {
+                    reasons.insert(0, "never run".into());
+                }
+                NodeStatus {
+                    compared_with: previous.map(|p| (p.key.clone(), p.ended_at)),
+                    cached: false,
+                    never_run: previous.is_none(),
+                    key: None,
+                    reasons,
+                }
+            }
+        };
+        out.push(status);
+    }
+    Ok(out)
+}
+
+pub fn status_word(s: &NodeStatus) -> &'static str {
+    if s.cached {
+        "cached"
+    } else if s.never_run {
+        "never run"
+    } else {
+        "stale"
+    }
+}
