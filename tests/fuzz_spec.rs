@@ -153,7 +153,7 @@ fn check(text: &str, registry: &Registry) {
                 registry,
                 &PlanOptions {
                     max_stages: Some(limit),
-                    protected: vec![],
+                    ..PlanOptions::default()
                 },
             ) {
                 assert!(plan.nodes.len() <= limit, "plan exceeds the stage limit");

@@ -147,6 +147,9 @@ struct PipelineArgs {
     /// `max_stages`, else 100000).
     #[arg(long, value_name = "N")]
     max_stages: Option<usize>,
+    /// Device for every stage whose op takes `device` and sets none (`cpu`, `cuda`).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -339,6 +342,7 @@ fn load_plan(args: &PipelineArgs) -> Result<Plan, Exit> {
     let options = PlanOptions {
         max_stages: args.max_stages,
         protected: vec![cache_dir],
+        device: args.device.clone(),
     };
     Ok(plan::build(pipeline, &Registry::builtin(), &options)?)
 }
@@ -991,6 +995,7 @@ fn cmd_gc(args: GcArgs) -> Result<i32, Exit> {
                 sets: args.sets.clone(),
                 cache_dir: Some(dir.clone()),
                 max_stages: None,
+                device: None,
             };
             let plan = load_plan(&pargs)?;
             let statuses = stage_statuses(&plan, &cache, &[])?;

@@ -139,6 +139,8 @@ pub struct PlanOptions {
     pub max_stages: Option<usize>,
     /// Folders `deps`/`outs` may never point into (the cache).
     pub protected: Vec<PathBuf>,
+    /// `--device`: given to every stage whose op takes a `device` param and sets none.
+    pub device: Option<String>,
 }
 
 pub fn build(
@@ -294,6 +296,7 @@ fn expand(
         &scope,
         &format!("{stage_path}.params"),
     )?;
+    let params = with_default_device(params, op.as_ref(), options.device.as_deref(), &stage_path)?;
     op.validate(&params).map_err(|e| {
         let field = if e.path.is_empty() {
             format!("{stage_path}.params")
@@ -371,6 +374,38 @@ fn expand(
         },
         raw_inputs,
     ))
+}
+
+/// Adds `device: <d>` to params of ops that accept it (their validation says so) and that do
+/// not choose a device themselves. An op that accepts the field but not the value (cuda in a
+/// CPU-only build) makes this an error naming `--device`.
+fn with_default_device(
+    params: Value,
+    op: &dyn Op,
+    device: Option<&str>,
+    stage_path: &str,
+) -> Result<Value, SpecError> {
+    let (Some(device), Value::Object(map)) = (device, &params) else {
+        return Ok(params);
+    };
+    if map.contains_key("device") || op.validate(&params).is_err() {
+        return Ok(params);
+    }
+    let mut with = map.clone();
+    with.insert("device".into(), Value::String(device.to_string()));
+    let candidate = Value::Object(with);
+    match op.validate(&candidate) {
+        Ok(()) => Ok(candidate),
+        Err(e) if e.message.contains("unknown field") => Ok(params),
+        Err(e) => Err(SpecError::new(
+            format!("{stage_path}.params.device"),
+            format!("--device {device}: {} (op '{}')", e.message, op.name()),
+        )
+        .fix(
+            e.fix
+                .unwrap_or_else(|| "choose a device this build supports, e.g. --device cpu".into()),
+        )),
+    }
 }
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" -> "did you mean ...".
