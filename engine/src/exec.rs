@@ -437,7 +437,7 @@ pub fn run_with(
             })
         })
         .collect();
-    heartbeat.stop();
+    drop(heartbeat);
     let summary = RunSummary {
         reports,
         interrupted,
@@ -654,10 +654,12 @@ fn input_trees(plan: &Plan, i: usize, trees: &[Option<Hash>]) -> Vec<(String, Jo
 
 /// Refreshes this process's claims every few seconds, so other processes can tell a live
 /// owner from a dead one.
+/// Stopped when dropped, so an early return cannot leave its thread (and its handle on the
+/// cache) running.
 struct Heartbeat {
     held: Arc<Mutex<std::collections::HashSet<String>>>,
-    stop_tx: mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
+    stop_tx: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Heartbeat {
@@ -686,8 +688,8 @@ impl Heartbeat {
         };
         Self {
             held,
-            stop_tx,
-            thread,
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
         }
     }
 
@@ -704,9 +706,13 @@ impl Heartbeat {
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
     }
+}
 
-    fn stop(self) {
-        drop(self.stop_tx);
-        let _ = self.thread.join();
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        drop(self.stop_tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -32,6 +32,21 @@ impl DepHashes {
                 }
             }
         }
+        // Refuse a missing dep before hashing anything: bad input must leave the cache
+        // (and its stat cache) untouched.
+        for path in &paths {
+            if let Err(e) = std::fs::metadata(plan.pipeline.workspace.join(path)) {
+                return Err(plan.pipeline.locate(
+                    SpecError::new(
+                        fields[path].clone(),
+                        format!("dep '{path}' cannot be read: {e}"),
+                    )
+                    .fix(
+                        "create the file, fix the path, or produce it with another stage's `outs:`",
+                    ),
+                ));
+            }
+        }
         let mut hashes = Self {
             known: HashMap::new(),
         };

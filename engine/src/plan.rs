@@ -304,7 +304,10 @@ fn expand(
             format!("{stage_path}.params.{}", e.path)
         };
         let mut err = SpecError::new(field, format!("{} (op '{}')", e.message, op.name()));
-        err.fix = e.fix.or_else(|| unknown_field_fix(&e.message));
+        err.fix = e
+            .fix
+            .or_else(|| unknown_field_fix(&e.message))
+            .or_else(|| wrong_type_fix(&e.path, &e.message));
         err
     })?;
     let mut raw_inputs = Vec::new();
@@ -406,6 +409,18 @@ fn with_default_device(
                 .unwrap_or_else(|| "choose a device this build supports, e.g. --device cpu".into()),
         )),
     }
+}
+
+/// serde's "invalid type: integer `3`, expected a sequence" -> "make 'deps' a sequence".
+fn wrong_type_fix(path: &str, message: &str) -> Option<String> {
+    // Untagged enums (`cmd`, env values) state only what they expect: "a string or ...".
+    let expected = match message.split_once("expected ") {
+        Some((_, e)) => e,
+        None if message.starts_with("a ") || message.starts_with("an ") => message,
+        None => return None,
+    };
+    let field = if path.is_empty() { "the params" } else { path };
+    Some(format!("make '{field}' {}", expected.trim_end_matches('.')))
 }
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" -> "did you mean ...".
