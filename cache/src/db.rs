@@ -82,6 +82,8 @@ pub struct ClaimOwner {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimState {
     Acquired,
+    /// A successful run of the key is recorded: reuse it.
+    AlreadyDone,
     HeldBy {
         owner: String,
         pid: u32,
@@ -449,6 +451,7 @@ impl Db {
         key: &str,
         me: &ClaimOwner,
         stale_after_s: f64,
+        check_done: bool,
     ) -> Result<ClaimState> {
         let path = self.path.clone();
         let err = |source| CacheError::Db {
@@ -459,6 +462,19 @@ impl Db {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
+        // Checked in the same transaction as the claim: a result recorded (and its claim
+        // released) since the caller's lookup must not be computed again.
+        let done: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM runs WHERE key = ?1 AND status = 'ok'",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        if check_done && done.is_some() {
+            return Ok(ClaimState::AlreadyDone);
+        }
         let now = unix_now();
         let held: Option<(String, String, i64, f64)> = tx
             .query_row(

@@ -243,8 +243,16 @@ impl Cache {
 
     /// Claims `key` for this process (see [`ClaimOwner`]); a claim held by a live process
     /// with a recent heartbeat is reported instead.
-    pub fn try_claim(&self, key: &str, me: &ClaimOwner, stale_after_s: f64) -> Result<ClaimState> {
-        self.db().try_claim(key, me, stale_after_s)
+    /// With `check_done`, a key whose successful run is already recorded is reported as done
+    /// (checked atomically with the claim).
+    pub fn try_claim(
+        &self,
+        key: &str,
+        me: &ClaimOwner,
+        stale_after_s: f64,
+        check_done: bool,
+    ) -> Result<ClaimState> {
+        self.db().try_claim(key, me, stale_after_s, check_done)
     }
 
     /// Refreshes this process's claims on `keys`.

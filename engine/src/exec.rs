@@ -150,7 +150,8 @@ pub fn run_with(
     // Stages another engine process is running: re-checked until its result is recorded or
     // its claim is released or abandoned.
     let mut claim_waits: Vec<(usize, Instant)> = Vec::new();
-    let mut warned_corrupt = false;
+    // Keys whose recorded result turned out damaged: recomputed, never reported as done.
+    let mut damaged: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Node -> the capacity it holds.
     let mut running: HashMap<usize, usize> = HashMap::new();
     let mut free = executor.capacity().max(1);
@@ -197,7 +198,7 @@ pub fn run_with(
             };
             let forced = options.force.contains(&i);
             if node.cache && !forced {
-                if let Some(tree) = reuse(plan, cache, i, &key, &mut warned_corrupt, display)? {
+                if let Some(tree) = reuse(plan, cache, i, &key, &mut damaged, display)? {
                     trees[i] = Some(tree.0);
                     state[i] = State::Done;
                     let report = StageReport {
@@ -232,12 +233,17 @@ pub fn run_with(
                 parked.push(i);
                 continue;
             }
-            match cache.try_claim(&key, &owner, CLAIM_STALE_S)? {
+            let check_done = node.cache && !forced && !damaged.contains(&key);
+            match cache.try_claim(&key, &owner, CLAIM_STALE_S, check_done)? {
                 ClaimState::Acquired => {
                     heartbeat.hold(&key);
                     in_flight.insert(key.clone(), Vec::new());
                     queued_keys.insert(i, (doc, key, reasons));
                     queued.push(Reverse(i));
+                }
+                ClaimState::AlreadyDone => {
+                    queued_keys.insert(i, (doc, key, reasons));
+                    claim_waits.push((i, Instant::now()));
                 }
                 ClaimState::HeldBy { pid, host, .. } => {
                     display.message(&format!(
@@ -310,7 +316,13 @@ pub fn run_with(
                 continue;
             }
             let key = queued_keys.get(&i).map(|k| k.1.clone()).unwrap_or_default();
-            if let Some(tree) = reuse(plan, cache, i, &key, &mut warned_corrupt, display)? {
+            let may_reuse = plan.nodes[i].cache && !options.force.contains(&i);
+            let reused = if may_reuse {
+                reuse(plan, cache, i, &key, &mut damaged, display)?
+            } else {
+                None
+            };
+            if let Some(tree) = reused {
                 queued_keys.remove(&i);
                 trees[i] = Some(tree.0);
                 state[i] = State::Done;
@@ -329,12 +341,14 @@ pub fn run_with(
                 release(i, &downstream, &mut waiting_on, &mut ready);
                 continue;
             }
-            match cache.try_claim(&key, &owner, CLAIM_STALE_S)? {
+            let check_done = may_reuse && !damaged.contains(&key);
+            match cache.try_claim(&key, &owner, CLAIM_STALE_S, check_done)? {
                 ClaimState::Acquired => {
                     heartbeat.hold(&key);
                     in_flight.insert(key, Vec::new());
                     queued.push(Reverse(i));
                 }
+                ClaimState::AlreadyDone => still_waiting.push((i, now)),
                 ClaimState::HeldBy { .. } => still_waiting.push((i, now + CLAIM_POLL)),
             }
         }
@@ -531,7 +545,7 @@ fn reuse(
     cache: &Cache,
     i: usize,
     key: &str,
-    warned_corrupt: &mut bool,
+    damaged: &mut std::collections::HashSet<String>,
     display: &mut dyn Display,
 ) -> Result<Option<(Hash, Metrics)>, ExecError> {
     let Some(record) = cache.lookup(key)? else {
@@ -542,14 +556,14 @@ fn reuse(
     };
     let node = &plan.nodes[i];
     if let Err(bad) = cache.check_tree(&tree_hash) {
-        if !*warned_corrupt {
+        if damaged.is_empty() {
             display.message(&format!(
                 "warning: the cached result of '{}' is damaged (object {} missing or corrupt); recomputing it (`engine verify` checks the whole cache)",
                 node.name,
                 bad.first().map(|h| h.short()).unwrap_or_default()
             ));
-            *warned_corrupt = true;
         }
+        damaged.insert(key.to_string());
         return Ok(None);
     }
     if !node.outs.is_empty() {

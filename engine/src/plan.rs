@@ -226,9 +226,17 @@ pub fn build(
     link_produced_deps(&mut nodes);
     let order = topological_order(&nodes).map_err(|cycle| {
         let first = &nodes[cycle[0]];
+        let from = cycle[cycle.len() - 1];
+        // Say which kind of edge closes the loop: an input, or a dep inside another's outs.
+        let via_input = first.inputs.iter().any(|inp| inp.sources.nodes().contains(&from));
+        let (field, fix) = if via_input {
+            ("inputs", "a stage cannot depend on its own output; remove one of these inputs")
+        } else {
+            ("params.deps", "a stage cannot read a file that it (through these stages) writes; remove the dep or the other stage's `outs:` entry")
+        };
         locate(
             SpecError::new(
-                format!("stages.{}.inputs", first.stage),
+                format!("stages.{}.{field}", first.stage),
                 format!(
                     "the stages form a cycle: {}",
                     cycle
@@ -239,7 +247,7 @@ pub fn build(
                         .join(" -> ")
                 ),
             )
-            .fix("a stage cannot depend on its own output; remove one of these inputs"),
+            .fix(fix),
         )
     })?;
     let nodes = reorder(nodes, &order);
