@@ -6,9 +6,14 @@
 //! input artifacts as read-only directories, a fresh output directory, a metrics sink, a progress
 //! reporter, a seed, a cancellation flag and a CPU allotment) and captures what it writes.
 
+pub mod arch;
 mod children;
+pub mod ml;
 pub mod nn;
+pub mod nas;
 mod op;
+pub mod oplearn;
+pub mod pde;
 mod registry;
 mod shell;
 

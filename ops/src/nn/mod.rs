@@ -31,6 +31,6 @@ pub use error::NnError;
 pub use init::{Init, InitScheme, VarianceHook};
 pub use models::{Model, ModelSpec};
 pub use tensor::{
-    collect_params, collect_params_mut, Dev, Float, HasParams, Param, ParamKind, Tensor1, Tensor2,
-    Tensor3, Tensor4,
+    collect_params, collect_params_mut, from_vec, Dev, Float, HasParams, Param, ParamKind, Tensor1,
+    Tensor2, Tensor3, Tensor4,
 };

@@ -47,7 +47,7 @@ pub struct Fno2dMaeSpec {
 }
 
 impl Fno2dSpec {
-    fn validate(&self) -> Result<(), NnError> {
+    pub(crate) fn validate(&self) -> Result<(), NnError> {
         positive("model.width", self.width)?;
         positive("model.modes.0", self.modes.0)?;
         positive("model.modes.1", self.modes.1)?;

@@ -50,6 +50,51 @@ impl ModelSpec {
         })
     }
 
+    /// Checks what does not depend on the input shape (topology and cell strings, positive
+    /// sizes, odd kernels) without drawing weights, so that a stage's params can be rejected
+    /// before anything runs. [`Model::build`] repeats these checks.
+    pub fn check(&self) -> Result<(), NnError> {
+        fn cell(topology: &str, width: usize, classes: usize) -> Result<(), NnError> {
+            let dag = Dag::parse_digits("model.topology", topology, 2)?;
+            if !dag.connects_input_to_output() {
+                return Err(NnError::spec(
+                    "model.topology",
+                    format!("{topology:?} has no input-to-output path; it is not a valid network"),
+                ));
+            }
+            dag::positive("model.width", width)?;
+            dag::positive("model.classes", classes)
+        }
+        match self {
+            ModelSpec::MlpDag(s) => cell(&s.topology, s.width, s.classes),
+            ModelSpec::CnnDag(s) => {
+                cell(&s.topology, s.width, s.classes)?;
+                if s.kernel % 2 != 1 {
+                    return Err(NnError::spec(
+                        "model.kernel",
+                        format!("kernel {} must be odd (same padding)", s.kernel),
+                    ));
+                }
+                Ok(())
+            }
+            ModelSpec::Nb201(s) => {
+                Dag::parse_nb201("model.cell", &s.cell)?;
+                dag::positive("model.channels", s.channels)?;
+                dag::positive("model.cells_per_stage", s.cells_per_stage)?;
+                dag::positive("model.classes", s.classes)
+            }
+            ModelSpec::Fno2d(s) => s.validate(),
+            ModelSpec::Fno2dMae(s) => Fno2dSpec {
+                width: s.width,
+                modes: s.modes,
+                layers: s.layers,
+                head_width: s.head_width,
+                out_channels: 1,
+            }
+            .validate(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             ModelSpec::MlpDag(_) => "mlp_dag",

@@ -1,0 +1,484 @@
+//! The proxy networks the indicators run on: the NAS-Bench-201 macro skeleton
+//! (`../shared/papers/training-free-nas.md` §1) at a chosen width, depth and number of stages,
+//! with a *set* of ops on each edge mixed by equal weights, so that one type serves single cells
+//! (one op per edge) and TE-NAS's pruning supernets (§4).
+//!
+//! Weights are drawn per component from a seed derived from (seed, block, edge, op): removing an
+//! op from a supernet leaves every other weight as it was ("same weights", §4), and two cells
+//! that share an op on an edge share its initial weights (common random numbers across
+//! candidates). The forward pass can record the sign pattern of every ReLU input.
+
+use dfdx::{shapes::*, tensor::*, tensor_ops::*};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::space::{OpSets, EDGE_NODES, NUM_EDGES};
+use crate::ml::derive_seed;
+use crate::nn::layers::{
+    global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
+};
+use crate::nn::models::ReluConvBn;
+use crate::nn::{Dev, HasParams, Init, NnError, Param, Tensor2, Tensor4};
+
+/// Shape of a proxy network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Channels of the first stage, C.
+    pub channels: usize,
+    /// Cells per stage, N.
+    pub cells_per_stage: usize,
+    /// Stages kept, 1..=3 (the thin network for linear regions keeps only the first).
+    pub stages: usize,
+    pub classes: usize,
+}
+
+/// NB201's `avg_pool_3x3` edge.
+const POOL3: AvgPool2d = AvgPool2d {
+    kernel: 3,
+    stride: 1,
+    padding: 1,
+    count_include_pad: false,
+};
+
+/// The ReLU inputs seen in one forward pass: `(values, values per sample)` per ReLU.
+#[derive(Debug, Default)]
+pub struct SignRecorder {
+    chunks: Vec<(Vec<f64>, usize)>,
+}
+
+impl SignRecorder {
+    /// Records one ReLU input `(batch, c, h, w)`.
+    pub fn push<T: Tape<f64, Dev>>(&mut self, x: &Tensor4<f64, T>) {
+        let (b, c, h, w) = *x.shape();
+        if b > 0 {
+            self.chunks.push((x.as_vec(), c * h * w));
+        }
+    }
+
+    /// Number of ReLU units per sample.
+    pub fn units(&self) -> usize {
+        self.chunks.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Per sample, the bits `1[relu input > 0]` of every ReLU unit, packed 64 to a word.
+    pub fn patterns(&self, batch: usize) -> Vec<Vec<u64>> {
+        let words = self.units().div_ceil(64);
+        let mut out = vec![vec![0u64; words]; batch];
+        let mut bit = 0usize;
+        for (values, per) in &self.chunks {
+            for (i, row) in out.iter_mut().enumerate() {
+                let sample = values.get(i * per..(i + 1) * per).unwrap_or(&[]);
+                for (j, v) in sample.iter().enumerate() {
+                    if *v > 0.0 {
+                        let b = bit + j;
+                        row[b / 64] |= 1 << (b % 64);
+                    }
+                }
+            }
+            bit += per;
+        }
+        out
+    }
+}
+
+/// A cell whose edges each hold a list of `(op code, weights of parameterised ops)`.
+#[derive(Clone, Debug)]
+struct MixedCell {
+    edges: Vec<Vec<(u8, Option<ReluConvBn<f64>>)>>,
+}
+
+impl HasParams<f64> for MixedCell {
+    fn visit_params<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a Param<f64>)>) {
+        for (pos, ops) in self.edges.iter().enumerate() {
+            for (op, conv) in ops {
+                if let Some(c) = conv {
+                    c.visit_params(&format!("{prefix}.cell.edges.{pos}.{op}"), out);
+                }
+            }
+        }
+    }
+    fn visit_params_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        out: &mut Vec<(String, &'a mut Param<f64>)>,
+    ) {
+        for (pos, ops) in self.edges.iter_mut().enumerate() {
+            for (op, conv) in ops {
+                if let Some(c) = conv {
+                    c.visit_params_mut(&format!("{prefix}.cell.edges.{pos}.{op}"), out);
+                }
+            }
+        }
+    }
+}
+
+impl MixedCell {
+    fn new(dev: &Dev, sets: &OpSets, c: usize, seed: u64, block: usize) -> Result<Self, NnError> {
+        let init = Init::default();
+        let mut edges = Vec::with_capacity(NUM_EDGES);
+        for pos in 0..NUM_EDGES {
+            let mut ops = Vec::new();
+            for op in sets.ops(pos) {
+                let stream = ((block as u64 * 16 + pos as u64) * 8 + op as u64) + 1000;
+                let mut rng = StdRng::seed_from_u64(derive_seed(seed, stream));
+                let name = format!("cell{block}.edges.{pos}.{op}");
+                let conv = match op {
+                    2 | 3 => Some(ReluConvBn::new(
+                        dev,
+                        &name,
+                        (c, c),
+                        ConvGeometry::same(if op == 2 { 1 } else { 3 }),
+                        &init,
+                        &mut rng,
+                    )?),
+                    _ => None,
+                };
+                ops.push((op, conv));
+            }
+            edges.push(ops);
+        }
+        Ok(Self { edges })
+    }
+
+    /// training-free-nas.md §1: node j = sum over incoming edges; an edge with k ops outputs
+    /// (1/k) sum of its ops (`none` contributes zero but counts in k); output = node 3.
+    fn forward<T: Tape<f64, Dev>>(
+        &mut self,
+        x: Tensor4<f64, T>,
+        ctx: &ForwardCtx,
+        rec: &mut Option<&mut SignRecorder>,
+    ) -> Result<Tensor4<f64, T>, NnError> {
+        let shape = *x.shape();
+        let dev = x.device().clone();
+        // Each node's value feeds several edges: its tape moves to `shared` and every consumer
+        // gets the value with an empty tape; the tapes merge again at the output.
+        let (v0, mut shared) = x.split_tape();
+        let mut values = vec![v0];
+        for t in 1..=3 {
+            let mut acc: Option<Tensor4<f64, T>> = None;
+            for (pos, &(tt, s)) in EDGE_NODES.iter().enumerate() {
+                if tt != t {
+                    continue;
+                }
+                let ops = &mut self.edges[pos];
+                let k = ops.len();
+                for (op, conv) in ops.iter_mut() {
+                    let v = values[s].clone().put_tape(T::default());
+                    let out = match (*op, conv) {
+                        (1, _) => v,
+                        (4, _) => POOL3.forward(v)?,
+                        (2 | 3, Some(c)) => {
+                            if let Some(r) = rec.as_deref_mut() {
+                                r.push(&values[s]);
+                            }
+                            c.forward(v, ctx)?
+                        }
+                        _ => continue,
+                    };
+                    let out = if k > 1 {
+                        out.try_mul(1.0 / k as f64)?
+                    } else {
+                        out
+                    };
+                    acc = Some(match acc {
+                        None => out,
+                        Some(a) => a.try_add(out)?,
+                    });
+                }
+            }
+            let value = match acc {
+                Some(v) => v,
+                None => dev.try_zeros_like(&shape)?.put_tape(T::default()),
+            };
+            let (v, tape) = value.split_tape();
+            shared = shared.merge(tape);
+            values.push(v);
+        }
+        let out = values.pop().unwrap_or_else(|| dev.zeros_like(&shape));
+        Ok(out.put_tape(shared))
+    }
+}
+
+/// NB201's residual reduction block: ReLUConvBN(3x3, stride 2) -> ReLUConvBN(3x3), plus
+/// AvgPool(2, 2) -> Conv1x1 on the shortcut.
+#[derive(Clone, Debug)]
+struct Reduction {
+    conv_a: ReluConvBn<f64>,
+    conv_b: ReluConvBn<f64>,
+    shortcut: Conv2d<f64>,
+}
+
+impl HasParams<f64> for Reduction {
+    fn visit_params<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a Param<f64>)>) {
+        self.conv_a
+            .visit_params(&format!("{prefix}.reduction.conv_a"), out);
+        self.conv_b
+            .visit_params(&format!("{prefix}.reduction.conv_b"), out);
+        self.shortcut
+            .visit_params(&format!("{prefix}.reduction.shortcut"), out);
+    }
+    fn visit_params_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        out: &mut Vec<(String, &'a mut Param<f64>)>,
+    ) {
+        self.conv_a
+            .visit_params_mut(&format!("{prefix}.reduction.conv_a"), out);
+        self.conv_b
+            .visit_params_mut(&format!("{prefix}.reduction.conv_b"), out);
+        self.shortcut
+            .visit_params_mut(&format!("{prefix}.reduction.shortcut"), out);
+    }
+}
+
+impl Reduction {
+    fn new(dev: &Dev, c_in: usize, c_out: usize, rng: &mut StdRng) -> Result<Self, NnError> {
+        let init = Init::default();
+        let down = ConvGeometry {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+            dilation: 1,
+        };
+        Ok(Self {
+            conv_a: ReluConvBn::new(dev, "reduction.conv_a", (c_in, c_out), down, &init, rng)?,
+            conv_b: ReluConvBn::new(
+                dev,
+                "reduction.conv_b",
+                (c_out, c_out),
+                ConvGeometry::same(3),
+                &init,
+                rng,
+            )?,
+            shortcut: Conv2d::new(
+                dev,
+                "reduction.shortcut",
+                c_in,
+                c_out,
+                ConvGeometry::same(1),
+                false,
+                &init,
+                rng,
+            )?,
+        })
+    }
+
+    fn forward<T: Tape<f64, Dev>>(
+        &mut self,
+        x: Tensor4<f64, T>,
+        ctx: &ForwardCtx,
+        rec: &mut Option<&mut SignRecorder>,
+    ) -> Result<Tensor4<f64, T>, NnError> {
+        let pool = AvgPool2d {
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+            count_include_pad: true,
+        };
+        let skip = self.shortcut.forward(pool.forward(x.with_empty_tape())?)?;
+        if let Some(r) = rec.as_deref_mut() {
+            r.push(&x);
+        }
+        let a = self.conv_a.forward(x, ctx)?;
+        if let Some(r) = rec.as_deref_mut() {
+            r.push(&a);
+        }
+        let y = self.conv_b.forward(a, ctx)?;
+        Ok(y.try_add(skip)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Block {
+    Cell(MixedCell),
+    Reduction(Box<Reduction>),
+}
+
+/// Stem Conv3x3 + BN; `stages` stages of N cells at C, 2C, 4C joined by reductions; BN + ReLU;
+/// global average pooling; Linear (training-free-nas.md §1).
+#[derive(Clone, Debug)]
+pub struct ProxyNet {
+    stem: Conv2d<f64>,
+    stem_bn: BatchNorm2d<f64>,
+    blocks: Vec<Block>,
+    last_bn: BatchNorm2d<f64>,
+    classifier: Linear<f64>,
+}
+
+impl HasParams<f64> for ProxyNet {
+    fn visit_params<'a>(&'a self, _prefix: &str, out: &mut Vec<(String, &'a Param<f64>)>) {
+        self.stem.visit_params("stem", out);
+        self.stem_bn.visit_params("stem_bn", out);
+        for (i, b) in self.blocks.iter().enumerate() {
+            let name = format!("blocks.{i}");
+            match b {
+                Block::Cell(c) => c.visit_params(&name, out),
+                Block::Reduction(r) => r.visit_params(&name, out),
+            }
+        }
+        self.last_bn.visit_params("last_bn", out);
+        self.classifier.visit_params("classifier", out);
+    }
+    fn visit_params_mut<'a>(
+        &'a mut self,
+        _prefix: &str,
+        out: &mut Vec<(String, &'a mut Param<f64>)>,
+    ) {
+        self.stem.visit_params_mut("stem", out);
+        self.stem_bn.visit_params_mut("stem_bn", out);
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let name = format!("blocks.{i}");
+            match b {
+                Block::Cell(c) => c.visit_params_mut(&name, out),
+                Block::Reduction(r) => r.visit_params_mut(&name, out),
+            }
+        }
+        self.last_bn.visit_params_mut("last_bn", out);
+        self.classifier.visit_params_mut("classifier", out);
+    }
+}
+
+/// Which parameters a per-sample gradient covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamSet {
+    /// Every trainable weight tensor: conv kernels, BN gammas, the classifier matrix; no biases
+    /// (training-free-nas.md §2, kappa).
+    Weights,
+    /// Every trainable parameter inside the cells (§2, G).
+    Cells,
+}
+
+impl ParamSet {
+    fn selects(self, name: &str) -> bool {
+        match self {
+            ParamSet::Weights => name.ends_with(".weight"),
+            ParamSet::Cells => name.contains(".cell."),
+        }
+    }
+}
+
+impl ProxyNet {
+    /// Builds the network for the supernet `sets`, weights drawn from `seed`.
+    pub fn new(dev: &Dev, cfg: &NetConfig, sets: &OpSets, seed: u64) -> Result<Self, NnError> {
+        for (field, v) in [
+            ("in_channels", cfg.in_channels),
+            ("channels", cfg.channels),
+            ("cells_per_stage", cfg.cells_per_stage),
+            ("classes", cfg.classes),
+        ] {
+            if v == 0 {
+                return Err(NnError::spec(field, "must be positive"));
+            }
+        }
+        if !(1..=3).contains(&cfg.stages) {
+            return Err(NnError::spec(
+                "stages",
+                format!("{} is not in 1..=3", cfg.stages),
+            ));
+        }
+        let init = Init::default();
+        let c = cfg.channels;
+        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 1));
+        let stem = Conv2d::new(
+            dev,
+            "stem",
+            cfg.in_channels,
+            c,
+            ConvGeometry::same(3),
+            false,
+            &init,
+            &mut rng,
+        )?;
+        let mut blocks = Vec::new();
+        for stage in 0..cfg.stages {
+            let width = c << stage;
+            if stage > 0 {
+                let mut rng = StdRng::seed_from_u64(derive_seed(seed, 100 + blocks.len() as u64));
+                blocks.push(Block::Reduction(Box::new(Reduction::new(
+                    dev,
+                    width / 2,
+                    width,
+                    &mut rng,
+                )?)));
+            }
+            for _ in 0..cfg.cells_per_stage {
+                let cell = MixedCell::new(dev, sets, width, seed, blocks.len())?;
+                blocks.push(Block::Cell(cell));
+            }
+        }
+        let last = c << (cfg.stages - 1);
+        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2));
+        Ok(Self {
+            stem,
+            stem_bn: BatchNorm2d::new(dev, c)?,
+            blocks,
+            last_bn: BatchNorm2d::new(dev, last)?,
+            classifier: Linear::new(dev, "classifier", last, cfg.classes, true, &init, &mut rng)?,
+        })
+    }
+
+    /// `(batch, c, h, w)` -> `(batch, classes)`; `rec` collects every ReLU input.
+    pub fn forward<T: Tape<f64, Dev>>(
+        &mut self,
+        x: Tensor4<f64, T>,
+        ctx: &ForwardCtx,
+        mut rec: Option<&mut SignRecorder>,
+    ) -> Result<Tensor2<f64, T>, NnError> {
+        let mut z = self.stem_bn.forward(self.stem.forward(x)?, ctx)?;
+        for block in &mut self.blocks {
+            z = match block {
+                Block::Cell(cell) => cell.forward(z, ctx, &mut rec)?,
+                Block::Reduction(r) => r.forward(z, ctx, &mut rec)?,
+            };
+        }
+        let z = self.last_bn.forward(z, ctx)?;
+        if let Some(r) = rec {
+            r.push(&z);
+        }
+        self.classifier.forward(global_avg_pool(relu(z)?)?)
+    }
+
+    /// Number of scalars `set` covers.
+    pub fn num_params(&self, set: ParamSet) -> usize {
+        crate::nn::collect_params(self)
+            .iter()
+            .filter(|(n, p)| p.kind == crate::nn::ParamKind::Trainable && set.selects(n))
+            .map(|(_, p)| p.numel())
+            .sum()
+    }
+
+    /// Row i: d(sum_k f_k(x_i)) / d theta over the parameters of `set`, with BatchNorm in
+    /// training mode over the whole batch (training-free-nas.md §2). One backward pass per
+    /// sample, as in the reference code.
+    pub fn per_sample_gradients(
+        &mut self,
+        x: &Tensor4<f64>,
+        set: ParamSet,
+    ) -> Result<Vec<Vec<f64>>, NnError> {
+        let b = x.shape().0;
+        let ctx = ForwardCtx::train(0);
+        let mut rows = Vec::with_capacity(b);
+        for i in 0..b {
+            let y = self.forward(x.clone().traced(Gradients::leaky()), &ctx, None)?;
+            let (bb, k) = *y.shape();
+            let mut mask = vec![0.0f64; bb * k];
+            for m in mask.iter_mut().skip(i * k).take(k) {
+                *m = 1.0;
+            }
+            let mask = x.device().try_tensor_from_vec(mask, (bb, k))?;
+            let l = y.try_mul(mask)?.try_sum::<Rank0, _>()?;
+            let mut grads = l.try_backward()?;
+            let mut row = Vec::new();
+            for (name, p) in crate::nn::collect_params(self) {
+                if p.kind == crate::nn::ParamKind::Trainable && set.selects(&name) {
+                    grads.try_alloc_for(&p.value)?;
+                    row.extend(grads.get(&p.value).as_vec());
+                }
+            }
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}

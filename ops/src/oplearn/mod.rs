@@ -1,0 +1,143 @@
+//! Operator learning with unsupervised pretraining and in-context learning (arXiv 2402.15734):
+//! `pde.dataset`, `pretrain.mask`, `eval.in_context`.
+//!
+//! Implements sections 1 ("Model input and scaling"), 3 and 5 of
+//! `../shared/papers/operator-learning.md`. Fine-tuning (section 4) is the `train` op with an
+//! `init` input and `init_map: {"encoder.*": "*"}`: `fno2d_mae`'s `encoder.lift.*` /
+//! `encoder.layers.*` load into `fno2d`'s `lift.*` / `layers.*`, bridge and decoder are skipped,
+//! the head stays fresh.
+
+pub mod dataset;
+pub mod icl;
+pub mod pretrain;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::pde::{PdeMeta, DATA_FILE};
+use crate::{OpError, Registry};
+
+/// Adds this module's ops to `registry`.
+pub fn register(registry: &mut Registry) {
+    registry.register(Arc::new(dataset::PdeDatasetOp));
+    registry.register(Arc::new(pretrain::PretrainMaskOp));
+    registry.register(Arc::new(icl::InContextOp));
+}
+
+pub(crate) fn fail(message: impl Into<String>) -> OpError {
+    OpError::Failed(message.into())
+}
+
+/// A `pde.generate` artifact in memory: `x` row-major `[n, c, h, w]`, `y` `[n, 1, h, w]` when
+/// labeled.
+#[derive(Clone, Debug)]
+pub struct PdeData {
+    pub meta: PdeMeta,
+    pub samples: usize,
+    pub channels: usize,
+    pub resolution: usize,
+    pub x: Vec<f32>,
+    pub y: Option<Vec<f32>>,
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Reads `data.safetensors` + `meta.json` written by `pde.generate` in `dir`.
+pub fn read_pde(dir: &Path) -> Result<PdeData, OpError> {
+    let meta = crate::pde::read_meta(dir)?;
+    let path = dir.join(DATA_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| OpError::io(path.display().to_string(), e))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    let tensor = |name: &str, want: usize| -> Result<Vec<f32>, OpError> {
+        let t = file
+            .tensor(name)
+            .map_err(|e| fail(format!("{}: {name}: {e}", path.display())))?;
+        let v = f32s(t.data());
+        if t.dtype() != safetensors::Dtype::F32 || v.len() != want {
+            return Err(fail(format!(
+                "{}: {name} is {:?} {:?}; meta.json implies F32 with {want} values",
+                path.display(),
+                t.dtype(),
+                t.shape()
+            )));
+        }
+        Ok(v)
+    };
+    let (s, c, n) = (meta.samples, meta.channels.len(), meta.resolution);
+    let x = tensor("x", s * c * n * n)?;
+    let y = if meta.labeled {
+        Some(tensor("y", s * n * n)?)
+    } else {
+        None
+    };
+    Ok(PdeData {
+        samples: s,
+        channels: c,
+        resolution: n,
+        meta,
+        x,
+        y,
+    })
+}
+
+/// Note section 1, "Model input and scaling": per sample i, every input channel is divided by
+/// s_i = f_norm_i / median_train(f_norm), then coefficient channel c (channels 1..) by its
+/// training median magnitude. `reference` is the *training* pool's meta (the data's own meta for
+/// a training set), so test/OOD sets are normalised with in-distribution scales. Targets are not
+/// scaled. Returns the scaled `x` `[n, c, h, w]`.
+pub fn scale_inputs(data: &PdeData, reference: &PdeMeta) -> Result<Vec<f32>, OpError> {
+    let own = data.meta.scaling.as_ref().ok_or_else(|| {
+        fail(format!(
+            "{} data carries no scaling (only Poisson/Helmholtz do)",
+            data.meta.equation.name()
+        ))
+    })?;
+    let reference_scaling = reference.scaling.as_ref().ok_or_else(|| {
+        fail("the `scales` input carries no scaling; point it at a Poisson/Helmholtz pool")
+    })?;
+    if reference.equation != data.meta.equation
+        || reference_scaling.coeff_channels != own.coeff_channels
+    {
+        return Err(fail(format!(
+            "the `scales` input is {} with coefficient channels {:?}, the data {} with {:?}; \
+             point `scales` at the training pool of the same equation",
+            reference.equation.name(),
+            reference_scaling.coeff_channels,
+            data.meta.equation.name(),
+            own.coeff_channels
+        )));
+    }
+    if own.f_norm.len() != data.samples || data.channels != own.coeff_channels.len() + 1 {
+        return Err(fail("meta.json scaling does not match the data's shape"));
+    }
+    let median = reference_scaling.f_norm_median;
+    let plane = data.resolution * data.resolution;
+    let mut x = data.x.clone();
+    for (i, sample) in x.chunks_mut(data.channels * plane).enumerate() {
+        let s = own.f_norm[i] / median;
+        let s = if s.is_finite() && s > 0.0 { s } else { 1.0 };
+        for (c, chan) in sample.chunks_mut(plane).enumerate() {
+            let coeff = if c == 0 {
+                1.0
+            } else {
+                let m = reference_scaling.coeff_channel_medians[c - 1];
+                if m > 0.0 && m.is_finite() {
+                    m
+                } else {
+                    1.0
+                }
+            };
+            let div = s * coeff;
+            for v in chan.iter_mut() {
+                *v = (*v as f64 / div) as f32;
+            }
+        }
+    }
+    Ok(x)
+}

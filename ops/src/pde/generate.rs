@@ -1,0 +1,366 @@
+//! Drawing and solving samples in parallel: one independent random stream per sample index, so a
+//! seed gives the same bytes on any number of threads.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use super::elliptic::{conductivity, solve_helmholtz, solve_poisson, DIFFUSIVITY};
+use super::fft::{Fft2, FftWork};
+use super::navier_stokes::{self, KolmogorovGrid, NsError, NsWork};
+use super::params::{Config, Problem, Window};
+use super::reaction_diffusion::{self, FitzHughNagumo, RdWork};
+use super::source;
+use crate::ml::derive_seed;
+use crate::{CancelFlag, OpError};
+
+/// Note section 1, Helmholtz: a draw whose max |u| exceeds this is redrawn.
+pub const HELMHOLTZ_MAX_ABS_U: f64 = 2.0;
+/// Redraws of one Helmholtz sample before the range is declared unusable.
+pub const HELMHOLTZ_MAX_DRAWS: u32 = 1000;
+
+/// A generated dataset in memory (row-major, f32 like the file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub config: Config,
+    /// Stage seed mixed with the params' seed; sample i draws from `derive_seed(seed, i)`.
+    pub seed: u64,
+    /// `[N, C, n, n]`.
+    pub x: Vec<f32>,
+    /// `[N, C_y, n, n]` when labeled.
+    pub y: Option<Vec<f32>>,
+    /// `[N, k]`, columns `config.coeff_names()`.
+    pub coeffs: Vec<f64>,
+    /// Poisson/Helmholtz: ||f||_F (1/n)^2 per sample `[N]` (note section 1, "Model input and
+    /// scaling").
+    pub f_norm: Option<Vec<f64>>,
+    /// Helmholtz draws rejected for max |u| > 2, over the whole dataset.
+    pub redraws: u64,
+}
+
+/// What a sample reports besides the fields it writes in place.
+struct SampleInfo {
+    coeffs: Vec<f64>,
+    f_norm: Option<f64>,
+    redraws: u32,
+}
+
+/// Per-run precomputation shared by every thread.
+enum Solver {
+    Spectral(Fft2),
+    ReactionDiffusion(FitzHughNagumo),
+    NavierStokes(KolmogorovGrid),
+}
+
+/// Per-thread buffers.
+enum Work {
+    Spectral(FftWork),
+    ReactionDiffusion(RdWork),
+    NavierStokes(NsWork),
+}
+
+impl Solver {
+    fn new(config: &Config) -> Self {
+        let n = config.resolution;
+        match &config.problem {
+            Problem::Poisson { .. } | Problem::Helmholtz { .. } => Solver::Spectral(Fft2::new(n)),
+            Problem::ReactionDiffusion { du, dv, k, .. } => {
+                Solver::ReactionDiffusion(FitzHughNagumo {
+                    du: *du,
+                    dv: *dv,
+                    k: *k,
+                    reaction: true,
+                })
+            }
+            Problem::NavierStokes { .. } => Solver::NavierStokes(KolmogorovGrid::new(
+                Fft2::new(n),
+                navier_stokes::FORCING_AMPLITUDE,
+            )),
+        }
+    }
+
+    fn work(&self, n: usize) -> Work {
+        match self {
+            Solver::Spectral(fft) => Work::Spectral(fft.work()),
+            Solver::ReactionDiffusion(_) => Work::ReactionDiffusion(RdWork::new(n)),
+            Solver::NavierStokes(grid) => Work::NavierStokes(grid.work()),
+        }
+    }
+}
+
+/// Generates `config.samples` samples on `threads` threads (a private rayon pool), calling
+/// `progress(done)` after every chunk and stopping with `Cancelled` once `cancel` is raised.
+pub fn generate(
+    config: &Config,
+    stage_seed: u64,
+    threads: usize,
+    cancel: &CancelFlag,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Dataset, OpError> {
+    let threads = threads.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| OpError::Failed(format!("cannot start {threads} worker threads: {e}")))?;
+    let seed = derive_seed(stage_seed, config.seed);
+    let n = config.resolution;
+    let solver = Solver::new(config);
+    let (c_in, c_out) = config.channels();
+    let total = config.samples;
+    let (sx, sy) = (c_in * n * n, c_out * n * n);
+    // Samples write their fields straight into these (no per-sample copies).
+    let mut x = vec![0.0f32; total * sx];
+    let mut y = config.labeled.then(|| vec![0.0f32; total * sy]);
+    let mut coeffs = Vec::with_capacity(total * config.coeff_names().len());
+    let mut f_norm = Vec::new();
+    let mut redraws = 0u64;
+    // Chunks between cancellation checks and progress reports: start small, double while a
+    // chunk takes under 50 ms (cheap samples would otherwise pay a thread hand-off each few
+    // microseconds of work). Chunking never changes the output: sample i depends on i only.
+    let mut chunk = threads * 4;
+    let mut start = 0;
+    while start < total {
+        if cancel.is_cancelled() {
+            return Err(OpError::Cancelled);
+        }
+        let end = (start + chunk).min(total);
+        let chunk_started = std::time::Instant::now();
+        let x_chunk = &mut x[start * sx..end * sx];
+        let y_chunk = y.as_mut().map(|y| &mut y[start * sy..end * sy]);
+        let run = |work: &mut Work, k: usize, x: &mut [f32], y: Option<&mut [f32]>| {
+            if cancel.is_cancelled() {
+                return Err(OpError::Cancelled);
+            }
+            sample(config, &solver, work, seed, start + k, x, y)
+        };
+        let infos: Vec<SampleInfo> = pool.install(|| match y_chunk {
+            Some(y_chunk) => x_chunk
+                .par_chunks_mut(sx)
+                .zip(y_chunk.par_chunks_mut(sy))
+                .enumerate()
+                .map_init(
+                    || solver.work(n),
+                    |work, (k, (x, y))| run(work, k, x, Some(y)),
+                )
+                .collect::<Result<Vec<_>, _>>(),
+            None => x_chunk
+                .par_chunks_mut(sx)
+                .enumerate()
+                .map_init(|| solver.work(n), |work, (k, x)| run(work, k, x, None))
+                .collect::<Result<Vec<_>, _>>(),
+        })?;
+        for info in infos {
+            coeffs.extend_from_slice(&info.coeffs);
+            f_norm.extend(info.f_norm);
+            redraws += u64::from(info.redraws);
+        }
+        start = end;
+        progress(start);
+        if chunk_started.elapsed().as_secs_f64() < 0.05 && chunk < 4096 {
+            chunk *= 2;
+        }
+    }
+    Ok(Dataset {
+        config: config.clone(),
+        seed,
+        x,
+        y,
+        coeffs,
+        f_norm: (!f_norm.is_empty()).then_some(f_norm),
+        redraws,
+    })
+}
+
+/// Stores an f64 field into its f32 slot.
+fn store(out: &mut [f32], field: &[f64]) {
+    for (o, v) in out.iter_mut().zip(field) {
+        *o = *v as f32;
+    }
+}
+
+/// `[C, n, n]` into `out`: the field then each value as a constant channel.
+fn store_with_constant_channels(out: &mut [f32], field: &[f64], constants: &[f64]) {
+    let (head, rest) = out.split_at_mut(field.len());
+    store(head, field);
+    for (plane, &c) in rest.chunks_mut(field.len()).zip(constants) {
+        plane.fill(c as f32);
+    }
+}
+
+/// Note section 1, "Model input and scaling": ||f||_F * (1/n)^2 of `f` `[n, n]`.
+fn source_norm(f: &[f64], n: usize) -> f64 {
+    f.iter().map(|v| v * v).sum::<f64>().sqrt() / (n * n) as f64
+}
+
+/// Draws (and, when labeled, solves) sample `index`, writing its input `[C, n, n]` into `x`
+/// and, when labeled, its solution `[C_y, n, n]` into `y`.
+fn sample(
+    config: &Config,
+    solver: &Solver,
+    work: &mut Work,
+    seed: u64,
+    index: usize,
+    x: &mut [f32],
+    y: Option<&mut [f32]>,
+) -> Result<SampleInfo, OpError> {
+    let mut rng = StdRng::seed_from_u64(derive_seed(seed, index as u64));
+    let n = config.resolution;
+    match (&config.problem, solver, work) {
+        (Problem::Poisson { e }, Solver::Spectral(fft), Work::Spectral(work)) => {
+            // Note section 1, Poisson: e ~ U[lo, hi], theta ~ U[0, 2 pi], bump source with
+            // mean removed; stored coefficients 0.01 [K11, K22, K12].
+            let e = rng.gen_range(e[0]..=e[1]);
+            let theta = rng.gen_range(0.0..std::f64::consts::TAU);
+            let vf = source::volume_fraction(index);
+            let mut f = source::render(&source::draw_amplitudes(&mut rng, vf), n);
+            source::normalise(&mut f, true);
+            let k = conductivity(e, theta);
+            let scaled = k.map(|v| DIFFUSIVITY * v);
+            store_with_constant_channels(x, &f, &scaled);
+            if let Some(y) = y {
+                store(y, &solve_poisson(fft, work, &f, k));
+            }
+            Ok(SampleInfo {
+                coeffs: vec![scaled[0], scaled[1], scaled[2], e, theta, vf],
+                f_norm: Some(source_norm(&f, n)),
+                redraws: 0,
+            })
+        }
+        (Problem::Helmholtz { omega }, Solver::Spectral(fft), Work::Spectral(work)) => {
+            // Note section 1, Helmholtz: omega ~ U{lo..hi}, bump source without mean removal,
+            // redraw while max |u| > 2 (only checkable when the solver runs, i.e. labeled).
+            let vf = source::volume_fraction(index);
+            let mut y = y;
+            for redraws in 0..HELMHOLTZ_MAX_DRAWS {
+                let w = rng.gen_range(omega[0]..=omega[1]) as f64;
+                let mut f = source::render(&source::draw_amplitudes(&mut rng, vf), n);
+                source::normalise(&mut f, false);
+                if let Some(y) = y.as_deref_mut() {
+                    let u = solve_helmholtz(fft, work, &f, w);
+                    let max = u.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                    if max.is_nan() || max > HELMHOLTZ_MAX_ABS_U {
+                        continue;
+                    }
+                    store(y, &u);
+                }
+                store_with_constant_channels(x, &f, &[DIFFUSIVITY, w]);
+                return Ok(SampleInfo {
+                    coeffs: vec![DIFFUSIVITY, w, vf],
+                    f_norm: Some(source_norm(&f, n)),
+                    redraws,
+                });
+            }
+            Err(OpError::Failed(format!(
+                "helmholtz sample {index}: {HELMHOLTZ_MAX_DRAWS} draws in a row had max|u| > \
+                 {HELMHOLTZ_MAX_ABS_U} for omega in [{}, {}]; choose another omega range",
+                omega[0], omega[1]
+            )))
+        }
+        (
+            Problem::ReactionDiffusion { window, .. },
+            Solver::ReactionDiffusion(model),
+            Work::ReactionDiffusion(work),
+        ) => {
+            // Note section 1, reaction-diffusion: u, v ~ N(0, 1) per cell at t = 0.
+            let mut state: Vec<f64> = (0..2 * n * n)
+                .map(|_| rng.sample(rand_distr::StandardNormal))
+                .collect();
+            let coeffs = vec![model.du, model.dv, model.k];
+            let Some(y) = y else {
+                store(x, &state);
+                return Ok(time_info(coeffs));
+            };
+            let diverged = |e: reaction_diffusion::Diverged| {
+                OpError::Failed(format!(
+                    "reaction_diffusion sample {index}: the state stopped being finite at t = \
+                     {:.4}; reduce dt (steps of {:.3e} now)",
+                    e.time,
+                    window.dt.max(window.burn_in_dt)
+                ))
+            };
+            let rd = |state: &mut [f64], dt, steps, t0, work: &mut RdWork| {
+                reaction_diffusion::integrate(model, n, state, dt, steps, t0, work)
+            };
+            rd(
+                &mut state,
+                window.burn_in_dt,
+                window.burn_in_steps,
+                0.0,
+                work,
+            )
+            .map_err(diverged)?;
+            store(x, &state);
+            for (frame, out) in y.chunks_mut(2 * n * n).enumerate() {
+                let t0 = frame_start(window, frame);
+                rd(&mut state, window.dt, window.steps_per_frame, t0, work).map_err(diverged)?;
+                store(out, &state);
+            }
+            Ok(time_info(coeffs))
+        }
+        (
+            Problem::NavierStokes { re, window },
+            Solver::NavierStokes(grid),
+            Work::NavierStokes(work),
+        ) => {
+            // Note section 1, NS: Re cycles through the list; w0 a GRF(alpha 2.5, tau 3).
+            let re = re[index % re.len()];
+            let w0 = navier_stokes::random_vorticity(
+                &mut rng,
+                grid,
+                work,
+                navier_stokes::GRF_ALPHA,
+                navier_stokes::GRF_TAU,
+            );
+            let Some(y) = y else {
+                store(x, &w0);
+                return Ok(time_info(vec![re]));
+            };
+            let nu = 1.0 / re;
+            let unstable = |e: NsError| {
+                let NsError::Unstable { cfl, time } = e;
+                OpError::Failed(format!(
+                    "navier_stokes sample {index} (Re {re}): CFL number {cfl:.3} > 1 at t = \
+                     {time:.4}; reduce dt (steps of {:.3e} now) or raise the resolution",
+                    window.dt.max(window.burn_in_dt)
+                ))
+            };
+            let mut w_hat = grid.to_spectral(&w0, work);
+            if window.burn_in_steps > 0 {
+                grid.advance(
+                    &mut w_hat,
+                    nu,
+                    window.burn_in_dt,
+                    window.burn_in_steps,
+                    0.0,
+                    work,
+                )
+                .map_err(unstable)?;
+                store(x, &grid.to_physical(&w_hat, work));
+            } else {
+                store(x, &w0);
+            }
+            for (frame, out) in y.chunks_mut(n * n).enumerate() {
+                let t0 = frame_start(window, frame);
+                grid.advance(&mut w_hat, nu, window.dt, window.steps_per_frame, t0, work)
+                    .map_err(unstable)?;
+                store(out, &grid.to_physical(&w_hat, work));
+            }
+            Ok(time_info(vec![re]))
+        }
+        _ => Err(OpError::Failed(
+            "internal: pde.generate paired a problem with another equation's solver".to_string(),
+        )),
+    }
+}
+
+fn frame_start(window: &Window, frame: usize) -> f64 {
+    window.t_start + frame as f64 * window.steps_per_frame as f64 * window.dt
+}
+
+fn time_info(coeffs: Vec<f64>) -> SampleInfo {
+    SampleInfo {
+        coeffs,
+        f_norm: None,
+        redraws: 0,
+    }
+}
