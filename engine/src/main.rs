@@ -5,5 +5,18 @@
 mod cli;
 
 fn main() {
+    keep_freed_memory();
     std::process::exit(cli::main());
+}
+
+/// glibc hands large freed blocks back to the kernel at once and takes them again on the next
+/// training step; the page faults cost nb201 training about a quarter of its time
+/// (bench/RESULTS_training.md). Keeping freed memory mapped avoids that churn.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }
