@@ -87,6 +87,7 @@ fn arch_aware_lr_predicts_chain_lrs_by_the_formula_and_correlates() {
         "vars.samples=300",
         "vars.width=8",
         "vars.cnn_width=2",
+        "vars.seeds=[0]",
         "vars.lr_grid=[0.05, 0.4, 3.2]",
         "vars.chains=[\"2_02_002\", \"2_02_002_0002_00002\"]",
         "vars.mlp_topologies=[\"2_02_002\", \"2_21_112\"]",

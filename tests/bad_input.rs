@@ -55,9 +55,9 @@ impl Fixture {
         f
     }
 
-    /// A `run` may exit before closing the database (see the ignored test
-    /// `cli::run_closes_the_cache_database`), leaving a WAL that the next command of any kind
-    /// checkpoints. `status` closes it cleanly, so the snapshot compares settled files only.
+    /// A `run` that exited before closing the database would leave a WAL for the next command
+    /// of any kind to checkpoint (`cli::run_closes_the_cache_database` guards against that).
+    /// `status` closes the database cleanly, so snapshots compare settled files only.
     fn settle(&self) {
         self.engine(&["status", "pipeline.yaml"]).expect_code(0);
     }

@@ -14,10 +14,7 @@ fn pipeline() -> PathBuf {
 
 fn engine(args: &[&str], cache: &Path, sets: &[String]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
-    cmd.args(args)
-        .arg(pipeline())
-        .arg("--cache-dir")
-        .arg(cache);
+    cmd.args(args).arg(pipeline()).arg("--cache-dir").arg(cache);
     for s in sets {
         cmd.arg("--set").arg(s);
     }
@@ -84,7 +81,10 @@ fn operator_learning_pipeline_runs_reports_and_reruns_one_branch() {
     let sets = small();
     let r = run(&cache, &sets);
     let cold = started.elapsed();
-    assert!(cold < Duration::from_secs(60), "cold smoke run took {cold:?}");
+    assert!(
+        cold < Duration::from_secs(60),
+        "cold smoke run took {cold:?}"
+    );
     // 2 pdes x (4 generate + 3 dataset + 4 pretrain + 2 N x 2 init x 2 seeds + 2 J x 2 seeds).
     assert_eq!(stages(&r).len(), 2 * (4 + 3 + 4 + 8 + 4), "{r:#}");
     assert!(stages(&r).iter().all(|s| s["status"] == "ran"));
@@ -101,15 +101,27 @@ fn operator_learning_pipeline_runs_reports_and_reruns_one_branch() {
         "init_tensors",
     );
     assert!(pre >= 3.0 && pre == scr, "{pre} {scr}");
-    let steps = metric(&r, "pretrain[pde=helmholtz,init=pretrained,mask_ratio=0.6]", "steps");
+    let steps = metric(
+        &r,
+        "pretrain[pde=helmholtz,init=pretrained,mask_ratio=0.6]",
+        "steps",
+    );
     assert_eq!(steps, 2.0 * (32f64 / 8.0).ceil());
     assert_eq!(
-        metric(&r, "pretrain[pde=helmholtz,init=scratch,mask_ratio=0.6]", "steps"),
+        metric(
+            &r,
+            "pretrain[pde=helmholtz,init=scratch,mask_ratio=0.6]",
+            "steps"
+        ),
         0.0
     );
     // r = 0.6 on 8 x 8 masks floor(38.4) = 38 pixels.
     assert_eq!(
-        metric(&r, "pretrain[pde=poisson,init=pretrained,mask_ratio=0.6]", "masked_pixels"),
+        metric(
+            &r,
+            "pretrain[pde=poisson,init=pretrained,mask_ratio=0.6]",
+            "masked_pixels"
+        ),
         38.0
     );
     // J = 0 is no ICL: the two errors agree; J = 2 uses K = floor(20 sqrt 2) = 28 points.
@@ -119,11 +131,7 @@ fn operator_learning_pipeline_runs_reports_and_reruns_one_branch() {
     assert!(metric(&r, "icl[pde=helmholtz,J=2,seed=1]", "rel_l2_icl").is_finite());
 
     let out = ws.path().join("report");
-    let rep = engine(
-        &["report", "--out", out.to_str().unwrap()],
-        &cache,
-        &sets,
-    );
+    let rep = engine(&["report", "--out", out.to_str().unwrap()], &cache, &sets);
     assert!(
         rep.status.success(),
         "{}{}",
@@ -131,8 +139,14 @@ fn operator_learning_pipeline_runs_reports_and_reruns_one_branch() {
         String::from_utf8_lossy(&rep.stderr)
     );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("rel_l2_vs_n_poisson") && md.contains("ood_rel_l2_with_icl"), "{md}");
-    assert!(md.contains("0.259"), "the paper's statement is beside the table: {md}");
+    assert!(
+        md.contains("rel_l2_vs_n_poisson") && md.contains("ood_rel_l2_with_icl"),
+        "{md}"
+    );
+    assert!(
+        md.contains("0.259"),
+        "the paper's statement is beside the table: {md}"
+    );
     assert!(out.join("ood_vs_j.svg").exists());
 
     // One changed fine-tuning param: only finetune reruns, with the icl stages that read the
@@ -151,7 +165,11 @@ fn operator_learning_pipeline_runs_reports_and_reruns_one_branch() {
     let mut missing = sets.clone();
     missing.push("vars.Js=[0,2,4]".into());
     missing.push("vars.ood_pool=4".into());
-    let bad = engine(&["report", "--out", out.to_str().unwrap()], &cache, &missing);
+    let bad = engine(
+        &["report", "--out", out.to_str().unwrap()],
+        &cache,
+        &missing,
+    );
     assert_eq!(bad.status.code(), Some(1));
     let text = format!(
         "{}{}",

@@ -9,8 +9,8 @@
 pub mod arch;
 mod children;
 pub mod ml;
-pub mod nn;
 pub mod nas;
+pub mod nn;
 mod op;
 pub mod oplearn;
 pub mod pde;

@@ -699,4 +699,31 @@ mod tests {
         assert!(RerankOp.validate(&json!({"bogus": 1})).is_err());
         assert_eq!(RerankOp.required_inputs(&json!({})), vec!["runs"]);
     }
+
+    #[test]
+    fn recipes_from_separate_inputs_match_one_labelled_input() {
+        let bench = [
+            ("a", "x", 0, Some(0.9)),
+            ("b", "x", 0, Some(0.8)),
+            ("c", "x", 0, Some(0.7)),
+        ];
+        let aware = [
+            ("a", "y", 0, Some(0.7)),
+            ("b", "y", 0, Some(0.9)),
+            ("c", "y", 0, Some(0.6)),
+        ];
+        let root = tempfile::tempdir().unwrap();
+        let mut inputs = BTreeMap::new();
+        inputs.insert("runs_b".to_string(), runs(&root.path().join("b"), &bench));
+        inputs.insert("runs_a".to_string(), runs(&root.path().join("a"), &aware));
+        let params = json!({"recipe_inputs": {"bench": "runs_b", "aware": "runs_a"},
+            "baseline": "bench", "top_k": [100]});
+        assert_eq!(RerankOp.required_inputs(&params), ["runs_a", "runs_b"]);
+        let out = tempfile::tempdir().unwrap();
+        let (r, m, log) = run_op(&RerankOp, params, inputs, out.path());
+        r.unwrap();
+        assert!(log.contains("bench vs aware"), "{log}");
+        // Baseline order a, b, c; candidate b, a, c: one discordant pair of three.
+        assert!((m["tau_all"] - 1.0 / 3.0).abs() < 1e-12, "{m:?}");
+    }
 }

@@ -87,8 +87,9 @@ pub fn icl_field(
     if k == 0 || pred.is_empty() {
         return (pred.to_vec(), 0.0);
     }
-    let mut heaps: Vec<BinaryHeap<Candidate>> =
-        (0..pred.len()).map(|_| BinaryHeap::with_capacity(k + 1)).collect();
+    let mut heaps: Vec<BinaryHeap<Candidate>> = (0..pred.len())
+        .map(|_| BinaryHeap::with_capacity(k + 1))
+        .collect();
     let mut start = 0;
     while start < pool {
         let end = (start + chunk.max(1)).min(pool);
@@ -370,13 +371,13 @@ mod tests {
         }
         let mean_cv = cvs.iter().filter(|c| c.is_finite()).sum::<f64>()
             / cvs.iter().filter(|c| c.is_finite()).count() as f64;
-        for i in 0..pixels {
+        for (i, &o) in out.iter().enumerate() {
             let want = if cvs[i] < mean_cv {
                 means[i] as f32
             } else {
                 pred[i]
             };
-            assert_eq!(out[i], want);
+            assert_eq!(o, want);
         }
     }
 

@@ -135,7 +135,7 @@ pub fn draw_mask(pixels: usize, count: usize, rng: &mut StdRng) -> Vec<bool> {
 /// Section 3, step 2: kernel size min(2 floor((4 sigma + 1) / 2) + 1, 63); `None` (no blur)
 /// when sigma < 0.25.
 pub fn blur_kernel_size(sigma: f64) -> Option<usize> {
-    if !(sigma >= MIN_SIGMA) {
+    if sigma.is_nan() || sigma < MIN_SIGMA {
         return None;
     }
     let k = 2 * ((4.0 * sigma + 1.0) / 2.0).floor() as usize + 1;
@@ -208,12 +208,12 @@ pub fn corrupt_batch(
         }
         let mask = draw_mask(plane, count, rng);
         for (chan, wc) in sample.chunks_mut(plane).zip(w.chunks_mut(plane)) {
-            for p in 0..plane {
+            for ((v, wv), &masked) in chan.iter_mut().zip(wc.iter_mut()).zip(&mask) {
                 if count == 0 {
-                    wc[p] = 1.0;
-                } else if mask[p] {
-                    chan[p] = 0.0;
-                    wc[p] = 1.0;
+                    *wv = 1.0;
+                } else if masked {
+                    *v = 0.0;
+                    *wv = 1.0;
                 }
             }
         }
@@ -299,8 +299,8 @@ impl Op for PretrainMaskOp {
         let per = c * n * n;
         let samples = p.samples.unwrap_or(data.samples).min(data.samples);
         x.truncate(samples * per);
-        let _span = tracing::info_span!("pretrain.mask", samples, mask_ratio = p.mask_ratio)
-            .entered();
+        let _span =
+            tracing::info_span!("pretrain.mask", samples, mask_ratio = p.mask_ratio).entered();
         let dev = Dev::default();
         let input = InputShape {
             channels: c,
@@ -345,13 +345,9 @@ impl Op for PretrainMaskOp {
                     for &i in chunk {
                         target.extend_from_slice(&x[i * per..(i + 1) * per]);
                     }
-                    let sigma = p.blur.map(|[a, b]| {
-                        if b > a {
-                            masks.gen_range(a..b)
-                        } else {
-                            a
-                        }
-                    });
+                    let sigma = p
+                        .blur
+                        .map(|[a, b]| if b > a { masks.gen_range(a..b) } else { a });
                     let (input, weight) =
                         corrupt_batch(&target, c, n, p.mask_ratio, sigma, &mut masks);
                     lr = schedule.lr_at(p.lr, step, total_steps);
@@ -381,7 +377,11 @@ impl Op for PretrainMaskOp {
                     }
                 }
                 let loss = loss_sum / samples.max(1) as f64;
-                let _ = writeln!(ctx.log, "epoch {epoch}/{} loss {loss:.5} lr {lr:.3e}", p.epochs);
+                let _ = writeln!(
+                    ctx.log,
+                    "epoch {epoch}/{} loss {loss:.5} lr {lr:.3e}",
+                    p.epochs
+                );
                 history.push(EpochRecord {
                     epoch,
                     steps: step,
@@ -475,7 +475,10 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let (input, weight) = corrupt_batch(&x, c, n, 0.0, Some(0.2), &mut rng);
         assert_eq!(input, x, "sigma < 0.25: no blur; r = 0: nothing masked");
-        assert!(weight.iter().all(|w| *w == 1.0), "r = 0: loss over all pixels");
+        assert!(
+            weight.iter().all(|w| *w == 1.0),
+            "r = 0: loss over all pixels"
+        );
         let (blurred, _) = corrupt_batch(&x, c, n, 0.0, Some(1.0), &mut rng);
         assert_ne!(blurred, x);
         // A periodic blur keeps each plane's mean.

@@ -36,7 +36,9 @@ where
             let out = edge(pos, op, values[s].clone().put_tape(T::default()))?;
             incoming[t] = Some(match incoming[t].take() {
                 None => out,
-                Some(acc) => acc.try_add(out)?,
+                // Two skip edges can hand over the same tensor (same gradient id), and dfdx
+                // cannot add a tensor to itself: scaling by one gives the addend its own id.
+                Some(acc) => acc.try_add(out.try_mul(E::of_f64(1.0))?)?,
             });
         }
         if s + 1 == t {

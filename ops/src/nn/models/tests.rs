@@ -216,3 +216,24 @@ fn fno2d_mae_reconstructs_input_channels_and_names_its_encoder() {
         );
     }
 }
+
+/// Cells whose node receives the same tensor twice through skip edges once panicked in dfdx
+/// (it cannot add a tensor to itself); their gradients must also be right.
+#[test]
+fn repeated_skip_edges_into_one_node_have_correct_gradients() {
+    for (spec, input) in [
+        (
+            json!({"kind": "mlp_dag", "topology": "1_11", "width": 3, "classes": 2}),
+            (1, 2, 2),
+        ),
+        (
+            json!({"kind": "nb201", "cell": "1_11_042", "channels": 2, "cells_per_stage": 1, "classes": 2}),
+            (1, 4, 4),
+        ),
+    ] {
+        let mut m = build(spec, input, 0).unwrap();
+        let x = rand_tensor(&Dev::default(), (2, input.0, input.1, input.2), 3);
+        let mut ctx = ForwardCtx::train(0);
+        check_param_grads(&mut m, &x, |m, t| m.forward(t, &mut ctx), 6, 1e-5);
+    }
+}
