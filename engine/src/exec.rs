@@ -66,6 +66,22 @@ pub struct StageReport {
     pub reasons: Vec<String>,
 }
 
+impl StageReport {
+    /// A stage whose result was reused.
+    fn cached(node: usize, key: String, (tree, metrics): (Hash, Metrics)) -> Self {
+        Self {
+            node,
+            status: StageStatus::Cached,
+            key: Some(key),
+            duration_s: 0.0,
+            metrics,
+            tree: Some(tree),
+            message: None,
+            reasons: Vec::new(),
+        }
+    }
+}
+
 pub struct RunSummary {
     pub reports: Vec<StageReport>,
     pub interrupted: bool,
@@ -201,16 +217,7 @@ pub fn run_with(
                 if let Some(tree) = reuse(plan, cache, i, &key, &mut damaged, display)? {
                     trees[i] = Some(tree.0);
                     state[i] = State::Done;
-                    let report = StageReport {
-                        node: i,
-                        status: StageStatus::Cached,
-                        key: Some(key),
-                        duration_s: 0.0,
-                        metrics: tree.1,
-                        tree: Some(tree.0),
-                        message: None,
-                        reasons: Vec::new(),
-                    };
+                    let report = StageReport::cached(i, key, tree);
                     display.finished(plan, &report);
                     reports[i] = Some(report);
                     release(i, &downstream, &mut waiting_on, &mut ready);
@@ -326,16 +333,7 @@ pub fn run_with(
                 queued_keys.remove(&i);
                 trees[i] = Some(tree.0);
                 state[i] = State::Done;
-                let report = StageReport {
-                    node: i,
-                    status: StageStatus::Cached,
-                    key: Some(key),
-                    duration_s: 0.0,
-                    metrics: tree.1,
-                    tree: Some(tree.0),
-                    message: None,
-                    reasons: Vec::new(),
-                };
+                let report = StageReport::cached(i, key, tree);
                 display.finished(plan, &report);
                 reports[i] = Some(report);
                 release(i, &downstream, &mut waiting_on, &mut ready);
