@@ -63,6 +63,12 @@ impl CacheError {
 
 pub type Result<T, E = CacheError> = std::result::Result<T, E>;
 
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.flush_stat_cache();
+    }
+}
+
 /// An advisory `flock` on `<cache>/lock`, released when dropped (or when the process dies).
 pub struct CacheLock {
     _file: std::fs::File,
@@ -103,7 +109,13 @@ pub struct Cache {
     root: PathBuf,
     store: Store,
     db: Mutex<db::Db>,
+    /// Stat-cache entries not yet written: one transaction per batch, not per lookup (a
+    /// no-op run of 10,000 stages otherwise spent most of its time committing them).
+    pending_stats: Mutex<Vec<hash::StatEntry>>,
 }
+
+/// Pending stat-cache entries are written once this many have accumulated, and on drop.
+const STAT_BATCH: usize = 4096;
 
 impl Cache {
     /// Opens (creating if needed) the cache at `root`, migrating its schema and clearing
@@ -125,6 +137,7 @@ impl Cache {
             root,
             store,
             db: Mutex::new(db),
+            pending_stats: Mutex::new(Vec::new()),
         })
     }
 
@@ -148,11 +161,30 @@ impl Cache {
         let known = self.db().stat_entries(paths);
         let (results, fresh) = hash::hash_paths_with(paths, &known);
         if !fresh.is_empty() {
-            if let Err(e) = self.db().put_stat_entries(&fresh) {
-                tracing::warn!("could not update the stat cache: {e}");
+            let mut pending = self.pending_stats.lock().unwrap_or_else(|p| p.into_inner());
+            pending.extend(fresh);
+            if pending.len() >= STAT_BATCH {
+                let batch = std::mem::take(&mut *pending);
+                drop(pending);
+                self.write_stats(&batch);
             }
         }
         results
+    }
+
+    /// Writes pending stat-cache entries now (also done on drop).
+    pub fn flush_stat_cache(&self) {
+        let batch =
+            std::mem::take(&mut *self.pending_stats.lock().unwrap_or_else(|p| p.into_inner()));
+        if !batch.is_empty() {
+            self.write_stats(&batch);
+        }
+    }
+
+    fn write_stats(&self, batch: &[hash::StatEntry]) {
+        if let Err(e) = self.db().put_stat_entries(batch) {
+            tracing::warn!("could not update the stat cache: {e}");
+        }
     }
 
     /// The successful run recorded under `key`, if any.
