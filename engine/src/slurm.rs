@@ -47,6 +47,21 @@ struct SlurmJob {
     cancelled: bool,
 }
 
+impl SlurmJob {
+    /// A job just submitted or adopted, with the stage's full retry budget.
+    fn new(job_id: String, job: StageJob, resources: &Resources) -> Self {
+        let retries_left = job.retries;
+        Self {
+            job_id,
+            job,
+            resources: resources.clone(),
+            retries_left,
+            gone_since: None,
+            cancelled: false,
+        }
+    }
+}
+
 pub struct SlurmExecutor {
     cache: Arc<Cache>,
     options: SlurmOptions,
@@ -204,6 +219,14 @@ impl SlurmExecutor {
         let sj = self.running.remove(&node)?;
         let (job_file, script, result_file, log) = job_paths(&self.dir, &sj.job.key);
         let _ = self.cache.forget_cluster_job(&sj.job.key, EXECUTOR);
+        if sj.cancelled {
+            // Cancelled by this driver (Ctrl-C): record nothing, even a result the job managed
+            // to write while being killed (its command may have carried on past the signal).
+            for f in [job_file, script, result_file] {
+                let _ = std::fs::remove_file(f);
+            }
+            return Some(WorkerOutcome::Cancelled);
+        }
         let read = std::fs::read(&result_file)
             .ok()
             .and_then(|b| serde_json::from_slice::<StageResult>(&b).ok());
@@ -308,18 +331,7 @@ impl Executor for SlurmExecutor {
                     "adopted Slurm job {id} for {} (submitted by an earlier driver)",
                     job.stage
                 ));
-                let retries_left = job.retries;
-                self.running.insert(
-                    node,
-                    SlurmJob {
-                        job_id: id,
-                        job,
-                        resources: resources.clone(),
-                        retries_left,
-                        gone_since: None,
-                        cancelled: false,
-                    },
-                );
+                self.running.insert(node, SlurmJob::new(id, job, resources));
                 return Ok(());
             }
         }
@@ -328,18 +340,7 @@ impl Executor for SlurmExecutor {
             self.probed = true;
         }
         let id = self.submit(&job, resources)?;
-        let retries_left = job.retries;
-        self.running.insert(
-            node,
-            SlurmJob {
-                job_id: id,
-                job,
-                resources: resources.clone(),
-                retries_left,
-                gone_since: None,
-                cancelled: false,
-            },
-        );
+        self.running.insert(node, SlurmJob::new(id, job, resources));
         Ok(())
     }
 
