@@ -39,10 +39,11 @@ import gen  # noqa: E402
 LIMIT_S = 300.0  # "finishes within 5 minutes"
 WATCH_FROM_S = 60.0  # progress projection starts after this long
 TOOLS = ("engine", "snakemake", "dvc")
-SCENARIOS = ("cold", "noop", "touch")
+SCENARIOS = ("cold", "noop", "noop2", "touch")
 SCENARIO_TITLES = {
     "cold": "cold run, -j 2",
-    "noop": "no-op rerun (all cached)",
+    "noop": "no-op rerun, first after the cold run",
+    "noop2": "no-op rerun, repeated",
     "touch": "rerun after editing the root stage's dep",
 }
 KEEP_MARKER = "<!-- hand-written below this line; bench.py keeps it when it rewrites the file -->"
@@ -426,12 +427,13 @@ class Bench:
                         can_noop[t] = self.prefill(tool, root, env)
                 if t == "engine" and can_cold[t]:
                     continue
-                # ---- no-op
-                noop = self.res.cell(shape, n, "noop", t)
-                if can_noop[t]:
-                    noop.skipped = noop.skipped or can_noop[t]
-                else:
-                    o = run_cmd(tool.argv(), tool.ws, self.log(root, f"{t}-noop"), env=env)
+                # ---- no-op: the first one after the cold run, then once more
+                for scen in ("noop", "noop2"):
+                    noop = self.res.cell(shape, n, scen, t)
+                    if can_noop[t]:
+                        noop.skipped = noop.skipped or can_noop[t]
+                        continue
+                    o = run_cmd(tool.argv(), tool.ws, self.log(root, f"{t}-{scen}"), env=env)
                     r = tool.reran(o.log)
                     if o.ok and r == 0:
                         noop.samples.append(o.wall)
@@ -646,9 +648,18 @@ def bench_hashing(a, res: Results, say) -> None:
         c = res.hashing.setdefault(key, Cell())
         c.samples.append(o.wall) if o.ok else setattr(c, "skipped", o.note)
 
+    deps = {"base": "tiny.txt", "big": "big.bin", "small": "small"}
+
+    def page_in(name: str) -> None:
+        # Each "page cache warm" figure starts with the dep's bytes in memory, whatever a
+        # drop_caches before it did.
+        subprocess.run(f"find {deps[name]} -type f -print0 | xargs -0 cat > /dev/null",
+                       shell=True, cwd=ws)
+
     for rep in range(reps):
         say(f"hashing rep {rep + 1}")
         for name in ("base", "big", "small"):
+            page_in(name)
             fresh = root / f"cold-{name}-{rep}"
             timed(f"engine cold {name}", [a.engine, "status", f"{name}.yaml", "--cache-dir",
                                           str(fresh)], ws)
@@ -661,10 +672,13 @@ def bench_hashing(a, res: Results, say) -> None:
                                                       "--cache-dir", str(fresh)], ws, drop_caches)
                 shutil.rmtree(fresh, ignore_errors=True)
             if dvc_ws is not None:
+                page_in(name)
                 site = dvc_ws / ".dvc-site"
                 timed(f"dvc cold {name}", [dvc, "status", name], dvc_ws,
                       lambda: shutil.rmtree(site, ignore_errors=True))
                 timed(f"dvc warm {name}", [dvc, "status", name], dvc_ws)
+        # The dropped-cache runs above evicted the file: read it once untimed first.
+        subprocess.run(["sh", "-c", "cat big.bin > /dev/null"], cwd=ws)
         timed("ref cat big", ["sh", "-c", "cat big.bin > /dev/null"], ws)
         timed("ref md5sum big", ["md5sum", "big.bin"], ws)
         if shutil.which("b3sum"):
@@ -879,12 +893,18 @@ def targets(res: Results, per: dict, ratios: dict, rate: dict) -> tuple[list[str
         return "—" if ok is None else ("met" if ok else "**not met**")
 
     big_n = max((n for (_, n, _, _) in res.cells), default=0)
+    # Judged on the first no-op after a cold run (what a user sees running twice); the
+    # repeated no-op is shown beside it.
     noops = {s: res.cells.get((s, big_n, "noop", "engine"), Cell()).median()
+             for s in ("chain", "fan", "matrix")}
+    again = {s: res.cells.get((s, big_n, "noop2", "engine"), Cell()).median()
              for s in ("chain", "fan", "matrix")}
     worst = max((v for v in noops.values() if v is not None), default=None)
     ok = None if worst is None else worst < 1.0
-    rows.append(f"| no-op of {big_n:,} stages under 1 s | engine "
-                + ", ".join(f"{s} {fmt_s(v)}" for s, v in noops.items()) + f" | {mark(ok)} |")
+    rows.append(f"| no-op of {big_n:,} stages under 1 s | engine, first no-op after the cold run: "
+                + ", ".join(f"{s} {fmt_s(v)}" for s, v in noops.items())
+                + "; repeated: " + ", ".join(f"{s} {fmt_s(v)}" for s, v in again.items())
+                + f" | {mark(ok)} |")
     if ok is False:
         missed.append("noop-time")
     for peer in ("snakemake", "dvc"):
