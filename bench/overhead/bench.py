@@ -231,6 +231,8 @@ class Cell:
     reran: list[int] = field(default_factory=list)
     skipped: str = ""
     note: str = ""
+    # The tool answered "nothing to do" without checking every stage (see probe_noop).
+    incomplete: str = ""
 
     def median(self) -> float | None:
         return statistics.median(self.samples) if self.samples else None
@@ -446,6 +448,8 @@ class Bench:
                             self.noop_stop[(t, shape)] = (n, o.note)
                     if t in prefilled:
                         noop.note = "state built by writing the outputs directly (cold run skipped)"
+                if t == "snakemake" and rep == 0 and self.res.cell(shape, n, "noop", t).samples:
+                    self.probe_noop(tool, shape, n, root, env)
                 # ---- touch the root stage's dep
                 touch = self.res.cell(shape, n, "touch", t)
                 if can_noop[t] or can_touch[t]:
@@ -479,10 +483,42 @@ class Bench:
                 c = self.res.cell(shape, n, scen, t)
                 if c.skipped and not c.samples:
                     self.res.skips.append(f"{t} {scen} {shape} N={count:,}: {c.skipped}")
+                if c.incomplete and scen == "noop":
+                    self.res.skips.append(f"{t} no-op {shape} N={count:,} measured but left out "
+                                          f"of the targets: {c.incomplete}")
         if not self.a.keep:
             for t in self.peers:  # peers' workspaces are large at 10,000 stages
                 if t in insts:
                     shutil.rmtree(insts[t].ws, ignore_errors=True)
+
+    def probe_noop(self, tool: Tool, shape: str, n: int, root: Path, env) -> None:
+        """Rewrites the middle stage's output (new content, new mtime) and asks for a dry run:
+        a tool that still has nothing to do did not look at every stage in its no-op. The file
+        is put back as it was afterwards."""
+        if shape == "chain":
+            mid, what = f"out/s{n // 2}.txt", f"`s{n // 2}`"
+        elif shape == "fan":
+            mid, what = f"out/work/{(n - 2) // 2}.txt", f"`work[{(n - 2) // 2}]`"
+        else:
+            a, _ = gen.matrix_dims(n)
+            mid, what = f"out/prep/{a // 2}.txt", f"`prep[{a // 2}]`"
+        path = tool.ws / mid
+        if not path.exists():
+            return
+        st = path.stat()
+        before = path.read_bytes()
+        path.write_bytes(b"probe\n")
+        o = run_cmd(tool.argv() + ["-n"], tool.ws, self.log(root, f"{tool.name}-probe"), env=env)
+        path.write_bytes(before)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if o.ok and "Nothing to be done" in o.log:
+            why = (f"after rewriting {what}'s output, `snakemake -n` still had nothing to do: "
+                   "its no-op did not check every stage")
+            if "RecursionError" in o.log or shape == "chain":
+                why += (" (its DAG walk from the target stops about 480 levels deep, at "
+                        "Python's recursion limit)")
+            for scen in ("noop", "noop2"):
+                self.res.cell(shape, n, scen, tool.name).incomplete = why
 
     def prefill(self, tool: Tool, root: Path, env) -> str:
         """Writes the outputs directly; for DVC also `dvc commit -f`. Returns a skip reason."""
@@ -679,7 +715,7 @@ def bench_hashing(a, res: Results, say) -> None:
                 timed(f"dvc warm {name}", [dvc, "status", name], dvc_ws)
         # The dropped-cache runs above evicted the file: read it once untimed first.
         subprocess.run(["sh", "-c", "cat big.bin > /dev/null"], cwd=ws)
-        timed("ref cat big", ["sh", "-c", "cat big.bin > /dev/null"], ws)
+        timed("ref dd big", ["dd", "if=big.bin", "of=/dev/null", "bs=1M"], ws)
         timed("ref md5sum big", ["md5sum", "big.bin"], ws)
         if shutil.which("b3sum"):
             timed("ref b3sum big", ["b3sum", "big.bin"], ws)
@@ -698,6 +734,30 @@ def perf_works() -> bool:
     return r.returncode == 0
 
 
+WRAPPERS = re.compile(r"catch_unwind|FnOnce|call_once|lang_start|__libc_start|engine::main\b|"
+                      r"cli::main\b|Box<dyn|AssertUnwindSafe|__rust_begin_short_backtrace|"
+                      r"thread_start|start_thread|clone3|spawn_unchecked|small_c_string|\bmain$")
+
+
+def tidy(report: str, limit: int, wrappers: bool = False) -> str:
+    """perf's table without its empty trailing columns, the runtime's wrapper frames and
+    anything outside the engine's own code (for the inclusive view)."""
+    out = []
+    for line in report.splitlines():
+        line = re.sub(r"\s+-\s+-\s*$", "", line).strip()
+        line = re.sub(r"\s{2,}", "  ", line)
+        if not line or not re.match(r"^\d", line):
+            continue
+        if wrappers:
+            if WRAPPERS.search(line):
+                continue
+            if not re.search(r"engine::|cache::|ops::|rusqlite|sqlite3|serde|blake3|std::fs|"
+                             r"std::process|std::sys::fs", line):
+                continue
+        out.append(line)
+    return "\n".join(out[:limit])
+
+
 def profile(a, res: Results, title: str, argv: list[str], cwd: Path, prepare=None) -> None:
     if prepare:
         prepare()
@@ -706,14 +766,12 @@ def profile(a, res: Results, title: str, argv: list[str], cwd: Path, prepare=Non
         rec = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "--call-graph",
                "dwarf,16384", "-o", str(data), "--"] + argv
         subprocess.run(rec, cwd=cwd, capture_output=True)
-        flat = sh(f"perf report -i {data} --stdio -q --no-children --comm engine "
-                  f"--sort symbol -g none --percent-limit 1.5 2>/dev/null | head -25")
-        incl = sh(f"perf report -i {data} --stdio -q --children --comm engine "
-                  f"--sort symbol -g none --percent-limit 4 2>/dev/null | "
-                  f"grep -E 'engine::|cache::|ops::|rusqlite|serde|blake3|sqlite3|std::process' "
-                  f"| head -30")
-        text = ("self time (engine process, all threads):\n" + flat
-                + "\n\ninclusive time, engine-side functions:\n" + incl)
+        flat = tidy(sh(f"perf report -i {data} --stdio -q --no-children --comm engine "
+                       f"--sort symbol -g none --percent-limit 1.5 2>/dev/null"), 20)
+        incl = tidy(sh(f"perf report -i {data} --stdio -q --children --comm engine "
+                       f"--sort symbol -g none --percent-limit 3 2>/dev/null"), 30, wrappers=True)
+        text = ("self time (engine process, all threads), % of samples:\n" + flat
+                + "\n\ninclusive time (children + self, self), engine-side functions:\n" + incl)
         data.unlink(missing_ok=True)
     elif shutil.which("valgrind"):
         out = a.work / f"callgrind-{len(res.profiles)}.out"
@@ -774,7 +832,7 @@ def pipeline_table(res: Results) -> list[str]:
 
             def show(t: str) -> str:
                 if med[t] is not None:
-                    star = "†" if c[t].note else ""
+                    star = ("†" if c[t].note else "") + ("‡" if c[t].incomplete else "")
                     return f"{fmt_s(med[t])}{star} ({len(c[t].samples)})"
                 if (shape, n, scen, t) in res.cells and c[t].skipped:
                     return "skipped"
@@ -873,7 +931,7 @@ def hashing_rows(res: Results) -> tuple[list[str], dict[str, float]]:
                 rate[f"{name} {kind}"] = total / ed / 1e9
             rows.append(f"| {label}, {klabel} | {et} | {show(name, kind, ed)} | {dt_} | "
                         f"{show(name, kind, dd)} |")
-    for ref in ("cat", "md5sum", "b3sum"):
+    for ref in ("dd", "md5sum", "b3sum"):
         t = h.get(f"ref {ref} big")
         if t is not None:
             rows.append(f"| reference: `{ref}` of the big file (page cache warm) | {fmt_s(t)} | "
@@ -913,6 +971,7 @@ def targets(res: Results, per: dict, ratios: dict, rate: dict) -> tuple[list[str
             # the largest size where both were measured
             ns = [n for (ss, n, sc, t), c in res.cells.items()
                   if (ss, sc, t) == (s, "noop", peer) and c.median() is not None
+                  and not c.incomplete
                   and res.cells.get((s, n, "noop", "engine"), Cell()).median() is not None]
             if not ns:
                 continue
@@ -985,7 +1044,10 @@ def write_report(a, res: Results, started: float) -> str:
         "output rerun and everything below is cut off; Snakemake compares timestamps and reruns "
         "every descendant, which is why the rerun counts differ. † = no-op measured on a state "
         "built by writing the outputs directly (the tool's own cold run could not finish in 5 "
-        "minutes).",
+        "minutes; Snakemake then has no metadata records, so its no-op skips their checks and "
+        "is, if anything, faster than on a state it built itself). ‡ = the tool's no-op did not "
+        "check every stage: after rewriting the middle stage's output, a dry run still had "
+        "nothing to do; such cells are left out of the targets.",
         "", *pipe, "",
         "### Sizes skipped, and why",
         "",
