@@ -163,9 +163,18 @@ impl std::ops::Deref for RunRecord {
     }
 }
 
+/// What reusing a recorded run needs: see [`crate::Cache::lookup_hit`].
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub output_tree: Option<Hash>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
 pub(crate) struct Db {
     conn: Connection,
     path: PathBuf,
+    /// A read transaction opened by [`Db::begin_read`] is in progress.
+    reading: bool,
 }
 
 impl Db {
@@ -182,9 +191,16 @@ impl Db {
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
+        // Lookups of a large cache touch pages all over the index: map the file instead of
+        // copying each page in with pread, and keep more of them (both per connection).
+        conn.pragma_update(None, "mmap_size", 1i64 << 30)
+            .map_err(err)?;
+        conn.pragma_update(None, "cache_size", -65536i64)
+            .map_err(err)?;
         let mut db = Self {
             conn,
             path: path.to_path_buf(),
+            reading: false,
         };
         db.migrate()?;
         Ok(db)
@@ -289,6 +305,55 @@ impl Db {
         }
         tx.commit().map_err(err)?;
         Ok(id)
+    }
+
+    /// Opens a read transaction, so that a run of lookups shares one snapshot and one lock
+    /// acquisition instead of taking both per statement. Harmless when it cannot start.
+    pub(crate) fn begin_read(&mut self) {
+        if !self.reading && self.conn.is_autocommit() && self.conn.execute_batch("BEGIN").is_ok() {
+            self.reading = true;
+        }
+    }
+
+    /// Ends the read transaction of [`Db::begin_read`], if one is open. Every use of the
+    /// connection other than a batched read calls this first, so no write ever runs inside it.
+    pub(crate) fn end_read(&mut self) {
+        if std::mem::take(&mut self.reading) && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("COMMIT");
+        }
+    }
+
+    /// What a cache hit needs of the successful run recorded under `key`: its output tree
+    /// and metrics (cheaper than [`Db::lookup`], which also reads and parses the key document).
+    pub(crate) fn lookup_hit(&self, key: &str) -> Result<Option<Hit>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, output_tree FROM runs WHERE key = ?1 AND status = 'ok'")
+            .map_err(|e| self.err(e))?;
+        let row = stmt
+            .query_row([key], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((id, tree)) = row else {
+            return Ok(None);
+        };
+        let tree = match tree {
+            Some(t) => Some(t.parse().map_err(|_| CacheError::Db {
+                path: self.path.clone(),
+                source: rusqlite::Error::InvalidColumnType(
+                    1,
+                    format!("run {id}: bad output_tree"),
+                    rusqlite::types::Type::Text,
+                ),
+            })?),
+            None => None,
+        };
+        Ok(Some(Hit {
+            output_tree: tree,
+            metrics: self.metrics(id)?,
+        }))
     }
 
     pub(crate) fn lookup(&self, key: &str) -> Result<Option<RunRecord>> {
@@ -637,30 +702,15 @@ impl Db {
             .map_err(|e| self.err(e))
     }
 
-    pub(crate) fn stat_entries(&self, paths: &[PathBuf]) -> HashMap<PathBuf, (StatKey, Hash)> {
+    /// Remembered stats and hashes of `files` (plain files; folders are expanded by the caller).
+    pub(crate) fn stat_entries(&self, files: &[PathBuf]) -> HashMap<PathBuf, (StatKey, Hash)> {
         let mut out = HashMap::new();
         let Ok(mut stmt) = self.conn.prepare_cached(
             "SELECT dev, ino, size, mtime_ns, hash FROM stat_cache WHERE path = ?1",
         ) else {
             return out;
         };
-        let mut wanted = Vec::new();
-        for path in paths {
-            if path.is_dir() {
-                for entry in walkdir::WalkDir::new(path)
-                    .follow_links(true)
-                    .into_iter()
-                    .flatten()
-                {
-                    if entry.file_type().is_file() {
-                        wanted.push(entry.into_path());
-                    }
-                }
-            } else {
-                wanted.push(path.clone());
-            }
-        }
-        for path in wanted {
+        for path in files {
             let row = stmt
                 .query_row([path.to_string_lossy()], |r| {
                     Ok((
@@ -676,7 +726,7 @@ impl Db {
                 .optional();
             if let Ok(Some((stat, hash))) = row {
                 if let Ok(hash) = hash.parse() {
-                    out.insert(path, (stat, hash));
+                    out.insert(path.clone(), (stat, hash));
                 }
             }
         }

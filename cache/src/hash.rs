@@ -134,34 +134,71 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// Paths expanded into the files to hash: folders into their files (sorted), plain files
+/// with the stat taken while expanding (so it is not taken twice).
+pub(crate) struct Expanded {
+    pub files: Vec<PathBuf>,
+    stats: Vec<Option<StatKey>>,
+    plans: Vec<Result<PathPlan>>,
+}
+
+pub(crate) fn expand(paths: &[PathBuf]) -> Expanded {
+    let mut out = Expanded {
+        files: Vec::new(),
+        stats: Vec::new(),
+        plans: Vec::with_capacity(paths.len()),
+    };
+    for path in paths {
+        let plan = plan_path(path, &mut out.files, &mut out.stats);
+        out.plans.push(plan);
+    }
+    out
+}
+
+/// Below this many files, hashing runs on the calling thread: waking the pool costs more than
+/// checking a few stats (a cache hit checks two or three objects).
+const PARALLEL_FROM: usize = 16;
+
 /// Hashes files and folders in parallel, reusing `known` hashes whose stat still matches.
 /// Returns the results in order plus the stat entries worth remembering.
+#[cfg(test)]
 pub(crate) fn hash_paths_with(
     paths: &[PathBuf],
     known: &HashMap<PathBuf, (StatKey, Hash)>,
 ) -> (Vec<Result<Hash>>, Vec<StatEntry>) {
-    // Expand folders into their files so that every file is one parallel work item.
-    let mut files: Vec<PathBuf> = Vec::new();
-    let mut plans: Vec<Result<PathPlan>> = Vec::with_capacity(paths.len());
-    for path in paths {
-        plans.push(plan_path(path, &mut files));
-    }
+    hash_expanded(expand(paths), known)
+}
+
+/// [`hash_paths_with`] on paths already expanded.
+pub(crate) fn hash_expanded(
+    expanded: Expanded,
+    known: &HashMap<PathBuf, (StatKey, Hash)>,
+) -> (Vec<Result<Hash>>, Vec<StatEntry>) {
+    let Expanded {
+        files,
+        stats,
+        plans,
+    } = expanded;
     let now = now_ns();
-    let hashed: Vec<Result<(Hash, Option<StatKey>)>> = files
-        .par_iter()
-        .map(|file| {
-            let meta = std::fs::metadata(file).map_err(|e| CacheError::io(file, e))?;
-            let stat = StatKey::of(&meta);
-            if let Some((old, hash)) = known.get(file) {
-                if *old == stat {
-                    return Ok((*hash, None));
-                }
+    let one = |(file, stat): (&PathBuf, &Option<StatKey>)| -> Result<(Hash, Option<StatKey>)> {
+        let stat = match stat {
+            Some(s) => *s,
+            None => StatKey::of(&std::fs::metadata(file).map_err(|e| CacheError::io(file, e))?),
+        };
+        if let Some((old, hash)) = known.get(file) {
+            if *old == stat {
+                return Ok((*hash, None));
             }
-            let hash = hash_file(file)?;
-            let remember = (now - stat.mtime_ns > RACY_WINDOW_NS).then_some(stat);
-            Ok((hash, remember))
-        })
-        .collect();
+        }
+        let hash = hash_file(file)?;
+        let remember = (now - stat.mtime_ns > RACY_WINDOW_NS).then_some(stat);
+        Ok((hash, remember))
+    };
+    let hashed: Vec<Result<(Hash, Option<StatKey>)>> = if files.len() < PARALLEL_FROM {
+        files.iter().zip(&stats).map(one).collect()
+    } else {
+        files.par_iter().zip(&stats).map(one).collect()
+    };
     let mut fresh = Vec::new();
     for (file, result) in files.iter().zip(&hashed) {
         if let Ok((hash, Some(stat))) = result {
@@ -201,7 +238,11 @@ enum PathPlan {
     },
 }
 
-fn plan_path(path: &Path, files: &mut Vec<PathBuf>) -> Result<PathPlan> {
+fn plan_path(
+    path: &Path,
+    files: &mut Vec<PathBuf>,
+    stats: &mut Vec<Option<StatKey>>,
+) -> Result<PathPlan> {
     let meta = std::fs::metadata(path).map_err(|e| CacheError::io(path, e))?;
     if meta.is_dir() {
         let start = files.len();
@@ -218,6 +259,7 @@ fn plan_path(path: &Path, files: &mut Vec<PathBuf>) -> Result<PathPlan> {
                 found.push(entry.into_path());
             }
         }
+        stats.extend(found.iter().map(|_| None));
         files.extend(found);
         Ok(PathPlan::Dir {
             root: path.to_path_buf(),
@@ -225,6 +267,7 @@ fn plan_path(path: &Path, files: &mut Vec<PathBuf>) -> Result<PathPlan> {
         })
     } else {
         files.push(path.to_path_buf());
+        stats.push(Some(StatKey::of(&meta)));
         Ok(PathPlan::File(files.len() - 1))
     }
 }

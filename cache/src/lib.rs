@@ -16,9 +16,10 @@ mod maintenance;
 mod store;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-pub use db::{ClaimOwner, ClaimState, NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
+pub use db::{ClaimOwner, ClaimState, Hit, NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
 pub use hash::{hash_bytes, hash_file, Hash, HashParseError};
 pub use maintenance::{GcReport, Keep, VerifyReport};
 pub use store::{Scratch, Store, Tree, TreeEntry};
@@ -112,6 +113,21 @@ pub struct Cache {
     /// Stat-cache entries not yet written: one transaction per batch, not per lookup (a
     /// no-op run of 10,000 stages otherwise spent most of its time committing them).
     pending_stats: Mutex<Vec<hash::StatEntry>>,
+    /// A [`ReadBatch`] is alive: lookups share one read transaction until the next write.
+    batching: AtomicBool,
+}
+
+/// While alive, the cache's lookups (records, stat cache) run in one read transaction; any
+/// write ends it first, and the next lookup opens a new one. See [`Cache::read_batch`].
+pub struct ReadBatch<'a> {
+    cache: &'a Cache,
+}
+
+impl Drop for ReadBatch<'_> {
+    fn drop(&mut self) {
+        self.cache.batching.store(false, Ordering::SeqCst);
+        drop(self.cache.db());
+    }
 }
 
 /// Pending stat-cache entries are written once this many have accumulated, and on drop.
@@ -138,6 +154,7 @@ impl Cache {
             store,
             db: Mutex::new(db),
             pending_stats: Mutex::new(Vec::new()),
+            batching: AtomicBool::new(false),
         })
     }
 
@@ -149,17 +166,43 @@ impl Cache {
         &self.store
     }
 
+    /// The database for anything but a batched lookup: ends a batch's read transaction first.
     fn db(&self) -> std::sync::MutexGuard<'_, db::Db> {
+        let mut db = self.db_locked();
+        db.end_read();
+        db
+    }
+
+    /// The database for a lookup: inside a [`ReadBatch`], in its read transaction.
+    fn db_read(&self) -> std::sync::MutexGuard<'_, db::Db> {
+        let mut db = self.db_locked();
+        if self.batching.load(Ordering::SeqCst) {
+            db.begin_read();
+        }
+        db
+    }
+
+    fn db_locked(&self) -> std::sync::MutexGuard<'_, db::Db> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back), so a poisoned lock is still usable.
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs the following lookups in one read transaction (a no-op run checks thousands of
+    /// records; taking SQLite's read lock per statement was a fifth of its time). The snapshot
+    /// may miss a record another process writes meanwhile, which costs only a claim round
+    /// trip: claims re-check "already done" atomically.
+    pub fn read_batch(&self) -> ReadBatch<'_> {
+        self.batching.store(true, Ordering::SeqCst);
+        ReadBatch { cache: self }
+    }
+
     /// Content hashes of workspace files or folders (a folder hashes its sorted relative paths
     /// and file hashes). Unchanged files (same device, inode, size, mtime) are not re-read.
     pub fn hash_paths(&self, paths: &[PathBuf]) -> Vec<Result<Hash>> {
-        let known = self.db().stat_entries(paths);
-        let (results, fresh) = hash::hash_paths_with(paths, &known);
+        let expanded = hash::expand(paths);
+        let known = self.db_read().stat_entries(&expanded.files);
+        let (results, fresh) = hash::hash_expanded(expanded, &known);
         if !fresh.is_empty() {
             let mut pending = self.pending_stats.lock().unwrap_or_else(|p| p.into_inner());
             pending.extend(fresh);
@@ -189,7 +232,13 @@ impl Cache {
 
     /// The successful run recorded under `key`, if any.
     pub fn lookup(&self, key: &str) -> Result<Option<RunRecord>> {
-        self.db().lookup(key)
+        self.db_read().lookup(key)
+    }
+
+    /// The output tree and metrics of the successful run recorded under `key`, if any: what
+    /// reusing it needs, without the rest of the record.
+    pub fn lookup_hit(&self, key: &str) -> Result<Option<Hit>> {
+        self.db_read().lookup_hit(key)
     }
 
     /// The most recent successful run of `stage` in `pipeline` (for "why did this rerun").
@@ -232,16 +281,20 @@ impl Cache {
     /// re-read. Corrupt objects are deleted so a recomputation can store good ones; the
     /// corrupt hashes are returned.
     pub fn check_tree(&self, tree: &Hash) -> std::result::Result<(), Vec<Hash>> {
-        let manifest = match self.verified(&[*tree]).first() {
-            Some(true) => self.store.read_tree(tree),
-            _ => return Err(self.quarantine(&[*tree])),
-        };
-        let Ok(manifest) = manifest else {
+        // The manifest is read before it is verified so that it and its blobs are checked in
+        // one pass; a manifest that does not parse is bad whatever its hash.
+        let Ok(manifest) = self.store.read_tree(tree) else {
             return Err(self.quarantine(&[*tree]));
         };
-        let blobs: Vec<Hash> = manifest.entries.iter().map(|e| e.blob).collect();
-        let ok = self.verified(&blobs);
-        let bad: Vec<Hash> = blobs
+        let objects: Vec<Hash> = std::iter::once(*tree)
+            .chain(manifest.entries.iter().map(|e| e.blob))
+            .collect();
+        let ok = self.verified(&objects);
+        if !ok[0] {
+            // A damaged manifest's blob list means nothing: only the manifest goes.
+            return Err(self.quarantine(&[*tree]));
+        }
+        let bad: Vec<Hash> = objects
             .iter()
             .zip(ok)
             .filter(|(_, ok)| !ok)
@@ -378,6 +431,29 @@ mod tests {
         drop(cache);
         let cache = Cache::open(dir.path()).unwrap();
         assert!(cache.lookup("k1").unwrap().is_some());
+    }
+
+    /// Inside a read batch, a write still commits at once (it ends the batch's transaction),
+    /// other connections see it, and the batch's next lookup sees it too.
+    #[test]
+    fn writes_inside_a_read_batch_commit_and_are_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let other = Cache::open(dir.path()).unwrap();
+        let tree = cache.store().put_bytes(b"{\"entries\":[]}").unwrap();
+        let batch = cache.read_batch();
+        assert!(cache.lookup_hit("k").unwrap().is_none());
+        cache.record(&new_run("k", Some(tree))).unwrap();
+        assert!(
+            other.lookup_hit("k").unwrap().is_some(),
+            "committed for others"
+        );
+        let hit = cache.lookup_hit("k").unwrap().unwrap();
+        assert_eq!(hit.output_tree, Some(tree));
+        // A record written by another process during a batch is seen once the batch ends.
+        other.record(&new_run("k2", Some(tree))).unwrap();
+        drop(batch);
+        assert!(cache.lookup_hit("k2").unwrap().is_some());
     }
 
     #[test]

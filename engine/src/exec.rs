@@ -184,7 +184,9 @@ pub fn run_with(
                 "interrupted: stopping running stages (press Ctrl-C again to exit at once)",
             );
         }
-        // Key and look up every ready stage; cache hits free their dependents at once.
+        // Key and look up every ready stage; cache hits free their dependents at once. The
+        // lookups share one read transaction (ended by the first write, e.g. a claim).
+        let reads = cache.read_batch();
         while !stop_new {
             let Some(Reverse(i)) = ready.pop() else { break };
             let node = &plan.nodes[i];
@@ -262,6 +264,7 @@ pub fn run_with(
                 }
             }
         }
+        drop(reads);
         // Start queued stages while CPUs are free, in plan order.
         while let (false, Some(&Reverse(i))) = (stop_new, queued.peek()) {
             let cpus = plan.nodes[i].resources.cpus.clamp(1, options.jobs.max(1));
@@ -546,10 +549,11 @@ fn reuse(
     damaged: &mut std::collections::HashSet<String>,
     display: &mut dyn Display,
 ) -> Result<Option<(Hash, Metrics)>, ExecError> {
-    let Some(record) = cache.lookup(key)? else {
-        return Ok(None);
-    };
-    let Some(tree_hash) = record.output_tree else {
+    let Some(cache::Hit {
+        output_tree: Some(tree_hash),
+        metrics,
+    }) = cache.lookup_hit(key)?
+    else {
         return Ok(None);
     };
     let node = &plan.nodes[i];
@@ -568,7 +572,7 @@ fn reuse(
         let tree = cache.store().read_tree(&tree_hash)?;
         restore_outs(plan, cache, i, &tree)?;
     }
-    Ok(Some((tree_hash, record.run.metrics.clone())))
+    Ok(Some((tree_hash, metrics)))
 }
 
 /// Puts a cached stage's workspace `outs` back where the pipeline expects them, copying only

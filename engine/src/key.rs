@@ -60,24 +60,40 @@ pub fn key_doc(
 
 /// The key of a key document: upstream stage names are left out.
 pub fn stage_key(doc: &Value) -> String {
-    let mut material = doc.clone();
-    if let Some(Value::Object(inputs)) = material.get_mut("inputs") {
-        for v in inputs.values_mut() {
-            strip_from(v);
-        }
+    let mut out = String::with_capacity(512);
+    match doc {
+        Value::Object(map) => write_object(
+            map,
+            &mut out,
+            |_| true,
+            |k, v, out| {
+                if k == "inputs" {
+                    write_inputs(v, out)
+                } else {
+                    write_canonical(v, out)
+                }
+            },
+        ),
+        other => write_canonical(other, &mut out),
     }
-    blake3::hash(canonical_json(&material).as_bytes())
-        .to_hex()
-        .to_string()
+    blake3::hash(out.as_bytes()).to_hex().to_string()
 }
 
-fn strip_from(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            m.remove("from");
+/// `inputs` without the `from` (upstream stage name) fields: `{name: {from, tree}}` or
+/// `{name: [{label, from, tree}, ...]}`.
+fn write_inputs(v: &Value, out: &mut String) {
+    fn strip(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                write_object(m, out, |k| k != "from", |_, v, out| write_canonical(v, out))
+            }
+            Value::Array(items) => write_array(items, out, strip),
+            other => write_canonical(other, out),
         }
-        Value::Array(items) => items.iter_mut().for_each(strip_from),
-        _ => {}
+    }
+    match v {
+        Value::Object(m) => write_object(m, out, |_| true, |_, v, out| strip(v, out)),
+        other => write_canonical(other, out),
     }
 }
 
@@ -94,31 +110,52 @@ fn write_canonical(v: &Value, out: &mut String) {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Value::Number(n) => out.push_str(&canonical_number(n)),
-        Value::String(s) => out.push_str(&Value::String(s.clone()).to_string()),
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
+        Value::String(s) => write_string(s, out),
+        Value::Array(items) => write_array(items, out, write_canonical),
+        Value::Object(map) => write_object(map, out, |_| true, |_, v, out| write_canonical(v, out)),
+    }
+}
+
+fn write_array(items: &[Value], out: &mut String, item: impl Fn(&Value, &mut String)) {
+    out.push('[');
+    for (i, v) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
         }
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String((*k).clone()).to_string());
-                out.push(':');
-                write_canonical(&map[*k], out);
-            }
-            out.push('}');
+        item(v, out);
+    }
+    out.push(']');
+}
+
+/// An object with its keys sorted, the keys `include` accepts, values written by `value`.
+fn write_object(
+    map: &Map<String, Value>,
+    out: &mut String,
+    include: impl Fn(&str) -> bool,
+    value: impl Fn(&str, &Value, &mut String),
+) {
+    let mut keys: Vec<&String> = map.keys().filter(|k| include(k)).collect();
+    keys.sort();
+    out.push('{');
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
         }
+        write_string(k, out);
+        out.push(':');
+        value(k, &map[*k], out);
+    }
+    out.push('}');
+}
+
+/// A JSON string literal, escaped exactly as serde_json escapes it.
+fn write_string(s: &str, out: &mut String) {
+    if s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(&Value::String(s.to_string()).to_string());
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
     }
 }
 
@@ -150,6 +187,44 @@ mod tests {
         assert_eq!(canonical_json(&a), canonical_json(&b));
         let c: Value = serde_json::from_str(r#"{"a": [0.001, 2.5], "b": 1}"#).unwrap();
         assert_ne!(canonical_json(&a), canonical_json(&c));
+    }
+
+    /// The key is the hash of the canonical document with every input's `from` removed;
+    /// `stage_key` writes that without building the stripped copy.
+    #[test]
+    fn stage_key_is_the_hash_of_the_stripped_document() {
+        fn reference(doc: &Value) -> String {
+            let mut d = doc.clone();
+            if let Some(Value::Object(inputs)) = d.get_mut("inputs") {
+                for v in inputs.values_mut() {
+                    match v {
+                        Value::Object(m) => {
+                            m.remove("from");
+                        }
+                        Value::Array(items) => items.iter_mut().for_each(|i| {
+                            if let Value::Object(m) = i {
+                                m.remove("from");
+                            }
+                        }),
+                        _ => {}
+                    }
+                }
+            }
+            blake3::hash(canonical_json(&d).as_bytes())
+                .to_hex()
+                .to_string()
+        }
+        let docs = [
+            json!({"op": "shell", "params": {"cmd": "echo \"q\" \\ \n\u{1}", "z": [1.5, -0.0, 1e300]},
+                   "inputs": {"b": {"from": "x", "tree": "00"},
+                              "a": [{"label": "k=1", "from": "y", "tree": "01"}, {"from": "z", "tree": "02"}]},
+                   "deps": {"from": "kept: not an input"}, "seed": null}),
+            json!({"inputs": {}, "params": {"from": 1}}),
+            json!([1, {"b": 2, "a": "é"}]),
+        ];
+        for d in &docs {
+            assert_eq!(stage_key(d), reference(d), "{d}");
+        }
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub fn build(
     let max_stages = options.max_stages.unwrap_or(pipeline.max_stages);
     let locate = |e: SpecError| pipeline.locate(e);
     let mut nodes: Vec<Node> = Vec::new();
-    let mut by_stage: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut by_stage: HashMap<&str, (&StageSpec, Vec<usize>)> = HashMap::new();
     let mut raw_inputs: Vec<Vec<(String, String, String)>> = Vec::new();
     for spec in &pipeline.stages {
         let op = registry.get(&spec.op).cloned().ok_or_else(|| {
@@ -190,7 +190,11 @@ pub fn build(
         for point in 0..count {
             let matrix = matrix_point(&spec.matrix, point);
             let node = expand(&pipeline, spec, &op, matrix, options).map_err(locate)?;
-            by_stage.entry(&spec.name).or_default().push(nodes.len());
+            by_stage
+                .entry(&spec.name)
+                .or_insert_with(|| (spec, Vec::new()))
+                .1
+                .push(nodes.len());
             raw_inputs.push(node.1);
             nodes.push(node.0);
         }
@@ -502,7 +506,7 @@ fn check_paths(
 fn resolve_reference(
     pipeline: &Pipeline,
     nodes: &[Node],
-    by_stage: &HashMap<&str, Vec<usize>>,
+    by_stage: &HashMap<&str, (&StageSpec, Vec<usize>)>,
     reference: &str,
 ) -> Result<InputSources, SpecError> {
     let reference = reference.trim();
@@ -518,16 +522,15 @@ fn resolve_reference(
             (s.trim(), Some(inner))
         }
     };
-    let Some(instances) = by_stage.get(stage) else {
+    let Some((spec, instances)) = by_stage.get(stage) else {
         let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
         return Err(
             SpecError::new("", format!("input refers to unknown stage '{stage}'"))
                 .fix(suggestion(stage, names.iter().copied())),
         );
     };
-    let spec = pipeline.stage(stage);
     let Some(selector) = selector else {
-        if instances.len() == 1 && spec.is_some_and(|s| s.matrix.is_empty()) {
+        if instances.len() == 1 && spec.matrix.is_empty() {
             return Ok(InputSources::One(instances[0]));
         }
         return Err(SpecError::new(
@@ -556,12 +559,9 @@ fn resolve_reference(
         };
         wanted.insert(k.trim().to_string(), v.trim().to_string());
     }
-    let matrix_vars: Vec<&str> = spec
-        .map(|s| s.matrix.iter().map(|(k, _)| k.as_str()).collect())
-        .unwrap_or_default();
+    let matrix_vars: Vec<&str> = spec.matrix.iter().map(|(k, _)| k.as_str()).collect();
     for (k, v) in &wanted {
-        let Some((_, values)) = spec.and_then(|s| s.matrix.iter().find(|(name, _)| name == k))
-        else {
+        let Some((_, values)) = spec.matrix.iter().find(|(name, _)| name == k) else {
             return Err(SpecError::new(
                 "",
                 format!("stage '{stage}' has no matrix variable '{k}'"),

@@ -1,6 +1,7 @@
 //! Where each node of a YAML document came from, so errors can name `file:line:column`.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
@@ -14,35 +15,47 @@ pub struct Pos {
 
 /// Dotted document path (`stages.square.params.cmd`, list items as `deps.0`) -> position of
 /// the mapping key (or list item) that introduced it.
+///
+/// Built on the first lookup, not up front: only errors need positions, and a second parse of
+/// a large pipeline would cost a quarter of its planning time on every run.
 #[derive(Debug, Default, Clone)]
 pub struct SourceMap {
-    positions: HashMap<String, Pos>,
+    text: Arc<str>,
+    positions: OnceLock<HashMap<String, Pos>>,
 }
 
 impl SourceMap {
-    /// Builds the map; a document yaml-rust2 cannot read yields an empty map (the serde_yaml
+    /// A map over `text`; a document yaml-rust2 cannot read yields no positions (the serde_yaml
     /// error, which has its own position, is what the user sees then).
     pub fn build(text: &str) -> Self {
-        let mut builder = Builder::default();
-        let mut parser = Parser::new_from_str(text);
-        if parser.load(&mut builder, false).is_err() {
-            return Self::default();
-        }
         Self {
-            positions: builder.positions,
+            text: text.into(),
+            positions: OnceLock::new(),
         }
+    }
+
+    fn positions(&self) -> &HashMap<String, Pos> {
+        self.positions.get_or_init(|| {
+            let mut builder = Builder::default();
+            let mut parser = Parser::new_from_str(&self.text);
+            match parser.load(&mut builder, false) {
+                Ok(()) => builder.positions,
+                Err(_) => HashMap::new(),
+            }
+        })
     }
 
     /// The position of `path`, or of its nearest ancestor that has one. Op params written as
     /// stage shorthand (`cmd:` beside `op:`) are found under `stages.S.params.cmd` too.
     pub fn find(&self, path: &str) -> Option<Pos> {
+        let positions = self.positions();
         let mut current = path.to_string();
         loop {
-            if let Some(pos) = self.positions.get(&current) {
+            if let Some(pos) = positions.get(&current) {
                 return Some(*pos);
             }
             if let Some(short) = shorthand_path(&current) {
-                if let Some(pos) = self.positions.get(&short) {
+                if let Some(pos) = positions.get(&short) {
                     return Some(*pos);
                 }
             }
