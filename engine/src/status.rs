@@ -23,6 +23,7 @@ pub fn stage_statuses(
     cache: &Cache,
     force: &[usize],
 ) -> Result<Vec<NodeStatus>, ExecError> {
+    let _reads = cache.read_batch();
     let mut deps = DepHashes::for_static_deps(plan, cache)?;
     let mut trees: Vec<Option<cache::Hash>> = vec![None; plan.nodes.len()];
     let mut out: Vec<NodeStatus> = Vec::with_capacity(plan.nodes.len());
@@ -41,13 +42,17 @@ pub fn stage_statuses(
                 continue;
             }
         };
-        let recent = cache.recent_runs(&plan.pipeline.name, &node.name, RECENT_RUNS)?;
+        // Earlier runs are read only for stages that are not cache hits (a hit needs no
+        // explanation, and reading 20 full records per stage dominated a cached status).
+        let recent = || cache.recent_runs(&plan.pipeline.name, &node.name, RECENT_RUNS);
         let status = match node_key(plan, i, &trees, &node_deps) {
             Some((doc, key)) => {
                 let hit = cache
-                    .lookup(&key)?
-                    .and_then(|r| r.output_tree)
+                    .lookup_hit(&key)?
+                    .and_then(|h| h.output_tree)
                     .filter(|t| cache.tree_is_complete(t));
+                let usable = hit.is_some() && node.cache && !force.contains(&i);
+                let recent = if usable { Vec::new() } else { recent()? };
                 let previous = closest_run(&doc, &recent);
                 if force.contains(&i) {
                     NodeStatus {
@@ -98,6 +103,7 @@ pub fn stage_statuses(
                     .map(|u| plan.nodes[u].name.as_str())
                     .collect();
                 let partial = partial_doc(plan, i, &node_deps);
+                let recent = recent()?;
                 let previous = closest_run(&partial, &recent);
                 let mut reasons = explain(&partial, previous);
                 reasons.retain(|r| r != "never run");
