@@ -10,7 +10,7 @@ use crate::hash::{Hash, StatKey};
 use crate::{CacheError, Result};
 
 /// Bumped with every migration below; a database newer than this is refused, not corrupted.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the initial schema.
@@ -68,6 +68,11 @@ const MIGRATIONS: &[&str] = &[
         stage TEXT NOT NULL,
         submitted_at REAL NOT NULL
     );
+    "#,
+    // 3 -> 4: the blobs of a run's output tree, so a cache hit checks its objects without
+    // reading the manifest (NULL for runs recorded before: those read it).
+    r#"
+    ALTER TABLE runs ADD COLUMN blobs TEXT;
     "#,
 ];
 
@@ -168,6 +173,8 @@ impl std::ops::Deref for RunRecord {
 pub struct Hit {
     pub output_tree: Option<Hash>,
     pub metrics: BTreeMap<String, f64>,
+    /// The blobs `output_tree` names, when recorded with the run (schema 4 on).
+    pub blobs: Option<Vec<Hash>>,
 }
 
 pub(crate) struct Db {
@@ -241,7 +248,8 @@ impl Db {
         tx.commit().map_err(err)
     }
 
-    pub(crate) fn record(&mut self, run: &NewRun) -> Result<i64> {
+    /// Records `run`; `blobs` are the blobs its output tree names (see migration 4).
+    pub(crate) fn record(&mut self, run: &NewRun, blobs: Option<&[Hash]>) -> Result<i64> {
         let path = self.path.clone();
         let err = |source| CacheError::Db {
             path: path.clone(),
@@ -272,8 +280,8 @@ impl Db {
         }
         tx.execute(
             "INSERT INTO runs (key, pipeline, stage, op, op_version, key_doc, output_tree, status,
-                error, started_at, ended_at, host, engine_version, log_blob)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                error, started_at, ended_at, host, engine_version, log_blob, blobs)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 run.key,
                 run.pipeline,
@@ -289,6 +297,7 @@ impl Db {
                 run.host,
                 run.engine_version,
                 run.log_blob.map(|h| h.to_hex()),
+                blobs.map(|b| b.iter().map(Hash::to_hex).collect::<Vec<_>>().join(" ")),
             ],
         )
         .map_err(err)?;
@@ -305,6 +314,11 @@ impl Db {
         }
         tx.commit().map_err(err)?;
         Ok(id)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// Opens a read transaction, so that a run of lookups shares one snapshot and one lock
@@ -328,17 +342,30 @@ impl Db {
     pub(crate) fn lookup_hit(&self, key: &str) -> Result<Option<Hit>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT id, output_tree FROM runs WHERE key = ?1 AND status = 'ok'")
+            .prepare_cached(
+                "SELECT id, output_tree, blobs FROM runs WHERE key = ?1 AND status = 'ok'",
+            )
             .map_err(|e| self.err(e))?;
         let row = stmt
             .query_row([key], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
             })
             .optional()
             .map_err(|e| self.err(e))?;
-        let Some((id, tree)) = row else {
+        let Some((id, tree, blobs)) = row else {
             return Ok(None);
         };
+        // A list that does not parse is treated as absent: the manifest is read instead.
+        let blobs = blobs.and_then(|b| {
+            b.split_ascii_whitespace()
+                .map(str::parse)
+                .collect::<std::result::Result<Vec<Hash>, _>>()
+                .ok()
+        });
         let tree = match tree {
             Some(t) => Some(t.parse().map_err(|_| CacheError::Db {
                 path: self.path.clone(),
@@ -353,6 +380,7 @@ impl Db {
         Ok(Some(Hit {
             output_tree: tree,
             metrics: self.metrics(id)?,
+            blobs,
         }))
     }
 

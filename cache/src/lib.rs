@@ -260,12 +260,18 @@ impl Cache {
     /// references must already be in the store. Returns the run id; if another process already
     /// recorded the same key, that record wins and its id is returned.
     pub fn record(&self, run: &NewRun) -> Result<i64> {
-        if let Some(tree) = &run.output_tree {
-            if !self.store.contains(tree) {
-                return Err(CacheError::MissingObject(*tree));
+        let blobs = match &run.output_tree {
+            Some(tree) if !self.store.contains(tree) => {
+                return Err(CacheError::MissingObject(*tree))
             }
-        }
-        self.db().record(run)
+            Some(tree) => self
+                .store
+                .read_tree(tree)
+                .ok()
+                .map(|t| t.entries.iter().map(|e| e.blob).collect::<Vec<_>>()),
+            None => None,
+        };
+        self.db().record(run, blobs.as_deref())
     }
 
     /// True when the tree manifest and every blob it names are present (cheap: no re-hash).
@@ -281,13 +287,31 @@ impl Cache {
     /// re-read. Corrupt objects are deleted so a recomputation can store good ones; the
     /// corrupt hashes are returned.
     pub fn check_tree(&self, tree: &Hash) -> std::result::Result<(), Vec<Hash>> {
-        // The manifest is read before it is verified so that it and its blobs are checked in
-        // one pass; a manifest that does not parse is bad whatever its hash.
         let Ok(manifest) = self.store.read_tree(tree) else {
             return Err(self.quarantine(&[*tree]));
         };
+        let blobs: Vec<Hash> = manifest.entries.iter().map(|e| e.blob).collect();
+        self.check_objects(tree, &blobs)
+    }
+
+    /// [`Cache::check_tree`] for a hit whose blob list was recorded with the run
+    /// ([`Hit::blobs`]): the manifest is checked like every object but not read.
+    pub fn check_hit(
+        &self,
+        tree: &Hash,
+        blobs: Option<&[Hash]>,
+    ) -> std::result::Result<(), Vec<Hash>> {
+        match blobs {
+            Some(blobs) => self.check_objects(tree, blobs),
+            None => self.check_tree(tree),
+        }
+    }
+
+    /// The manifest `tree` and the `blobs` it names checked in one pass (one stat each when
+    /// the stat cache knows them); damaged ones are deleted and returned.
+    fn check_objects(&self, tree: &Hash, blobs: &[Hash]) -> std::result::Result<(), Vec<Hash>> {
         let objects: Vec<Hash> = std::iter::once(*tree)
-            .chain(manifest.entries.iter().map(|e| e.blob))
+            .chain(blobs.iter().copied())
             .collect();
         let ok = self.verified(&objects);
         if !ok[0] {
@@ -454,6 +478,45 @@ mod tests {
         other.record(&new_run("k2", Some(tree))).unwrap();
         drop(batch);
         assert!(cache.lookup_hit("k2").unwrap().is_some());
+    }
+
+    /// A hit checks the blobs recorded with the run (no manifest read), or the manifest's
+    /// when the run predates that column; either way a deleted blob is found.
+    #[test]
+    fn hits_check_recorded_blobs_and_fall_back_to_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let s = cache.store().scratch().unwrap();
+        std::fs::write(s.path().join("a"), "1").unwrap();
+        std::fs::write(s.path().join("b"), "2").unwrap();
+        let tree = cache.store().put_dir(s.path(), &[]).unwrap();
+        cache.record(&new_run("k", Some(tree))).unwrap();
+        let manifest: Vec<Hash> = cache
+            .store()
+            .read_tree(&tree)
+            .unwrap()
+            .entries
+            .iter()
+            .map(|e| e.blob)
+            .collect();
+        let hit = cache.lookup_hit("k").unwrap().unwrap();
+        assert_eq!(hit.blobs.as_deref(), Some(&manifest[..]));
+        assert!(cache.check_hit(&tree, hit.blobs.as_deref()).is_ok());
+        // Recorded before schema 4: no list, the manifest is read.
+        cache
+            .db()
+            .conn()
+            .execute("UPDATE runs SET blobs = NULL", [])
+            .unwrap();
+        let old = cache.lookup_hit("k").unwrap().unwrap();
+        assert!(old.blobs.is_none());
+        assert!(cache.check_hit(&tree, None).is_ok());
+        std::fs::remove_file(cache.store().object_path(&manifest[1])).unwrap();
+        assert_eq!(cache.check_hit(&tree, None), Err(vec![manifest[1]]));
+        assert_eq!(
+            cache.check_hit(&tree, hit.blobs.as_deref()),
+            Err(vec![manifest[1]])
+        );
     }
 
     #[test]

@@ -552,12 +552,13 @@ fn reuse(
     let Some(cache::Hit {
         output_tree: Some(tree_hash),
         metrics,
+        blobs,
     }) = cache.lookup_hit(key)?
     else {
         return Ok(None);
     };
     let node = &plan.nodes[i];
-    if let Err(bad) = cache.check_tree(&tree_hash) {
+    if let Err(bad) = cache.check_hit(&tree_hash, blobs.as_deref()) {
         if damaged.is_empty() {
             display.message(&format!(
                 "warning: the cached result of '{}' is damaged (object {} missing or corrupt); recomputing it (`engine verify` checks the whole cache)",
