@@ -202,14 +202,14 @@ fn failed_architectures_fail_instead_of_scoring_zero() {
     assert!(ntk_condition_number(&cfg, &OpSets::full(), &x, 1, 0).is_ok());
 }
 
-fn search(params: Value, cpus: usize) -> (Value, crate::Metrics) {
+/// Runs `search`; returns search.json's bytes, parsed, and the metrics.
+fn search(params: Value, cpus: usize) -> (Vec<u8>, Value, crate::Metrics) {
     let out = tempfile::tempdir().unwrap();
     let (res, metrics, _) = run_op_cpus(&SearchOp, params, BTreeMap::new(), out.path(), cpus);
     res.unwrap();
-    let v: Value =
-        serde_json::from_slice(&std::fs::read(out.path().join(super::SEARCH_FILE)).unwrap())
-            .unwrap();
-    (v, metrics)
+    let bytes = std::fs::read(out.path().join(super::SEARCH_FILE)).unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    (bytes, v, metrics)
 }
 
 fn run_op_cpus(
@@ -250,13 +250,14 @@ const SMALL: &str =
 fn search_op_is_deterministic_across_thread_counts_and_feeds_correlate() {
     let proxy: Value = serde_json::from_str(SMALL).unwrap();
     let params = json!({"algorithm": "random", "samples": 6, "proxy": proxy});
-    let (a, m) = search(params.clone(), 1);
-    let (b, _) = search(params, 2);
-    let strip = |mut v: Value| {
-        v.as_object_mut().unwrap().remove("seconds");
-        v
-    };
-    assert_eq!(strip(a.clone()), strip(b));
+    let (bytes_a, a, m) = search(params.clone(), 1);
+    let (bytes_b, _, _) = search(params, 2);
+    // The cached artifact is the same bytes whatever the thread count: no timings in it.
+    assert!(bytes_a == bytes_b, "search.json differs between runs");
+    assert!(a.get("seconds").is_none());
+    for phase in ["prepare", "search", "total"] {
+        assert!(m[&format!("seconds_{phase}")] >= 0.0, "{m:?}");
+    }
     assert_eq!(m["num_scored"], 6.0);
     assert_eq!(a["data"]["source"], "gaussian");
     let traj = a["trajectory"].as_array().unwrap();
@@ -306,6 +307,21 @@ fn search_op_is_deterministic_across_thread_counts_and_feeds_correlate() {
         serde_json::from_slice(&std::fs::read(out.path().join(super::CORRELATE_FILE)).unwrap())
             .unwrap();
     assert!(c["tau"]["ntk"].is_object());
+}
+
+#[test]
+fn every_algorithm_writes_the_same_search_json_twice() {
+    let proxy: Value = serde_json::from_str(SMALL).unwrap();
+    for params in [
+        json!({"algorithm": "prune", "proxy": proxy}),
+        json!({"algorithm": "evolution", "population": 4, "tournament": 2, "cycles": 4, "proxy": proxy}),
+        json!({"algorithm": "reinforce", "steps": 3, "indicators": ["ntk", "regions", "generalization", "naswot"], "proxy": proxy}),
+        json!({"algorithm": "random", "samples": 4, "filter": "paper", "indicators": ["naswot"], "proxy": proxy}),
+    ] {
+        let (a, _, _) = search(params.clone(), 2);
+        let (b, _, _) = search(params.clone(), 2);
+        assert!(a == b, "{params}: search.json differs between two runs");
+    }
 }
 
 #[test]
