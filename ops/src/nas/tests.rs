@@ -198,6 +198,12 @@ fn failed_architectures_fail_instead_of_scoring_zero() {
     assert!(g.is_finite() && g > 0.0);
     let s = naswot(&cfg, &good, &x, 0).unwrap();
     assert!(s.is_finite());
+    // Two skip edges into node 2 carry the same tensor (node 1 = x): once a dfdx panic on the
+    // aliased gradient, now an ordinary cell with finite indicators.
+    let aliased = Arch::parse("a", "1_11_042").unwrap().op_sets();
+    let k = ntk_condition_number(&cfg, &aliased, &x, 1, 0).unwrap();
+    assert!(k.is_finite() && k >= 1.0, "{k}");
+    assert!(naswot(&cfg, &aliased, &x, 0).unwrap().is_finite());
     // Mixed supernets build and score too.
     assert!(ntk_condition_number(&cfg, &OpSets::full(), &x, 1, 0).is_ok());
 }
@@ -343,4 +349,19 @@ fn search_params_are_validated() {
     assert!(SearchOp
         .validate(&json!({"algorithm": "evolution", "tournament": 99}))
         .is_err());
+    assert!(SearchOp
+        .validate(&json!({"algorithm": "listed", "cells": ["3_30_243", "1_11_042"]}))
+        .is_ok());
+    for bad in [
+        json!({"algorithm": "listed"}),
+        json!({"algorithm": "listed", "cells": ["3_30_24"]}),
+        json!({"algorithm": "listed", "cells": ["3_30_243"], "filter": "paper"}),
+        json!({"algorithm": "random", "cells": ["3_30_243"]}),
+    ] {
+        let e = SearchOp.validate(&bad).unwrap_err();
+        assert!(
+            e.path.starts_with("cells") || e.path == "filter",
+            "{bad}: {e:?}"
+        );
+    }
 }
