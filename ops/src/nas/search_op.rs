@@ -499,7 +499,7 @@ impl Op for SearchOp {
         2
     }
     fn summary(&self) -> &'static str {
-        "training-free NAS over NAS-Bench-201 cells (TE-NAS / TEG-NAS indicators; random, prune, evolution, reinforce)"
+        "training-free NAS over NAS-Bench-201 cells (TE-NAS / TEG-NAS indicators; random, listed, prune, evolution, reinforce)"
     }
     fn validate(&self, params: &Value) -> Result<(), ParamError> {
         SearchParams::parse(params).map(|_| ())
