@@ -1,6 +1,7 @@
-//! Smoke-size runs of the architecture-aware pipelines (`pipelines/arch_aware_lr.yaml`,
-//! `nb201_rerank.yaml`, `connectivity.yaml`) through the real `engine` binary: the real files,
-//! shrunk with `--set`, each in its own cache folder; values are checked, not just exit codes.
+//! Smoke-size runs of the architecture pipelines (`pipelines/arch_aware_lr.yaml`,
+//! `nb201_rerank.yaml`, `connectivity.yaml`, `teg_nas.yaml`) through the real `engine` binary:
+//! the real files, shrunk with `--set`, each in its own cache folder (except where a test checks
+//! that two pipelines share one); values are checked, not just exit codes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,6 +71,14 @@ fn stage<'a>(r: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|s| s["name"] == name)
         .unwrap_or_else(|| panic!("no stage {name} in {r}"))
+}
+
+/// The stored file `file` of stage `name`'s output, parsed as JSON.
+fn output_json(r: &Value, name: &str, file: &str) -> Value {
+    let path = stage(r, name)["outputs"][file]["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("stage {name} has no output {file}: {}", stage(r, name)));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
 fn metric(r: &Value, name: &str, key: &str) -> f64 {
@@ -198,6 +207,12 @@ fn connectivity_orders_the_bounds_and_filters_the_nb201_space() {
         "vars.epochs=2",
         "vars.epoch_points=[1, 2]",
         "vars.seeds=[0]",
+        "vars.nas_samples=240",
+        "vars.nas_channels=2",
+        "vars.nas_epochs=1",
+        "vars.nas_draws=24",
+        "vars.nas_seeds=[0]",
+        "vars.nas_proxy={channels: 1, batch: 4}",
     ];
     let r = run(&p, &cache, &sets);
     let bound = |cell: &str| metric(&r, &format!("nngp[cell={cell}]"), "lambda_min_bound");
@@ -213,11 +228,132 @@ fn connectivity_orders_the_bounds_and_filters_the_nb201_space() {
         let f = metric(&r, &name, "fraction_kept");
         assert!(f > 0.0 && f < 1.0, "{name}: {f}");
     }
+    // NASWOT random search over the same 24 draws: the filtered run scores only the accepted.
+    let (none, space) = ("naswot_search[filter=none]", "naswot_search[filter=space]");
+    assert_eq!(metric(&r, none, "num_scored"), 24.0);
+    assert_eq!(metric(&r, none, "num_rejected"), 0.0);
+    assert_eq!(metric(&r, none, "filter_fraction_kept"), 1.0);
+    let scored = metric(&r, space, "num_scored");
+    assert_eq!(scored + metric(&r, space, "num_rejected"), 24.0);
+    assert!(scored > 0.0 && scored < 24.0, "{scored}");
+    let kept = metric(&r, space, "filter_fraction_kept");
+    assert_eq!(kept, metric(&r, "nas_filter[box=space]", "fraction_kept"));
+    let draws = output_json(&r, space, "search.json");
+    for e in draws["trajectory"].as_array().unwrap() {
+        assert!(
+            e["values"]["naswot"].is_number() || e["failed"].is_string(),
+            "{e}"
+        );
+    }
+    // Each pick is trained: its model is the cell its search chose.
+    for f in ["none", "space"] {
+        let chose = output_json(&r, &format!("naswot_search[filter={f}]"), "search.json");
+        let model = output_json(
+            &r,
+            &format!("train_nas_pick[filter={f},seed=0]"),
+            "model.json",
+        );
+        let cell = chose["choice"]["digits"].as_str().unwrap();
+        assert!(model.to_string().contains(cell), "{model} vs {cell}");
+        let acc = metric(
+            &r,
+            &format!("train_nas_pick[filter={f},seed=0]"),
+            "test_accuracy",
+        );
+        assert!((0.0..=1.0).contains(&acc), "{acc}");
+    }
     let first = metric(&r, "loss_curve[cell=2_02_002,epoch=1]", "train_loss");
     assert!(first.is_finite() && first > 0.0);
     let md = report(&p, &cache, &ws.path().join("report"), &sets).unwrap();
     assert!(
-        md.contains("lambda_min_bound") && md.contains("fraction_kept"),
+        md.contains("lambda_min_bound")
+            && md.contains("fraction_kept")
+            && md.contains("Test accuracy of the pick")
+            && md.contains("NASWOT + filter 17.9 s"),
         "{md}"
     );
+}
+
+#[test]
+fn teg_nas_scores_correlates_searches_and_shares_training_with_nb201_rerank() {
+    let ws = tempfile::tempdir().unwrap();
+    let cache = ws.path().join("cache");
+    // The vars both pipelines read for `data` and `train_benchmark`, shrunk the same way.
+    let shared = [
+        "vars.samples=240",
+        "vars.channels=2",
+        "vars.epochs=1",
+        "vars.seeds=[0]",
+        "vars.archs=[\"3_30_243\", \"1_11_042\", \"4_12_104\", \"2_44_120\"]",
+    ];
+    let mut rerank_sets = shared.to_vec();
+    rerank_sets.push("vars.top_k_table=[100]");
+    let first = run(&pipeline("nb201_rerank.yaml"), &cache, &rerank_sets);
+    assert_eq!(stages(&first, "train_benchmark").len(), 4);
+
+    let p = pipeline("teg_nas.yaml");
+    let mut sets = shared.to_vec();
+    sets.extend([
+        "vars.proxy={channels: 1, batch: 4, repeats: 1, region_samples: 40}",
+        "vars.population=4",
+        "vars.tournament=2",
+        "vars.cycles=2",
+        "vars.steps=2",
+        "vars.random_samples=3",
+    ]);
+    let r = run(&p, &cache, &sets);
+    // The benchmark-recipe training of nb201_rerank is reused: same keys, no training reruns.
+    let trained = stages(&r, "train_benchmark");
+    assert_eq!(trained.len(), 4);
+    for s in &trained {
+        assert_eq!(s["status"], "cached", "{s}");
+        let twin = stage(&first, s["name"].as_str().unwrap());
+        assert_eq!(s["key"], twin["key"]);
+    }
+    assert_eq!(stage(&r, "data")["status"], "cached");
+    // Every listed cell is scored with the four indicators.
+    let scored = output_json(&r, "score", "search.json");
+    assert_eq!(scored["trajectory"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        scored["indicators"],
+        serde_json::json!(["ntk", "regions", "generalization", "naswot"])
+    );
+    assert_eq!(metric(&r, "correlate", "num_archs"), 4.0);
+    let rank_sum = metric(&r, "tau[indicator=rank_sum]", "tau");
+    assert!((-1.0..=1.0).contains(&rank_sum), "{rank_sum}");
+    assert_eq!(metric(&r, "tau[indicator=rank_sum]", "n"), 4.0);
+    // Four searches, each pick trained as the cell its search chose.
+    for algo in ["prune", "evolution", "reinforce", "random"] {
+        let name = format!("search[algorithm={algo}]");
+        let chose = output_json(&r, &name, "search.json");
+        assert_eq!(chose["algorithm"], algo);
+        assert!(metric(&r, &name, "seconds_total") > 0.0);
+        let pick = format!("train_pick[algorithm={algo},seed=0]");
+        let model = output_json(&r, &pick, "model.json");
+        let cell = chose["choice"]["digits"].as_str().unwrap();
+        assert!(
+            model.to_string().contains(cell),
+            "{algo}: {model} vs {cell}"
+        );
+        assert!((0.0..=1.0).contains(&metric(&r, &pick, "test_accuracy")));
+    }
+    // TE-NAS pruning removes one op per edge per round: 4 rounds of supernets, then the cell.
+    assert_eq!(
+        output_json(&r, "search[algorithm=prune]", "search.json")["prune_rounds"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    let md = report(&p, &cache, &ws.path().join("report"), &sets);
+    match md {
+        Ok(md) => assert!(
+            md.contains("Kendall tau of each indicator")
+                && md.contains("Search time per algorithm")
+                && md.contains("-0.42"),
+            "{md}"
+        ),
+        // With 4 cells an indicator can fail on all but one: tau is then undefined, not made up.
+        Err(e) => assert!(e.contains("tau[indicator="), "{e}"),
+    }
 }

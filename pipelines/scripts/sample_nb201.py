@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""A seeded sample of NAS-Bench-201 cells, printed as a YAML list for nb201_rerank.yaml's
-`vars.archs`. Usage: sample_nb201.py SEED COUNT [SKIP]
+"""A seeded sample of NAS-Bench-201 cells, printed as a YAML list for nb201_rerank.yaml's and
+teg_nas.yaml's `vars.archs`. Usage: sample_nb201.py SEED COUNT [SKIP]
 
 Cells are six digits (edges 1<-0 | 2<-0 2<-1 | 3<-0 3<-1 3<-2; 0 none, 1 skip, 2 conv1x1,
 3 conv3x3, 4 avgpool3x3) written "d_dd_ddd", uniform over the 15,625 cells, keeping only cells
@@ -8,10 +8,6 @@ with an input->output path and no repeats. The order is the draw order, so `COUN
 with the same COUNT cells: growing the list adds architectures and trains only the new ones.
 SKIP > 0 prints only the cells after the first SKIP (to append to an existing list).
 
-Also skipped, until the model is fixed: cells where one node adds two skip edges that carry
-the very same tensor (e.g. "1_11_..." : node 1 = x, node 2 = x + node 1). The CPU `nb201`
-model's cell evaluation passes both to one add and dfdx panics on the aliased gradient
-("assertion `left != right` failed" in gradients.rs); see `aliased_skip_sum`.
 """
 import random
 import sys
@@ -27,33 +23,13 @@ def connected(d):
     return 3 in reach
 
 
-def aliased_skip_sum(d):
-    """True when some node's first two summed edges are skips of the same tensor (ops/src/nn's
-    eval_cell keeps the tensor id through a skip, and dfdx cannot add a tensor to itself)."""
-    edges = {(1, 0): d[0], (2, 0): d[1], (2, 1): d[2], (3, 0): d[3], (3, 1): d[4], (3, 2): d[5]}
-    ident = [0]  # tensor identity of each node's value
-    fresh = 1
-    for t in (1, 2, 3):
-        incoming = [(s, edges[(t, s)]) for s in range(t) if edges[(t, s)] != 0]
-        if len(incoming) >= 2:
-            (s1, o1), (s2, o2) = incoming[0], incoming[1]
-            if o1 == 1 and o2 == 1 and ident[s1] == ident[s2]:
-                return True
-        if len(incoming) == 1 and incoming[0][1] == 1:
-            ident.append(ident[incoming[0][0]])
-        else:
-            ident.append(fresh)
-            fresh += 1
-    return False
-
-
 def sample(seed, count):
     rng = random.Random(seed)
     seen, out = set(), []
     while len(out) < count:
         d = [rng.randrange(5) for _ in range(6)]
         s = f"{d[0]}_{d[1]}{d[2]}_{d[3]}{d[4]}{d[5]}"
-        if s in seen or not connected(d) or aliased_skip_sum(d):
+        if s in seen or not connected(d):
             continue
         seen.add(s)
         out.append(s)

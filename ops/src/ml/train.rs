@@ -88,6 +88,11 @@ struct Params {
     base_topology: Option<String>,
     #[serde(default)]
     init: InitChoice,
+    /// The name of an input holding a `search` result: its chosen cell (`choice.digits` of
+    /// `search.json`) is the `nb201` model's cell, so a search's pick trains without knowing
+    /// it when the pipeline is written. `model.cell` is then left out.
+    #[serde(default)]
+    cell_from: Option<String>,
     #[serde(default = "Schedule::constant")]
     schedule: Schedule,
     epochs: usize,
@@ -188,9 +193,39 @@ fn arch_error(e: crate::arch::ArchError) -> ParamError {
     ParamError::new(path, e.message)
 }
 
+/// A cell that stands in for `model.cell` while the params are checked before the `cell_from`
+/// input exists; it is replaced before anything is built.
+const CELL_FROM_PLACEHOLDER: &str = "0_00_100";
+
 impl Params {
     fn parse(params: &Value) -> Result<Self, ParamError> {
-        let mut p: Params = parse_params(params)?;
+        let mut p: Params = match params.get("cell_from") {
+            Some(Value::String(_)) => {
+                let mut params = params.clone();
+                let model = params.get_mut("model").and_then(Value::as_object_mut);
+                match model {
+                    Some(m) if m.get("kind").and_then(Value::as_str) == Some("nb201") => {
+                        if m.contains_key("cell") {
+                            return Err(ParamError::new(
+                                "model.cell",
+                                "the cell comes from the `cell_from` input",
+                            )
+                            .with_fix("remove `model.cell` or `cell_from`"));
+                        }
+                        m.insert("cell".into(), Value::from(CELL_FROM_PLACEHOLDER));
+                    }
+                    _ => {
+                        return Err(ParamError::new(
+                            "cell_from",
+                            "only an `nb201` model takes its cell from a search",
+                        )
+                        .with_fix("use `model: {kind: nb201, ...}` without `cell`"))
+                    }
+                }
+                parse_params(&params)?
+            }
+            _ => parse_params(params)?,
+        };
         p.device.check()?;
         p.model.check().map_err(|e| match e {
             NnError::InvalidSpec { field, message } => ParamError::new(field, message),
@@ -270,6 +305,44 @@ impl Params {
                 "freeze",
                 "an empty prefix would freeze everything",
             ));
+        }
+        Ok(p)
+    }
+
+    /// These params with `model.cell` set to the cell the `cell_from` input's search chose.
+    fn with_searched_cell(&self, ctx: &RunContext<'_>, input: &str) -> Result<Self, OpError> {
+        let dir = one_input(ctx, input)?;
+        let path = dir.join(crate::nas::SEARCH_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            OpError::io(
+                format!(
+                    "input `{input}` ({}): cannot read search.json; is it a `search` stage?",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        let search: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| fail(format!("{}: not valid JSON: {e}", path.display())))?;
+        let Some(cell) = search["choice"]["digits"].as_str() else {
+            return Err(fail(format!(
+                "{}: no `choice.digits`; is input `{input}` a `search` result?",
+                path.display()
+            )));
+        };
+        let mut p = self.clone();
+        match &mut p.model {
+            ModelSpec::Nb201(s) => s.cell = cell.to_string(),
+            other => {
+                return Err(fail(format!(
+                    "cell_from needs an nb201 model, not {}",
+                    other.kind()
+                )))
+            }
+        }
+        p.model.check().map_err(nn)?;
+        if p.lr_choice == LrChoice::ArchAware {
+            p.arch_lr().map_err(|e| fail(format!("cell {cell}: {e}")))?;
         }
         Ok(p)
     }
@@ -466,6 +539,17 @@ pub(crate) fn write_metrics(dir: &Path, metrics: &Metrics) -> Result<(), OpError
 /// checkpoint into the stage's output folder.
 fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpError> {
     let started = Instant::now();
+    let searched;
+    let p = match &p.cell_from {
+        Some(input) => {
+            searched = p.with_searched_cell(ctx, input)?;
+            if let ModelSpec::Nb201(s) = &searched.model {
+                let _ = writeln!(ctx.log, "cell {} from input `{input}`", s.cell);
+            }
+            &searched
+        }
+        None => p,
+    };
     let data = one_input(ctx, &p.data)?.to_path_buf();
     let meta = read_meta(&data)?;
     let mut train = read_split(&data, &meta, "train")?;
@@ -717,8 +801,14 @@ impl Op for TrainOp {
     }
     fn required_inputs(&self, params: &Value) -> Vec<String> {
         match Params::parse(params) {
-            Ok(p) if !p.init_map.is_empty() => vec![p.data, INIT_INPUT.to_string()],
-            Ok(p) => vec![p.data],
+            Ok(p) => {
+                let mut names = vec![p.data];
+                if !p.init_map.is_empty() {
+                    names.push(INIT_INPUT.to_string());
+                }
+                names.extend(p.cell_from);
+                names
+            }
             Err(_) => Vec::new(),
         }
     }
@@ -1180,6 +1270,62 @@ mod tests {
             Params::parse(&json!({"model": nb, "lr": "arch_aware", "base_lr": 0.46, "epochs": 1}))
                 .unwrap();
         assert!((p.arch_lr().unwrap().lr - 0.46 / 126.0f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cell_from_trains_the_cell_a_search_chose() {
+        let ws = tempfile::tempdir().unwrap();
+        let data = tiny_images(ws.path());
+        // A search result choosing "1_11_042": two skip edges into node 2 (once a dfdx panic).
+        let search = ws.path().join("search");
+        std::fs::create_dir_all(&search).unwrap();
+        std::fs::write(
+            search.join(crate::nas::SEARCH_FILE),
+            json!({"choice": {"digits": "1_11_042"}}).to_string(),
+        )
+        .unwrap();
+        let model = json!({"kind": "nb201", "channels": 2, "cells_per_stage": 1, "classes": 10});
+        let params = json!({
+            "model": model, "cell_from": "search", "lr": "arch_aware", "base_lr": 0.46,
+            "base_topology": "0_00_100", "epochs": 1, "batch_size": 16,
+        });
+        assert_eq!(TrainOp.required_inputs(&params), vec!["data", "search"]);
+        let out = ws.path().join("out");
+        let inputs = [("data", data.as_path()), ("search", search.as_path())];
+        let m = run_op(&TrainOp, params.clone(), &inputs, ws.path(), &out, 0).unwrap();
+        // Paths 0-1-3 (skip, pool; L = 1), 0-2-3 (skip, conv1x1; L = 2), 0-1-2-3 (L = 2):
+        // sum L^3 = 17 against the base's 1.
+        assert!((m["lr"] - 0.46 / 17f64.sqrt()).abs() < 1e-12, "{m:?}");
+        assert!(m["train_loss"].is_finite());
+        let spec: Value =
+            serde_json::from_slice(&std::fs::read(out.join("model.json")).unwrap()).unwrap();
+        assert!(spec.to_string().contains("1_11_042"), "{spec}");
+
+        let e = TrainOp
+            .validate(
+                &json!({"model": {"kind": "nb201", "cell": "3_33_333", "classes": 2},
+                "cell_from": "search", "lr": 0.1, "epochs": 1}),
+            )
+            .unwrap_err();
+        assert_eq!(e.path, "model.cell");
+        let mlp = json!({"kind": "mlp_dag", "topology": "2", "width": 4, "classes": 2});
+        let e = TrainOp
+            .validate(&json!({"model": mlp, "cell_from": "search", "lr": 0.1, "epochs": 1}))
+            .unwrap_err();
+        assert_eq!(e.path, "cell_from");
+        // An input that is not a search result is a clear error.
+        let inputs = [("data", data.as_path()), ("search", data.as_path())];
+        let e = run_op(
+            &TrainOp,
+            params,
+            &inputs,
+            ws.path(),
+            &ws.path().join("x"),
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("search.json"), "{e}");
     }
 
     #[test]

@@ -184,7 +184,10 @@ impl MixedCell {
                     };
                     acc = Some(match acc {
                         None => out,
-                        Some(a) => a.try_add(out)?,
+                        // Two skip edges can hand over the same tensor (same gradient id), and
+                        // dfdx cannot add a tensor to itself: scaling by one (exact) gives the
+                        // addend its own id (as in `nn::models::dag::eval_cell`).
+                        Some(a) => a.try_add(out.try_mul(1.0)?)?,
                     });
                 }
             }

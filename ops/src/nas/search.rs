@@ -133,16 +133,58 @@ impl<'a, S: Scorer> Evaluator<'a, S> {
     }
 }
 
-/// Random sampling baseline (§4): `samples` distinct cells (fewer if the space is smaller).
+/// What a random search drew, for the output.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RandomDraws {
+    /// Distinct cells drawn from the whole space.
+    pub drawn: usize,
+    /// Of those, the cells the connectivity filter rejected (never scored).
+    pub rejected: usize,
+}
+
+/// Random sampling baseline (§4): `samples` distinct cells drawn uniformly from the whole
+/// space (fewer if it is smaller), scored, the rank-sum best taken. With a filtered `space`
+/// the draws are the same (same seed, same cells) but the ones the filter rejects are never
+/// scored (connectivity-convergence.md §3: "rejected architectures are never scored"), so a
+/// filtered and an unfiltered run compare the same proposals at a lower scoring cost.
 pub fn random_search<S: Scorer>(
     ev: &mut Evaluator<'_, S>,
     space: &Space,
     samples: usize,
     seed: u64,
-) -> Result<usize, SearchError> {
+) -> Result<(usize, RandomDraws), SearchError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let cells = distinct_samples(space, samples, &mut rng)?;
+    let drawn = distinct_samples(&Space::All, samples, &mut rng)?;
+    let cells: Vec<OpSets> = drawn
+        .iter()
+        .copied()
+        .filter(|s| s.single().is_some_and(|a| space.accepts(&a)))
+        .collect();
+    if cells.is_empty() {
+        return Err(SearchError::Invalid(format!(
+            "the filter rejected all {} cells drawn; raise `samples`",
+            drawn.len()
+        )));
+    }
     let idx = ev.score(&cells, "random")?;
+    let draws = RandomDraws {
+        drawn: drawn.len(),
+        rejected: drawn.len() - cells.len(),
+    };
+    Ok((ev.best_of(&idx)?, draws))
+}
+
+/// Scores the given cells (a fixed sample, e.g. the cells a pipeline also trains) and takes
+/// the rank-sum best; repeated cells are scored once.
+pub fn listed_search<S: Scorer>(
+    ev: &mut Evaluator<'_, S>,
+    cells: &[Arch],
+) -> Result<usize, SearchError> {
+    if cells.is_empty() {
+        return Err(SearchError::Invalid("no cells listed".into()));
+    }
+    let sets: Vec<OpSets> = cells.iter().map(Arch::op_sets).collect();
+    let idx = ev.score(&sets, "listed")?;
     ev.best_of(&idx)
 }
 
@@ -478,7 +520,7 @@ mod tests {
 
     #[test]
     fn every_algorithm_finds_the_synthetic_optimum() {
-        let (i, r) = run(2, |ev| random_search(ev, &Space::All, 15_625, 1).unwrap());
+        let (i, r) = run(2, |ev| random_search(ev, &Space::All, 15_625, 1).unwrap().0);
         assert_eq!(chosen(&r, i), TARGET);
         let (i, r) = run(2, |ev| prune(ev).unwrap().0);
         assert_eq!(chosen(&r, i), TARGET);
@@ -510,7 +552,7 @@ mod tests {
     #[test]
     fn failures_are_recorded_and_never_chosen() {
         // Only failing and one good cell: the good one wins even though failures exist.
-        let (i, r) = run(1, |ev| random_search(ev, &Space::All, 300, 9).unwrap());
+        let (i, r) = run(1, |ev| random_search(ev, &Space::All, 300, 9).unwrap().0);
         assert!(r.iter().any(|x| x.result.is_err()));
         assert!(r[i].result.is_ok());
         let (all_fail, _) = run(1, |ev| {
@@ -519,6 +561,49 @@ mod tests {
             ev.best_of(&idx)
         });
         assert!(matches!(all_fail, Err(SearchError::AllFailed(_))));
+    }
+
+    #[test]
+    fn a_filtered_random_search_scores_only_the_accepted_draws() {
+        let (_, all) = run(1, |ev| random_search(ev, &Space::All, 200, 4).unwrap());
+        // A made-up filter: cells whose last edge is a conv.
+        let mut cells: Vec<Arch> = (0..15_625u32)
+            .map(|mut c| {
+                let mut ops = [0u8; NUM_EDGES];
+                for slot in ops.iter_mut().rev() {
+                    *slot = (c % 5) as u8;
+                    c /= 5;
+                }
+                Arch(ops)
+            })
+            .filter(|a| a.0[5] == 2 || a.0[5] == 3)
+            .collect();
+        cells.sort();
+        let space = Space::Accepted {
+            cells,
+            acceptance: crate::arch::filter::AcceptanceBox::paper_nb201(),
+        };
+        let ((_, draws), kept) = run(1, |ev| random_search(ev, &space, 200, 4).unwrap());
+        let want: Vec<OpSets> = all
+            .iter()
+            .map(|r| r.sets)
+            .filter(|s| s.single().is_some_and(|a| a.0[5] == 2 || a.0[5] == 3))
+            .collect();
+        assert_eq!(draws.drawn, 200);
+        assert_eq!(draws.rejected, 200 - want.len());
+        assert_eq!(kept.iter().map(|r| r.sets).collect::<Vec<_>>(), want);
+        assert!(!want.is_empty() && want.len() < 200);
+    }
+
+    #[test]
+    fn a_listed_search_scores_each_listed_cell_once() {
+        let a = Arch(TARGET);
+        let b = Arch([3, 3, 3, 3, 3, 3]);
+        let (i, r) = run(2, |ev| listed_search(ev, &[b, a, b]).unwrap());
+        assert_eq!(r.len(), 2);
+        assert_eq!(chosen(&r, i), TARGET);
+        let (e, _) = run(1, |ev| listed_search(ev, &[]));
+        assert!(matches!(e, Err(SearchError::Invalid(_))));
     }
 
     #[test]

@@ -1,11 +1,20 @@
 //! The `search` op: training-free search over NAS-Bench-201 cells
 //! (`../shared/papers/training-free-nas.md` §4) scored by the indicators of §2.
 //!
+//! Algorithms: `random`, `prune`, `evolution`, `reinforce` (§4) and `listed` (score the given
+//! `cells`: a fixed sample to correlate with trained accuracy).
+//!
 //! Inputs: optional `data`, a classification dataset folder (a `data.*` stage: `meta.json` +
 //! `train.safetensors`); without it the indicators run on seeded Gaussian images (recorded in
 //! the output as `data.source`). Output: `search.json` (the choice, the full trajectory with
-//! every indicator value or failure, the pruning rounds or policy when relevant, seconds per
-//! phase); metrics `num_scored`, `num_failed`, `seconds_total`, `choice_index`.
+//! every indicator value or failure, the pruning rounds or policy when relevant). `search.json`
+//! is a function of the params, the input and the seed only, byte for byte (whatever the thread
+//! count), so a rerun gives the same cached tree and downstream stages stay cached. Timings are
+//! not deterministic and so live only in the metrics (the run record in the cache and `engine
+//! show`), like `train`'s `wall_time_s`: `seconds_prepare` (probes, filter), `seconds_search`
+//! (scoring and the algorithm), `seconds_total`. Other metrics: `num_scored`, `num_failed`,
+//! `choice_index`, `filter_fraction_kept` (the share of the 15,625 cells the search may visit),
+//! and for `random`, `num_rejected` (draws the filter rejected, never scored).
 
 use std::path::Path;
 use std::time::Instant;
@@ -22,10 +31,10 @@ use super::indicators::{
 };
 use super::net::NetConfig;
 use super::search::{
-    evolution, prune, random_search, reinforce, Evaluator, EvolutionConfig, ReinforceConfig,
-    Scorer, SearchError,
+    evolution, listed_search, prune, random_search, reinforce, Evaluator, EvolutionConfig,
+    ReinforceConfig, Scorer, SearchError,
 };
-use super::space::{OpSets, Space};
+use super::space::{Arch, OpSets, Space};
 use crate::arch::filter::AcceptanceBox;
 use crate::ml::dataset::{read_meta, read_split, Targets, Task};
 use crate::ml::derive_seed;
@@ -38,6 +47,8 @@ pub const DATA_INPUT: &str = "data";
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
     Random,
+    /// Score the cells listed in `cells` (a fixed sample, e.g. the cells a pipeline trains).
+    Listed,
     Prune,
     Evolution,
     Reinforce,
@@ -138,9 +149,13 @@ pub struct SearchParams {
     pub filter: FilterMode,
     #[serde(default)]
     pub proxy: ProxyParams,
-    /// random: cells sampled.
+    /// random: distinct cells drawn from the whole space; with a filter, the rejected ones are
+    /// not scored.
     #[serde(default = "d_samples")]
     pub samples: usize,
+    /// listed: the cells to score (arch strings or digits, `"3_33_133"`).
+    #[serde(default)]
+    pub cells: Vec<String>,
     /// evolution [256, 64, 1000].
     #[serde(default = "d_population")]
     pub population: usize,
@@ -261,6 +276,34 @@ impl SearchParams {
         }
         if !(0.0..1.0).contains(&p.momentum) {
             return Err(ParamError::new("momentum", "must be in [0, 1)"));
+        }
+        match (p.algorithm, p.cells.is_empty()) {
+            (Algorithm::Listed, true) => {
+                return Err(
+                    ParamError::new("cells", "`algorithm: listed` needs cells to score")
+                        .with_fix("e.g. `cells: [\"3_30_243\", \"1_11_042\"]`"),
+                )
+            }
+            (Algorithm::Listed, false) => {
+                for (i, c) in p.cells.iter().enumerate() {
+                    Arch::parse(&format!("cells[{i}]"), c)
+                        .map_err(|e| ParamError::new(format!("cells[{i}]"), e.to_string()))?;
+                }
+                if p.filter != FilterMode::None {
+                    return Err(ParamError::new(
+                        "filter",
+                        "a listed sample is scored as given; filter the list instead",
+                    )
+                    .with_fix("use `filter: none` with `algorithm: listed`"));
+                }
+            }
+            (_, false) => {
+                return Err(ParamError::new(
+                    "cells",
+                    "only `algorithm: listed` takes a list of cells",
+                ))
+            }
+            (_, true) => {}
         }
         if p.algorithm == Algorithm::Prune && p.filter != FilterMode::None {
             return Err(ParamError::new(
@@ -451,10 +494,12 @@ impl Op for SearchOp {
         "search"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: timings moved from search.json to the metrics; `random` with a filter draws from
+        // the whole space and skips the rejected draws; `listed`.
+        2
     }
     fn summary(&self) -> &'static str {
-        "training-free NAS over NAS-Bench-201 cells (TE-NAS / TEG-NAS indicators; random, prune, evolution, reinforce)"
+        "training-free NAS over NAS-Bench-201 cells (TE-NAS / TEG-NAS indicators; random, listed, prune, evolution, reinforce)"
     }
     fn validate(&self, params: &Value) -> Result<(), ParamError> {
         SearchParams::parse(params).map(|_| ())
@@ -518,8 +563,24 @@ impl Op for SearchOp {
         let t = Instant::now();
         let algo_seed = derive_seed(ctx.seed, 14);
         let mut extra = json!({});
+        let mut random_rejected = None;
         let choice = match p.algorithm {
-            Algorithm::Random => random_search(&mut ev, &space, p.samples, algo_seed),
+            Algorithm::Random => {
+                random_search(&mut ev, &space, p.samples, algo_seed).map(|(i, draws)| {
+                    random_rejected = Some(draws.rejected);
+                    extra = json!({ "draws": draws });
+                    i
+                })
+            }
+            Algorithm::Listed => {
+                let cells = p
+                    .cells
+                    .iter()
+                    .map(|c| Arch::parse("cells", c))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| OpError::Failed(e.to_string()))?;
+                listed_search(&mut ev, &cells)
+            }
             Algorithm::Prune => prune(&mut ev).map(|(i, rounds)| {
                 extra = json!({ "prune_rounds": rounds });
                 i
@@ -608,7 +669,6 @@ impl Op for SearchOp {
             },
             "num_scored": records.len(),
             "num_failed": num_failed,
-            "seconds": phases.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "trajectory": trajectory,
         });
         if let (Some(o), Value::Object(e)) = (out.as_object_mut(), extra) {
@@ -626,8 +686,17 @@ impl Op for SearchOp {
         ctx.metrics
             .insert("num_scored".into(), records.len() as f64);
         ctx.metrics.insert("num_failed".into(), num_failed as f64);
-        ctx.metrics.insert("seconds_total".into(), total);
+        for (phase, seconds) in phases {
+            ctx.metrics.insert(format!("seconds_{phase}"), seconds);
+        }
         ctx.metrics.insert("choice_index".into(), choice as f64);
+        ctx.metrics.insert(
+            "filter_fraction_kept".into(),
+            space.size() as f64 / Space::All.size() as f64,
+        );
+        if let Some(rejected) = random_rejected {
+            ctx.metrics.insert("num_rejected".into(), rejected as f64);
+        }
         Ok(())
     }
 }
