@@ -10,6 +10,7 @@ pub mod rank;
 pub mod search;
 mod search_op;
 pub mod space;
+pub mod vit_space;
 
 use std::sync::Arc;
 
