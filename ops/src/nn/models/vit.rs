@@ -422,6 +422,11 @@ where
         self.factor
     }
 
+    /// Stage-1 tokens of a `side` x `side` image at the current factor.
+    pub fn tokens_per_image(&self, side: usize) -> usize {
+        self.tokenizer.out_size(side).map_or(0, |g| g * g)
+    }
+
     /// Replaces every LayerNorm by the identity (`true`) or restores them; the length distortion
     /// is measured without them (asvit.md §2).
     pub fn set_identity_norms(&mut self, identity: bool) {
