@@ -906,6 +906,12 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
         m.insert("train_loss".into(), last.train_loss);
     }
     m.insert("epochs".into(), history.len() as f64);
+    if let ModelSpec::Vit(v) = spec {
+        // Multiply-accumulates per image at full token resolution (ViT papers' "FLOPs").
+        if let Ok(macs) = v.macs(input.channels, input.height, 1) {
+            m.insert("macs".into(), macs as f64);
+        }
+    }
     if let (Some(first), Some(last)) = (
         history.first().and_then(|r| r.tokens),
         history.last().and_then(|r| r.tokens),
