@@ -102,6 +102,12 @@ fn asvit_searches_scales_and_retokenizes() {
             "retokenize_fixed_estimate_time_s"
         ) > 0.0
     );
+    let frac = metric(
+        &r,
+        "train_family_retok[member=1]",
+        "retokenize_macs_fraction",
+    );
+    assert!(frac > 0.0 && frac < 1.0, "{frac}");
 
     let out = ws.path().join("report");
     let o = engine(&["report", "--out", out.to_str().unwrap()], &cache, &sets);

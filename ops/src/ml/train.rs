@@ -910,6 +910,18 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
         // Multiply-accumulates per image at full token resolution (ViT papers' "FLOPs").
         if let Ok(macs) = v.macs(input.channels, input.height, 1) {
             m.insert("macs".into(), macs as f64);
+            // The forward compute of the epochs run, as a fraction of the same epochs at
+            // factor 1: the machine-independent side of the saving.
+            if !p.retokenize.is_empty() && !epoch_times.is_empty() {
+                let run: f64 = epoch_times
+                    .iter()
+                    .map(|(d, _)| v.macs(input.channels, input.height, *d).unwrap_or(macs) as f64)
+                    .sum();
+                m.insert(
+                    "retokenize_macs_fraction".into(),
+                    run / (macs as f64 * epoch_times.len() as f64),
+                );
+            }
         }
     }
     if let (Some(first), Some(last)) = (
@@ -1242,6 +1254,19 @@ mod tests {
             (m["tokens_first_epoch"], m["tokens_last_epoch"]),
             (1.0, 4.0)
         );
+        let spec = match ModelSpec::from_json(tiny_vit()).unwrap() {
+            ModelSpec::Vit(v) => v,
+            other => panic!("{other:?}"),
+        };
+        let full = spec.macs(1, 8, 1).unwrap() as f64;
+        assert_eq!(m["macs"], full);
+        // One epoch at factor 2, two at factor 1.
+        let want = (spec.macs(1, 8, 2).unwrap() as f64 + 2.0 * full) / (3.0 * full);
+        assert!(
+            (m["retokenize_macs_fraction"] - want).abs() < 1e-12,
+            "{m:?}"
+        );
+        assert!(m["retokenize_macs_fraction"] < 1.0);
         assert!(
             m["train_loss"].is_finite() && m["val_accuracy"] >= 0.0,
             "{m:?}"
