@@ -69,7 +69,16 @@ enum InitChoice {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Params {
-    model: ModelSpec,
+    /// The model; or `model_from`, a model listed by an upstream stage.
+    #[serde(default)]
+    model: Option<ModelSpec>,
+    #[serde(default)]
+    model_from: Option<ModelFrom>,
+    /// Progressive re-tokenization of a `vit` model (asvit.md §4): `[epoch, factor]` pairs, from
+    /// `epoch` on the tokenizer runs at stride 4 factor and dilation factor. Starts at epoch 1,
+    /// ends at factor 1.
+    #[serde(default)]
+    retokenize: Vec<(usize, usize)>,
     /// Name of the dataset input.
     #[serde(default = "default_data")]
     data: String,
@@ -127,6 +136,59 @@ struct Params {
     init_scheme: InitScheme,
     #[serde(default)]
     device: Device,
+}
+
+/// `model_from:` entry `index` of the `models.json` list that the stage behind input `input`
+/// wrote (a `vit` search or a `scale` family).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelFrom {
+    input: String,
+    index: usize,
+}
+
+/// The list a `model_from` input holds (`[{label, model}, ...]`).
+pub const MODELS_FILE: &str = crate::nas::vit_space::MODELS_FILE;
+
+fn read_model_from(ctx: &RunContext<'_>, from: &ModelFrom) -> Result<ModelSpec, OpError> {
+    let dir = one_input(ctx, &from.input)?;
+    let path = dir.join(MODELS_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        OpError::io(
+            format!(
+                "model_from: input `{}` has no readable {MODELS_FILE} ({}); point it at a                  `search` (space: vit) or `scale` stage",
+                from.input,
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    let list: Vec<Value> = serde_json::from_slice(&bytes).map_err(|e| {
+        fail(format!(
+            "{}: not a JSON list of models: {e}",
+            path.display()
+        ))
+    })?;
+    let Some(entry) = list.get(from.index) else {
+        return Err(fail(format!(
+            "model_from.index {} is out of range: input `{}` lists {} models (0..={})",
+            from.index,
+            from.input,
+            list.len(),
+            list.len().saturating_sub(1)
+        )));
+    };
+    let spec = entry.get("model").cloned().unwrap_or(Value::Null);
+    ModelSpec::from_json(spec).map_err(|e| fail(format!("{}[{}]: {e}", path.display(), from.index)))
+}
+
+/// The re-tokenization factor of `epoch` (1 without a schedule).
+fn token_factor(schedule: &[(usize, usize)], epoch: usize) -> usize {
+    schedule
+        .iter()
+        .rev()
+        .find(|(e, _)| *e <= epoch)
+        .map_or(1, |(_, d)| *d)
 }
 
 fn default_data() -> String {
@@ -227,10 +289,77 @@ impl Params {
             _ => parse_params(params)?,
         };
         p.device.check()?;
-        p.model.check().map_err(|e| match e {
-            NnError::InvalidSpec { field, message } => ParamError::new(field, message),
-            other => ParamError::new("model", other.to_string()),
-        })?;
+        match (&p.model, &p.model_from) {
+            (Some(m), None) => p.check_model(m)?,
+            (None, Some(from)) => {
+                if from.input.is_empty() || from.input == p.data {
+                    return Err(ParamError::new(
+                        "model_from.input",
+                        format!(
+                            "'{}' must name an input other than the dataset `{}`",
+                            from.input, p.data
+                        ),
+                    ));
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(ParamError::new(
+                    "model_from",
+                    "give either `model` or `model_from`, not both",
+                ))
+            }
+            (None, None) => return Err(ParamError::new(
+                "model",
+                "missing: give `model` or `model_from`",
+            )
+            .with_fix(
+                "e.g. `model_from: {input: family, index: 0}` with `inputs: {family: scale}`",
+            )),
+        }
+        if !p.retokenize.is_empty() {
+            let r = &p.retokenize;
+            if r[0].0 != 1 {
+                return Err(ParamError::new(
+                    "retokenize",
+                    format!(
+                        "starts at epoch {}; the first entry must be epoch 1",
+                        r[0].0
+                    ),
+                ));
+            }
+            for (i, &(e, d)) in r.iter().enumerate() {
+                if d == 0 {
+                    return Err(ParamError::new(
+                        format!("retokenize.{i}"),
+                        "factor must be at least 1",
+                    ));
+                }
+                if e > p.epochs || (i > 0 && e <= r[i - 1].0) {
+                    return Err(ParamError::new(
+                        format!("retokenize.{i}"),
+                        format!(
+                            "epoch {e}: epochs must increase and stay within 1..={}",
+                            p.epochs
+                        ),
+                    ));
+                }
+            }
+            if r[r.len() - 1].1 != 1 {
+                return Err(ParamError::new(
+                    "retokenize",
+                    "must end at factor 1 (training finishes, and is evaluated, at full token resolution)",
+                )
+                .with_fix("append `[EPOCH, 1]`"));
+            }
+        }
+        let arch_aware_asked = matches!(p.lr_raw, Value::String(ref s) if s == "arch_aware")
+            || p.init == InitChoice::ArchAware;
+        if p.model_from.is_some() && arch_aware_asked {
+            return Err(ParamError::new(
+                "model_from",
+                "`arch_aware` needs the model's cell at planning time; give `model` instead",
+            ));
+        }
         p.lr_choice = match &p.lr_raw {
             Value::String(s) if s == "arch_aware" => LrChoice::ArchAware,
             v => match v.as_f64() {
@@ -246,12 +375,12 @@ impl Params {
             },
         };
         let arch_aware = p.lr_choice == LrChoice::ArchAware || p.init == InitChoice::ArchAware;
-        if arch_aware && model_cell(&p.model).is_none() {
+        if arch_aware && p.model.as_ref().and_then(model_cell).is_none() {
             return Err(ParamError::new(
                 "model.kind",
                 format!(
                     "`arch_aware` needs a DAG model (mlp_dag, cnn_dag, nb201), not {}",
-                    p.model.kind()
+                    p.model.as_ref().map_or("model_from", ModelSpec::kind)
                 ),
             ));
         }
@@ -332,24 +461,76 @@ impl Params {
         };
         let mut p = self.clone();
         match &mut p.model {
-            ModelSpec::Nb201(s) => s.cell = cell.to_string(),
-            other => {
+            Some(ModelSpec::Nb201(s)) => s.cell = cell.to_string(),
+            Some(other) => {
                 return Err(fail(format!(
                     "cell_from needs an nb201 model, not {}",
                     other.kind()
                 )))
             }
+            None => return Err(fail("cell_from needs an nb201 `model`")),
         }
-        p.model.check().map_err(nn)?;
+        if let Some(m) = &p.model {
+            m.check().map_err(nn)?;
+        }
         if p.lr_choice == LrChoice::ArchAware {
             p.arch_lr().map_err(|e| fail(format!("cell {cell}: {e}")))?;
         }
         Ok(p)
     }
 
+    /// The inputs these params read: the dataset, `init` with an `init_map`, `model_from`'s and
+    /// `cell_from`'s.
+    fn inputs(self) -> Vec<String> {
+        let mut v = vec![self.data];
+        if !self.init_map.is_empty() {
+            v.push(INIT_INPUT.to_string());
+        }
+        if let Some(from) = self.model_from {
+            v.push(from.input);
+        }
+        v.extend(self.cell_from);
+        v
+    }
+
+    /// The spec's own checks, and that a `retokenize` schedule has a `vit` to act on.
+    fn check_model(&self, m: &ModelSpec) -> Result<(), ParamError> {
+        m.check().map_err(|e| match e {
+            NnError::InvalidSpec { field, message } => ParamError::new(field, message),
+            other => ParamError::new("model", other.to_string()),
+        })?;
+        if !self.retokenize.is_empty() && !matches!(m, ModelSpec::Vit(_)) {
+            return Err(ParamError::new(
+                "retokenize",
+                format!(
+                    "re-tokenization changes a vit tokenizer; the model is {}",
+                    m.kind()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// These params with `model_from` resolved to `spec`.
+    fn with_model(&self, spec: ModelSpec) -> Result<Self, OpError> {
+        self.check_model(&spec).map_err(|e| {
+            fail(format!(
+                "model_from ({}): `{}`: {}",
+                self.model_from.as_ref().map_or("", |f| f.input.as_str()),
+                e.path,
+                e.message
+            ))
+        })?;
+        Ok(Self {
+            model: Some(spec),
+            model_from: None,
+            ..self.clone()
+        })
+    }
+
     /// arch-aware-hparams.md §3 for this stage's own cell: eta* from `base_lr`.
     fn arch_lr(&self) -> Result<LrPrediction, crate::arch::ArchError> {
-        let Some((kind, topology, kernel, _)) = model_cell(&self.model) else {
+        let Some((kind, topology, kernel, _)) = self.model.as_ref().and_then(model_cell) else {
             return Err(crate::arch::ArchError::invalid(
                 "model.kind",
                 "not a DAG model",
@@ -463,6 +644,11 @@ struct EpochRecord {
     steps: u64,
     lr: f64,
     train_loss: f64,
+    /// `vit`: stage-1 tokens per image this epoch (re-tokenization changes it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_factor: Option<usize>,
     #[serde(flatten)]
     val: BTreeMap<String, f64>,
 }
@@ -543,12 +729,31 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
     let p = match &p.cell_from {
         Some(input) => {
             searched = p.with_searched_cell(ctx, input)?;
-            if let ModelSpec::Nb201(s) = &searched.model {
+            if let Some(ModelSpec::Nb201(s)) = &searched.model {
                 let _ = writeln!(ctx.log, "cell {} from input `{input}`", s.cell);
             }
             &searched
         }
         None => p,
+    };
+    let resolved;
+    let p = match &p.model_from {
+        Some(from) => {
+            let spec = read_model_from(ctx, from)?;
+            let _ = writeln!(
+                ctx.log,
+                "model_from: entry {} of input `{}`: {}",
+                from.index,
+                from.input,
+                serde_json::to_string(&spec).unwrap_or_default()
+            );
+            resolved = p.with_model(spec)?;
+            &resolved
+        }
+        None => p,
+    };
+    let Some(spec) = p.model.as_ref() else {
+        return Err(fail("no model: give `model` or `model_from`"));
     };
     let data = one_input(ctx, &p.data)?.to_path_buf();
     let meta = read_meta(&data)?;
@@ -601,7 +806,7 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
         }
     };
     ctx.metrics.insert("lr".into(), base_lr);
-    let hook = match (p.init, model_cell(&p.model)) {
+    let hook = match (p.init, model_cell(spec)) {
         (InitChoice::ArchAware, Some((kind, topology, _, _))) => {
             let cell = Cell::parse(kind, "model", topology)?;
             let hook = Arc::new(RecordingHook {
@@ -618,7 +823,16 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
         if hook.is_some() { 1.0 } else { 0.0 },
     );
     let mut model =
-        Model::<f32>::build(&dev, &p.model, input, &init, derive_seed(ctx.seed, 10)).map_err(nn)?;
+        Model::<f32>::build(&dev, spec, input, &init, derive_seed(ctx.seed, 10)).map_err(nn)?;
+    if let (ModelSpec::Vit(v), false) = (spec, p.retokenize.is_empty()) {
+        for &(epoch, d) in &p.retokenize {
+            v.grids(input.height, d).map_err(|e| {
+                fail(format!(
+                    "retokenize: factor {d} (from epoch {epoch}) does not fit: {e}"
+                ))
+            })?;
+        }
+    }
     if let Some(hook) = hook {
         let drawn = hook.drawn.lock().map(|d| d.clone()).unwrap_or_default();
         let hooked = drawn.iter().filter(|d| d.variance.is_some()).count();
@@ -682,13 +896,27 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
     let _ = writeln!(
             ctx.log,
             "{} ({} trainable) on {} samples of {:?}: {} epochs x {steps_per_epoch} steps, loss {kind:?}",
-            p.model.kind(),
+            spec.kind(),
             model.num_trainable(),
             train.n,
             meta.shape,
             p.epochs
         );
+    // (token factor, seconds of training steps) per finished epoch.
+    let mut epoch_times: Vec<(usize, f64)> = Vec::new();
     'epochs: for epoch in 1..=p.epochs {
+        let factor = token_factor(&p.retokenize, epoch);
+        let tokens = match model.vit_mut() {
+            Some(vit) => {
+                if vit.token_factor() != factor {
+                    vit.set_token_factor(factor).map_err(nn)?;
+                    let _ = writeln!(ctx.log, "epoch {epoch}: tokenizer factor {factor}");
+                }
+                Some(vit.tokens_per_image(input.height))
+            }
+            None => None,
+        };
+        let epoch_started = Instant::now();
         let mut order: Vec<usize> = (0..train.n).collect();
         order.shuffle(&mut shuffle);
         let (mut loss_sum, mut seen) = (0.0, 0usize);
@@ -728,6 +956,7 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
                 last_report = Instant::now();
             }
         }
+        epoch_times.push((factor, epoch_started.elapsed().as_secs_f64()));
         let train_loss = loss_sum / seen.max(1) as f64;
         let due = epoch == p.epochs || (p.eval_every > 0 && epoch % p.eval_every == 0);
         let mut val_metrics = BTreeMap::new();
@@ -748,6 +977,8 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
             steps: step,
             lr,
             train_loss,
+            tokens,
+            token_factor: tokens.map(|_| factor),
             val: val_metrics,
         });
     }
@@ -764,6 +995,48 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
         m.insert("train_loss".into(), last.train_loss);
     }
     m.insert("epochs".into(), history.len() as f64);
+    if let ModelSpec::Vit(v) = spec {
+        // Multiply-accumulates per image at full token resolution (ViT papers' "FLOPs").
+        if let Ok(macs) = v.macs(input.channels, input.height, 1) {
+            m.insert("macs".into(), macs as f64);
+            // The forward compute of the epochs run, as a fraction of the same epochs at
+            // factor 1: the machine-independent side of the saving.
+            if !p.retokenize.is_empty() && !epoch_times.is_empty() {
+                let run: f64 = epoch_times
+                    .iter()
+                    .map(|(d, _)| v.macs(input.channels, input.height, *d).unwrap_or(macs) as f64)
+                    .sum();
+                m.insert(
+                    "retokenize_macs_fraction".into(),
+                    run / (macs as f64 * epoch_times.len() as f64),
+                );
+            }
+        }
+    }
+    if let (Some(first), Some(last)) = (
+        history.first().and_then(|r| r.tokens),
+        history.last().and_then(|r| r.tokens),
+    ) {
+        m.insert("tokens_first_epoch".into(), first as f64);
+        m.insert("tokens_last_epoch".into(), last as f64);
+    }
+    // Wall time of the training steps (evaluation excluded). With re-tokenization, the fixed
+    // schedule is estimated as every epoch costing the mean of the epochs run at factor 1
+    // (the schedule ends there); saved = estimate - measured. Timings stay out of metrics.json.
+    let train_time: f64 = epoch_times.iter().map(|(_, t)| t).sum();
+    m.insert("train_time_s".into(), train_time);
+    if !p.retokenize.is_empty() {
+        let full: Vec<f64> = epoch_times
+            .iter()
+            .filter(|(d, _)| *d == 1)
+            .map(|(_, t)| *t)
+            .collect();
+        if !full.is_empty() {
+            let estimate = full.iter().sum::<f64>() / full.len() as f64 * epoch_times.len() as f64;
+            m.insert("retokenize_fixed_estimate_time_s".into(), estimate);
+            m.insert("retokenize_saved_time_s".into(), estimate - train_time);
+        }
+    }
     m.insert("steps".into(), step as f64);
     m.insert("params".into(), model.num_trainable() as f64);
     m.insert(
@@ -800,17 +1073,9 @@ impl Op for TrainOp {
         Params::parse(params).map(|_| ())
     }
     fn required_inputs(&self, params: &Value) -> Vec<String> {
-        match Params::parse(params) {
-            Ok(p) => {
-                let mut names = vec![p.data];
-                if !p.init_map.is_empty() {
-                    names.push(INIT_INPUT.to_string());
-                }
-                names.extend(p.cell_from);
-                names
-            }
-            Err(_) => Vec::new(),
-        }
+        Params::parse(params)
+            .map(Params::inputs)
+            .unwrap_or_default()
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
         let p = Params::parse(ctx.params)?;
@@ -864,9 +1129,7 @@ impl Op for LrProbeOp {
         Self::params(params).map(|_| ())
     }
     fn required_inputs(&self, params: &Value) -> Vec<String> {
-        Self::params(params)
-            .map(|p| vec![p.data])
-            .unwrap_or_default()
+        Self::params(params).map(Params::inputs).unwrap_or_default()
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
         let p = Self::params(ctx.params)?;
@@ -1051,6 +1314,170 @@ mod tests {
             p.extend(e.clone());
         }
         p
+    }
+
+    fn tiny_vit() -> Value {
+        json!({"kind": "vit", "kernels": [4], "splits": [1], "expansions": [2], "heads": 1,
+               "hidden": 8, "classes": 10})
+    }
+
+    #[test]
+    fn vit_retokenization_changes_the_token_count_and_trains() {
+        let ws = tempfile::tempdir().unwrap();
+        let data = tiny_images(ws.path());
+        let out = ws.path().join("retok");
+        let params = json!({
+            "model": tiny_vit(), "lr": 0.05, "epochs": 3, "batch_size": 16,
+            "retokenize": [[1, 2], [2, 1]],
+        });
+        let m = run_op(&TrainOp, params, &[("data", &data)], ws.path(), &out, 1).unwrap();
+        let history: Vec<Value> =
+            serde_json::from_slice(&std::fs::read(out.join(HISTORY_FILE)).unwrap()).unwrap();
+        // 8 x 8 images: stride 8, dilation 2 -> 1 token; then stride 4 -> 2 x 2 tokens.
+        let tokens: Vec<u64> = history
+            .iter()
+            .map(|r| r["tokens"].as_u64().unwrap())
+            .collect();
+        assert_eq!(tokens, [1, 4, 4]);
+        assert_eq!(
+            (m["tokens_first_epoch"], m["tokens_last_epoch"]),
+            (1.0, 4.0)
+        );
+        let spec = match ModelSpec::from_json(tiny_vit()).unwrap() {
+            ModelSpec::Vit(v) => v,
+            other => panic!("{other:?}"),
+        };
+        let full = spec.macs(1, 8, 1).unwrap() as f64;
+        assert_eq!(m["macs"], full);
+        // One epoch at factor 2, two at factor 1.
+        let want = (spec.macs(1, 8, 2).unwrap() as f64 + 2.0 * full) / (3.0 * full);
+        assert!(
+            (m["retokenize_macs_fraction"] - want).abs() < 1e-12,
+            "{m:?}"
+        );
+        assert!(m["retokenize_macs_fraction"] < 1.0);
+        assert!(
+            m["train_loss"].is_finite() && m["val_accuracy"] >= 0.0,
+            "{m:?}"
+        );
+        assert!(m["retokenize_fixed_estimate_time_s"] > 0.0, "{m:?}");
+        let saved = m["retokenize_saved_time_s"];
+        let want = m["retokenize_fixed_estimate_time_s"] - m["train_time_s"];
+        assert!((saved - want).abs() < 1e-9, "{m:?}");
+
+        // Without a schedule: the same tokens every epoch, no saving recorded.
+        let plain = json!({"model": tiny_vit(), "lr": 0.05, "epochs": 2, "batch_size": 16});
+        let m = run_op(
+            &TrainOp,
+            plain,
+            &[("data", &data)],
+            ws.path(),
+            &ws.path().join("p"),
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            (m["tokens_first_epoch"], m["tokens_last_epoch"]),
+            (4.0, 4.0)
+        );
+        assert!(!m.contains_key("retokenize_saved_time_s"));
+
+        // A factor whose tokenizer span exceeds the image is refused before training.
+        let big =
+            json!({"model": tiny_vit(), "lr": 0.05, "epochs": 2, "retokenize": [[1, 4], [2, 1]]});
+        let e = run_op(
+            &TrainOp,
+            big,
+            &[("data", &data)],
+            ws.path(),
+            &ws.path().join("b"),
+            1,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("factor 4"), "{e}");
+    }
+
+    #[test]
+    fn model_from_takes_an_entry_of_an_upstream_models_list() {
+        let ws = tempfile::tempdir().unwrap();
+        let data = tiny_images(ws.path());
+        let family = ws.path().join("family");
+        std::fs::create_dir(&family).unwrap();
+        let other = json!({"kind": "mlp_dag", "topology": "2", "width": 4, "classes": 10});
+        std::fs::write(
+            family.join("models.json"),
+            serde_json::to_vec(
+                &json!([{"label": "a", "model": other}, {"label": "b", "model": tiny_vit()}]),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let from = json!({"model_from": {"input": "family", "index": 1}, "lr": 0.05, "epochs": 1});
+        assert_eq!(TrainOp.required_inputs(&from), ["data", "family"]);
+        let a = ws.path().join("a");
+        run_op(
+            &TrainOp,
+            from,
+            &[("data", &data), ("family", &family)],
+            ws.path(),
+            &a,
+            3,
+        )
+        .unwrap();
+        let b = ws.path().join("b");
+        let direct = json!({"model": tiny_vit(), "lr": 0.05, "epochs": 1});
+        run_op(&TrainOp, direct, &[("data", &data)], ws.path(), &b, 3).unwrap();
+        assert_eq!(
+            std::fs::read(a.join(WEIGHTS_FILE)).unwrap(),
+            std::fs::read(b.join(WEIGHTS_FILE)).unwrap()
+        );
+        let bad = json!({"model_from": {"input": "family", "index": 2}, "lr": 0.05, "epochs": 1});
+        let e = run_op(
+            &TrainOp,
+            bad,
+            &[("data", &data), ("family", &family)],
+            ws.path(),
+            &ws.path().join("c"),
+            3,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lists 2 models"), "{e}");
+        // Re-tokenizing the MLP entry is refused once the entry is known.
+        let mlp = json!({"model_from": {"input": "family", "index": 0}, "lr": 0.05, "epochs": 2,
+                         "retokenize": [[1, 2], [2, 1]]});
+        let e = run_op(
+            &TrainOp,
+            mlp,
+            &[("data", &data), ("family", &family)],
+            ws.path(),
+            &ws.path().join("d"),
+            3,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("retokenize"), "{e}");
+    }
+
+    #[test]
+    fn model_and_retokenize_params_are_checked() {
+        let path = |v: Value| TrainOp.validate(&v).unwrap_err().path;
+        let cnn = json!({"kind": "cnn_dag", "topology": "2", "width": 3, "classes": 10});
+        assert_eq!(path(json!({"lr": 0.1, "epochs": 2})), "model");
+        assert_eq!(
+            path(
+                json!({"model": tiny_vit(), "model_from": {"input": "f", "index": 0}, "lr": 0.1, "epochs": 2})
+            ),
+            "model_from"
+        );
+        assert_eq!(
+            path(json!({"model": cnn, "lr": 0.1, "epochs": 2, "retokenize": [[1, 2], [2, 1]]})),
+            "retokenize"
+        );
+        let vit = |r: Value| json!({"model": tiny_vit(), "lr": 0.1, "epochs": 3, "retokenize": r});
+        assert_eq!(path(vit(json!([[2, 2], [3, 1]]))), "retokenize");
+        assert_eq!(path(vit(json!([[1, 2], [2, 2]]))), "retokenize");
+        assert_eq!(path(vit(json!([[1, 2], [4, 1]]))), "retokenize.1");
+        assert_eq!(path(vit(json!([[1, 0], [2, 1]]))), "retokenize.0");
+        assert!(TrainOp.validate(&vit(json!([[1, 2], [3, 1]]))).is_ok());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! ([`OpSets`]; a single cell is a supernet with one op per edge), a network shape, inputs and a
 //! seed; each returns a value or a typed [`Failure`], never a made-up 0.
 //!
-//! As-ViT's length distortion (`../shared/papers/asvit.md` §2) is not here: there is no `vit`
-//! model in `crate::nn::models` to measure it on.
+//! As-ViT's length distortion (`../shared/papers/asvit.md` §2) is measured on `vit` models, in
+//! [`super::vit_space`].
 
 use serde::{Deserialize, Serialize};
 
@@ -27,9 +27,12 @@ pub enum Indicator {
     Generalization,
     /// NASWOT log|det K_H| (higher is better).
     Naswot,
+    /// As-ViT length distortion L_E of a `vit` model (higher is better; asvit.md §2).
+    LengthDistortion,
 }
 
 impl Indicator {
+    /// The indicators of the NB201 space (length distortion needs a `vit` model).
     pub const ALL: [Indicator; 4] = [
         Indicator::Ntk,
         Indicator::Regions,
@@ -43,12 +46,16 @@ impl Indicator {
             Indicator::Regions => "regions",
             Indicator::Generalization => "generalization",
             Indicator::Naswot => "naswot",
+            Indicator::LengthDistortion => "length_distortion",
         }
     }
 
     /// training-free-nas.md §3: kappa and G ascending, R (and NASWOT) descending.
     pub fn higher_is_better(self) -> bool {
-        matches!(self, Indicator::Regions | Indicator::Naswot)
+        matches!(
+            self,
+            Indicator::Regions | Indicator::Naswot | Indicator::LengthDistortion
+        )
     }
 }
 

@@ -58,6 +58,8 @@ pub enum Algorithm {
 #[serde(rename_all = "snake_case")]
 pub enum SpaceName {
     Nb201,
+    /// The As-ViT space (`vit_space.rs`; settings under `vit:`).
+    Vit,
 }
 
 /// The connectivity pre-filter (`../shared/papers/connectivity-convergence.md` §3).
@@ -175,6 +177,9 @@ pub struct SearchParams {
     pub momentum: f64,
     #[serde(default = "d_window")]
     pub window: usize,
+    /// `space: vit` only: the scored network and probes.
+    #[serde(default)]
+    pub vit: super::vit_space::VitProxy,
 }
 
 fn d_space() -> SpaceName {
@@ -227,6 +232,14 @@ impl SearchParams {
                     format!("{} is listed twice", a.name()),
                 ));
             }
+        }
+        if p.space == SpaceName::Vit {
+            super::vit_space::validate_search(&p)?;
+        } else if p.indicators.contains(&Indicator::LengthDistortion) {
+            return Err(ParamError::new(
+                "indicators",
+                "length_distortion is measured on ViTs; use it with `space: vit`",
+            ));
         }
         let pr = &p.proxy;
         for (field, v) in [
@@ -467,6 +480,10 @@ impl Scorer for ProxyScorer {
                     self.seed,
                 ),
                 Indicator::Naswot => naswot(&self.net, sets, &p.batch, self.seed),
+                Indicator::LengthDistortion => Err(Failure::Network {
+                    indicator: ind.name(),
+                    message: "measured on ViTs only".into(),
+                }),
             })
             .collect()
     }
@@ -499,7 +516,7 @@ impl Op for SearchOp {
         2
     }
     fn summary(&self) -> &'static str {
-        "training-free NAS over NAS-Bench-201 cells (TE-NAS / TEG-NAS indicators; random, listed, prune, evolution, reinforce)"
+        "training-free NAS over NAS-Bench-201 cells or As-ViT topologies (TE-NAS / TEG-NAS indicators; random, listed, prune, evolution, reinforce)"
     }
     fn validate(&self, params: &Value) -> Result<(), ParamError> {
         SearchParams::parse(params).map(|_| ())
@@ -507,6 +524,9 @@ impl Op for SearchOp {
 
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
         let p = SearchParams::parse(ctx.params)?;
+        if p.space == SpaceName::Vit {
+            return super::vit_space::run_search(ctx, &p);
+        }
         let started = Instant::now();
         let mut phases: Vec<(String, f64)> = Vec::new();
 

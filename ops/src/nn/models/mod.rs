@@ -9,11 +9,13 @@ mod dag;
 mod fno;
 mod nb201;
 pub mod topology;
+mod vit;
 
 pub use dag::{CnnDag, CnnDagSpec, MlpDag, MlpDagSpec, ReluConvBn};
 pub use fno::{Fno2d, Fno2dMae, Fno2dMaeSpec, Fno2dSpec, FourierLayer};
 pub use nb201::{Nb201, Nb201Spec};
 pub use topology::Dag;
+pub use vit::{tokenizer_geometry, PatchMerging, Vit, VitBlock, VitSpec, VitStage};
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
@@ -32,6 +34,7 @@ pub enum ModelSpec {
     Nb201(Nb201Spec),
     Fno2d(Fno2dSpec),
     Fno2dMae(Fno2dMaeSpec),
+    Vit(VitSpec),
 }
 
 impl ModelSpec {
@@ -92,6 +95,7 @@ impl ModelSpec {
                 out_channels: 1,
             }
             .validate(),
+            ModelSpec::Vit(s) => s.validate(),
         }
     }
 
@@ -102,6 +106,7 @@ impl ModelSpec {
             ModelSpec::Nb201(_) => "nb201",
             ModelSpec::Fno2d(_) => "fno2d",
             ModelSpec::Fno2dMae(_) => "fno2d_mae",
+            ModelSpec::Vit(_) => "vit",
         }
     }
 }
@@ -121,6 +126,7 @@ enum Net<E: Float> {
     Nb201(Box<Nb201<E>>),
     Fno2d(Box<Fno2d<E>>),
     Fno2dMae(Box<Fno2dMae<E>>),
+    Vit(Box<Vit<E>>),
 }
 
 /// A built model: its spec, input shape and weights.
@@ -187,6 +193,20 @@ where
             ModelSpec::Fno2dMae(s) => {
                 Net::Fno2dMae(Box::new(Fno2dMae::new(dev, s, grid, init, &mut rng)?))
             }
+            ModelSpec::Vit(s) => {
+                if input.height != input.width {
+                    return Err(NnError::spec(
+                        "input",
+                        format!(
+                            "vit needs square images, got {}x{}",
+                            input.height, input.width
+                        ),
+                    ));
+                }
+                s.validate()?;
+                s.grids(input.height, 1)?;
+                Net::Vit(Box::new(Vit::new(dev, s, input.channels, init, &mut rng)?))
+            }
         };
         Ok(Self {
             spec: spec.clone(),
@@ -213,6 +233,7 @@ where
             ModelSpec::Fno2dMae(_) => {
                 vec![self.input.channels, self.input.height, self.input.width]
             }
+            ModelSpec::Vit(s) => vec![s.classes],
         }
     }
 
@@ -237,6 +258,22 @@ where
             Net::Nb201(m) => m.forward(x, ctx),
             Net::Fno2d(m) => m.forward(x),
             Net::Fno2dMae(m) => m.forward(x),
+            Net::Vit(m) => m.forward(x),
+        }
+    }
+
+    /// The ViT inside, for re-tokenization and the As-ViT indicators; `None` for other kinds.
+    pub fn vit(&self) -> Option<&Vit<E>> {
+        match &self.net {
+            Net::Vit(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn vit_mut(&mut self) -> Option<&mut Vit<E>> {
+        match &mut self.net {
+            Net::Vit(m) => Some(m),
+            _ => None,
         }
     }
 
@@ -258,6 +295,7 @@ impl<E: Float> HasParams<E> for Model<E> {
             Net::Nb201(m) => m.visit_params(prefix, out),
             Net::Fno2d(m) => m.visit_params(prefix, out),
             Net::Fno2dMae(m) => m.visit_params(prefix, out),
+            Net::Vit(m) => m.visit_params(prefix, out),
         }
     }
     fn visit_params_mut<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Param<E>)>) {
@@ -267,6 +305,7 @@ impl<E: Float> HasParams<E> for Model<E> {
             Net::Nb201(m) => m.visit_params_mut(prefix, out),
             Net::Fno2d(m) => m.visit_params_mut(prefix, out),
             Net::Fno2dMae(m) => m.visit_params_mut(prefix, out),
+            Net::Vit(m) => m.visit_params_mut(prefix, out),
         }
     }
 }

@@ -1,0 +1,966 @@
+//! The As-ViT search space and its training-free scores (`../shared/papers/asvit.md` §1-2):
+//! topologies of 13 categorical choices, the length distortion L_E and the NTK condition number
+//! of `vit` models, and the seed search (random sampling, REINFORCE) that `search` runs with
+//! `space: vit`.
+//!
+//! Output of a `vit` search: `search.json` (choice, trajectory with every indicator value or
+//! failure, seconds per phase) and `models.json`, a list with one `{label, model}` per scored
+//! topology in trajectory order, which a `train` stage reads with `model_from`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use dfdx::shapes::HasShape;
+use dfdx::tensor::{Gradients, Trace};
+use dfdx::tensor_ops::{Backward, SumTo};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::indicators::{condition_number, Failure, Images, Indicator};
+use super::rank::{best_by_rank_sum, ChangingRange};
+use super::search_op::{Algorithm, Probes, ProxyParams, SearchParams, DATA_INPUT};
+use crate::ml::derive_seed;
+use crate::nn::models::{InputShape, VitSpec};
+use crate::nn::{collect_params, Dev, Init, Model, ModelSpec, NnError, ParamKind};
+use crate::{OpError, ParamError, RunContext};
+
+/// The file listing models a `train` stage can take with `model_from`.
+pub const MODELS_FILE: &str = "models.json";
+
+/// The 13 categorical choices of the space (asvit.md §1): tokenizer and merging kernels,
+/// windows per side (stage 4 is global), MLP expansions, heads of the last stage.
+pub const CHOICES: [(&str, &[usize]); 13] = [
+    ("kernel1", &[4, 5, 6, 7, 8]),
+    ("kernel2", &[2, 3, 4]),
+    ("kernel3", &[2, 3, 4]),
+    ("kernel4", &[2, 3, 4]),
+    ("split1", &[2, 4, 8]),
+    ("split2", &[1, 2, 4]),
+    ("split3", &[1, 2]),
+    ("split4", &[1]),
+    ("expansion1", &[2, 3, 4, 5, 6]),
+    ("expansion2", &[2, 3, 4, 5, 6]),
+    ("expansion3", &[2, 3, 4, 5, 6]),
+    ("expansion4", &[2, 3, 4, 5, 6]),
+    ("heads", &[16, 32, 64]),
+];
+
+/// One point of the space: the part of a [`VitSpec`] that search chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitTopology {
+    pub kernels: [usize; 4],
+    pub splits: [usize; 4],
+    pub expansions: [usize; 4],
+    pub heads: usize,
+}
+
+impl VitTopology {
+    /// Number of topologies: about 4.6M (asvit.md §1).
+    pub fn space_size() -> usize {
+        CHOICES.iter().map(|(_, o)| o.len()).product()
+    }
+
+    /// The topology with option `idx[j]` of choice j.
+    pub fn from_indices(idx: &[usize; 13]) -> Self {
+        let v = |j: usize| CHOICES[j].1[idx[j]];
+        Self {
+            kernels: [v(0), v(1), v(2), v(3)],
+            splits: [v(4), v(5), v(6), v(7)],
+            expansions: [v(8), v(9), v(10), v(11)],
+            heads: v(12),
+        }
+    }
+
+    /// The option index of every choice; `None` when a value is outside the space.
+    pub fn indices(&self) -> Option<[usize; 13]> {
+        let vals = [
+            self.kernels[0],
+            self.kernels[1],
+            self.kernels[2],
+            self.kernels[3],
+            self.splits[0],
+            self.splits[1],
+            self.splits[2],
+            self.splits[3],
+            self.expansions[0],
+            self.expansions[1],
+            self.expansions[2],
+            self.expansions[3],
+            self.heads,
+        ];
+        let mut idx = [0; 13];
+        for (j, v) in vals.iter().enumerate() {
+            idx[j] = CHOICES[j].1.iter().position(|o| o == v)?;
+        }
+        Some(idx)
+    }
+
+    pub fn random(rng: &mut impl Rng) -> Self {
+        let mut idx = [0; 13];
+        for (j, (_, opts)) in CHOICES.iter().enumerate() {
+            idx[j] = rng.gen_range(0..opts.len());
+        }
+        Self::from_indices(&idx)
+    }
+
+    /// `K8444_S2111_E3246_H32`.
+    pub fn label(&self) -> String {
+        let cat = |v: &[usize; 4]| v.iter().map(|x| x.to_string()).collect::<String>();
+        format!(
+            "K{}_S{}_E{}_H{}",
+            cat(&self.kernels),
+            cat(&self.splits),
+            cat(&self.expansions),
+            self.heads
+        )
+    }
+
+    /// The model at width `hidden` with `depths` blocks per stage.
+    pub fn spec(&self, hidden: usize, depths: [usize; 4], classes: usize) -> VitSpec {
+        VitSpec {
+            kernels: self.kernels.to_vec(),
+            splits: self.splits.to_vec(),
+            expansions: self.expansions.to_vec(),
+            heads: self.heads,
+            depths: Some(depths.to_vec()),
+            hidden,
+            classes,
+        }
+    }
+}
+
+/// `points` points of a unit circle x(theta_k) = U [cos theta_k, sin theta_k],
+/// theta_k = 2 pi k / points, in R^dim; U a random orthonormal 2-frame (Gram-Schmidt of two
+/// Gaussian vectors). Row-major `(points, dim)`.
+pub fn random_circle(dim: usize, points: usize, rng: &mut StdRng) -> Vec<f64> {
+    let gauss = |rng: &mut StdRng| -> Vec<f64> {
+        (0..dim)
+            .map(|_| Distribution::<f64>::sample(&StandardNormal, rng))
+            .collect()
+    };
+    let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>().sqrt();
+    let mut u = gauss(rng);
+    let nu = norm(&u);
+    u.iter_mut().for_each(|a| *a /= nu);
+    let mut v = gauss(rng);
+    let dot: f64 = u.iter().zip(&v).map(|(a, b)| a * b).sum();
+    v.iter_mut().zip(&u).for_each(|(b, a)| *b -= dot * a);
+    let nv = norm(&v);
+    v.iter_mut().for_each(|b| *b /= nv);
+    let mut out = Vec::with_capacity(points * dim);
+    for k in 0..points {
+        let t = 2.0 * std::f64::consts::PI * k as f64 / points as f64;
+        out.extend(u.iter().zip(&v).map(|(a, b)| a * t.cos() + b * t.sin()));
+    }
+    out
+}
+
+/// Length of the closed polygon through `points` rows of width `width` (row-major): the
+/// finite-difference arc length sum_k ||f(x_{k+1}) - f(x_k)||, k mod points.
+pub fn closed_polygon_length(rows: &[f64], points: usize, width: usize) -> f64 {
+    (0..points)
+        .map(|k| {
+            let (a, b) = (k * width, ((k + 1) % points) * width);
+            (0..width)
+                .map(|j| (rows[b + j] - rows[a + j]).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .sum()
+}
+
+/// asvit.md §2, length distortion L_E, the finite-difference estimator: the arc length of
+/// f(circle) over `points` points of a random unit circle in input space (`dim` values per
+/// input), mean over `repeats` circles. `f` maps `(points, dim)` rows to `(points, width)` rows
+/// and gets the repeat index (a fresh initialization per repeat).
+pub fn length_distortion(
+    dim: usize,
+    points: usize,
+    repeats: usize,
+    seed: u64,
+    mut f: impl FnMut(usize, Vec<f64>) -> Result<(Vec<f64>, usize), NnError>,
+) -> Result<f64, Failure> {
+    const IND: Indicator = Indicator::LengthDistortion;
+    let mut sum = 0.0;
+    for r in 0..repeats.max(1) {
+        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 8_000 + r as u64));
+        let circle = random_circle(dim, points, &mut rng);
+        let (rows, width) = f(r, circle).map_err(|e| Failure::Network {
+            indicator: IND.name(),
+            message: e.to_string(),
+        })?;
+        sum += closed_polygon_length(&rows, points, width);
+    }
+    let v = sum / repeats.max(1) as f64;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Failure::NonFinite {
+            indicator: IND.name(),
+            value: v,
+        })
+    }
+}
+
+/// How the ViT indicators are measured (CPU-sized defaults; the paper's values in brackets).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitProxy {
+    /// Width of stage 1 of the scored network, a multiple of 8 (the most stage-1 heads of the
+    /// space, 64 / 8) [32].
+    #[serde(default = "d_hidden")]
+    pub hidden: usize,
+    /// Side of the Gaussian images when there is no `data` input [32].
+    #[serde(default = "d_image")]
+    pub image_size: usize,
+    /// Points on the circle for L_E [the reference: 10 analytic-derivative points].
+    #[serde(default = "d_points")]
+    pub points: usize,
+    /// Batch of the NTK [16].
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    /// Initializations (and circles) averaged [5].
+    #[serde(default = "d_repeats")]
+    pub repeats: usize,
+    /// Classes of the scored network's head when there is no `data` input (the head is not
+    /// part of either score).
+    #[serde(default = "d_classes")]
+    pub classes: usize,
+}
+
+fn d_hidden() -> usize {
+    32
+}
+fn d_image() -> usize {
+    32
+}
+fn d_points() -> usize {
+    32
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_repeats() -> usize {
+    2
+}
+fn d_classes() -> usize {
+    10
+}
+
+impl Default for VitProxy {
+    fn default() -> Self {
+        Self {
+            hidden: d_hidden(),
+            image_size: d_image(),
+            points: d_points(),
+            batch: d_batch(),
+            repeats: d_repeats(),
+            classes: d_classes(),
+        }
+    }
+}
+
+impl VitProxy {
+    pub fn validate(&self, prefix: &str) -> Result<(), ParamError> {
+        for (f, v, min) in [
+            ("hidden", self.hidden, 1),
+            ("image_size", self.image_size, 4),
+            ("points", self.points, 3),
+            ("batch", self.batch, 2),
+            ("repeats", self.repeats, 1),
+            ("classes", self.classes, 1),
+        ] {
+            if v < min {
+                return Err(ParamError::new(
+                    format!("{prefix}.{f}"),
+                    format!("{v} is below the minimum {min}"),
+                ));
+            }
+        }
+        if !self.hidden.is_multiple_of(8) {
+            return Err(ParamError::new(
+                format!("{prefix}.hidden"),
+                format!(
+                    "{} is not a multiple of 8: a topology with 64 heads has 8 heads in stage 1",
+                    self.hidden
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The NB201 probe settings that load the same images (two batches; no crops are used).
+    fn probe_params(&self) -> ProxyParams {
+        ProxyParams {
+            batch: self.batch,
+            region_samples: 2,
+            image_size: self.image_size,
+            classes: self.classes,
+            ..ProxyParams::default()
+        }
+    }
+}
+
+/// Checks an indicator list for the ViT space.
+pub fn check_indicators(indicators: &[Indicator], field: &str) -> Result<(), ParamError> {
+    for ind in indicators {
+        if !matches!(ind, Indicator::LengthDistortion | Indicator::Ntk) {
+            return Err(
+                ParamError::new(field, format!("{} is not measured on ViTs", ind.name()))
+                    .with_fix("use `indicators: [length_distortion, ntk]`"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Scores `vit` specs on a fixed indicator list (L_E and/or kappa).
+pub struct VitScorer {
+    pub indicators: Vec<Indicator>,
+    pub points: usize,
+    pub repeats: usize,
+    /// Images for the NTK; their shape is the input shape of every scored model.
+    pub images: Images,
+    pub seed: u64,
+}
+
+impl VitScorer {
+    fn input(&self) -> InputShape {
+        let (_, c, h, w) = self.images.shape;
+        InputShape {
+            channels: c,
+            height: h,
+            width: w,
+        }
+    }
+
+    fn build(&self, spec: &VitSpec, repeat: usize) -> Result<Model<f64>, NnError> {
+        Model::build(
+            &Dev::default(),
+            &ModelSpec::Vit(spec.clone()),
+            self.input(),
+            &Init::default(),
+            derive_seed(self.seed, 7_000 + repeat as u64),
+        )
+    }
+
+    /// asvit.md §2: L_E of the pooled last-stage features with every LayerNorm as identity.
+    pub fn length_distortion(&self, spec: &VitSpec) -> Result<f64, Failure> {
+        let input = self.input();
+        let dim = input.channels * input.height * input.width;
+        length_distortion(dim, self.points, self.repeats, self.seed, |r, circle| {
+            let mut m = self.build(spec, r)?;
+            let vit = m
+                .vit_mut()
+                .ok_or_else(|| NnError::spec("model", "not a vit"))?;
+            vit.set_identity_norms(true);
+            let x = crate::nn::from_vec(
+                &Dev::default(),
+                circle,
+                (self.points, input.channels, input.height, input.width),
+            )?;
+            let y = vit.features(x)?;
+            let width = y.shape().1;
+            Ok((y.as_vec(), width))
+        })
+    }
+
+    /// asvit.md §2: kappa of the NTK of the pooled features: row i is d(sum_k f_k(x_i)) / d theta
+    /// over every weight tensor (names ending in `weight`: linear and conv matrices, LayerNorm
+    /// gammas; no biases), LayerNorms on; mean over repeats. One sample per backward pass (a ViT
+    /// has no batch coupling).
+    pub fn ntk(&self, spec: &VitSpec) -> Result<f64, Failure> {
+        const IND: Indicator = Indicator::Ntk;
+        let net = |e: NnError| Failure::Network {
+            indicator: IND.name(),
+            message: e.to_string(),
+        };
+        let (b, c, h, w) = self.images.shape;
+        let per = c * h * w;
+        let dev = Dev::default();
+        let mut sum = 0.0;
+        for r in 0..self.repeats.max(1) {
+            let m = self.build(spec, r).map_err(net)?;
+            let vit = m
+                .vit()
+                .ok_or_else(|| net(NnError::spec("model", "not a vit")))?;
+            let mut rows = Vec::with_capacity(b);
+            for i in 0..b {
+                let xi = crate::nn::from_vec(
+                    &dev,
+                    self.images.x[i * per..(i + 1) * per].to_vec(),
+                    (1, c, h, w),
+                )
+                .map_err(net)?;
+                let y = vit.features(xi.traced(Gradients::leaky())).map_err(net)?;
+                let grads = y
+                    .try_sum::<dfdx::shapes::Rank0, _>()
+                    .and_then(|l| l.try_backward())
+                    .map_err(|e| net(e.into()))?;
+                let mut grads = grads;
+                let mut row = Vec::new();
+                for (name, p) in collect_params(&m) {
+                    if p.kind == ParamKind::Trainable && name.ends_with("weight") {
+                        grads.try_alloc_for(&p.value).map_err(|e| net(e.into()))?;
+                        row.extend(grads.get(&p.value).as_vec());
+                    }
+                }
+                rows.push(row);
+            }
+            sum += condition_number(&rows)?;
+        }
+        let v = sum / self.repeats.max(1) as f64;
+        if v.is_finite() {
+            Ok(v)
+        } else {
+            Err(Failure::NonFinite {
+                indicator: IND.name(),
+                value: v,
+            })
+        }
+    }
+
+    pub fn score(&self, spec: &VitSpec) -> Result<Vec<f64>, Failure> {
+        self.indicators
+            .iter()
+            .map(|ind| match ind {
+                Indicator::LengthDistortion => self.length_distortion(spec),
+                Indicator::Ntk => self.ntk(spec),
+                other => Err(Failure::Network {
+                    indicator: other.name(),
+                    message: "not measured on ViTs".into(),
+                }),
+            })
+            .collect()
+    }
+}
+
+/// One scored topology.
+#[derive(Clone, Debug)]
+pub struct VitRecord {
+    pub topology: VitTopology,
+    pub phase: String,
+    pub result: Result<Vec<f64>, Failure>,
+}
+
+impl VitRecord {
+    pub fn values(&self, k: usize) -> Vec<Option<f64>> {
+        match &self.result {
+            Ok(v) => v.iter().copied().map(Some).collect(),
+            Err(_) => vec![None; k],
+        }
+    }
+}
+
+/// The trajectory of a ViT search: every topology scored once, batches in parallel.
+pub struct VitEvaluator<'a> {
+    pub scorer: &'a VitScorer,
+    pub hidden: usize,
+    pub classes: usize,
+    pool: &'a rayon::ThreadPool,
+    cancelled: &'a (dyn Fn() -> bool + Sync),
+    pub records: Vec<VitRecord>,
+    index: HashMap<VitTopology, usize>,
+}
+
+impl<'a> VitEvaluator<'a> {
+    pub fn new(
+        scorer: &'a VitScorer,
+        hidden: usize,
+        classes: usize,
+        pool: &'a rayon::ThreadPool,
+        cancelled: &'a (dyn Fn() -> bool + Sync),
+    ) -> Self {
+        Self {
+            scorer,
+            hidden,
+            classes,
+            pool,
+            cancelled,
+            records: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    pub fn spec(&self, t: &VitTopology) -> VitSpec {
+        t.spec(self.hidden, [1; 4], self.classes)
+    }
+
+    /// Scores the topologies not seen before; returns each one's record index.
+    pub fn score(&mut self, tops: &[VitTopology], phase: &str) -> Result<Vec<usize>, OpError> {
+        if (self.cancelled)() {
+            return Err(OpError::Cancelled);
+        }
+        let mut todo: Vec<VitTopology> = Vec::new();
+        for t in tops {
+            if !self.index.contains_key(t) && !todo.contains(t) {
+                todo.push(*t);
+            }
+        }
+        let specs: Vec<VitSpec> = todo.iter().map(|t| self.spec(t)).collect();
+        let scorer = self.scorer;
+        let results: Vec<Result<Vec<f64>, Failure>> = self
+            .pool
+            .install(|| specs.par_iter().map(|s| scorer.score(s)).collect());
+        for (t, result) in todo.into_iter().zip(results) {
+            self.index.insert(t, self.records.len());
+            self.records.push(VitRecord {
+                topology: t,
+                phase: phase.to_string(),
+                result,
+            });
+        }
+        Ok(tops.iter().map(|t| self.index[t]).collect())
+    }
+
+    /// The rank-sum best of every record.
+    pub fn best(&self) -> Result<usize, OpError> {
+        let k = self.scorer.indicators.len();
+        let table: Vec<Vec<Option<f64>>> = self.records.iter().map(|r| r.values(k)).collect();
+        best_by_rank_sum(&table, &self.scorer.indicators).ok_or_else(|| {
+            OpError::Failed(format!(
+                "every topology failed its indicators; the last failure: {}",
+                self.records
+                    .last()
+                    .and_then(|r| r.result.as_ref().err())
+                    .map_or_else(|| "none scored".to_string(), ToString::to_string)
+            ))
+        })
+    }
+}
+
+/// asvit.md §4 (random baseline): `samples` distinct topologies, scored in one parallel batch.
+pub fn random_vit_search(
+    ev: &mut VitEvaluator<'_>,
+    samples: usize,
+    seed: u64,
+) -> Result<usize, OpError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tops: Vec<VitTopology> = Vec::with_capacity(samples);
+    let mut tries = 0;
+    while tops.len() < samples && tries < samples * 100 {
+        let t = VitTopology::random(&mut rng);
+        if !tops.contains(&t) {
+            tops.push(t);
+        }
+        tries += 1;
+    }
+    ev.score(&tops, "sample")?;
+    ev.best()
+}
+
+/// Settings of the REINFORCE seed search.
+#[derive(Clone, Debug)]
+pub struct VitReinforce {
+    pub steps: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub window: usize,
+    pub batch: usize,
+}
+
+/// The answer's record index, the final choice probabilities and every reward.
+pub type ReinforceOutcome = (usize, Vec<Vec<f64>>, Vec<f64>);
+
+/// asvit.md §2 seed search: independent categoricals over the 13 choices (logits
+/// 1e-3 N(0, 1)), reward = changing-range -Delta(kappa) + Delta(L_E) (training-free-nas.md §3),
+/// EMA baseline, Adam ascending the REINFORCE objective; answer = rank-sum best seen. Returns
+/// the answer and the final choice probabilities.
+pub fn reinforce_vit_search(
+    ev: &mut VitEvaluator<'_>,
+    cfg: &VitReinforce,
+    seed: u64,
+) -> Result<ReinforceOutcome, OpError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let k = ev.scorer.indicators.len();
+    let mut logits: Vec<Vec<f64>> = CHOICES
+        .iter()
+        .map(|(_, o)| {
+            (0..o.len())
+                .map(|_| 1e-3 * Distribution::<f64>::sample(&StandardNormal, &mut rng))
+                .collect()
+        })
+        .collect();
+    let softmax = |l: &[f64]| -> Vec<f64> {
+        let m = l.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = l.iter().map(|v| (v - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|v| v / s).collect()
+    };
+    let mut m1: Vec<Vec<f64>> = logits.iter().map(|l| vec![0.0; l.len()]).collect();
+    let mut m2 = m1.clone();
+    let (beta1, beta2, eps) = (0.9, 0.999, 1e-8);
+    let mut baseline = 0.0;
+    let indicators = ev.scorer.indicators.clone();
+    let mut reward_fn = ChangingRange::new(&indicators, cfg.window);
+    let mut rewards = Vec::new();
+    for step in 0..cfg.steps {
+        let probs: Vec<Vec<f64>> = logits.iter().map(|l| softmax(l)).collect();
+        let draws: Vec<[usize; 13]> = (0..cfg.batch.max(1))
+            .map(|_| {
+                let mut idx = [0; 13];
+                for (j, p) in probs.iter().enumerate() {
+                    let u: f64 = rng.gen();
+                    let mut acc = 0.0;
+                    idx[j] = p.len() - 1;
+                    for (o, q) in p.iter().enumerate() {
+                        acc += q;
+                        if u < acc {
+                            idx[j] = o;
+                            break;
+                        }
+                    }
+                }
+                idx
+            })
+            .collect();
+        let tops: Vec<VitTopology> = draws.iter().map(VitTopology::from_indices).collect();
+        let ids = ev.score(&tops, &format!("step {}", step + 1))?;
+        let mut grad: Vec<Vec<f64>> = logits.iter().map(|l| vec![0.0; l.len()]).collect();
+        for (idx, &i) in draws.iter().zip(&ids) {
+            let r = reward_fn.reward(&ev.records[i].values(k));
+            rewards.push(r);
+            let adv = r - baseline;
+            baseline = cfg.momentum * baseline + (1.0 - cfg.momentum) * r;
+            for (j, g) in grad.iter_mut().enumerate() {
+                for (o, gv) in g.iter_mut().enumerate() {
+                    let onehot = if o == idx[j] { 1.0 } else { 0.0 };
+                    *gv += adv * (onehot - probs[j][o]) / draws.len() as f64;
+                }
+            }
+        }
+        let t = (step + 1) as i32;
+        for j in 0..logits.len() {
+            for o in 0..logits[j].len() {
+                let g = grad[j][o];
+                m1[j][o] = beta1 * m1[j][o] + (1.0 - beta1) * g;
+                m2[j][o] = beta2 * m2[j][o] + (1.0 - beta2) * g * g;
+                let mh = m1[j][o] / (1.0 - beta1.powi(t));
+                let vh = m2[j][o] / (1.0 - beta2.powi(t));
+                logits[j][o] += cfg.lr * mh / (vh.sqrt() + eps);
+            }
+        }
+    }
+    let best = ev.best()?;
+    Ok((best, logits.iter().map(|l| softmax(l)).collect(), rewards))
+}
+
+/// The images the NTK is measured on: two batches from the `data` input, or Gaussian images.
+pub fn vit_probes(ctx: &RunContext<'_>, proxy: &VitProxy) -> Result<Probes, OpError> {
+    let pp = proxy.probe_params();
+    match ctx.inputs.get(DATA_INPUT) {
+        Some(input) => {
+            let paths = input.paths();
+            let [dir] = paths.as_slice() else {
+                return Err(OpError::Failed(
+                    "input `data` must be one dataset, not a list".into(),
+                ));
+            };
+            let p = Probes::from_dataset(dir, &pp, ctx.seed)?;
+            let (_, _, h, w) = p.batch.shape;
+            if h != w {
+                return Err(OpError::Failed(format!(
+                    "input `data` has {h}x{w} images; vit needs square images"
+                )));
+            }
+            Ok(p)
+        }
+        None => Ok(Probes::gaussian(&pp, ctx.seed)),
+    }
+}
+
+pub(crate) fn write_json(dir: &std::path::Path, name: &str, value: &Value) -> Result<(), OpError> {
+    let path = dir.join(name);
+    let text = serde_json::to_vec_pretty(value)
+        .map_err(|e| OpError::Failed(format!("cannot encode {name}: {e}")))?;
+    std::fs::write(&path, text)
+        .map_err(|e| OpError::io(format!("cannot write {}", path.display()), e))
+}
+
+/// Checks the `space: vit` parts of `search` params.
+pub fn validate_search(p: &SearchParams) -> Result<(), ParamError> {
+    check_indicators(&p.indicators, "indicators")?;
+    p.vit.validate("vit")?;
+    if !matches!(p.algorithm, Algorithm::Random | Algorithm::Reinforce) {
+        return Err(ParamError::new(
+            "algorithm",
+            format!("{:?} is not implemented for the vit space", p.algorithm),
+        )
+        .with_fix("use `algorithm: random` or `algorithm: reinforce`"));
+    }
+    if p.filter != super::search_op::FilterMode::None {
+        return Err(ParamError::new(
+            "filter",
+            "the connectivity filter judges NB201 cells, not ViTs",
+        ));
+    }
+    Ok(())
+}
+
+/// `search` with `space: vit`: the As-ViT seed search.
+pub fn run_search(ctx: &mut RunContext<'_>, p: &SearchParams) -> Result<(), OpError> {
+    let started = Instant::now();
+    let mut phases = serde_json::Map::new();
+    let t = Instant::now();
+    let probes = vit_probes(ctx, &p.vit)?;
+    let scorer = VitScorer {
+        indicators: p.indicators.clone(),
+        points: p.vit.points,
+        repeats: p.vit.repeats,
+        images: probes.batch.clone(),
+        seed: derive_seed(ctx.seed, 13),
+    };
+    phases.insert("prepare".into(), json!(t.elapsed().as_secs_f64()));
+    let _ = writeln!(
+        ctx.log,
+        "vit search {:?} on {} images {:?}, indicators {:?}, space of {} topologies",
+        p.algorithm,
+        probes.source,
+        probes.batch.shape,
+        p.indicators,
+        VitTopology::space_size()
+    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(ctx.cpus.max(1))
+        .build()
+        .map_err(|e| OpError::Failed(format!("cannot start {} threads: {e}", ctx.cpus)))?;
+    let cancel = ctx.cancel.clone();
+    let cancelled = move || cancel.is_cancelled();
+    let mut ev = VitEvaluator::new(&scorer, p.vit.hidden, probes.classes, &pool, &cancelled);
+    let t = Instant::now();
+    let algo_seed = derive_seed(ctx.seed, 14);
+    let mut extra = json!({});
+    let choice = match p.algorithm {
+        Algorithm::Random => random_vit_search(&mut ev, p.samples, algo_seed)?,
+        Algorithm::Reinforce => {
+            let cfg = VitReinforce {
+                steps: p.steps,
+                lr: p.lr,
+                momentum: p.momentum,
+                window: p.window,
+                batch: p.batch,
+            };
+            let (best, probs, rewards) = reinforce_vit_search(&mut ev, &cfg, algo_seed)?;
+            let named: serde_json::Map<String, Value> = CHOICES
+                .iter()
+                .zip(probs)
+                .map(|((n, _), p)| (n.to_string(), json!(p)))
+                .collect();
+            extra = json!({"policy": {"probabilities": named, "rewards": rewards}});
+            best
+        }
+        other => {
+            return Err(OpError::Failed(format!(
+                "{other:?} is not implemented for the vit space"
+            )))
+        }
+    };
+    phases.insert("search".into(), json!(t.elapsed().as_secs_f64()));
+    let names: Vec<&str> = p.indicators.iter().map(|i| i.name()).collect();
+    let k = names.len();
+    let trajectory: Vec<Value> = ev
+        .records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let values: serde_json::Map<String, Value> = names
+                .iter()
+                .zip(r.values(k))
+                .map(|(n, v)| (n.to_string(), v.map_or(Value::Null, Value::from)))
+                .collect();
+            json!({
+                "index": i,
+                "phase": r.phase,
+                "label": r.topology.label(),
+                "topology": r.topology,
+                "values": values,
+                "failed": r.result.as_ref().err().map(ToString::to_string),
+            })
+        })
+        .collect();
+    let models: Vec<Value> = ev
+        .records
+        .iter()
+        .map(
+            |r| json!({"label": r.topology.label(), "model": ModelSpec::Vit(ev.spec(&r.topology))}),
+        )
+        .collect();
+    let num_failed = ev.records.iter().filter(|r| r.result.is_err()).count();
+    let total = started.elapsed().as_secs_f64();
+    phases.insert("total".into(), json!(total));
+    let chosen = ev.records[choice].topology;
+    let mut out = json!({
+        "space": "vit",
+        "algorithm": p.algorithm,
+        "indicators": names,
+        "data": {"source": probes.source, "image_shape": [probes.batch.shape.1, probes.batch.shape.2, probes.batch.shape.3], "classes": probes.classes},
+        "proxy": p.vit,
+        "choice": {
+            "index": choice,
+            "label": chosen.label(),
+            "topology": chosen,
+            "model": ModelSpec::Vit(ev.spec(&chosen)),
+        },
+        "num_scored": ev.records.len(),
+        "num_failed": num_failed,
+        "seconds": phases,
+        "trajectory": trajectory,
+    });
+    if let (Some(o), Value::Object(e)) = (out.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    write_json(ctx.out_dir, super::search_op::SEARCH_FILE, &out)?;
+    write_json(ctx.out_dir, MODELS_FILE, &Value::Array(models))?;
+    let _ = writeln!(
+        ctx.log,
+        "chose {} after scoring {} ({} failed) in {total:.1}s",
+        chosen.label(),
+        ev.records.len(),
+        num_failed
+    );
+    ctx.metrics
+        .insert("num_scored".into(), ev.records.len() as f64);
+    ctx.metrics.insert("num_failed".into(), num_failed as f64);
+    ctx.metrics.insert("seconds_total".into(), total);
+    ctx.metrics.insert("choice_index".into(), choice as f64);
+    if let Ok(v) = &ev.records[choice].result {
+        for (n, x) in names.iter().zip(v) {
+            ctx.metrics.insert(format!("choice_{n}"), *x);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_distortion_of_a_scaled_rotation_is_known_exactly() {
+        // f(x) = s Q x with Q orthogonal maps the unit circle to a circle of radius s: the
+        // closed polygon through M equally spaced points has length 2 M s sin(pi / M), which
+        // tends to 2 pi s.
+        let (dim, m, s) = (6, 64, 2.5);
+        // Q: a permutation with sign flips (orthogonal).
+        let perm = [3, 0, 5, 1, 4, 2];
+        let sign = [1.0, -1.0, 1.0, 1.0, -1.0, 1.0];
+        let l = length_distortion(dim, m, 3, 11, |_, x| {
+            let rows: Vec<f64> = x
+                .chunks(dim)
+                .flat_map(|row| (0..dim).map(move |i| s * sign[i] * row[perm[i]]))
+                .collect();
+            Ok((rows, dim))
+        })
+        .unwrap();
+        let exact = 2.0 * m as f64 * s * (std::f64::consts::PI / m as f64).sin();
+        assert!((l - exact).abs() < 1e-9, "{l} vs {exact}");
+        assert!((l - 2.0 * std::f64::consts::PI * s).abs() < 0.01);
+        // Projecting onto one coordinate never lengthens the curve.
+        let proj = length_distortion(dim, m, 1, 11, |_, x| {
+            Ok((x.chunks(dim).map(|r| r[0]).collect(), 1))
+        })
+        .unwrap();
+        assert!(proj < 2.0 * std::f64::consts::PI && proj > 0.0);
+        let nan = length_distortion(dim, m, 1, 11, |_, x| Ok((vec![f64::NAN; x.len()], dim)));
+        assert!(matches!(nan, Err(Failure::NonFinite { .. })));
+    }
+
+    #[test]
+    fn the_space_has_the_papers_size_and_round_trips() {
+        assert_eq!(VitTopology::space_size(), 4_556_250);
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..50 {
+            let t = VitTopology::random(&mut rng);
+            assert_eq!(VitTopology::from_indices(&t.indices().unwrap()), t);
+            t.spec(32, [1; 4], 10).validate().unwrap();
+            t.spec(32, [1; 4], 10).grids(32, 2).unwrap();
+        }
+        let seed = VitTopology {
+            kernels: [8, 4, 4, 4],
+            splits: [2, 1, 1, 1],
+            expansions: [3, 2, 4, 6],
+            heads: 32,
+        };
+        assert_eq!(seed.label(), "K8444_S2111_E3246_H32");
+    }
+
+    fn scorer(indicators: Vec<Indicator>) -> VitScorer {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (b, c, s) = (4, 1, 16);
+        VitScorer {
+            indicators,
+            points: 12,
+            repeats: 1,
+            images: Images {
+                x: (0..b * c * s * s)
+                    .map(|_| Distribution::<f64>::sample(&StandardNormal, &mut rng))
+                    .collect(),
+                shape: (b, c, s, s),
+            },
+            seed: 5,
+        }
+    }
+
+    #[test]
+    fn vit_indicators_are_finite_and_seeded() {
+        let sc = scorer(vec![Indicator::LengthDistortion, Indicator::Ntk]);
+        let t = VitTopology {
+            kernels: [4, 2, 2, 2],
+            splits: [2, 1, 1, 1],
+            expansions: [2, 2, 2, 2],
+            heads: 16,
+        };
+        let spec = t.spec(4, [1; 4], 3);
+        let a = sc.score(&spec).unwrap();
+        assert!(a.iter().all(|v| v.is_finite() && *v > 0.0), "{a:?}");
+        assert!(a[1] >= 1.0, "a condition number is at least 1: {a:?}");
+        assert_eq!(sc.score(&spec).unwrap(), a);
+        // A wider network maps the circle to a different length.
+        let b = sc.score(&t.spec(8, [1; 4], 3)).unwrap();
+        assert_ne!(a[0], b[0]);
+    }
+
+    #[test]
+    fn random_and_reinforce_return_the_rank_sum_best_seen() {
+        let sc = scorer(vec![Indicator::LengthDistortion]);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let never = || false;
+        let mut ev = VitEvaluator::new(&sc, 8, 3, &pool, &never);
+        let best = random_vit_search(&mut ev, 5, 1).unwrap();
+        assert_eq!(ev.records.len(), 5);
+        let top = ev
+            .records
+            .iter()
+            .map(|r| r.result.as_ref().unwrap()[0])
+            .fold(f64::MIN, f64::max);
+        assert_eq!(ev.records[best].result.as_ref().unwrap()[0], top);
+        let mut ev = VitEvaluator::new(&sc, 8, 3, &pool, &never);
+        let cfg = VitReinforce {
+            steps: 3,
+            lr: 0.08,
+            momentum: 0.9,
+            window: 20,
+            batch: 2,
+        };
+        let (best, probs, rewards) = reinforce_vit_search(&mut ev, &cfg, 2).unwrap();
+        assert_eq!(rewards.len(), 6);
+        assert_eq!(probs.len(), 13);
+        assert!(probs
+            .iter()
+            .all(|p| (p.iter().sum::<f64>() - 1.0).abs() < 1e-9));
+        let top = ev
+            .records
+            .iter()
+            .map(|r| r.result.as_ref().unwrap()[0])
+            .fold(f64::MIN, f64::max);
+        assert_eq!(ev.records[best].result.as_ref().unwrap()[0], top);
+    }
+}

@@ -1,0 +1,130 @@
+//! Smoke-size run of `pipelines/asvit.yaml` through the real `engine` binary: the real file,
+//! shrunk with `--set`, in its own cache folder; values are checked, not just exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn pipeline() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/asvit.yaml")
+}
+
+fn engine(args: &[&str], cache: &Path, sets: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
+    cmd.args(args).arg(pipeline()).arg("--cache-dir").arg(cache);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.output().expect("the engine binary runs")
+}
+
+fn run(cache: &Path, sets: &[&str]) -> Value {
+    let out = engine(&["run", "--json", "-j", "2"], cache, sets);
+    assert!(
+        out.status.success(),
+        "engine run failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
+}
+
+fn stage<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no stage {name} in {r}"))
+}
+
+fn metric(r: &Value, name: &str, key: &str) -> f64 {
+    stage(r, name)["metrics"][key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("stage {name} has no metric {key}: {}", stage(r, name)))
+}
+
+#[test]
+fn asvit_searches_scales_and_retokenizes() {
+    let ws = tempfile::tempdir().unwrap();
+    let cache = ws.path().join("cache");
+    let sets = [
+        "vars.samples=200",
+        "vars.size=16",
+        "vars.hidden=8",
+        "vars.probe={hidden: 8, image_size: 16, points: 8, batch: 4, repeats: 1}",
+        "vars.tau_samples=3",
+        "vars.tau_topologies=[0, 1, 2]",
+        "vars.search_steps=2",
+        "vars.scale_steps=1",
+        "vars.budget=100000000",
+        "vars.target=90000000",
+        "vars.members=[0, 1]",
+        "vars.epochs=2",
+        "vars.retokenize=[[1, 2], [2, 1]]",
+        "vars.batch_size=32",
+    ];
+    let r = run(&cache, &sets);
+    assert_eq!(metric(&r, "sample", "num_scored"), 3.0);
+    assert!(metric(&r, "seed_search", "num_scored") <= 4.0);
+    let tau = metric(&r, "tau[accuracy=test_accuracy]", "tau_length_distortion");
+    assert!((-1.0..=1.0).contains(&tau), "{tau}");
+    assert_eq!(metric(&r, "tau[accuracy=test_accuracy]", "n"), 3.0);
+    // One growth step: seed + one member, each one block deeper than the last.
+    assert_eq!(metric(&r, "scale", "members"), 2.0);
+    let seed_params = metric(&r, "train_family[member=0]", "params");
+    let grown = metric(&r, "train_family[member=1]", "params");
+    assert!(grown > seed_params, "{seed_params} -> {grown}");
+    assert_eq!(
+        grown,
+        metric(&r, "scale", "final_params"),
+        "train built the family's model"
+    );
+    assert_eq!(grown, metric(&r, "train_family_retok[member=1]", "params"));
+    // 16 px: 4 x 4 tokens at factor 1, 2 x 2 at factor 2.
+    assert_eq!(
+        metric(&r, "train_family_retok[member=1]", "tokens_first_epoch"),
+        4.0
+    );
+    assert_eq!(
+        metric(&r, "train_family_retok[member=1]", "tokens_last_epoch"),
+        16.0
+    );
+    assert_eq!(
+        metric(&r, "train_family[member=1]", "tokens_first_epoch"),
+        16.0
+    );
+    assert!(
+        metric(
+            &r,
+            "train_family_retok[member=0]",
+            "retokenize_fixed_estimate_time_s"
+        ) > 0.0
+    );
+    let frac = metric(
+        &r,
+        "train_family_retok[member=1]",
+        "retokenize_macs_fraction",
+    );
+    assert!(frac > 0.0 && frac < 1.0, "{frac}");
+
+    let out = ws.path().join("report");
+    let o = engine(&["report", "--out", out.to_str().unwrap()], &cache, &sets);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("MACs per image") && md.contains("tau_length_distortion"),
+        "{md}"
+    );
+
+    // A second run reuses everything.
+    let r = run(&cache, &sets);
+    let ran: Vec<&Value> = r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "ran")
+        .collect();
+    assert!(ran.is_empty(), "{ran:?}");
+}
