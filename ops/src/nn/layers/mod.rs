@@ -19,7 +19,9 @@ use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::tensor::host_mut;
+use rayon::prelude::*;
+
+use super::tensor::{host_read, take_grad, with_grad_mut};
 use super::{Dev, Float, NnError};
 
 /// What a forward pass needs besides its input: train or eval behaviour (BatchNorm statistics,
@@ -60,7 +62,7 @@ where
 /// `approximate='none'`); dGELU/dx = Phi(x) + x phi(x), phi the standard normal density.
 ///
 /// Not dfdx's `accurate_gelu`: its 0.13 backward drops the 1/sqrt 2 of the inner derivative.
-/// Elementwise on host memory (CPU).
+/// A host kernel, elements in parallel; on CUDA it copies through the host (slow path).
 pub fn gelu<S: Shape, E: Float, T: Tape<E, Dev>>(
     x: Tensor<S, E, Dev, T>,
 ) -> Result<Tensor<S, E, Dev, T>, NnError>
@@ -72,24 +74,25 @@ where
     let shape = *x.shape();
     let x = x.try_contiguous()?;
     let (x, mut tape) = x.split_tape();
-    let y: Vec<E> = x
-        .as_vec()
-        .into_iter()
-        .map(|v| {
-            let v = v.into_f64();
-            E::of_f64(v * phi(v))
-        })
-        .collect();
+    let mut y = host_read(&x);
+    y.par_iter_mut().for_each(|v| {
+        let f = v.into_f64();
+        *v = E::of_f64(f * phi(f));
+    });
     let out = x.device().try_tensor_from_vec(y, shape)?;
     let out_id = out.clone();
     tape.add_backward_op(move |grads| {
-        let go: Vec<E> = host_mut::<E>(grads.get_or_alloc_mut(&out_id)?).to_vec();
-        let xv = x.as_vec();
-        let gx = host_mut::<E>(grads.get_or_alloc_mut(&x)?);
-        for ((g, &v), &o) in gx.iter_mut().zip(&xv).zip(&go) {
-            let v = v.into_f64();
-            *g += E::of_f64(o.into_f64() * (phi(v) + v * density(v)));
-        }
+        let go = take_grad(grads, &out_id)?;
+        let xv = host_read(&x);
+        with_grad_mut(grads, &x, |gx| {
+            gx.par_iter_mut()
+                .zip(xv.par_iter())
+                .zip(go.par_iter())
+                .for_each(|((g, &v), &o)| {
+                    let v = v.into_f64();
+                    *g += E::of_f64(o.into_f64() * (phi(v) + v * density(v)));
+                })
+        })?;
         Ok(())
     });
     Ok(out.put_tape(tape))
