@@ -67,6 +67,8 @@ pub trait Float:
     const SAFETENSORS_DTYPE: safetensors::Dtype;
     fn of_f64(x: f64) -> Self;
     fn into_f64(self) -> f64;
+    /// The error function in this type's precision (`libm::erff` / `libm::erf`).
+    fn erf(self) -> Self;
     /// Little-endian bytes of `values`, as safetensors stores them.
     fn encode_le(values: &[Self]) -> Vec<u8>;
     /// Values from little-endian bytes; `None` when the length is not a multiple of the size.
@@ -74,7 +76,7 @@ pub trait Float:
 }
 
 macro_rules! impl_float {
-    ($t:ty, $dtype:expr) => {
+    ($t:ty, $dtype:expr, $erf:path) => {
         impl Float for $t {
             const SAFETENSORS_DTYPE: safetensors::Dtype = $dtype;
             fn of_f64(x: f64) -> Self {
@@ -82,6 +84,9 @@ macro_rules! impl_float {
             }
             fn into_f64(self) -> f64 {
                 self as f64
+            }
+            fn erf(self) -> Self {
+                $erf(self)
             }
             fn encode_le(values: &[Self]) -> Vec<u8> {
                 values.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -102,8 +107,8 @@ macro_rules! impl_float {
         }
     };
 }
-impl_float!(f32, safetensors::Dtype::F32);
-impl_float!(f64, safetensors::Dtype::F64);
+impl_float!(f32, safetensors::Dtype::F32, libm::erff);
+impl_float!(f64, safetensors::Dtype::F64, libm::erf);
 
 /// Whether the optimiser updates a parameter or it is state saved with the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

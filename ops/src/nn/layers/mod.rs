@@ -20,6 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use rayon::prelude::*;
+use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 
 use super::tensor::{host_read, take_grad, with_grad_mut};
 use super::{Dev, Float, NnError};
@@ -69,16 +70,15 @@ pub fn gelu<S: Shape, E: Float, T: Tape<E, Dev>>(
 where
     Dev: Device<E>,
 {
-    let phi = |x: f64| 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2));
-    let density = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    // In E's own precision (erff for f32): f64 per element made GELU a quarter of fno2d's time.
+    let phi = |x: E| E::of_f64(0.5) * (E::one() + (x * E::of_f64(FRAC_1_SQRT_2)).erf());
+    let density =
+        |x: E| (E::of_f64(-0.5) * x * x).exp() * E::of_f64(0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2);
     let shape = *x.shape();
     let x = x.try_contiguous()?;
     let (x, mut tape) = x.split_tape();
     let mut y = host_read(&x);
-    y.par_iter_mut().for_each(|v| {
-        let f = v.into_f64();
-        *v = E::of_f64(f * phi(f));
-    });
+    y.par_iter_mut().for_each(|v| *v = *v * phi(*v));
     let out = x.device().try_tensor_from_vec(y, shape)?;
     let out_id = out.clone();
     tape.add_backward_op(move |grads| {
@@ -88,10 +88,7 @@ where
             gx.par_iter_mut()
                 .zip(xv.par_iter())
                 .zip(go.par_iter())
-                .for_each(|((g, &v), &o)| {
-                    let v = v.into_f64();
-                    *g += E::of_f64(o.into_f64() * (phi(v) + v * density(v)));
-                })
+                .for_each(|((g, &v), &o)| *g += o * (phi(v) + v * density(v)))
         })?;
         Ok(())
     });
