@@ -129,6 +129,7 @@ fn synthetic_images_train_evaluate_then_fully_cached() {
 }
 
 #[test]
+#[cfg_attr(feature = "cuda", ignore = "a cuda build accepts device: cuda")]
 fn asking_for_cuda_is_a_clear_validation_error() {
     let ws = tempfile::tempdir().unwrap();
     let yaml = PIPELINE.replace(

@@ -6,8 +6,8 @@ use serde_json::Value;
 use super::dataset::{read_meta, read_split};
 use super::train::{evaluate_split, loss_for, nn, report_metrics};
 use super::{fail, one_input, Device};
+use crate::nn::open_device;
 use crate::nn::train::{load_checkpoint, LossKind};
-use crate::nn::Dev;
 use crate::{parse_params, Op, OpError, ParamError, RunContext};
 
 pub const METRICS_FILE: &str = "metrics.json";
@@ -88,7 +88,7 @@ impl Op for EvaluateOp {
         let p = Params::parse(ctx.params)?;
         let ck = one_input(ctx, &p.checkpoint)?.to_path_buf();
         let data = one_input(ctx, &p.data)?.to_path_buf();
-        let mut model = load_checkpoint::<f32>(&Dev::default(), &ck).map_err(nn)?;
+        let mut model = load_checkpoint::<f32>(&open_device().map_err(nn)?, &ck).map_err(nn)?;
         let meta = read_meta(&data)?;
         if model.input_shape() != super::train::input_shape(&meta) {
             return Err(fail(format!(

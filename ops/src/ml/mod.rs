@@ -27,26 +27,46 @@ pub(crate) fn fail(message: impl Into<String>) -> OpError {
     OpError::Failed(message.into())
 }
 
-/// Where a stage computes (`device:` param of `train` and `evaluate`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+/// Where a stage computes (`device:` param of `train` and `evaluate`). A build computes on one
+/// device: the CPU, or with the `cuda` feature GPU 0; the other value is refused with a fix.
+/// Left out, it is the build's device (so the same pipeline runs on either build; set it, or
+/// `engine run --device`, to make the device part of the stage's key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Device {
-    #[default]
     Cpu,
     Cuda,
+}
+
+impl Default for Device {
+    fn default() -> Self {
+        if cfg!(feature = "cuda") {
+            Device::Cuda
+        } else {
+            Device::Cpu
+        }
+    }
 }
 
 impl Device {
     /// Refuses devices this build cannot use.
     pub(crate) fn check(self) -> Result<(), ParamError> {
-        match self {
-            Device::Cpu => Ok(()),
-            Device::Cuda => Err(ParamError::new(
+        match (self, cfg!(feature = "cuda")) {
+            (Device::Cpu, false) | (Device::Cuda, true) => Ok(()),
+            (Device::Cuda, false) => Err(ParamError::new(
                 "device",
-                "this engine was built without CUDA: its layers run on the CPU only \
-                 (the convolution is a CPU kernel and no `cuda` build exists yet)",
+                "this engine was built without CUDA (the `cuda` feature): its layers run on \
+                 the CPU only",
             )
-            .with_fix("use `device: cpu`")),
+            .with_fix(
+                "use `device: cpu`, or build with `cargo build --release -p engine --features \
+                 cuda` (needs the CUDA toolkit)",
+            )),
+            (Device::Cpu, true) => Err(ParamError::new(
+                "device",
+                "this engine was built with the `cuda` feature: its layers run on the GPU only",
+            )
+            .with_fix("use `device: cuda`, or a build without the `cuda` feature for the CPU")),
         }
     }
 }

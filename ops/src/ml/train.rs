@@ -22,7 +22,9 @@ use crate::nn::train::{
     evaluate, load_weights, save_checkpoint, train_step, EvalReport, LossKind, Optimizer,
     OptimizerSpec, ParamGroup, Schedule, Target, WEIGHTS_FILE,
 };
-use crate::nn::{collect_params, Dev, Init, InitScheme, Model, ModelSpec, NnError, VarianceHook};
+use crate::nn::{
+    collect_params, open_device, Dev, Init, InitScheme, Model, ModelSpec, NnError, VarianceHook,
+};
 use crate::{parse_params, Metrics, Op, OpError, ParamError, RunContext};
 
 /// The input name under which a checkpoint to start from is found.
@@ -615,7 +617,7 @@ pub(crate) fn evaluate_split(
     kind: LossKind,
     batch_size: usize,
 ) -> Result<EvalReport, OpError> {
-    let dev = Dev::default();
+    let dev = open_device().map_err(nn)?;
     let (x, target) = batch_tensors(&dev, split.clone(), model.input_shape()).map_err(nn)?;
     evaluate(model, &x, &target, kind, batch_size).map_err(nn)
 }
@@ -771,7 +773,7 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
         ),
         Purpose::Probe => (train.head(0), train.head(0)),
     };
-    let dev = Dev::default();
+    let dev = open_device().map_err(nn)?;
     let input = input_shape(&meta);
     let mut init = Init::new(p.init_scheme);
     let mut hparams = serde_json::Map::new();
@@ -1173,10 +1175,21 @@ mod tests {
             TrainOp.validate(&bad_cell).unwrap_err().path,
             "model.topology"
         );
-        let cuda = json!({"model": {"kind": "mlp_dag", "topology": "2", "width": 2, "classes": 2},
-            "lr": 0.1, "epochs": 1, "device": "cuda"});
-        let e = TrainOp.validate(&cuda).unwrap_err();
-        assert!(e.message.contains("without CUDA"), "{e:?}");
+        // A build takes its own device and refuses the other one, naming the fix.
+        let on = |device: &str| {
+            json!({"model": {"kind": "mlp_dag", "topology": "2", "width": 2, "classes": 2},
+                "lr": 0.1, "epochs": 1, "device": device})
+        };
+        let (other, own) = if cfg!(feature = "cuda") {
+            ("cpu", "cuda")
+        } else {
+            ("cuda", "cpu")
+        };
+        TrainOp.validate(&on(own)).unwrap();
+        let e = TrainOp.validate(&on(other)).unwrap_err();
+        assert_eq!(e.path, "device");
+        let fix = e.fix.clone().unwrap_or_default();
+        assert!(fix.contains(&format!("device: {own}")), "{e:?}");
     }
 
     /// A periodic n x n field f solved through a screened Poisson equation (1 - Laplacian / 2) u

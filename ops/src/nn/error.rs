@@ -1,13 +1,14 @@
 //! The error type of the nn module.
 
-use dfdx::tensor::CpuError;
+use super::tensor::DevError;
 
 /// Everything that can go wrong building, running, training or checkpointing a model.
 #[derive(Debug, thiserror::Error)]
 pub enum NnError {
-    /// The compute device failed (out of memory, wrong element count).
+    /// The compute device failed (out of memory, wrong element count, a CUDA driver error).
+    /// Held as text: dfdx's `CudaError` is not a `std::error::Error`.
     #[error("tensor device error: {0}")]
-    Device(#[from] CpuError),
+    Device(String),
 
     /// A `model:` block (or another layer configuration) is not a valid network.
     #[error("invalid model spec: `{field}`: {message}")]
@@ -33,6 +34,12 @@ pub enum NnError {
     /// Reading or writing a checkpoint failed.
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
+}
+
+impl From<DevError> for NnError {
+    fn from(e: DevError) -> Self {
+        NnError::Device(e.to_string())
+    }
 }
 
 impl NnError {

@@ -14,8 +14,11 @@
 //!   again when the branches meet.
 //! - Images are `(batch, channels, height, width)`; models map such a batch to `(batch, outputs)`
 //!   (class logits, or a field flattened per sample).
-//! - Everything runs on [`Dev`], today dfdx's `Cpu`; a `cuda` feature only needs to change that
-//!   alias. Code is generic over the float type so that gradient checks can run in `f64`.
+//! - Everything runs on [`Dev`]: dfdx's `Cpu`, or its `Cuda` with the `cuda` feature. Layers use
+//!   dfdx's device-generic ops; the few host kernels (convolution, pooling, BatchNorm, GELU) reach
+//!   memory only through `tensor::{host_read, take_grad, with_grad_mut}`, which on CUDA copy
+//!   through the host (correct, slow). Code is generic over the float type so that gradient
+//!   checks can run in `f64`.
 
 mod error;
 mod init;
@@ -31,6 +34,6 @@ pub use error::NnError;
 pub use init::{Init, InitScheme, VarianceHook};
 pub use models::{Model, ModelSpec};
 pub use tensor::{
-    collect_params, collect_params_mut, from_vec, Dev, Float, HasParams, Param, ParamKind, Tensor1,
-    Tensor2, Tensor3, Tensor4,
+    collect_params, collect_params_mut, from_vec, open_device, Dev, DevError, Float, HasParams,
+    Param, ParamKind, Tensor1, Tensor2, Tensor3, Tensor4,
 };

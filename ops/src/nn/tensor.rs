@@ -4,8 +4,51 @@ use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 
 use super::NnError;
 
-/// The device every layer runs on. A `cuda` build changes only this alias.
+/// The device every layer runs on: dfdx's `Cpu`, or its `Cuda` (GPU 0) in a build with the
+/// `cuda` feature. Nothing else in the layers names a device; the few host kernels go through
+/// [`host_read`], [`take_grad`] and [`with_grad_mut`], which know both.
+#[cfg(not(feature = "cuda"))]
 pub type Dev = Cpu;
+/// The device every layer runs on: dfdx's `Cuda` (GPU 0) in this `cuda` build.
+#[cfg(feature = "cuda")]
+pub type Dev = dfdx::tensor::Cuda;
+
+/// What the device's operations fail with (`<Dev as HasErr>::Err`, named concretely so that
+/// `NnError` can convert from it).
+#[cfg(not(feature = "cuda"))]
+pub type DevError = CpuError;
+/// What the device's operations fail with (`<Dev as HasErr>::Err`).
+#[cfg(feature = "cuda")]
+pub type DevError = dfdx::tensor::CudaError;
+
+/// The device of this build, for a stage. On CPU this cannot fail; in a `cuda` build it opens
+/// GPU 0 once per thread (a stage's tensors all meet on one instance; dfdx's `Cuda` is neither
+/// `Send` nor `Sync`) and says so when there is none (dfdx's `Cuda::default()` would panic).
+pub fn open_device() -> Result<Dev, NnError> {
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(Cpu::default())
+    }
+    #[cfg(feature = "cuda")]
+    {
+        thread_local! {
+            static GPU: std::cell::OnceCell<Result<Dev, String>> = const { std::cell::OnceCell::new() };
+        }
+        GPU.with(|gpu| {
+            gpu.get_or_init(|| dfdx::tensor::Cuda::try_build(0, 0).map_err(|e| e.to_string()))
+                .clone()
+        })
+        .map_err(|e| {
+            NnError::spec(
+                "device",
+                format!(
+                    "this engine was built with CUDA but GPU 0 cannot be opened ({e}); check \
+                     the driver with nvidia-smi, or use a build without the `cuda` feature"
+                ),
+            )
+        })
+    }
+}
 
 /// `(n,)`
 pub type Tensor1<E, T = NoneTape> = Tensor<(usize,), E, Dev, T>;
@@ -24,6 +67,8 @@ pub trait Float:
     const SAFETENSORS_DTYPE: safetensors::Dtype;
     fn of_f64(x: f64) -> Self;
     fn into_f64(self) -> f64;
+    /// The error function in this type's precision (`libm::erff` / `libm::erf`).
+    fn erf(self) -> Self;
     /// Little-endian bytes of `values`, as safetensors stores them.
     fn encode_le(values: &[Self]) -> Vec<u8>;
     /// Values from little-endian bytes; `None` when the length is not a multiple of the size.
@@ -31,7 +76,7 @@ pub trait Float:
 }
 
 macro_rules! impl_float {
-    ($t:ty, $dtype:expr) => {
+    ($t:ty, $dtype:expr, $erf:path) => {
         impl Float for $t {
             const SAFETENSORS_DTYPE: safetensors::Dtype = $dtype;
             fn of_f64(x: f64) -> Self {
@@ -39,6 +84,9 @@ macro_rules! impl_float {
             }
             fn into_f64(self) -> f64 {
                 self as f64
+            }
+            fn erf(self) -> Self {
+                $erf(self)
             }
             fn encode_le(values: &[Self]) -> Vec<u8> {
                 values.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -59,8 +107,8 @@ macro_rules! impl_float {
         }
     };
 }
-impl_float!(f32, safetensors::Dtype::F32);
-impl_float!(f64, safetensors::Dtype::F64);
+impl_float!(f32, safetensors::Dtype::F32, libm::erff);
+impl_float!(f64, safetensors::Dtype::F64, libm::erf);
 
 /// Whether the optimiser updates a parameter or it is state saved with the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,9 +311,77 @@ where
     Ok(dev.try_tensor_from_vec(values, shape)?)
 }
 
-/// The host memory behind a CPU gradient buffer. A separate function so that
-/// `<Cpu as Storage<E>>::Vec` normalises to `CachableVec<E>`: inside functions that carry a
-/// `Dev: Device<E>` bound the projection stays opaque.
-pub(crate) fn host_mut<E: dfdx::shapes::Unit>(v: &mut <Cpu as Storage<E>>::Vec) -> &mut [E] {
+/// The values of a contiguous tensor in host memory, in row-major order: a `memcpy` on the CPU,
+/// a device-to-host copy on CUDA. Callers make the tensor contiguous first.
+pub(crate) fn host_read<S: Shape, E: Float, T>(t: &Tensor<S, E, Dev, T>) -> Vec<E>
+where
+    Dev: Device<E>,
+{
+    let mut v = vec![E::zero(); t.shape().num_elements()];
+    t.copy_into(&mut v);
     v
+}
+
+/// Moves the gradient of `t` out of `grads` into host memory, for a backward op that is the
+/// only reader of that gradient (the op that created `t`: every consumer of `t` ran its
+/// backward before). On the CPU this takes the buffer itself, no copy, and frees it as soon as
+/// the caller drops it, so an op's output gradient does not live until backward ends (dfdx keeps
+/// every gradient of a `leaky` tape otherwise); the entry left behind is empty. On CUDA it is a
+/// device-to-host copy (the slow path of the host kernels).
+pub(crate) fn take_grad<S: Shape, E: Float>(
+    grads: &mut Gradients<E, Dev>,
+    t: &Tensor<S, E, Dev>,
+) -> Result<Vec<E>, DevError>
+where
+    Dev: Device<E>,
+{
+    grad_buffer_to_host::<E>(grads.get_or_alloc_mut(t)?)
+}
+
+/// Runs `f` on the gradient of `t` (allocated as zeros if absent) as a host slice, for host
+/// kernels that accumulate into it. On CUDA the buffer is copied to the host and back
+/// around `f` (the slow path; correct, but two transfers per call).
+pub(crate) fn with_grad_mut<S: Shape, E: Float, R>(
+    grads: &mut Gradients<E, Dev>,
+    t: &Tensor<S, E, Dev>,
+    f: impl FnOnce(&mut [E]) -> R,
+) -> Result<R, DevError>
+where
+    Dev: Device<E>,
+{
+    grad_buffer_apply::<E, R>(grads.get_or_alloc_mut(t)?, f)
+}
+
+// Separate functions so that `<Dev as Storage<E>>::Vec` normalises to the concrete buffer type:
+// inside functions that carry a `Dev: Device<E>` bound the projection stays opaque.
+#[cfg(not(feature = "cuda"))]
+fn grad_buffer_to_host<E: Unit>(v: &mut <Cpu as Storage<E>>::Vec) -> Result<Vec<E>, DevError> {
+    Ok(std::mem::take::<Vec<E>>(v))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn grad_buffer_apply<E: Unit, R>(
+    v: &mut <Cpu as Storage<E>>::Vec,
+    f: impl FnOnce(&mut [E]) -> R,
+) -> Result<R, DevError> {
+    Ok(f(v))
+}
+
+#[cfg(feature = "cuda")]
+fn grad_buffer_to_host<E: Unit>(
+    v: &mut <dfdx::tensor::Cuda as Storage<E>>::Vec,
+) -> Result<Vec<E>, DevError> {
+    Ok(v.device().dtoh_sync_copy(v)?)
+}
+
+#[cfg(feature = "cuda")]
+fn grad_buffer_apply<E: Unit, R>(
+    v: &mut <dfdx::tensor::Cuda as Storage<E>>::Vec,
+    f: impl FnOnce(&mut [E]) -> R,
+) -> Result<R, DevError> {
+    let dev = v.device();
+    let mut host = dev.dtoh_sync_copy(v)?;
+    let r = f(&mut host);
+    dev.htod_sync_copy_into(&host, v)?;
+    Ok(r)
 }

@@ -2,8 +2,9 @@
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
+use rayon::prelude::*;
 
-use crate::nn::tensor::{host_mut, impl_has_params};
+use crate::nn::tensor::{host_read, impl_has_params, take_grad, with_grad_mut};
 use crate::nn::{Dev, Float, Init, NnError, Param, ParamKind, Tensor3, Tensor4};
 
 /// Cross-correlation of `(batch, in, h, w)` with W: `(out, in, k, k)`, plus b: `(out,)`;
@@ -121,6 +122,23 @@ where
 
     /// `(batch, in, h, w)` -> `(batch, out, h', w')`.
     pub fn forward<T: Tape<E, Dev>>(&self, x: Tensor4<E, T>) -> Result<Tensor4<E, T>, NnError> {
+        self.forward_impl(x, false)
+    }
+
+    /// `conv(relu(x))` as one op: the ReLU is applied while gathering the input columns and its
+    /// mask while scattering their gradient, so neither `relu(x)` nor its gradient is stored.
+    pub fn forward_relu_input<T: Tape<E, Dev>>(
+        &self,
+        x: Tensor4<E, T>,
+    ) -> Result<Tensor4<E, T>, NnError> {
+        self.forward_impl(x, true)
+    }
+
+    fn forward_impl<T: Tape<E, Dev>>(
+        &self,
+        x: Tensor4<E, T>,
+        relu_input: bool,
+    ) -> Result<Tensor4<E, T>, NnError> {
         let (_, c, h, w) = *x.shape();
         if c != self.in_channels() {
             return Err(NnError::shape(
@@ -129,52 +147,356 @@ where
                 c,
             ));
         }
-        if self.out_size(h).is_none() || self.out_size(w).is_none() {
-            let span = self.dilation * (self.kernel() - 1) + 1;
-            return Err(NnError::shape(
-                "conv2d input size (kernel larger than the padded input)",
-                format!("sides >= {}", span.saturating_sub(2 * self.padding)),
-                (h, w),
-            ));
-        }
         let geom = ConvGeometry {
             kernel: self.kernel(),
             stride: self.stride,
             padding: self.padding,
             dilation: self.dilation,
         };
-        let (b, o) = (x.shape().0, self.out_channels());
-        let (ho, wo) = (self.out_size(h).unwrap_or(0), self.out_size(w).unwrap_or(0));
-        // y = W (o, c k k) . cols (c k k, ho wo) per sample: a batched matmul on im2col columns.
-        let cols = unfold(x, geom)?;
-        let ckk = cols.shape().1;
-        let w = self
-            .weight
-            .value
-            .clone()
-            .try_reshape_like(&(o, ckk))?
-            .retaped::<T>()
-            .try_broadcast_like::<_, Axis<0>>(&(b, o, ckk))?;
-        let y = w.try_matmul(cols)?.try_reshape_like(&(b, o, ho, wo))?;
-        match &self.bias {
-            Some(bias) => {
-                let shape = *y.shape();
-                Ok(y.try_add(
-                    bias.vec1()
-                        .try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?,
-                )?)
+        let Some(cols) = Im2col::new(geom, c, h, w) else {
+            let span = self.dilation * (self.kernel() - 1) + 1;
+            return Err(NnError::shape(
+                "conv2d input size (kernel larger than the padded input)",
+                format!("sides >= {}", span.saturating_sub(2 * self.padding)),
+                (h, w),
+            ));
+        };
+        conv2d(x, &self.weight, self.bias.as_ref(), cols, relu_input)
+    }
+}
+
+/// Where each im2col entry of one sample comes from: row `(c, p, q)`, column `(i, j)` holds
+/// x[c, i stride + p dilation - padding, j stride + q dilation - padding] (0 outside).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Im2col {
+    pub geom: ConvGeometry,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl Im2col {
+    /// `None` when the kernel does not fit the padded input.
+    pub fn new(geom: ConvGeometry, c: usize, h: usize, w: usize) -> Option<Self> {
+        let ConvGeometry {
+            kernel: k,
+            stride,
+            padding,
+            dilation,
+        } = geom;
+        if k == 0 || stride == 0 || dilation == 0 {
+            return None;
+        }
+        let out = |n: usize| {
+            (n + 2 * padding)
+                .checked_sub(dilation * (k - 1) + 1)
+                .map(|r| r / stride + 1)
+        };
+        Some(Self {
+            geom,
+            c,
+            h,
+            w,
+            ho: out(h)?,
+            wo: out(w)?,
+        })
+    }
+
+    /// Rows: c k k.
+    pub fn rows(&self) -> usize {
+        self.c * self.geom.kernel * self.geom.kernel
+    }
+
+    /// Columns: h' w'.
+    pub fn cols(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// A 1x1, stride-1, unpadded kernel: the columns are the input itself.
+    fn is_identity(&self) -> bool {
+        self.geom.kernel == 1 && self.geom.stride == 1 && self.geom.padding == 0
+    }
+
+    /// For kernel offset `p` (dilated) along an axis of `n` pixels with `out` outputs: the
+    /// outputs `lo..hi` whose input index `o stride + p dilation - padding` lies inside.
+    fn valid(&self, p: usize, n: usize, out: usize) -> (usize, usize) {
+        let ConvGeometry {
+            stride,
+            padding,
+            dilation,
+            ..
+        } = self.geom;
+        let off = p * dilation;
+        // smallest o with o stride + off >= padding
+        let lo = padding.saturating_sub(off).div_ceil(stride);
+        // one past the largest o with o stride + off - padding <= n - 1
+        let hi = if n + padding > off {
+            ((n - 1 + padding - off) / stride + 1).min(out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+
+    /// Fills `cols` (rows x cols) from one sample `x` (c h w), applying ReLU if `relu`.
+    pub fn fill<E: Float>(&self, x: &[E], cols: &mut [E], relu: bool) {
+        let (k, l, (h, w)) = (self.geom.kernel, self.cols(), (self.h, self.w));
+        let ConvGeometry {
+            stride,
+            padding,
+            dilation,
+            ..
+        } = self.geom;
+        for ch in 0..self.c {
+            let plane = &x[ch * h * w..(ch + 1) * h * w];
+            for p in 0..k {
+                let (ilo, ihi) = self.valid(p, h, self.ho);
+                for q in 0..k {
+                    let row = &mut cols[((ch * k + p) * k + q) * l..][..l];
+                    let (jlo, jhi) = self.valid(q, w, self.wo);
+                    for i in 0..self.ho {
+                        let dst = &mut row[i * self.wo..(i + 1) * self.wo];
+                        if i < ilo || i >= ihi || jlo >= jhi {
+                            dst.fill(E::zero());
+                            continue;
+                        }
+                        let y = i * stride + p * dilation - padding;
+                        let x0 = jlo * stride + q * dilation - padding;
+                        let src = &plane[y * w..(y + 1) * w];
+                        dst[..jlo].fill(E::zero());
+                        dst[jhi..].fill(E::zero());
+                        let dst = &mut dst[jlo..jhi];
+                        if stride == 1 {
+                            dst.copy_from_slice(&src[x0..x0 + dst.len()]);
+                        } else {
+                            for (d, s) in dst.iter_mut().zip(src[x0..].iter().step_by(stride)) {
+                                *d = *s;
+                            }
+                        }
+                        if relu {
+                            for d in dst.iter_mut() {
+                                *d = d.max(E::zero());
+                            }
+                        }
+                    }
+                }
             }
-            None => Ok(y),
+        }
+    }
+
+    /// col2im: adds each entry of `dcols` (rows x cols) to the pixel of `dx` (c h w) it came from.
+    pub fn scatter_add<E: Float>(&self, dcols: &[E], dx: &mut [E]) {
+        let (k, l, (h, w)) = (self.geom.kernel, self.cols(), (self.h, self.w));
+        let ConvGeometry {
+            stride,
+            padding,
+            dilation,
+            ..
+        } = self.geom;
+        for ch in 0..self.c {
+            let plane = &mut dx[ch * h * w..(ch + 1) * h * w];
+            for p in 0..k {
+                let (ilo, ihi) = self.valid(p, h, self.ho);
+                for q in 0..k {
+                    let row = &dcols[((ch * k + p) * k + q) * l..][..l];
+                    let (jlo, jhi) = self.valid(q, w, self.wo);
+                    if jlo >= jhi {
+                        continue;
+                    }
+                    for i in ilo..ihi {
+                        let y = i * stride + p * dilation - padding;
+                        let x0 = jlo * stride + q * dilation - padding;
+                        let src = &row[i * self.wo + jlo..i * self.wo + jhi];
+                        let dst = &mut plane[y * w..(y + 1) * w];
+                        if stride == 1 {
+                            for (d, s) in dst[x0..x0 + src.len()].iter_mut().zip(src) {
+                                *d += *s;
+                            }
+                        } else {
+                            for (d, s) in dst[x0..].iter_mut().step_by(stride).zip(src) {
+                                *d += *s;
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }
 
-/// im2col: `(batch, c, h, w)` -> `(batch, c k k, h' w')`; row `(c, p, q)`, column `(i, j)`
-/// holds x[c, i stride + p dilation - padding, j stride + q dilation - padding] (0 outside).
+/// Row-major `c (m, n) (+)= a (m, k) @ b (k, n)`, where `a_t` / `b_t` mean the slice holds the
+/// transpose (`(k, m)` / `(n, k)`); `accumulate` adds to `c` instead of overwriting it.
+/// One thread: callers parallelise over samples.
+#[allow(clippy::too_many_arguments)]
+fn matmul<E: Float>(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [E],
+    accumulate: bool,
+    a: &[E],
+    a_t: bool,
+    b: &[E],
+    b_t: bool,
+) {
+    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
+    // SAFETY: the slices hold at least the m x n, m x k and k x n elements the strides address
+    // (asserted above) and `c` does not alias `a` or `b` (it is borrowed mutably). `E` is f32 or
+    // f64, the types gemm supports.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            E::one(),
+            E::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Convolution (optionally of `relu(x)`) as one host op: per sample, im2col into a scratch buffer
+/// (none for 1x1 stride-1 kernels), a matmul with W: `(out, c k k)`, plus the bias; samples in
+/// parallel on rayon. Only `x` is kept for backward, which rebuilds each sample's columns:
+/// dW = sum_n dy_n cols_n^T, dx_n = col2im(W^T dy_n) (masked by x > 0 under the ReLU),
+/// db = sum of dy over batch and pixels.
 ///
-/// dfdx 0.13 gates its conv2d and pool2d kernels behind the nightly compiler, so convolution and
-/// pooling are this op plus a matmul or a mean. The backward pass is col2im: each column
-/// gradient is added back to the pixel it was read from. The kernel runs on host memory (CPU).
+/// dfdx 0.13 gates its conv2d behind the nightly compiler. On CUDA this op copies through the
+/// host (`host_read`, `take_grad`, `with_grad_mut`): correct, but slow.
+pub(crate) fn conv2d<E: Float, T: Tape<E, Dev>>(
+    x: Tensor4<E, T>,
+    weight: &Param<E>,
+    bias: Option<&Param<E>>,
+    g: Im2col,
+    relu_input: bool,
+) -> Result<Tensor4<E, T>, NnError>
+where
+    Dev: Device<E>,
+{
+    let b = x.shape().0;
+    let o = weight.shape[0];
+    let (ckk, l, chw) = (g.rows(), g.cols(), g.c * g.h * g.w);
+    if weight.numel() != o * ckk {
+        return Err(NnError::shape("conv2d weight", (o, ckk), &weight.shape));
+    }
+    let direct = g.is_identity() && !relu_input;
+    let x = x.try_contiguous()?;
+    let (x, mut tape) = x.split_tape();
+    let (xv, wv) = (host_read(&x), host_read(&weight.value));
+    let bv = bias.map(|p| host_read(&p.value));
+    let mut y = vec![E::zero(); b * o * l];
+    let scratch = if direct { 0 } else { ckk * l };
+    y.par_chunks_mut(o * l)
+        .zip(xv.par_chunks(chw))
+        .for_each_init(
+            || vec![E::zero(); scratch],
+            |cols, (yn, xn)| {
+                let src: &[E] = if direct {
+                    xn
+                } else {
+                    g.fill(xn, cols, relu_input);
+                    cols
+                };
+                matmul((o, l, ckk), yn, false, &wv, false, src, false);
+                if let Some(bv) = &bv {
+                    for (row, &bo) in yn.chunks_mut(l).zip(bv) {
+                        row.iter_mut().for_each(|v| *v += bo);
+                    }
+                }
+            },
+        );
+    drop(xv);
+    let out = x.device().try_tensor_from_vec(y, (b, o, g.ho, g.wo))?;
+    let out_id = out.clone();
+    let (weight, bias) = (weight.value.clone(), bias.map(|p| p.value.clone()));
+    tape.add_backward_op(move |grads| {
+        let go = take_grad(grads, &out_id)?;
+        let (xv, wv) = (host_read(&x), host_read(&weight));
+        // Samples in fixed chunks (set by the batch size, not the thread count) whose partial
+        // dW and db are summed in order: the result is bit-identical from run to run.
+        let chunk = b.div_ceil(8).max(1);
+        let partials = with_grad_mut(grads, &x, |gx| {
+            gx.par_chunks_mut(chunk * chw)
+                .zip(xv.par_chunks(chunk * chw))
+                .zip(go.par_chunks(chunk * o * l))
+                .map(|((gxc, xc), goc)| {
+                    let (mut dw, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
+                    let (mut cols, mut dcols) =
+                        (vec![E::zero(); scratch], vec![E::zero(); scratch]);
+                    let mut dx = vec![E::zero(); if relu_input { chw } else { 0 }];
+                    let samples = gxc
+                        .chunks_mut(chw)
+                        .zip(xc.chunks(chw))
+                        .zip(goc.chunks(o * l));
+                    for ((gxn, xn), gon) in samples {
+                        for (acc, row) in db.iter_mut().zip(gon.chunks(l)) {
+                            *acc += row.iter().fold(E::zero(), |s, &v| s + v);
+                        }
+                        let src: &[E] = if direct {
+                            xn
+                        } else {
+                            g.fill(xn, &mut cols, relu_input);
+                            &cols
+                        };
+                        matmul((o, ckk, l), &mut dw, true, gon, false, src, true);
+                        if direct {
+                            matmul((ckk, l, o), gxn, true, &wv, true, gon, false);
+                        } else {
+                            matmul((ckk, l, o), &mut dcols, false, &wv, true, gon, false);
+                            if relu_input {
+                                dx.fill(E::zero());
+                                g.scatter_add(&dcols, &mut dx);
+                                for ((gv, &d), &xi) in gxn.iter_mut().zip(&dx).zip(xn) {
+                                    if xi > E::zero() {
+                                        *gv += d;
+                                    }
+                                }
+                            } else {
+                                g.scatter_add(&dcols, gxn);
+                            }
+                        }
+                    }
+                    (dw, db)
+                })
+                .collect::<Vec<_>>()
+        })?;
+        let (mut dw, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
+        for (pw, pb) in partials {
+            dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+            db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+        }
+        with_grad_mut(grads, &weight, |gw| {
+            gw.iter_mut().zip(&dw).for_each(|(a, &b)| *a += b)
+        })?;
+        if let Some(bias) = &bias {
+            with_grad_mut(grads, bias, |gb| {
+                gb.iter_mut().zip(&db).for_each(|(a, &b)| *a += b)
+            })?;
+        }
+        Ok(())
+    });
+    Ok(out.put_tape(tape))
+}
+
+/// im2col: `(batch, c, h, w)` -> `(batch, c k k, h' w')`, the columns of [`Im2col`] for every
+/// sample. Convolution does not use it (it never stores a whole batch of columns); it is for
+/// layers that need the windows themselves. The backward pass is col2im. On CUDA the kernel
+/// copies through the host (slow path).
 pub fn unfold<E: Float, T: Tape<E, Dev>>(
     x: Tensor4<E, T>,
     geom: ConvGeometry,
@@ -183,76 +505,30 @@ where
     Dev: Device<E>,
 {
     let (b, c, h, w) = *x.shape();
-    let ConvGeometry {
-        kernel: k,
-        stride,
-        padding,
-        dilation,
-    } = geom;
-    let out = |n: usize| {
-        (n + 2 * padding)
-            .checked_sub(dilation * (k - 1) + 1)
-            .map(|r| r / stride + 1)
-    };
-    let (Some(ho), Some(wo)) = (out(h), out(w)) else {
+    let Some(g) = Im2col::new(geom, c, h, w) else {
         return Err(NnError::shape(
             "unfold input (kernel larger than padded input)",
-            k,
+            geom.kernel,
             (h, w),
         ));
     };
-    let (rows, l, chw) = (c * k * k, ho * wo, c * h * w);
-    // Source offset within one sample for every (row, column); NONE marks padding.
-    const NONE: usize = usize::MAX;
-    let mut src = vec![NONE; rows * l];
-    for ch in 0..c {
-        for p in 0..k {
-            for q in 0..k {
-                let row = (ch * k + p) * k + q;
-                for i in 0..ho {
-                    let y = (i * stride + p * dilation) as isize - padding as isize;
-                    if y < 0 || y >= h as isize {
-                        continue;
-                    }
-                    for j in 0..wo {
-                        let xx = (j * stride + q * dilation) as isize - padding as isize;
-                        if xx >= 0 && xx < w as isize {
-                            src[row * l + i * wo + j] = ch * h * w + y as usize * w + xx as usize;
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let (rows, l, chw) = (g.rows(), g.cols(), c * h * w);
     let x = x.try_contiguous()?;
     let (x, mut tape) = x.split_tape();
-    let xv = x.as_vec();
+    let xv = host_read(&x);
     let mut cols = vec![E::zero(); b * rows * l];
-    for n in 0..b {
-        let (xs, cs) = (
-            &xv[n * chw..(n + 1) * chw],
-            &mut cols[n * rows * l..(n + 1) * rows * l],
-        );
-        for (dst, &s) in cs.iter_mut().zip(&src) {
-            if s != NONE {
-                *dst = xs[s];
-            }
-        }
-    }
+    cols.par_chunks_mut(rows * l)
+        .zip(xv.par_chunks(chw))
+        .for_each(|(cs, xs)| g.fill(xs, cs, false));
     let out = x.device().try_tensor_from_vec(cols, (b, rows, l))?;
     let out_id = out.clone();
     tape.add_backward_op(move |grads| {
-        let go: Vec<E> = host_mut::<E>(grads.get_or_alloc_mut(&out_id)?).to_vec();
-        let gx = host_mut::<E>(grads.get_or_alloc_mut(&x)?);
-        for n in 0..b {
-            let gs = &go[n * rows * l..(n + 1) * rows * l];
-            let gxs = &mut gx[n * chw..(n + 1) * chw];
-            for (g, &s) in gs.iter().zip(&src) {
-                if s != NONE {
-                    gxs[s] += *g;
-                }
-            }
-        }
+        let go = take_grad(grads, &out_id)?;
+        with_grad_mut(grads, &x, |gx| {
+            gx.par_chunks_mut(chw)
+                .zip(go.par_chunks(rows * l))
+                .for_each(|(gxs, gs)| g.scatter_add(gs, gxs))
+        })?;
         Ok(())
     });
     Ok(out.put_tape(tape))
@@ -338,6 +614,24 @@ mod tests {
                 padding: 0,
                 dilation: 1,
             },
+            ConvGeometry {
+                kernel: 3,
+                stride: 2,
+                padding: 2,
+                dilation: 2,
+            },
+            ConvGeometry {
+                kernel: 3,
+                stride: 3,
+                padding: 1,
+                dilation: 1,
+            },
+            ConvGeometry {
+                kernel: 1,
+                stride: 2,
+                padding: 1,
+                dilation: 1,
+            },
         ] {
             let l = conv(geom, true);
             let x = rand_tensor(&dev, (2, 2, 5, 6), 4);
@@ -366,6 +660,70 @@ mod tests {
         let x = rand_tensor(&dev, (2, 2, 5, 5), 5);
         check_input_grad(&x, |t| l.forward(t), 1e-6);
         check_param_grads(&mut l, &x, |m, t| m.forward(t), 10, 1e-6);
+    }
+
+    #[test]
+    fn pointwise_and_relu_fused_gradients_match_finite_differences() {
+        let dev = Dev::default();
+        let x = rand_tensor(&dev, (2, 2, 4, 3), 6);
+        for geom in [
+            ConvGeometry::same(1),
+            ConvGeometry::same(3),
+            ConvGeometry {
+                kernel: 2,
+                stride: 2,
+                padding: 1,
+                dilation: 2,
+            },
+        ] {
+            let mut l = conv(geom, true);
+            check_input_grad(&x, |t| l.forward(t), 1e-6);
+            check_input_grad(&x, |t| l.forward_relu_input(t), 1e-6);
+            check_param_grads(&mut l, &x, |m, t| m.forward_relu_input(t), 10, 1e-6);
+            // conv(relu(x)) fused equals the two ops.
+            let fused = l.forward_relu_input(x.clone()).unwrap().as_vec();
+            let apart = l.forward(x.clone().relu()).unwrap().as_vec();
+            for (a, b) in fused.iter().zip(&apart) {
+                assert!((a - b).abs() < 1e-12, "{geom:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn unfold_gathers_windows_and_scatters_gradients_back() {
+        let dev = Dev::default();
+        let geom = ConvGeometry {
+            kernel: 2,
+            stride: 2,
+            padding: 1,
+            dilation: 1,
+        };
+        let x = rand_tensor(&dev, (2, 2, 3, 4), 7);
+        let cols = unfold(x.clone(), geom).unwrap();
+        // out sides: (3 + 2 - 2) / 2 + 1 = 2 and (4 + 2 - 2) / 2 + 1 = 3.
+        assert_eq!(*cols.shape(), (2, 8, 6));
+        let (cv, xv) = (cols.as_vec(), x.as_vec());
+        for b in 0..2 {
+            for c in 0..2 {
+                for p in 0..2 {
+                    for q in 0..2 {
+                        for i in 0..2 {
+                            for j in 0..3 {
+                                let (y, xx) = ((i * 2 + p) as isize - 1, (j * 2 + q) as isize - 1);
+                                let want = if (0..3).contains(&y) && (0..4).contains(&xx) {
+                                    xv[((b * 2 + c) * 3 + y as usize) * 4 + xx as usize]
+                                } else {
+                                    0.0
+                                };
+                                let row = (c * 2 + p) * 2 + q;
+                                assert_eq!(cv[(b * 8 + row) * 6 + i * 3 + j], want);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        check_input_grad(&x, |t| unfold(t, geom), 1e-6);
     }
 
     #[test]

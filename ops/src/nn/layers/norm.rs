@@ -1,15 +1,20 @@
 //! Normalisation layers.
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
+use rayon::prelude::*;
 
 use crate::nn::layers::ForwardCtx;
-use crate::nn::tensor::impl_has_params;
+use crate::nn::tensor::{host_read, impl_has_params, take_grad, with_grad_mut};
 use crate::nn::{Dev, Float, NnError, Param, ParamKind, Tensor3, Tensor4};
 
 /// Batch normalisation over `(batch, h, w)` per channel (Ioffe & Szegedy 2015, Alg. 1):
 /// y = (x - mu) / sqrt(var + eps) * gamma + beta, with the batch's mean and biased variance in
 /// training and the running estimates in eval. Running estimates follow PyTorch:
 /// r <- (1 - momentum) r + momentum * stat, the variance term unbiased (n / (n - 1)).
+///
+/// One fused host op, forward and backward (dfdx's broadcast ops would store about ten
+/// activation-sized temporaries and their gradients per layer); on CUDA it copies through the
+/// host (slow path).
 #[derive(Clone, Debug)]
 pub struct BatchNorm2d<E: Float> {
     pub weight: Param<E>,
@@ -59,62 +64,143 @@ where
         if c != self.channels() {
             return Err(NnError::shape("batchnorm channels", self.channels(), c));
         }
-        let eps = E::of_f64(self.eps);
-        let normed = if ctx.training {
-            let n = b * h * w;
-            if n < 2 {
-                return Err(NnError::shape(
-                    "batchnorm in training (needs more than one value per channel)",
-                    ">= 2 values per channel",
-                    shape,
-                ));
-            }
-            // mu: (c,), taped on a tape of its own that merges back at the subtraction.
-            let mean = x.retaped::<T>().try_mean::<(usize,), Axes3<0, 2, 3>>()?;
-            let mean_value: crate::nn::Tensor1<E> = mean.retaped::<NoneTape>();
-            let centered = x.try_sub(mean.try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?)?;
-            let var = centered
-                .retaped::<T>()
-                .try_square()?
-                .try_mean::<(usize,), Axes3<0, 2, 3>>()?;
-            let var_value: crate::nn::Tensor1<E> = var.retaped::<NoneTape>();
-            let std = var.try_add(eps)?.try_sqrt()?;
-            let normed = centered.try_div(std.try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?)?;
-
-            let m = E::of_f64(self.momentum);
-            let keep = E::of_f64(1.0 - self.momentum);
-            let unbias = E::of_f64(n as f64 / (n as f64 - 1.0));
-            let rm = self
-                .running_mean
-                .vec1()
-                .try_mul(keep)?
-                .try_add(mean_value.try_mul(m)?)?;
-            let rv = self
-                .running_var
-                .vec1()
-                .try_mul(keep)?
-                .try_add(var_value.try_mul(m * unbias)?)?;
-            self.running_mean.value = rm;
-            self.running_var.value = rv;
-            normed
+        let (hw, n) = (h * w, b * h * w);
+        if ctx.training && n < 2 {
+            return Err(NnError::shape(
+                "batchnorm in training (needs more than one value per channel)",
+                ">= 2 values per channel",
+                shape,
+            ));
+        }
+        let x = x.try_contiguous()?;
+        let (x, mut tape) = x.split_tape();
+        let xv = host_read(&x);
+        // Per-channel mean and 1 / sqrt(var + eps): the batch's (biased variance, two passes
+        // over each channel, accumulated in f64) in training, the running estimates in eval.
+        let (mean, inv_std): (Vec<f64>, Vec<f64>) = if ctx.training {
+            let stats: Vec<(f64, f64)> = (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let planes = || (0..b).map(|i| &xv[(i * c + ch) * hw..][..hw]);
+                    let sum: f64 = planes()
+                        .map(|p| p.iter().map(|v| v.into_f64()).sum::<f64>())
+                        .sum();
+                    let mean = sum / n as f64;
+                    let ss: f64 = planes()
+                        .map(|p| p.iter().map(|v| (v.into_f64() - mean).powi(2)).sum::<f64>())
+                        .sum();
+                    (mean, ss / n as f64)
+                })
+                .collect();
+            let m = self.momentum;
+            let unbias = n as f64 / (n as f64 - 1.0);
+            let rm: Vec<E> = (host_read(&self.running_mean.value).iter())
+                .zip(&stats)
+                .map(|(r, s)| E::of_f64((1.0 - m) * r.into_f64() + m * s.0))
+                .collect();
+            let rv: Vec<E> = (host_read(&self.running_var.value).iter())
+                .zip(&stats)
+                .map(|(r, s)| E::of_f64((1.0 - m) * r.into_f64() + m * unbias * s.1))
+                .collect();
+            self.running_mean.set_vec(rm)?;
+            self.running_var.set_vec(rv)?;
+            stats
+                .iter()
+                .map(|&(mu, var)| (mu, 1.0 / (var + self.eps).sqrt()))
+                .unzip()
         } else {
-            let mean = self
-                .running_mean
-                .vec1()
-                .try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?;
-            let std = self.running_var.vec1().try_add(eps)?.try_sqrt()?;
-            x.try_sub(mean)?
-                .try_div(std.try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?)?
+            let rm = host_read(&self.running_mean.value);
+            let rv = host_read(&self.running_var.value);
+            rm.iter()
+                .zip(&rv)
+                .map(|(m, v)| (m.into_f64(), 1.0 / (v.into_f64() + self.eps).sqrt()))
+                .unzip()
         };
-        let gamma = self
-            .weight
-            .vec1()
-            .try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?;
-        let beta = self
-            .bias
-            .vec1()
-            .try_broadcast_like::<_, Axes3<0, 2, 3>>(&shape)?;
-        Ok(normed.try_mul(gamma)?.try_add(beta)?)
+        let (gamma, beta) = (host_read(&self.weight.value), host_read(&self.bias.value));
+        // y = (x - mu) inv_std gamma + beta = x scale + shift, per channel.
+        let scale: Vec<E> = (0..c)
+            .map(|ch| E::of_f64(inv_std[ch] * gamma[ch].into_f64()))
+            .collect();
+        let shift: Vec<E> = (0..c)
+            .map(|ch| {
+                E::of_f64(beta[ch].into_f64() - mean[ch] * inv_std[ch] * gamma[ch].into_f64())
+            })
+            .collect();
+        let mut y = vec![E::zero(); xv.len()];
+        y.par_chunks_mut(hw)
+            .zip(xv.par_chunks(hw))
+            .enumerate()
+            .for_each(|(plane, (yp, xp))| {
+                let (a, s) = (scale[plane % c], shift[plane % c]);
+                for (yv, &xi) in yp.iter_mut().zip(xp) {
+                    *yv = xi * a + s;
+                }
+            });
+        drop(xv);
+        let out = x.device().try_tensor_from_vec(y, shape)?;
+        let out_id = out.clone();
+        let (weight, bias) = (self.weight.value.clone(), self.bias.value.clone());
+        let training = ctx.training;
+        // Backward (Ioffe & Szegedy 2015, Sec. 3), x_hat = (x - mu) inv_std, sums over (b, h, w):
+        // dbeta = sum dy, dgamma = sum dy x_hat, and in training
+        // dx = gamma inv_std (dy - dbeta / n - x_hat dgamma / n); in eval dx = gamma inv_std dy.
+        tape.add_backward_op(move |grads| {
+            let go = take_grad(grads, &out_id)?;
+            let xv = host_read(&x);
+            let sums: Vec<(f64, f64)> = (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let (mu, is) = (mean[ch], inv_std[ch]);
+                    let (mut sdy, mut sdyx) = (0.0, 0.0);
+                    for i in 0..b {
+                        let at = (i * c + ch) * hw;
+                        for (g, xi) in go[at..at + hw].iter().zip(&xv[at..at + hw]) {
+                            let g = g.into_f64();
+                            sdy += g;
+                            sdyx += g * (xi.into_f64() - mu) * is;
+                        }
+                    }
+                    (sdy, sdyx)
+                })
+                .collect();
+            with_grad_mut(grads, &x, |gx| {
+                gx.par_chunks_mut(hw)
+                    .zip(xv.par_chunks(hw))
+                    .zip(go.par_chunks(hw))
+                    .enumerate()
+                    .for_each(|(plane, ((gp, xp), gop))| {
+                        let ch = plane % c;
+                        let (mu, is) = (mean[ch], inv_std[ch]);
+                        let k = gamma[ch].into_f64() * is;
+                        if training {
+                            let (mdy, mdyx) = (sums[ch].0 / n as f64, sums[ch].1 / n as f64);
+                            // dx = k dy - k mdy - k is mdyx (x - mu) = a dy + b x + d
+                            let (a, bx) = (E::of_f64(k), E::of_f64(-k * is * mdyx));
+                            let d = E::of_f64(-k * mdy + k * is * mdyx * mu);
+                            for ((gv, &xi), &g) in gp.iter_mut().zip(xp).zip(gop) {
+                                *gv += a * g + bx * xi + d;
+                            }
+                        } else {
+                            let a = E::of_f64(k);
+                            for (gv, &g) in gp.iter_mut().zip(gop) {
+                                *gv += a * g;
+                            }
+                        }
+                    })
+            })?;
+            with_grad_mut(grads, &weight, |gw| {
+                for (g, s) in gw.iter_mut().zip(&sums) {
+                    *g += E::of_f64(s.1);
+                }
+            })?;
+            with_grad_mut(grads, &bias, |gb| {
+                for (g, s) in gb.iter_mut().zip(&sums) {
+                    *g += E::of_f64(s.0);
+                }
+            })?;
+            Ok(())
+        });
+        Ok(out.put_tape(tape))
     }
 }
 

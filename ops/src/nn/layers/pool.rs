@@ -1,15 +1,17 @@
 //! Average pooling.
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
+use rayon::prelude::*;
 
-use super::conv::{unfold, ConvGeometry};
-
-use crate::nn::tensor::from_vec;
+use crate::nn::tensor::{host_read, take_grad, with_grad_mut};
 use crate::nn::{Dev, Float, NnError, Tensor2, Tensor4};
 
 /// Average over `kernel x kernel` windows. With `count_include_pad = false` the padded border
 /// windows average only the real pixels (PyTorch's `count_include_pad=False`, used by
 /// NAS-Bench-201's `avg_pool_3x3`).
+///
+/// A host kernel (window sums forward, the scaled gradient spread over each window backward),
+/// planes in parallel; on CUDA it copies through the host (slow path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AvgPool2d {
     pub kernel: usize,
@@ -47,39 +49,80 @@ impl AvgPool2d {
                 (h, w),
             ));
         };
-        let geom = ConvGeometry {
-            kernel: self.kernel,
-            stride: self.stride,
-            padding: self.padding,
-            dilation: 1,
+        let (kernel, stride, padding) = (self.kernel, self.stride, self.padding);
+        // Per output position along one axis: the input range of its window and, for
+        // count_include_pad, the full window size; otherwise the real pixels only.
+        let windows = |n: usize, out: usize| -> Vec<(usize, usize)> {
+            (0..out)
+                .map(|o| {
+                    let start = (o * stride) as isize - padding as isize;
+                    let lo = start.max(0) as usize;
+                    let hi = ((start + kernel as isize).max(0) as usize).min(n);
+                    (lo, hi.max(lo))
+                })
+                .collect()
         };
-        let k2 = self.kernel * self.kernel;
-        // Mean over each window's k^2 im2col rows, counting padding as zeros.
-        let y = unfold(x, geom)?
-            .try_reshape_like(&(b, c, k2, ho * wo))?
-            .try_mean::<(usize, usize, usize), Axis<2>>()?
-            .try_reshape_like(&(b, c, ho, wo))?;
-        if self.count_include_pad || self.padding == 0 {
-            return Ok(y);
-        }
-        // Rescale each window by kernel^2 / (real pixels in the window).
-        let k2 = k2 as f64;
-        let count = |o: usize, n: usize| {
-            let start = (o * self.stride) as isize - self.padding as isize;
-            (0..self.kernel as isize)
-                .filter(|d| (0..n as isize).contains(&(start + d)))
-                .count() as f64
-        };
-        let mut scale = Vec::with_capacity(b * c * ho * wo);
-        for _ in 0..b * c {
-            for i in 0..ho {
-                for j in 0..wo {
-                    scale.push(E::of_f64(k2 / (count(i, h) * count(j, w)).max(1.0)));
+        let (rows, colsw) = (windows(h, ho), windows(w, wo));
+        let full = (kernel * kernel) as f64;
+        let count_include_pad = self.count_include_pad;
+        // 1 / (pixels averaged) for output (i, j).
+        let inv: Vec<E> = rows
+            .iter()
+            .flat_map(|&(a, b)| {
+                colsw.iter().map(move |&(c, d)| {
+                    let n = if count_include_pad {
+                        full
+                    } else {
+                        ((b - a) * (d - c)) as f64
+                    };
+                    E::of_f64(1.0 / n.max(1.0))
+                })
+            })
+            .collect();
+        let x = x.try_contiguous()?;
+        let (x, mut tape) = x.split_tape();
+        let xv = host_read(&x);
+        let (hw, l) = (h * w, ho * wo);
+        let mut y = vec![E::zero(); b * c * l];
+        y.par_chunks_mut(l)
+            .zip(xv.par_chunks(hw))
+            .for_each(|(yp, xp)| {
+                for (i, &(a, bb)) in rows.iter().enumerate() {
+                    for (j, &(cc, d)) in colsw.iter().enumerate() {
+                        let mut acc = E::zero();
+                        for r in a..bb {
+                            for v in &xp[r * w + cc..r * w + d] {
+                                acc += *v;
+                            }
+                        }
+                        yp[i * wo + j] = acc * inv[i * wo + j];
+                    }
                 }
-            }
-        }
-        let scale: Tensor<_, E, Dev> = from_vec(y.device(), scale, (b, c, ho, wo))?;
-        Ok(y.try_mul(scale)?)
+            });
+        drop(xv);
+        let out = x.device().try_tensor_from_vec(y, (b, c, ho, wo))?;
+        let out_id = out.clone();
+        tape.add_backward_op(move |grads| {
+            let go = take_grad(grads, &out_id)?;
+            with_grad_mut(grads, &x, |gx| {
+                gx.par_chunks_mut(hw)
+                    .zip(go.par_chunks(l))
+                    .for_each(|(gp, gop)| {
+                        for (i, &(a, bb)) in rows.iter().enumerate() {
+                            for (j, &(cc, d)) in colsw.iter().enumerate() {
+                                let g = gop[i * wo + j] * inv[i * wo + j];
+                                for r in a..bb {
+                                    for v in &mut gp[r * w + cc..r * w + d] {
+                                        *v += g;
+                                    }
+                                }
+                            }
+                        }
+                    })
+            })?;
+            Ok(())
+        });
+        Ok(out.put_tape(tape))
     }
 }
 

@@ -192,7 +192,7 @@ where
         x: Tensor4<E, T>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor4<E, T>, NnError> {
-        let y = self.conv.forward(relu(x)?)?;
+        let y = self.conv.forward_relu_input(x)?;
         self.bn.forward(y, ctx)
     }
 }

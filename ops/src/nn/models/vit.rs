@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::dag::positive;
 use crate::nn::layers::MultiHeadSelfAttention;
 use crate::nn::layers::{gelu, unfold, Conv2d, ConvGeometry, LayerNorm, Linear};
-use crate::nn::tensor::{host_mut, impl_has_params, join};
+use crate::nn::tensor::{host_read, impl_has_params, join, take_grad, with_grad_mut};
 use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor3, Tensor4};
 
 /// Stride of the stage-1 tokenizer at factor 1 (asvit.md §1).
@@ -503,7 +503,7 @@ where
 }
 
 /// Zero-pads the bottom row and right column of an odd-sided map so that stride-2 patch merging
-/// covers every token (`ceil(side / 2)` tokens out). Host memory (CPU), like `unfold`.
+/// covers every token (`ceil(side / 2)` tokens out). A host kernel, like `unfold`.
 fn pad_to_even<E: Float, T: Tape<E, Dev>>(x: Tensor4<E, T>) -> Result<Tensor4<E, T>, NnError>
 where
     Dev: Device<E>,
@@ -515,7 +515,7 @@ where
     }
     let x = x.try_contiguous()?;
     let (x, mut tape) = x.split_tape();
-    let xv = x.as_vec();
+    let xv = host_read(&x);
     let mut out = vec![E::zero(); b * c * h2 * w2];
     let at = move |p: usize, i: usize, j: usize| (p * h2 + i) * w2 + j;
     for p in 0..b * c {
@@ -528,15 +528,16 @@ where
     let out = x.device().try_tensor_from_vec(out, (b, c, h2, w2))?;
     let out_id = out.clone();
     tape.add_backward_op(move |grads| {
-        let go: Vec<E> = host_mut::<E>(grads.get_or_alloc_mut(&out_id)?).to_vec();
-        let gx = host_mut::<E>(grads.get_or_alloc_mut(&x)?);
-        for p in 0..b * c {
-            for i in 0..h {
-                for j in 0..w {
-                    gx[(p * h + i) * w + j] += go[at(p, i, j)];
+        let go = take_grad(grads, &out_id)?;
+        with_grad_mut(grads, &x, |gx| {
+            for p in 0..b * c {
+                for i in 0..h {
+                    for j in 0..w {
+                        gx[(p * h + i) * w + j] += go[at(p, i, j)];
+                    }
                 }
             }
-        }
+        })?;
         Ok(())
     });
     Ok(out.put_tape(tape))
