@@ -29,11 +29,16 @@ for r in rows:
         if k.endswith("_per_s"):
             b[k] = max(b.get(k, 0.0), v)
 t = rows[0]["threads"]
-print(f"| 64x64, {t} threads | Rust | numpy/scipy | Rust / numpy |")
-print("|---|---:|---:|---:|")
+# Rounds alternate rust, numpy: the ratio within each round compares runs seconds apart.
+pairs = [(a, b) for a, b in zip(rows[::2], rows[1::2]) if a["impl"] == "rust" and b["impl"] == "numpy"]
+print(f"| 64x64, {t} threads | Rust (best) | numpy/scipy (best) | ratio of bests | per-round ratios (median) |")
+print("|---|---:|---:|---:|---|")
 for key, label in [("poisson_labeled_samples_per_s", "Poisson samples/s (labeled)"),
                    ("poisson_unlabeled_samples_per_s", "Poisson samples/s (unlabeled)"),
                    ("ns_steps_per_s", "Navier-Stokes steps/s")]:
     r, n = best["rust"][key], best["numpy"][key]
-    print(f"| {label} | {r:,.0f} | {n:,.0f} | {r / n:.2f}x |")
+    ratios = sorted(a[key] / b[key] for a, b in pairs)
+    median = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1:len(ratios) // 2 + 1]) / 2
+    each = ", ".join(f"{x:.2f}" for x in ratios)
+    print(f"| {label} | {r:,.0f} | {n:,.0f} | {r / n:.2f}x | {each} ({median:.2f}x) |")
 PY

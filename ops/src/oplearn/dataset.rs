@@ -90,8 +90,8 @@ impl Op for PdeDatasetOp {
                 p.val, p.test
             )));
         };
-        let (n, c) = (data.resolution, data.channels);
-        let (sx, sy) = (c * n * n, n * n);
+        let (n, c, c_y) = (data.resolution, data.channels, data.target_channels);
+        let (sx, sy) = (c * n * n, c_y * n * n);
         let splits = ranges.map(|r| Split {
             n: r.len(),
             x: x[r.start * sx..r.end * sx].to_vec(),
@@ -101,7 +101,7 @@ impl Op for PdeDatasetOp {
             task: Task::Regression,
             classes: None,
             shape: [c, n, n],
-            target_shape: Some([1, n, n]),
+            target_shape: Some([c_y, n, n]),
             samples: BTreeMap::new(),
             source: "pde.dataset".into(),
             normalization: None,

@@ -28,13 +28,16 @@ pub(crate) fn fail(message: impl Into<String>) -> OpError {
     OpError::Failed(message.into())
 }
 
-/// A `pde.generate` artifact in memory: `x` row-major `[n, c, h, w]`, `y` `[n, 1, h, w]` when
-/// labeled.
+/// A `pde.generate` artifact in memory: `x` row-major `[n, c, h, w]`, `y` `[n, c_y, h, w]` when
+/// labeled (c_y = 1 for Poisson/Helmholtz; the stored frames, times the state's channels, for the
+/// time-dependent equations).
 #[derive(Clone, Debug)]
 pub struct PdeData {
     pub meta: PdeMeta,
     pub samples: usize,
     pub channels: usize,
+    /// c_y.
+    pub target_channels: usize,
     pub resolution: usize,
     pub x: Vec<f32>,
     pub y: Option<Vec<f32>>,
@@ -70,15 +73,17 @@ pub fn read_pde(dir: &Path) -> Result<PdeData, OpError> {
         Ok(v)
     };
     let (s, c, n) = (meta.samples, meta.channels.len(), meta.resolution);
+    let c_y = meta.target_channels.len();
     let x = tensor("x", s * c * n * n)?;
     let y = if meta.labeled {
-        Some(tensor("y", s * n * n)?)
+        Some(tensor("y", s * c_y * n * n)?)
     } else {
         None
     };
     Ok(PdeData {
         samples: s,
         channels: c,
+        target_channels: c_y,
         resolution: n,
         meta,
         x,
@@ -91,7 +96,22 @@ pub fn read_pde(dir: &Path) -> Result<PdeData, OpError> {
 /// training median magnitude. `reference` is the *training* pool's meta (the data's own meta for
 /// a training set), so test/OOD sets are normalised with in-distribution scales. Targets are not
 /// scaled. Returns the scaled `x` `[n, c, h, w]`.
+///
+/// The time-dependent equations carry no scaling (the note defines it for Poisson/Helmholtz;
+/// their inputs, a state at t_start, are O(1) already): their `x` comes back unchanged, after
+/// the same check that `reference` is the same equation.
 pub fn scale_inputs(data: &PdeData, reference: &PdeMeta) -> Result<Vec<f32>, OpError> {
+    if data.meta.scaling.is_none() && reference.scaling.is_none() {
+        if reference.equation != data.meta.equation {
+            return Err(fail(format!(
+                "the `scales` input is {}, the data {}; point `scales` at a pool of the same \
+                 equation",
+                reference.equation.name(),
+                data.meta.equation.name()
+            )));
+        }
+        return Ok(data.x.clone());
+    }
     let own = data.meta.scaling.as_ref().ok_or_else(|| {
         fail(format!(
             "{} data carries no scaling (only Poisson/Helmholtz do)",
@@ -140,4 +160,40 @@ pub fn scale_inputs(data: &PdeData, reference: &PdeMeta) -> Result<Vec<f32>, OpE
         }
     }
     Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pde::{generate, Config};
+    use crate::CancelFlag;
+    use serde_json::json;
+
+    fn written(params: serde_json::Value, dir: &Path) -> PdeData {
+        let config = Config::from_value(&params).unwrap();
+        let data = generate(&config, 0, 1, &CancelFlag::new(), &mut |_| {}).unwrap();
+        crate::pde::output::write(dir, &data).unwrap();
+        read_pde(dir).unwrap()
+    }
+
+    #[test]
+    fn time_dependent_data_reads_all_target_channels_and_is_not_rescaled() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let rd = written(
+            json!({"equation": "reaction_diffusion", "resolution": 8, "samples": 3,
+                   "t_end": 0.02, "frames": 2}),
+            a.path(),
+        );
+        // (u, v) at 2 frames: 4 target channels.
+        assert_eq!((rd.channels, rd.target_channels), (2, 4));
+        assert_eq!(rd.y.as_ref().unwrap().len(), 3 * 4 * 8 * 8);
+        assert_eq!(scale_inputs(&rd, &rd.meta).unwrap(), rd.x);
+        let ns = written(
+            json!({"equation": "navier_stokes", "resolution": 8, "samples": 2, "t_end": 0.02}),
+            b.path(),
+        );
+        assert_eq!((ns.channels, ns.target_channels), (1, 1));
+        let err = scale_inputs(&ns, &rd.meta).unwrap_err().to_string();
+        assert!(err.contains("same equation"), "{err}");
+    }
 }

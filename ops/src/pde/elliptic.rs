@@ -8,7 +8,7 @@ use std::f64::consts::PI;
 
 use rustfft::num_complex::Complex64;
 
-use super::fft::{derivative_wavenumber, to_complex, wavenumber, Fft2, FftWork};
+use super::fft::{derivative_wavenumber, wavenumber, RealFft2, RealFftWork};
 
 /// Diffusion prefactor of both PDEs (the 0.01 in -div(0.01 K grad u) and 0.01 Lap u).
 pub const DIFFUSIVITY: f64 = 0.01;
@@ -36,56 +36,110 @@ pub fn helmholtz_symbol(omega: f64, ix: usize, iy: usize, n: usize) -> f64 {
     omega - DIFFUSIVITY * 4.0 * PI * PI * (kx * kx + ky * ky)
 }
 
-/// Note section 1, Poisson: u_hat = f_hat / poisson_symbol, u_hat(0) = 0, then u -= mean(u).
-/// `f` `[n, n]` (mean zero after the source normalisation); returns u `[n, n]`.
-pub fn solve_poisson(fft: &Fft2, work: &mut FftWork, f: &[f64], k: [f64; 3]) -> Vec<f64> {
-    let n = fft.n();
-    let mut hat = to_complex(f);
-    fft.forward(&mut hat, work);
-    for iy in 0..n {
-        for ix in 0..n {
-            let i = iy * n + ix;
-            hat[i] = if ix == 0 && iy == 0 {
-                Complex64::new(0.0, 0.0)
-            } else {
-                hat[i] / poisson_symbol(k, ix, iy, n)
-            };
-        }
-    }
-    fft.inverse(&mut hat, work);
-    let mut u: Vec<f64> = hat.iter().map(|c| c.re).collect();
-    let mean = u.iter().sum::<f64>() / u.len() as f64;
-    for v in u.iter_mut() {
-        *v -= mean;
-    }
-    u
+/// Wavenumber tables of one grid size in [`RealFft2`]'s half layout, shared by every thread.
+pub struct EllipticGrid {
+    fft: RealFft2,
+    /// kx^2 and the first-derivative kx per half-spectrum column bin `[h]`.
+    kx2: Vec<f64>,
+    kxd: Vec<f64>,
+    /// ky^2 and the first-derivative ky per bin `[n]`.
+    ky2: Vec<f64>,
+    kyd: Vec<f64>,
 }
 
-/// Note section 1, Helmholtz: u_hat = -f_hat / helmholtz_symbol, 0 where the symbol is 0.
-/// `f` `[n, n]`; returns u `[n, n]`.
-pub fn solve_helmholtz(fft: &Fft2, work: &mut FftWork, f: &[f64], omega: f64) -> Vec<f64> {
-    let n = fft.n();
-    let mut hat = to_complex(f);
-    fft.forward(&mut hat, work);
-    for iy in 0..n {
-        for ix in 0..n {
-            let i = iy * n + ix;
-            let symbol = helmholtz_symbol(omega, ix, iy, n);
-            hat[i] = if symbol == 0.0 {
-                Complex64::new(0.0, 0.0)
-            } else {
-                -hat[i] / symbol
-            };
+/// Per-thread buffers for [`EllipticGrid`].
+pub struct EllipticWork {
+    fft: RealFftWork,
+    /// `[h, n]`.
+    spectrum: Vec<Complex64>,
+}
+
+impl EllipticGrid {
+    pub fn new(n: usize) -> Self {
+        let fft = RealFft2::new(n);
+        let h = fft.h();
+        let square = |i: usize| wavenumber(i, n) * wavenumber(i, n);
+        Self {
+            kx2: (0..h).map(square).collect(),
+            kxd: (0..h).map(|i| derivative_wavenumber(i, n)).collect(),
+            ky2: (0..n).map(square).collect(),
+            kyd: (0..n).map(|i| derivative_wavenumber(i, n)).collect(),
+            fft,
         }
     }
-    fft.inverse(&mut hat, work);
-    hat.iter().map(|c| c.re).collect()
+
+    pub fn n(&self) -> usize {
+        self.fft.n()
+    }
+
+    pub fn work(&self) -> EllipticWork {
+        EllipticWork {
+            fft: self.fft.work(),
+            spectrum: vec![Complex64::new(0.0, 0.0); self.fft.h() * self.fft.n()],
+        }
+    }
+
+    /// FFT of `f`, times `multiplier(ix, iy)` (the 1/n^2 of the inverse folded in), inverse
+    /// FFT into `u`. Both `[n, n]`.
+    fn apply(
+        &self,
+        work: &mut EllipticWork,
+        f: &[f64],
+        u: &mut [f64],
+        multiplier: impl Fn(usize, usize) -> f64,
+    ) {
+        let (n, h) = (self.fft.n(), self.fft.h());
+        self.fft.forward(f, &mut work.spectrum, h, &mut work.fft);
+        for (ix, column) in work.spectrum.chunks_exact_mut(n).enumerate() {
+            for (iy, v) in column.iter_mut().enumerate() {
+                *v *= multiplier(ix, iy);
+            }
+        }
+        self.fft.inverse(&work.spectrum, u, h, &mut work.fft);
+    }
+
+    /// Note section 1, Poisson: u_hat = f_hat / poisson_symbol, u_hat(0) = 0, then
+    /// u -= mean(u). `f` `[n, n]` (mean zero after the source normalisation); u into `u`.
+    pub fn solve_poisson(&self, work: &mut EllipticWork, f: &[f64], k: [f64; 3], u: &mut [f64]) {
+        let n = self.fft.n();
+        let scale = DIFFUSIVITY * 4.0 * PI * PI * (n * n) as f64;
+        self.apply(work, f, u, |ix, iy| {
+            if ix == 0 && iy == 0 {
+                0.0
+            } else {
+                let symbol = k[0] * self.kx2[ix]
+                    + k[1] * self.ky2[iy]
+                    + 2.0 * k[2] * self.kxd[ix] * self.kyd[iy];
+                1.0 / (scale * symbol)
+            }
+        });
+        let mean = super::source::sum_by(u, |v| v) / u.len() as f64;
+        for v in u.iter_mut() {
+            *v -= mean;
+        }
+    }
+
+    /// Note section 1, Helmholtz: u_hat = -f_hat / helmholtz_symbol, 0 where the symbol is 0.
+    /// `f` `[n, n]`; u into `u`.
+    pub fn solve_helmholtz(&self, work: &mut EllipticWork, f: &[f64], omega: f64, u: &mut [f64]) {
+        let n = self.fft.n();
+        let scale = 1.0 / (n * n) as f64;
+        self.apply(work, f, u, |ix, iy| {
+            let symbol = omega - DIFFUSIVITY * 4.0 * PI * PI * (self.kx2[ix] + self.ky2[iy]);
+            if symbol == 0.0 {
+                0.0
+            } else {
+                -scale / symbol
+            }
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pde::fft::tests::naive_dft;
+    use crate::pde::fft::to_complex;
     use crate::pde::source;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
@@ -109,6 +163,20 @@ mod tests {
         f
     }
 
+    fn poisson(n: usize, f: &[f64], k: [f64; 3]) -> Vec<f64> {
+        let grid = EllipticGrid::new(n);
+        let mut u = vec![0.0; n * n];
+        grid.solve_poisson(&mut grid.work(), f, k, &mut u);
+        u
+    }
+
+    fn helmholtz(n: usize, f: &[f64], omega: f64) -> Vec<f64> {
+        let grid = EllipticGrid::new(n);
+        let mut u = vec![0.0; n * n];
+        grid.solve_helmholtz(&mut grid.work(), f, omega, &mut u);
+        u
+    }
+
     fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         a.iter()
             .zip(b)
@@ -130,8 +198,7 @@ mod tests {
         let n = 16;
         let f = bump_source(n, 11, true);
         let k = conductivity(12.3, 2.2);
-        let fft = Fft2::new(n);
-        let u = solve_poisson(&fft, &mut fft.work(), &f, k);
+        let u = poisson(n, &f, k);
         let lu = apply_symbol(&u, n, |ix, iy| poisson_symbol(k, ix, iy, n));
         let residual = max_abs_diff(&lu, &f);
         assert!(residual < 1e-12, "max |L u - f| = {residual:e}");
@@ -152,8 +219,7 @@ mod tests {
                 f[iy * n + ix] = (2.0 * PI * (a * x + b * y)).cos();
             }
         }
-        let fft = Fft2::new(n);
-        let u = solve_poisson(&fft, &mut fft.work(), &f, [k11, k22, k12]);
+        let u = poisson(n, &f, [k11, k22, k12]);
         let want: Vec<f64> = f.iter().map(|v| v / lambda).collect();
         let err = max_abs_diff(&u, &want);
         assert!(err < 1e-13 * (1.0 / lambda), "error {err:e}");
@@ -164,8 +230,7 @@ mod tests {
         let n = 16;
         let f = bump_source(n, 5, false);
         let omega = 13.0;
-        let fft = Fft2::new(n);
-        let u = solve_helmholtz(&fft, &mut fft.work(), &f, omega);
+        let u = helmholtz(n, &f, omega);
         // 0.01 Lap u + omega u = -f
         let lu = apply_symbol(&u, n, |ix, iy| helmholtz_symbol(omega, ix, iy, n));
         let minus_f: Vec<f64> = f.iter().map(|v| -v).collect();
@@ -185,8 +250,7 @@ mod tests {
                 f[iy * n + ix] = (2.0 * PI * (a * x + b * y)).sin();
             }
         }
-        let fft = Fft2::new(n);
-        let u = solve_helmholtz(&fft, &mut fft.work(), &f, omega);
+        let u = helmholtz(n, &f, omega);
         let want: Vec<f64> = f.iter().map(|v| -v / denominator).collect();
         assert!(max_abs_diff(&u, &want) < 1e-13);
     }
@@ -204,8 +268,7 @@ mod tests {
             }
         }
         assert_eq!(helmholtz_symbol(omega, 1, 0, n), 0.0);
-        let fft = Fft2::new(n);
-        let u = solve_helmholtz(&fft, &mut fft.work(), &f, omega);
+        let u = helmholtz(n, &f, omega);
         for v in &u {
             assert!(
                 (v + 1.0 / omega).abs() < 1e-12,

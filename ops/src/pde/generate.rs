@@ -4,9 +4,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::elliptic::{conductivity, solve_helmholtz, solve_poisson, DIFFUSIVITY};
-use super::fft::{Fft2, FftWork};
+use super::elliptic::{conductivity, EllipticGrid, EllipticWork, DIFFUSIVITY};
 use super::navier_stokes::{self, KolmogorovGrid, NsError, NsWork};
 use super::params::{Config, Problem, Window};
 use super::reaction_diffusion::{self, FitzHughNagumo, RdWork};
@@ -47,23 +47,33 @@ struct SampleInfo {
 
 /// Per-run precomputation shared by every thread.
 enum Solver {
-    Spectral(Fft2),
+    Spectral(EllipticGrid, source::BumpBasis),
     ReactionDiffusion(FitzHughNagumo),
     NavierStokes(KolmogorovGrid),
 }
 
+/// Per-thread buffers of the Poisson/Helmholtz path (all `[n, n]` but `t`, `[12, n]`).
+struct EllipticBuffers {
+    solver: EllipticWork,
+    f: Vec<f64>,
+    u: Vec<f64>,
+    t: Vec<f64>,
+}
+
 /// Per-thread buffers.
 enum Work {
-    Spectral(FftWork),
+    Spectral(Box<EllipticBuffers>),
     ReactionDiffusion(RdWork),
-    NavierStokes(NsWork),
+    NavierStokes(Box<NsWork>),
 }
 
 impl Solver {
     fn new(config: &Config) -> Self {
         let n = config.resolution;
         match &config.problem {
-            Problem::Poisson { .. } | Problem::Helmholtz { .. } => Solver::Spectral(Fft2::new(n)),
+            Problem::Poisson { .. } | Problem::Helmholtz { .. } => {
+                Solver::Spectral(EllipticGrid::new(n), source::BumpBasis::new(n))
+            }
             Problem::ReactionDiffusion { du, dv, k, .. } => {
                 Solver::ReactionDiffusion(FitzHughNagumo {
                     du: *du,
@@ -72,24 +82,32 @@ impl Solver {
                     reaction: true,
                 })
             }
-            Problem::NavierStokes { .. } => Solver::NavierStokes(KolmogorovGrid::new(
-                Fft2::new(n),
-                navier_stokes::FORCING_AMPLITUDE,
-            )),
+            Problem::NavierStokes { .. } => {
+                Solver::NavierStokes(KolmogorovGrid::new(n, navier_stokes::FORCING_AMPLITUDE))
+            }
         }
     }
 
     fn work(&self, n: usize) -> Work {
         match self {
-            Solver::Spectral(fft) => Work::Spectral(fft.work()),
+            Solver::Spectral(grid, _) => Work::Spectral(Box::new(EllipticBuffers {
+                solver: grid.work(),
+                f: vec![0.0; n * n],
+                u: vec![0.0; n * n],
+                t: vec![0.0; source::LATTICE * n],
+            })),
             Solver::ReactionDiffusion(_) => Work::ReactionDiffusion(RdWork::new(n)),
-            Solver::NavierStokes(grid) => Work::NavierStokes(grid.work()),
+            Solver::NavierStokes(grid) => Work::NavierStokes(Box::new(grid.work())),
         }
     }
 }
 
+/// How often [`generate`] reports progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Generates `config.samples` samples on `threads` threads (a private rayon pool), calling
-/// `progress(done)` after every chunk and stopping with `Cancelled` once `cancel` is raised.
+/// `progress(done)` now and then (on the calling thread) and stopping with `Cancelled` once
+/// `cancel` is raised.
 pub fn generate(
     config: &Config,
     stage_seed: u64,
@@ -109,56 +127,67 @@ pub fn generate(
     let total = config.samples;
     let (sx, sy) = (c_in * n * n, c_out * n * n);
     // Samples write their fields straight into these (no per-sample copies).
-    let mut x = vec![0.0f32; total * sx];
-    let mut y = config.labeled.then(|| vec![0.0f32; total * sy]);
-    let mut coeffs = Vec::with_capacity(total * config.coeff_names().len());
-    let mut f_norm = Vec::new();
-    let mut redraws = 0u64;
-    // Chunks between cancellation checks and progress reports: start small, double while a
-    // chunk takes under 50 ms (cheap samples would otherwise pay a thread hand-off each few
-    // microseconds of work). Chunking never changes the output: sample i depends on i only.
-    let mut chunk = threads * 4;
-    let mut start = 0;
-    while start < total {
+    let mut x = dataset_buffer(total * sx);
+    let mut y = config.labeled.then(|| dataset_buffer(total * sy));
+    // One parallel pass over all samples (rayon balances the load by work stealing; no barrier
+    // per batch), run from a helper thread while this thread reports progress every
+    // PROGRESS_EVERY, since `progress` may only be called here. Samples check `cancel`
+    // themselves. Sample i depends on i only, so the output never depends on the scheduling.
+    let done = AtomicUsize::new(0);
+    let caller = std::thread::current();
+    let run = |work: &mut Work, k: usize, x: &mut [f32], y: Option<&mut [f32]>| {
         if cancel.is_cancelled() {
             return Err(OpError::Cancelled);
         }
-        let end = (start + chunk).min(total);
-        let chunk_started = std::time::Instant::now();
-        let x_chunk = &mut x[start * sx..end * sx];
-        let y_chunk = y.as_mut().map(|y| &mut y[start * sy..end * sy]);
-        let run = |work: &mut Work, k: usize, x: &mut [f32], y: Option<&mut [f32]>| {
-            if cancel.is_cancelled() {
-                return Err(OpError::Cancelled);
-            }
-            sample(config, &solver, work, seed, start + k, x, y)
-        };
-        let infos: Vec<SampleInfo> = pool.install(|| match y_chunk {
-            Some(y_chunk) => x_chunk
+        let info = sample(config, &solver, work, seed, k, x, y);
+        done.fetch_add(1, Ordering::Relaxed);
+        info
+    };
+    let mut all = || -> Result<Vec<SampleInfo>, OpError> {
+        pool.install(|| match y.as_mut() {
+            Some(y) => x
                 .par_chunks_mut(sx)
-                .zip(y_chunk.par_chunks_mut(sy))
+                .zip(y.par_chunks_mut(sy))
                 .enumerate()
                 .map_init(
                     || solver.work(n),
                     |work, (k, (x, y))| run(work, k, x, Some(y)),
                 )
-                .collect::<Result<Vec<_>, _>>(),
-            None => x_chunk
+                .collect(),
+            None => x
                 .par_chunks_mut(sx)
                 .enumerate()
                 .map_init(|| solver.work(n), |work, (k, x)| run(work, k, x, None))
-                .collect::<Result<Vec<_>, _>>(),
-        })?;
-        for info in infos {
-            coeffs.extend_from_slice(&info.coeffs);
-            f_norm.extend(info.f_norm);
-            redraws += u64::from(info.redraws);
+                .collect(),
+        })
+    };
+    let infos = std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            let infos = all();
+            caller.unpark();
+            infos
+        });
+        let mut reported = 0;
+        while !worker.is_finished() {
+            std::thread::park_timeout(PROGRESS_EVERY);
+            let now = done.load(Ordering::Relaxed);
+            if now != reported && !worker.is_finished() {
+                progress(now);
+                reported = now;
+            }
         }
-        start = end;
-        progress(start);
-        if chunk_started.elapsed().as_secs_f64() < 0.05 && chunk < 4096 {
-            chunk *= 2;
-        }
+        worker
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
+    progress(total);
+    let mut coeffs = Vec::with_capacity(total * config.coeff_names().len());
+    let mut f_norm = Vec::new();
+    let mut redraws = 0u64;
+    for info in infos {
+        coeffs.extend_from_slice(&info.coeffs);
+        f_norm.extend(info.f_norm);
+        redraws += u64::from(info.redraws);
     }
     Ok(Dataset {
         config: config.clone(),
@@ -189,7 +218,32 @@ fn store_with_constant_channels(out: &mut [f32], field: &[f64], constants: &[f64
 
 /// Note section 1, "Model input and scaling": ||f||_F * (1/n)^2 of `f` `[n, n]`.
 fn source_norm(f: &[f64], n: usize) -> f64 {
-    f.iter().map(|v| v * v).sum::<f64>().sqrt() / (n * n) as f64
+    source::sum_by(f, |v| v * v).sqrt() / (n * n) as f64
+}
+
+/// A zeroed f32 buffer for a whole dataset. Where the kernel offers transparent huge pages on
+/// request (Linux THP "madvise" mode), a large one asks for them: the dataset is written once,
+/// page by page, and with 4 KiB pages the kernel's page faults took about a third of 64 x 64
+/// Poisson generation (perf). Only a hint: the content is the same either way.
+fn dataset_buffer(len: usize) -> Vec<f32> {
+    let buffer = vec![0.0f32; len];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE_PAGE: usize = 2 << 20;
+        let start = buffer.as_ptr() as usize;
+        let (first, end) = (
+            start.next_multiple_of(HUGE_PAGE),
+            (start + std::mem::size_of_val(buffer.as_slice())) / HUGE_PAGE * HUGE_PAGE,
+        );
+        if end >= first + 2 * HUGE_PAGE {
+            // SAFETY: [first, end) lies inside `buffer`'s allocation and MADV_HUGEPAGE changes
+            // no content; a failure (no THP support) is harmless and ignored.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    buffer
 }
 
 /// Draws (and, when labeled, solves) sample `index`, writing its input `[C, n, n]` into `x`
@@ -206,47 +260,48 @@ fn sample(
     let mut rng = StdRng::seed_from_u64(derive_seed(seed, index as u64));
     let n = config.resolution;
     match (&config.problem, solver, work) {
-        (Problem::Poisson { e }, Solver::Spectral(fft), Work::Spectral(work)) => {
+        (Problem::Poisson { e }, Solver::Spectral(grid, basis), Work::Spectral(work)) => {
             // Note section 1, Poisson: e ~ U[lo, hi], theta ~ U[0, 2 pi], bump source with
             // mean removed; stored coefficients 0.01 [K11, K22, K12].
             let e = rng.gen_range(e[0]..=e[1]);
             let theta = rng.gen_range(0.0..std::f64::consts::TAU);
             let vf = source::volume_fraction(index);
-            let mut f = source::render(&source::draw_amplitudes(&mut rng, vf), n);
-            source::normalise(&mut f, true);
+            let EllipticBuffers { solver, f, u, t } = &mut **work;
+            basis.source_into(&source::draw_amplitudes(&mut rng, vf), true, t, f);
             let k = conductivity(e, theta);
             let scaled = k.map(|v| DIFFUSIVITY * v);
-            store_with_constant_channels(x, &f, &scaled);
+            store_with_constant_channels(x, f, &scaled);
             if let Some(y) = y {
-                store(y, &solve_poisson(fft, work, &f, k));
+                grid.solve_poisson(solver, f, k, u);
+                store(y, u);
             }
             Ok(SampleInfo {
                 coeffs: vec![scaled[0], scaled[1], scaled[2], e, theta, vf],
-                f_norm: Some(source_norm(&f, n)),
+                f_norm: Some(source_norm(f, n)),
                 redraws: 0,
             })
         }
-        (Problem::Helmholtz { omega }, Solver::Spectral(fft), Work::Spectral(work)) => {
+        (Problem::Helmholtz { omega }, Solver::Spectral(grid, basis), Work::Spectral(work)) => {
             // Note section 1, Helmholtz: omega ~ U{lo..hi}, bump source without mean removal,
             // redraw while max |u| > 2 (only checkable when the solver runs, i.e. labeled).
             let vf = source::volume_fraction(index);
             let mut y = y;
+            let EllipticBuffers { solver, f, u, t } = &mut **work;
             for redraws in 0..HELMHOLTZ_MAX_DRAWS {
                 let w = rng.gen_range(omega[0]..=omega[1]) as f64;
-                let mut f = source::render(&source::draw_amplitudes(&mut rng, vf), n);
-                source::normalise(&mut f, false);
+                basis.source_into(&source::draw_amplitudes(&mut rng, vf), false, t, f);
                 if let Some(y) = y.as_deref_mut() {
-                    let u = solve_helmholtz(fft, work, &f, w);
+                    grid.solve_helmholtz(solver, f, w, u);
                     let max = u.iter().fold(0.0f64, |m, v| m.max(v.abs()));
                     if max.is_nan() || max > HELMHOLTZ_MAX_ABS_U {
                         continue;
                     }
-                    store(y, &u);
+                    store(y, u);
                 }
-                store_with_constant_channels(x, &f, &[DIFFUSIVITY, w]);
+                store_with_constant_channels(x, f, &[DIFFUSIVITY, w]);
                 return Ok(SampleInfo {
                     coeffs: vec![DIFFUSIVITY, w, vf],
-                    f_norm: Some(source_norm(&f, n)),
+                    f_norm: Some(source_norm(f, n)),
                     redraws,
                 });
             }

@@ -13,7 +13,9 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use rustfft::num_complex::Complex64;
 
-use super::fft::{derivative_wavenumber, wavenumber, Fft2, FftWork};
+use std::ops::Range;
+
+use super::fft::{derivative_wavenumber, wavenumber, Fft2, FftWork, RealFft2, RealFftWork};
 
 /// Amplitude of the note's forcing f = -4 cos(4 y).
 pub const FORCING_AMPLITUDE: f64 = 4.0;
@@ -30,40 +32,63 @@ pub enum NsError {
     Unstable { cfl: f64, time: f64 },
 }
 
-/// Everything about the grid that does not depend on the sample: wavenumbers, dealiasing mask,
+/// Everything about the grid that does not depend on the sample: wavenumbers, dealiasing band,
 /// the forcing's transform, FFT plans.
+///
+/// The state w_hat is the unnormalised FFT of w in [`RealFft2`]'s half layout `[h, n]` (entry
+/// `ix * n + iy`, kx = ix >= 0). Only the modes inside the 2/3-rule band (|kx|, |ky| <=
+/// floor(n / 3), the entries of `segments`) are ever nonzero; every loop visits only those.
 pub struct KolmogorovGrid {
-    fft: Fft2,
+    fft: RealFft2,
+    /// Complex plans for [`random_vorticity`] (once per sample, full spectrum).
+    complex: Fft2,
     n: usize,
-    /// |k|^2 `[n, n]`.
-    k2: Vec<f64>,
-    /// First-derivative wavenumbers per bin `[n]` (0 at Nyquist).
-    kd: Vec<f64>,
-    /// 2/3 rule: 1 where 3 |kx| <= n and 3 |ky| <= n, else 0. `[n, n]`.
-    dealias: Vec<f64>,
     /// Largest kept |k| per axis, floor(n / 3).
     band: usize,
-    /// FFT of the forcing `[n, n]`.
+    /// Index ranges of the in-band entries of a half-layout spectrum.
+    segments: Vec<Range<usize>>,
+    /// |k|^2, 1/|k|^2 (0 at k = 0), kx and ky per half-layout entry `[h * n]`.
+    spec_k2: Vec<f64>,
+    spec_inv_k2: Vec<f64>,
+    spec_kx: Vec<f64>,
+    spec_ky: Vec<f64>,
+    /// FFT of the forcing, half layout, projected onto the band.
     forcing_hat: Vec<Complex64>,
+    /// |k|^2 and the 2/3-rule mask (1 inside, 0 outside) in the full `[ky, kx]` layout `[n, n]`
+    /// of [`random_vorticity`].
+    k2: Vec<f64>,
+    dealias: Vec<f64>,
 }
 
-/// Per-sample buffers (all `[n, n]`).
+/// Per-sample buffers.
 pub struct NsWork {
-    fft: FftWork,
-    velocity: Vec<Complex64>,
-    gradient: Vec<Complex64>,
+    fft: RealFftWork,
+    complex: FftWork,
+    /// Spectra of u, v, w_x, w_y (half layout; zero outside the band, always).
+    spectra: [Vec<Complex64>; 4],
+    /// The same four fields in physical space `[n, n]`.
+    fields: [Vec<f64>; 4],
+    /// u w_x + v w_y `[n, n]`.
+    product: Vec<f64>,
     advection: Vec<Complex64>,
     advection_predicted: Vec<Complex64>,
     predicted: Vec<Complex64>,
+    /// Crank-Nicolson factors (1 - dt nu k^2 / 2) / (1 + dt nu k^2 / 2) and dt / (1 + ..) for
+    /// the (nu, dt) in `factors_for`.
+    decay: Vec<f64>,
+    gain: Vec<f64>,
+    factors_for: Option<(u64, u64)>,
 }
 
 impl KolmogorovGrid {
     /// `forcing_amplitude` 4 is the note's f = -4 cos(4 y); 0 switches forcing off (tests).
-    pub fn new(fft: Fft2, forcing_amplitude: f64) -> Self {
-        let n = fft.n();
+    pub fn new(n: usize, forcing_amplitude: f64) -> Self {
+        let fft = RealFft2::new(n);
+        let h = fft.h();
+        let band = n / 3;
         let mut k2 = vec![0.0; n * n];
         let mut dealias = vec![0.0; n * n];
-        let mut forcing = vec![Complex64::new(0.0, 0.0); n * n];
+        let mut forcing = vec![0.0; n * n];
         for iy in 0..n {
             let ky = wavenumber(iy, n);
             let y = 2.0 * PI * iy as f64 / n as f64;
@@ -73,110 +98,141 @@ impl KolmogorovGrid {
                 if 3.0 * kx.abs() <= n as f64 && 3.0 * ky.abs() <= n as f64 {
                     dealias[iy * n + ix] = 1.0;
                 }
-                forcing[iy * n + ix] =
-                    Complex64::new(-forcing_amplitude * (FORCING_WAVENUMBER * y).cos(), 0.0);
+                forcing[iy * n + ix] = -forcing_amplitude * (FORCING_WAVENUMBER * y).cos();
             }
         }
-        let mut work = fft.work();
-        fft.forward(&mut forcing, &mut work);
-        Self {
-            kd: (0..n).map(|i| derivative_wavenumber(i, n)).collect(),
-            fft,
+        // In band, no bin is a Nyquist bin (3 (n/2) > n), so the first-derivative wavenumbers
+        // equal the plain ones.
+        let segments: Vec<Range<usize>> = (0..=band)
+            .flat_map(|ix| [ix * n..ix * n + band + 1, ix * n + n - band..ix * n + n])
+            .collect();
+        let (mut spec_k2, mut spec_inv_k2) = (vec![0.0; h * n], vec![0.0; h * n]);
+        let (mut spec_kx, mut spec_ky) = (vec![0.0; h * n], vec![0.0; h * n]);
+        for ix in 0..h {
+            for iy in 0..n {
+                let j = ix * n + iy;
+                let (kx, ky) = (derivative_wavenumber(ix, n), derivative_wavenumber(iy, n));
+                let (kx_sq, ky_sq) = (wavenumber(ix, n).powi(2), wavenumber(iy, n).powi(2));
+                spec_kx[j] = kx;
+                spec_ky[j] = ky;
+                spec_k2[j] = kx_sq + ky_sq;
+                spec_inv_k2[j] = if j == 0 { 0.0 } else { 1.0 / spec_k2[j] };
+            }
+        }
+        let mut grid = Self {
+            complex: Fft2::new(n),
             n,
+            band,
+            segments,
+            spec_k2,
+            spec_inv_k2,
+            spec_kx,
+            spec_ky,
+            forcing_hat: Vec::new(),
             k2,
             dealias,
-            band: n / 3,
-            forcing_hat: forcing,
-        }
+            fft,
+        };
+        let mut work = grid.work();
+        grid.forcing_hat = grid.to_spectral(&forcing, &mut work);
+        grid
     }
 
     pub fn n(&self) -> usize {
         self.n
     }
 
+    /// kx columns the transforms compute: 0..=band.
+    fn cols(&self) -> usize {
+        self.band + 1
+    }
+
     pub fn work(&self) -> NsWork {
-        let zeros = vec![Complex64::new(0.0, 0.0); self.n * self.n];
+        let spectrum = vec![Complex64::new(0.0, 0.0); self.fft.h() * self.n];
+        let field = vec![0.0; self.n * self.n];
         NsWork {
             fft: self.fft.work(),
-            velocity: zeros.clone(),
-            gradient: zeros.clone(),
-            advection: zeros.clone(),
-            advection_predicted: zeros.clone(),
-            predicted: zeros,
+            complex: self.complex.work(),
+            spectra: std::array::from_fn(|_| spectrum.clone()),
+            fields: std::array::from_fn(|_| field.clone()),
+            product: field,
+            advection: spectrum.clone(),
+            advection_predicted: spectrum.clone(),
+            predicted: spectrum,
+            decay: vec![0.0; self.spec_k2.len()],
+            gain: vec![0.0; self.spec_k2.len()],
+            factors_for: None,
         }
     }
 
-    /// Physical `[n, n]` real field -> its FFT, projected onto the 2/3-rule band the solver
-    /// keeps (exact for fields from [`random_vorticity`]).
+    /// Physical `[n, n]` real field -> its FFT (half layout), projected onto the 2/3-rule band
+    /// the solver keeps (exact for fields from [`random_vorticity`]).
     pub fn to_spectral(&self, w: &[f64], work: &mut NsWork) -> Vec<Complex64> {
-        let mut hat: Vec<Complex64> = w.iter().map(|&v| Complex64::new(v, 0.0)).collect();
-        self.fft.forward(&mut hat, &mut work.fft);
-        for (h, m) in hat.iter_mut().zip(&self.dealias) {
-            *h *= *m;
+        let spectrum = &mut work.advection;
+        self.fft.forward(w, spectrum, self.cols(), &mut work.fft);
+        let mut hat = vec![Complex64::new(0.0, 0.0); spectrum.len()];
+        for segment in &self.segments {
+            hat[segment.clone()].copy_from_slice(&spectrum[segment.clone()]);
         }
         hat
     }
 
-    /// FFT `[n, n]` -> physical real field.
+    /// FFT (half layout) -> physical real field `[n, n]`.
     pub fn to_physical(&self, w_hat: &[Complex64], work: &mut NsWork) -> Vec<f64> {
-        work.velocity.copy_from_slice(w_hat);
-        self.fft.inverse(&mut work.velocity, &mut work.fft);
-        work.velocity.iter().map(|c| c.re).collect()
+        let mut w = vec![0.0; self.n * self.n];
+        self.fft.inverse(w_hat, &mut w, self.cols(), &mut work.fft);
+        let scale = 1.0 / (self.n * self.n) as f64;
+        for v in w.iter_mut() {
+            *v *= scale;
+        }
+        w
     }
 
-    /// Note section 1 (NS): dealias(FFT(u . grad w)) of `w_hat` `[n, n]` into `out` `[n, n]`,
-    /// with psi_hat = w_hat / |k|^2, u_hat = i ky psi_hat, v_hat = -i kx psi_hat. Two real fields
-    /// ride in one complex inverse FFT (u + i v, w_x + i w_y), exact because every spectrum here
-    /// is Hermitian. Returns max(|u| + |v|) for the CFL check.
+    /// Note section 1 (NS): FFT(u . grad w) of `w_hat` into `out` (valid on the band's
+    /// entries only: the caller reads nothing else, which is the 2/3-rule dealiasing), with
+    /// psi_hat = w_hat / |k|^2, u_hat = i ky psi_hat, v_hat = -i kx psi_hat. Returns
+    /// max(|u| + |v|) for the CFL check.
     fn advection(
         &self,
         w_hat: &[Complex64],
         out: &mut [Complex64],
-        fft_work: &mut FftWork,
-        velocity: &mut [Complex64],
-        gradient: &mut [Complex64],
+        fft: &mut RealFftWork,
+        spectra: &mut [Vec<Complex64>; 4],
+        fields: &mut [Vec<f64>; 4],
+        product: &mut [f64],
     ) -> f64 {
-        let n = self.n;
-        let i = Complex64::new(0.0, 1.0);
-        for iy in 0..n {
-            let ky = self.kd[iy];
-            for ix in 0..n {
-                let kx = self.kd[ix];
-                let j = iy * n + ix;
-                let w = w_hat[j];
-                let k2 = self.k2[j];
-                let psi = if k2 == 0.0 {
-                    Complex64::new(0.0, 0.0)
-                } else {
-                    w / k2
-                };
-                let u = i * ky * psi;
-                let v = -i * kx * psi;
-                velocity[j] = u + i * v;
-                gradient[j] = i * kx * w + i * (i * ky * w);
+        // i a for a complex a.
+        let i_times = |a: Complex64| Complex64::new(-a.im, a.re);
+        // The inverse transforms are unnormalised: fold their 1/n^2 in here.
+        let scale = 1.0 / (self.n * self.n) as f64;
+        let [u_hat, v_hat, wx_hat, wy_hat] = spectra;
+        for segment in &self.segments {
+            for j in segment.clone() {
+                let w = w_hat[j] * scale;
+                let psi = w * self.spec_inv_k2[j];
+                let (kx, ky) = (self.spec_kx[j], self.spec_ky[j]);
+                u_hat[j] = i_times(psi * ky);
+                v_hat[j] = -i_times(psi * kx);
+                wx_hat[j] = i_times(w * kx);
+                wy_hat[j] = i_times(w * ky);
             }
         }
-        // Every spectrum is inside the 2/3 band (initial field, forcing and advection are), so
-        // the transforms may skip the rows and columns outside it.
-        self.fft.inverse_band_limited(velocity, self.band, fft_work);
-        self.fft.inverse_band_limited(gradient, self.band, fft_work);
+        for (spectrum, field) in spectra.iter().zip(fields.iter_mut()) {
+            self.fft.inverse(spectrum, field, self.cols(), fft);
+        }
+        let [u, v, wx, wy] = fields;
         let mut speed: f64 = 0.0;
-        for j in 0..n * n {
-            let (u, v) = (velocity[j].re, velocity[j].im);
-            let (wx, wy) = (gradient[j].re, gradient[j].im);
-            let s = u.abs() + v.abs();
+        for j in 0..product.len() {
+            let s = u[j].abs() + v[j].abs();
             // NaN compares false: a non-finite state must still fail the CFL check.
             if s.is_nan() {
                 speed = f64::INFINITY;
             } else if s > speed {
                 speed = s;
             }
-            out[j] = Complex64::new(u * wx + v * wy, 0.0);
+            product[j] = u[j] * wx[j] + v[j] * wy[j];
         }
-        self.fft.forward_band_limited(out, self.band, fft_work);
-        for (o, m) in out.iter_mut().zip(&self.dealias) {
-            *o *= *m;
-        }
+        self.fft.forward(product, out, self.cols(), fft);
         speed
     }
 
@@ -187,25 +243,47 @@ impl KolmogorovGrid {
     pub fn step(&self, w_hat: &mut [Complex64], nu: f64, dt: f64, work: &mut NsWork) -> f64 {
         let NsWork {
             fft,
-            velocity,
-            gradient,
+            spectra,
+            fields,
+            product,
             advection,
             advection_predicted,
             predicted,
+            decay,
+            gain,
+            factors_for,
+            ..
         } = work;
-        let speed = self.advection(w_hat, advection, fft, velocity, gradient);
-        for j in 0..w_hat.len() {
-            let half = 0.5 * dt * nu * self.k2[j];
-            predicted[j] = ((1.0 - half) * w_hat[j] - dt * advection[j] + dt * self.forcing_hat[j])
-                / (1.0 + half);
+        if *factors_for != Some((nu.to_bits(), dt.to_bits())) {
+            for segment in &self.segments {
+                for j in segment.clone() {
+                    let half = 0.5 * dt * nu * self.spec_k2[j];
+                    decay[j] = (1.0 - half) / (1.0 + half);
+                    gain[j] = dt / (1.0 + half);
+                }
+            }
+            *factors_for = Some((nu.to_bits(), dt.to_bits()));
         }
-        self.advection(predicted, advection_predicted, fft, velocity, gradient);
-        for j in 0..w_hat.len() {
-            let half = 0.5 * dt * nu * self.k2[j];
-            w_hat[j] = ((1.0 - half) * w_hat[j]
-                - 0.5 * dt * (advection[j] + advection_predicted[j])
-                + dt * self.forcing_hat[j])
-                / (1.0 + half);
+        let speed = self.advection(w_hat, advection, fft, spectra, fields, product);
+        for segment in &self.segments {
+            for j in segment.clone() {
+                predicted[j] = decay[j] * w_hat[j] + gain[j] * (self.forcing_hat[j] - advection[j]);
+            }
+        }
+        self.advection(
+            predicted,
+            advection_predicted,
+            fft,
+            spectra,
+            fields,
+            product,
+        );
+        for segment in &self.segments {
+            for j in segment.clone() {
+                w_hat[j] = decay[j] * w_hat[j]
+                    + gain[j]
+                        * (self.forcing_hat[j] - 0.5 * (advection[j] + advection_predicted[j]));
+            }
         }
         speed * dt / (2.0 * PI / self.n as f64)
     }
@@ -259,7 +337,7 @@ pub fn random_vorticity(
             *c = Complex64::new(a, b) * amplitude;
         }
     }
-    grid.fft.inverse(&mut coeff, &mut work.fft);
+    grid.complex.inverse(&mut coeff, &mut work.complex);
     coeff.iter().map(|c| c.re).collect()
 }
 
@@ -302,7 +380,7 @@ mod tests {
         // w = cos(m x) cos(m y) is a Laplacian eigenfunction, so u . grad w = 0 and, with the
         // forcing off, w(t) = exp(-2 nu m^2 t) w(0).
         let (n, m, nu, t) = (16, 3.0, 0.05, 1.0);
-        let grid = KolmogorovGrid::new(Fft2::new(n), 0.0);
+        let grid = KolmogorovGrid::new(n, 0.0);
         let w0 = field(n, |x, y| (m * x).cos() * (m * y).cos());
         let w = run(&grid, &w0, nu, t, 200);
         let decay = (-2.0 * nu * m * m * t).exp();
@@ -317,7 +395,7 @@ mod tests {
         // w = -cos(4 y) / (4 nu) balances nu Lap w + f with f = -4 cos(4 y) and has no
         // advection; CN keeps it to rounding.
         let (n, nu) = (16, 0.1);
-        let grid = KolmogorovGrid::new(Fft2::new(n), FORCING_AMPLITUDE);
+        let grid = KolmogorovGrid::new(n, FORCING_AMPLITUDE);
         let w0 = field(n, |_, y| -(4.0 * y).cos() / (4.0 * nu));
         let w = run(&grid, &w0, nu, 0.5, 50);
         let err = rel_l2(&w, &w0);
@@ -330,7 +408,7 @@ mod tests {
     #[test]
     fn time_step_halving_converges_at_second_order() {
         let (n, nu, t) = (32, 1.0 / 100.0, 0.5);
-        let grid = KolmogorovGrid::new(Fft2::new(n), FORCING_AMPLITUDE);
+        let grid = KolmogorovGrid::new(n, FORCING_AMPLITUDE);
         let mut rng = StdRng::seed_from_u64(4);
         let w0 = random_vorticity(&mut rng, &grid, &mut grid.work(), GRF_ALPHA, GRF_TAU);
         let reference = run(&grid, &w0, nu, t, 400);
@@ -350,7 +428,7 @@ mod tests {
     #[test]
     fn random_vorticity_is_real_mean_free_and_smooth() {
         let n = 32;
-        let grid = KolmogorovGrid::new(Fft2::new(n), FORCING_AMPLITUDE);
+        let grid = KolmogorovGrid::new(n, FORCING_AMPLITUDE);
         let mut work = grid.work();
         let w = random_vorticity(&mut StdRng::seed_from_u64(9), &grid, &mut work, 2.5, 3.0);
         assert!(w.iter().sum::<f64>().abs() < 1e-10);
@@ -372,7 +450,7 @@ mod tests {
     #[test]
     fn an_unstable_step_is_reported() {
         let n = 16;
-        let grid = KolmogorovGrid::new(Fft2::new(n), FORCING_AMPLITUDE);
+        let grid = KolmogorovGrid::new(n, FORCING_AMPLITUDE);
         let w0 = field(n, |x, y| 50.0 * (x.sin() + (2.0 * y).cos()));
         let mut work = grid.work();
         let mut hat = grid.to_spectral(&w0, &mut work);

@@ -1,0 +1,156 @@
+//! Smoke-size run of `pipelines/operator_learning_time.yaml` (Navier-Stokes and
+//! reaction-diffusion) through the real `engine` binary: the real file shrunk with `--set` (8 x 8
+//! grid, short window, tiny model, 2 epochs), then `engine report` and a one-param rerun that
+//! must recompute only that branch.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn pipeline() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/operator_learning_time.yaml")
+}
+
+fn engine(args: &[&str], cache: &Path, sets: &[String]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
+    cmd.args(args).arg(pipeline()).arg("--cache-dir").arg(cache);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.env_remove("ENGINE_CACHE_DIR")
+        .output()
+        .expect("the engine binary runs")
+}
+
+fn run(cache: &Path, sets: &[String]) -> Value {
+    let out = engine(&["run", "--json", "-j", "2"], cache, sets);
+    assert!(
+        out.status.success(),
+        "engine run failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
+}
+
+fn stages(r: &Value) -> &Vec<Value> {
+    r["stages"].as_array().expect("a stages list")
+}
+
+fn metric(r: &Value, name: &str, key: &str) -> f64 {
+    let s = stages(r)
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no stage {name}"));
+    s["metrics"][key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("stage {name} has no metric {key}: {s}"))
+}
+
+fn small() -> Vec<String> {
+    [
+        "vars.resolution=8",
+        "vars.ns_t_end=0.1",
+        "vars.rd_t_end=0.1",
+        "vars.width=4",
+        "vars.modes=[2,2]",
+        "vars.layers=1",
+        "vars.head_width=8",
+        "vars.unlabeled=32",
+        "vars.pool=24",
+        "vars.val=4",
+        "vars.test=4",
+        "vars.ood_test=4",
+        "vars.ood_pool=2",
+        "vars.Ns=[4,16]",
+        "vars.icl_n=16",
+        "vars.seeds=[0,1]",
+        "vars.Js=[0,2]",
+        "vars.pretrain_epochs=2",
+        "vars.finetune_epochs=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn time_dependent_pipeline_runs_reports_and_reruns_one_branch() {
+    let started = Instant::now();
+    let ws = tempfile::tempdir().unwrap();
+    let cache = ws.path().join("cache");
+    let sets = small();
+    let r = run(&cache, &sets);
+    let cold = started.elapsed();
+    assert!(
+        cold < Duration::from_secs(60),
+        "cold smoke run took {cold:?}"
+    );
+    // NS: 4 generate + 3 dataset + 4 pretrain + 2 N x 2 init x 2 seeds + 2 J x 2 seeds;
+    // reaction-diffusion: 2 generate + 1 dataset + 4 pretrain + 8 fine-tunes.
+    assert_eq!(
+        stages(&r).len(),
+        (4 + 3 + 4 + 8 + 4) + (2 + 1 + 4 + 8),
+        "{r:#}"
+    );
+    assert!(stages(&r).iter().all(|s| s["status"] == "ran"));
+    for pde in ["ns", "rd"] {
+        // Pretrained and scratch fine-tuning load the same encoder tensors.
+        let pre = metric(
+            &r,
+            &format!("{pde}_finetune[N=16,init=pretrained,seed=0]"),
+            "init_tensors",
+        );
+        let scr = metric(
+            &r,
+            &format!("{pde}_finetune[N=16,init=scratch,seed=0]"),
+            "init_tensors",
+        );
+        assert!(pre >= 3.0 && pre == scr, "{pde}: {pre} {scr}");
+        // r = 0.6 on 8 x 8 masks floor(38.4) = 38 pixels, whatever the channel count.
+        let masked = metric(
+            &r,
+            &format!("{pde}_pretrain[init=pretrained,mask_ratio=0.6]"),
+            "masked_pixels",
+        );
+        assert_eq!(masked, 38.0);
+        let err = metric(
+            &r,
+            &format!("{pde}_finetune[N=16,init=pretrained,seed=1]"),
+            "test_rel_l2",
+        );
+        assert!(err.is_finite() && err > 0.0, "{pde}: {err}");
+    }
+    // J = 0 is no ICL; J = 2 uses K = floor(20 sqrt 2) = 28 points.
+    let name = "ns_icl[J=0,seed=0]";
+    assert_eq!(metric(&r, name, "rel_l2"), metric(&r, name, "rel_l2_icl"));
+    assert_eq!(metric(&r, "ns_icl[J=2,seed=1]", "k"), 28.0);
+
+    let out = ws.path().join("report");
+    let rep = engine(&["report", "--out", out.to_str().unwrap()], &cache, &sets);
+    assert!(
+        rep.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&rep.stdout),
+        String::from_utf8_lossy(&rep.stderr)
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for table in ["ns_rel_l2_vs_n", "rd_rel_l2_vs_n", "ns_ood_rel_l2_with_icl"] {
+        assert!(md.contains(table), "{table} missing: {md}");
+    }
+    assert!(out.join("rd_data_efficiency.svg").exists());
+
+    // One changed fine-tuning param: only the fine-tunes rerun, with the ICL stages that read
+    // the changed models; data and pretraining stay cached.
+    let mut one = sets.clone();
+    one.push("vars.finetune_epochs=3".into());
+    let r3 = run(&cache, &one);
+    for s in stages(&r3) {
+        let n = s["name"].as_str().unwrap();
+        let ran = s["status"] == "ran";
+        let should = n.contains("_finetune[") || n.starts_with("ns_icl[");
+        assert_eq!(ran, should, "{n}: {}", s["status"]);
+    }
+}
