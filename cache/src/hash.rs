@@ -110,7 +110,7 @@ pub(crate) struct StatKey {
 }
 
 impl StatKey {
-    fn of(meta: &std::fs::Metadata) -> Self {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
         StatKey {
             dev: meta.dev(),
             ino: meta.ino(),

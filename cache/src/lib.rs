@@ -203,15 +203,7 @@ impl Cache {
         let expanded = hash::expand(paths);
         let known = self.db_read().stat_entries(&expanded.files);
         let (results, fresh) = hash::hash_expanded(expanded, &known);
-        if !fresh.is_empty() {
-            let mut pending = self.pending_stats.lock().unwrap_or_else(|p| p.into_inner());
-            pending.extend(fresh);
-            if pending.len() >= STAT_BATCH {
-                let batch = std::mem::take(&mut *pending);
-                drop(pending);
-                self.write_stats(&batch);
-            }
-        }
+        self.remember(fresh);
         results
     }
 
@@ -271,7 +263,42 @@ impl Cache {
                 .map(|t| t.entries.iter().map(|e| e.blob).collect::<Vec<_>>()),
             None => None,
         };
-        self.db().record(run, blobs.as_deref())
+        let id = self.db().record(run, blobs.as_deref())?;
+        if let (Some(tree), Some(blobs)) = (&run.output_tree, &blobs) {
+            self.remember_new_objects(tree, blobs, run.started_at);
+        }
+        Ok(id)
+    }
+
+    /// Puts the stat of a run's objects into the stat cache when this run wrote them (modified
+    /// after it started): the store hashed their content as it wrote them, so the first reuse
+    /// need not read them again. Objects that existed before (deduplicated) are left to the
+    /// normal check, which re-hashes them once.
+    fn remember_new_objects(&self, tree: &Hash, blobs: &[Hash], started_at: f64) {
+        let since_ns = (started_at * 1e9) as i64;
+        let fresh: Vec<hash::StatEntry> = std::iter::once(tree)
+            .chain(blobs)
+            .filter_map(|h| {
+                let path = self.store.object_path(h);
+                let stat = hash::StatKey::of(&std::fs::metadata(&path).ok()?);
+                (stat.mtime_ns >= since_ns).then_some((path, stat, *h))
+            })
+            .collect();
+        self.remember(fresh);
+    }
+
+    /// Queues stat-cache entries, writing them once a batch has accumulated.
+    fn remember(&self, fresh: Vec<hash::StatEntry>) {
+        if fresh.is_empty() {
+            return;
+        }
+        let mut pending = self.pending_stats.lock().unwrap_or_else(|p| p.into_inner());
+        pending.extend(fresh);
+        if pending.len() >= STAT_BATCH {
+            let batch = std::mem::take(&mut *pending);
+            drop(pending);
+            self.write_stats(&batch);
+        }
     }
 
     /// True when the tree manifest and every blob it names are present (cheap: no re-hash).
@@ -517,6 +544,47 @@ mod tests {
             cache.check_hit(&tree, hit.blobs.as_deref()),
             Err(vec![manifest[1]])
         );
+    }
+
+    /// Objects a run wrote enter the stat cache when it is recorded (the store hashed them as
+    /// it wrote them); an object that predates the run (deduplicated) does not, so its first
+    /// reuse still re-hashes it.
+    #[test]
+    fn recording_remembers_only_the_objects_the_run_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let old = cache.store().put_bytes(b"written before the run").unwrap();
+        let old_path = cache.store().object_path(&old);
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(&old_path)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            - 1.0;
+        let s = cache.store().scratch().unwrap();
+        std::fs::write(s.path().join("new"), "written by the run").unwrap();
+        std::fs::write(s.path().join("old"), "written before the run").unwrap();
+        let tree = cache.store().put_dir(s.path(), &[]).unwrap();
+        let mut run = new_run("k", Some(tree));
+        run.started_at = started;
+        cache.record(&run).unwrap();
+        cache.flush_stat_cache();
+        let blobs = cache.lookup_hit("k").unwrap().unwrap().blobs.unwrap();
+        let paths: Vec<PathBuf> = std::iter::once(&tree)
+            .chain(&blobs)
+            .map(|h| cache.store().object_path(h))
+            .collect();
+        let known = cache.db().stat_entries(&paths);
+        assert!(known.contains_key(&paths[0]), "the manifest is new");
+        assert!(
+            !known.contains_key(&old_path),
+            "the old blob is left to the check"
+        );
+        assert_eq!(known.len(), 2, "manifest and the new blob: {known:?}");
     }
 
     #[test]
