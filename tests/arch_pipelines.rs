@@ -3,89 +3,10 @@
 //! the real files, shrunk with `--set`, each in its own cache folder (except where a test checks
 //! that two pipelines share one); values are checked, not just exit codes.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+#[path = "common/paper.rs"]
+mod paper;
 
-use serde_json::Value;
-
-fn pipeline(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../pipelines")
-        .join(name)
-}
-
-fn engine(args: &[&str], pipeline: &Path, cache: &Path, sets: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
-    cmd.args(args).arg(pipeline).arg("--cache-dir").arg(cache);
-    for s in sets {
-        cmd.arg("--set").arg(s);
-    }
-    cmd.output().expect("the engine binary runs")
-}
-
-/// `engine run --json -j 2`; panics with both streams on failure.
-fn run(pipeline: &Path, cache: &Path, sets: &[&str]) -> Value {
-    let out = engine(&["run", "--json", "-j", "2"], pipeline, cache, sets);
-    assert!(
-        out.status.success(),
-        "engine run failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
-}
-
-/// `engine report --out DIR`: the Markdown text, or the error output.
-fn report(pipeline: &Path, cache: &Path, out: &Path, sets: &[&str]) -> Result<String, String> {
-    let mut args = vec!["report", "--out"];
-    let out_s = out.to_str().unwrap();
-    args.push(out_s);
-    let o = engine(&args, pipeline, cache, sets);
-    if o.status.success() {
-        Ok(std::fs::read_to_string(out.join("report.md")).unwrap())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ))
-    }
-}
-
-fn stages<'a>(r: &'a Value, prefix: &str) -> Vec<&'a Value> {
-    r["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            let n = s["name"].as_str().unwrap();
-            n == prefix || n.starts_with(&format!("{prefix}["))
-        })
-        .collect()
-}
-
-fn stage<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no stage {name} in {r}"))
-}
-
-/// The stored file `file` of stage `name`'s output, parsed as JSON.
-fn output_json(r: &Value, name: &str, file: &str) -> Value {
-    let path = stage(r, name)["outputs"][file]["path"]
-        .as_str()
-        .unwrap_or_else(|| panic!("stage {name} has no output {file}: {}", stage(r, name)));
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn metric(r: &Value, name: &str, key: &str) -> f64 {
-    stage(r, name)["metrics"][key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("stage {name} has no metric {key}: {}", stage(r, name)))
-}
+use paper::{metric, output_json, pipeline, report, run, stage, stages};
 
 #[test]
 fn arch_aware_lr_predicts_chain_lrs_by_the_formula_and_correlates() {

@@ -1,48 +1,25 @@
 //! Smoke-size run of `pipelines/asvit.yaml` through the real `engine` binary: the real file,
 //! shrunk with `--set`, in its own cache folder; values are checked, not just exit codes.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Output;
 
 use serde_json::Value;
 
-fn pipeline() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/asvit.yaml")
+#[path = "common/paper.rs"]
+mod paper;
+
+use paper::metric;
+
+const PIPELINE: &str = "asvit.yaml";
+
+fn engine<S: AsRef<OsStr>>(args: &[&str], cache: &Path, sets: &[S]) -> Output {
+    paper::engine(args, &paper::pipeline(PIPELINE), cache, sets)
 }
 
-fn engine(args: &[&str], cache: &Path, sets: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
-    cmd.args(args).arg(pipeline()).arg("--cache-dir").arg(cache);
-    for s in sets {
-        cmd.arg("--set").arg(s);
-    }
-    cmd.output().expect("the engine binary runs")
-}
-
-fn run(cache: &Path, sets: &[&str]) -> Value {
-    let out = engine(&["run", "--json", "-j", "2"], cache, sets);
-    assert!(
-        out.status.success(),
-        "engine run failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
-}
-
-fn stage<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no stage {name} in {r}"))
-}
-
-fn metric(r: &Value, name: &str, key: &str) -> f64 {
-    stage(r, name)["metrics"][key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("stage {name} has no metric {key}: {}", stage(r, name)))
+fn run<S: AsRef<OsStr>>(cache: &Path, sets: &[S]) -> Value {
+    paper::run(&paper::pipeline(PIPELINE), cache, sets)
 }
 
 #[test]

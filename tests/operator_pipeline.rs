@@ -2,50 +2,26 @@
 //! real file shrunk with `--set` (8 x 8 grid, tiny model, 1-2 epochs), then `engine report`,
 //! a one-param rerun that must recompute only that branch, and a report on a missing stage.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn pipeline() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/operator_learning.yaml")
+#[path = "common/paper.rs"]
+mod paper;
+
+use paper::{all_stages as stages, metric};
+
+const PIPELINE: &str = "operator_learning.yaml";
+
+fn engine<S: AsRef<OsStr>>(args: &[&str], cache: &Path, sets: &[S]) -> Output {
+    paper::engine(args, &paper::pipeline(PIPELINE), cache, sets)
 }
 
-fn engine(args: &[&str], cache: &Path, sets: &[String]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
-    cmd.args(args).arg(pipeline()).arg("--cache-dir").arg(cache);
-    for s in sets {
-        cmd.arg("--set").arg(s);
-    }
-    cmd.env_remove("ENGINE_CACHE_DIR")
-        .output()
-        .expect("the engine binary runs")
-}
-
-fn run(cache: &Path, sets: &[String]) -> Value {
-    let out = engine(&["run", "--json", "-j", "2"], cache, sets);
-    assert!(
-        out.status.success(),
-        "engine run failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
-}
-
-fn stages(r: &Value) -> &Vec<Value> {
-    r["stages"].as_array().expect("a stages list")
-}
-
-fn metric(r: &Value, name: &str, key: &str) -> f64 {
-    let s = stages(r)
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no stage {name}"));
-    s["metrics"][key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("stage {name} has no metric {key}: {s}"))
+fn run<S: AsRef<OsStr>>(cache: &Path, sets: &[S]) -> Value {
+    paper::run(&paper::pipeline(PIPELINE), cache, sets)
 }
 
 fn small() -> Vec<String> {
