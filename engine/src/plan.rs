@@ -151,7 +151,7 @@ pub fn build(
     let max_stages = options.max_stages.unwrap_or(pipeline.max_stages);
     let locate = |e: SpecError| pipeline.locate(e);
     let mut nodes: Vec<Node> = Vec::new();
-    let mut by_stage: HashMap<&str, (&StageSpec, Vec<usize>)> = HashMap::new();
+    let mut by_stage: HashMap<&str, StageIndex> = HashMap::new();
     let mut raw_inputs: Vec<Vec<(String, String, String)>> = Vec::new();
     for spec in &pipeline.stages {
         let op = registry.get(&spec.op).cloned().ok_or_else(|| {
@@ -190,11 +190,22 @@ pub fn build(
         for point in 0..count {
             let matrix = matrix_point(&spec.matrix, point);
             let node = expand(&pipeline, spec, &op, matrix, options).map_err(locate)?;
-            by_stage
-                .entry(&spec.name)
-                .or_insert_with(|| (spec, Vec::new()))
-                .1
-                .push(nodes.len());
+            let index = by_stage.entry(&spec.name).or_insert_with(|| StageIndex {
+                spec,
+                values: spec
+                    .matrix
+                    .iter()
+                    .map(|(k, vs)| (k.clone(), vs.iter().map(render).collect()))
+                    .collect(),
+                instances: Vec::new(),
+            });
+            let rendered = node
+                .0
+                .matrix
+                .iter()
+                .map(|(k, v)| (k.clone(), render(v)))
+                .collect();
+            index.instances.push((nodes.len(), rendered));
             raw_inputs.push(node.1);
             nodes.push(node.0);
         }
@@ -217,7 +228,7 @@ pub fn build(
     for (i, inputs) in raw_inputs.into_iter().enumerate() {
         let mut resolved = Vec::new();
         for (local, reference, field) in inputs {
-            let sources = resolve_reference(&pipeline, &nodes, &by_stage, &reference)
+            let sources = resolve_reference(&pipeline, &by_stage, &reference)
                 .map_err(|m| locate(m.field_if_empty(&field)))?;
             resolved.push(NodeInput {
                 name: local,
@@ -503,10 +514,19 @@ fn check_paths(
 }
 
 /// Parses `stage`, `stage[*]`, `stage[k=v,...]`, `stage[k=v,*]`.
+/// A stage's instances for resolving `stage[k=v]` references, with every matrix value rendered
+/// once (rendering per reference and instance made planning a 100 x 100 matrix quadratic).
+struct StageIndex<'a> {
+    spec: &'a StageSpec,
+    /// Matrix variable -> its values, rendered.
+    values: HashMap<String, Vec<String>>,
+    /// Node index and its matrix point, rendered.
+    instances: Vec<(usize, BTreeMap<String, String>)>,
+}
+
 fn resolve_reference(
     pipeline: &Pipeline,
-    nodes: &[Node],
-    by_stage: &HashMap<&str, (&StageSpec, Vec<usize>)>,
+    by_stage: &HashMap<&str, StageIndex>,
     reference: &str,
 ) -> Result<InputSources, SpecError> {
     let reference = reference.trim();
@@ -522,7 +542,12 @@ fn resolve_reference(
             (s.trim(), Some(inner))
         }
     };
-    let Some((spec, instances)) = by_stage.get(stage) else {
+    let Some(StageIndex {
+        spec,
+        values: rendered_values,
+        instances,
+    }) = by_stage.get(stage)
+    else {
         let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
         return Err(
             SpecError::new("", format!("input refers to unknown stage '{stage}'"))
@@ -531,7 +556,7 @@ fn resolve_reference(
     };
     let Some(selector) = selector else {
         if instances.len() == 1 && spec.matrix.is_empty() {
-            return Ok(InputSources::One(instances[0]));
+            return Ok(InputSources::One(instances[0].0));
         }
         return Err(SpecError::new(
             "",
@@ -561,14 +586,13 @@ fn resolve_reference(
     }
     let matrix_vars: Vec<&str> = spec.matrix.iter().map(|(k, _)| k.as_str()).collect();
     for (k, v) in &wanted {
-        let Some((_, values)) = spec.matrix.iter().find(|(name, _)| name == k) else {
+        let Some(rendered) = rendered_values.get(k) else {
             return Err(SpecError::new(
                 "",
                 format!("stage '{stage}' has no matrix variable '{k}'"),
             )
             .fix(suggestion(k, matrix_vars.iter().copied())));
         };
-        let rendered: Vec<String> = values.iter().map(render).collect();
         if !rendered.contains(v) {
             return Err(SpecError::new(
                 "",
@@ -579,12 +603,8 @@ fn resolve_reference(
     }
     let matches: Vec<usize> = instances
         .iter()
-        .copied()
-        .filter(|&i| {
-            wanted
-                .iter()
-                .all(|(k, v)| nodes[i].matrix.get(k).map(render).as_deref() == Some(v.as_str()))
-        })
+        .filter(|(_, point)| wanted.iter().all(|(k, v)| point.get(k) == Some(v)))
+        .map(|(i, _)| *i)
         .collect();
     if wildcard {
         return Ok(InputSources::Many(matches));
