@@ -142,6 +142,15 @@ impl RunContext<'_> {
             .ok_or_else(|| OpError::MissingInput(name.to_string()))
     }
 
+    /// A rayon pool of the stage's `cpus` threads, for ops that score or compute in parallel
+    /// (the engine gives each stage its share of the machine, not the global pool).
+    pub fn thread_pool(&self) -> Result<rayon::ThreadPool, OpError> {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(self.cpus.max(1))
+            .build()
+            .map_err(|e| OpError::Failed(format!("cannot start {} threads: {e}", self.cpus)))
+    }
+
     /// Returns `Err(Cancelled)` once the engine asked the stage to stop.
     pub fn check_cancelled(&self) -> Result<(), OpError> {
         if self.cancel.is_cancelled() {

@@ -105,7 +105,8 @@ impl Images {
     }
 }
 
-fn finite(indicator: Indicator, value: f64) -> Result<f64, Failure> {
+/// `value`, or the failure that marks an architecture whose indicator is not finite.
+pub(crate) fn finite(indicator: Indicator, value: f64) -> Result<f64, Failure> {
     if value.is_finite() {
         Ok(value)
     } else {

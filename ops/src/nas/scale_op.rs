@@ -387,10 +387,7 @@ impl Op for ScaleOp {
             p.target,
             side
         );
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(ctx.cpus.max(1))
-            .build()
-            .map_err(|e| OpError::Failed(format!("cannot start {} threads: {e}", ctx.cpus)))?;
+        let pool = ctx.thread_pool()?;
         let cancel = ctx.cancel.clone();
         let cancelled = move || cancel.is_cancelled();
         let score = |s: &VitSpec| scorer.score(s);

@@ -573,10 +573,7 @@ impl Op for SearchOp {
             space.size()
         );
 
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(ctx.cpus.max(1))
-            .build()
-            .map_err(|e| OpError::Failed(format!("cannot start {} threads: {e}", ctx.cpus)))?;
+        let pool = ctx.thread_pool()?;
         let cancel = ctx.cancel.clone();
         let cancelled = move || cancel.is_cancelled();
         let mut ev = Evaluator::new(&scorer, &pool, &cancelled);

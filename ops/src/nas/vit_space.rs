@@ -196,15 +196,7 @@ pub fn length_distortion(
         })?;
         sum += closed_polygon_length(&rows, points, width);
     }
-    let v = sum / repeats.max(1) as f64;
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(Failure::NonFinite {
-            indicator: IND.name(),
-            value: v,
-        })
-    }
+    crate::nas::indicators::finite(IND, sum / repeats.max(1) as f64)
 }
 
 /// How the ViT indicators are measured (CPU-sized defaults; the paper's values in brackets).
@@ -414,15 +406,7 @@ impl VitScorer {
             }
             sum += condition_number(&rows)?;
         }
-        let v = sum / self.repeats.max(1) as f64;
-        if v.is_finite() {
-            Ok(v)
-        } else {
-            Err(Failure::NonFinite {
-                indicator: IND.name(),
-                value: v,
-            })
-        }
+        crate::nas::indicators::finite(IND, sum / self.repeats.max(1) as f64)
     }
 
     pub fn score(&self, spec: &VitSpec) -> Result<Vec<f64>, Failure> {
@@ -725,10 +709,7 @@ pub fn run_search(ctx: &mut RunContext<'_>, p: &SearchParams) -> Result<(), OpEr
         p.indicators,
         VitTopology::space_size()
     );
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(ctx.cpus.max(1))
-        .build()
-        .map_err(|e| OpError::Failed(format!("cannot start {} threads: {e}", ctx.cpus)))?;
+    let pool = ctx.thread_pool()?;
     let cancel = ctx.cancel.clone();
     let cancelled = move || cancel.is_cancelled();
     let mut ev = VitEvaluator::new(&scorer, p.vit.hidden, probes.classes, &pool, &cancelled);
