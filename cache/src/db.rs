@@ -10,7 +10,7 @@ use crate::hash::{Hash, StatKey};
 use crate::{CacheError, Result};
 
 /// Bumped with every migration below; a database newer than this is refused, not corrupted.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the initial schema.
@@ -73,6 +73,22 @@ const MIGRATIONS: &[&str] = &[
     // reading the manifest (NULL for runs recorded before: those read it).
     r#"
     ALTER TABLE runs ADD COLUMN blobs TEXT;
+    "#,
+    // 4 -> 5: the stat cache of store objects keyed by hash, not path: a cache hit checks its
+    // objects with 32-byte keys instead of long path strings. Object rows move over.
+    r#"
+    CREATE TABLE object_stat (
+        hash BLOB PRIMARY KEY,
+        dev INTEGER NOT NULL,
+        ino INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT OR REPLACE INTO object_stat (hash, dev, ino, size, mtime_ns)
+        SELECT unhex(hash), dev, ino, size, mtime_ns FROM stat_cache
+        WHERE path LIKE '%/objects/' || substr(hash, 1, 2) || '/' || substr(hash, 3);
+    DELETE FROM stat_cache
+        WHERE path LIKE '%/objects/' || substr(hash, 1, 2) || '/' || substr(hash, 3);
     "#,
 ];
 
@@ -761,7 +777,36 @@ impl Db {
         out
     }
 
-    pub(crate) fn put_stat_entries(&mut self, entries: &[(PathBuf, StatKey, Hash)]) -> Result<()> {
+    /// Remembered stats of store objects (see migration 5), in the order of `hashes`.
+    pub(crate) fn object_stats(&self, hashes: &[Hash]) -> Vec<Option<StatKey>> {
+        let Ok(mut stmt) = self
+            .conn
+            .prepare_cached("SELECT dev, ino, size, mtime_ns FROM object_stat WHERE hash = ?1")
+        else {
+            return vec![None; hashes.len()];
+        };
+        hashes
+            .iter()
+            .map(|h| {
+                stmt.query_row([&h.as_bytes()[..]], |r| {
+                    Ok(StatKey {
+                        dev: r.get::<_, i64>(0)? as u64,
+                        ino: r.get::<_, i64>(1)? as u64,
+                        size: r.get::<_, i64>(2)? as u64,
+                        mtime_ns: r.get(3)?,
+                    })
+                })
+                .ok()
+            })
+            .collect()
+    }
+
+    /// Writes stat-cache entries of workspace files and of store objects in one transaction.
+    pub(crate) fn put_stats(
+        &mut self,
+        files: &[(PathBuf, StatKey, Hash)],
+        objects: &[(Hash, StatKey)],
+    ) -> Result<()> {
         let path = self.path.clone();
         let err = |source| CacheError::Db {
             path: path.clone(),
@@ -775,7 +820,7 @@ impl Db {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(err)?;
-            for (p, s, h) in entries {
+            for (p, s, h) in files {
                 stmt.execute(params![
                     p.to_string_lossy(),
                     s.dev as i64,
@@ -783,6 +828,22 @@ impl Db {
                     s.size as i64,
                     s.mtime_ns,
                     h.to_hex()
+                ])
+                .map_err(err)?;
+            }
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO object_stat (hash, dev, ino, size, mtime_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(err)?;
+            for (h, s) in objects {
+                stmt.execute(params![
+                    &h.as_bytes()[..],
+                    s.dev as i64,
+                    s.ino as i64,
+                    s.size as i64,
+                    s.mtime_ns
                 ])
                 .map_err(err)?;
             }
@@ -794,6 +855,43 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Migration 5 moves the stat-cache rows of store objects to the hash-keyed table and
+    /// leaves workspace files where they were.
+    #[test]
+    fn migration_5_moves_object_stats() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cache.db");
+        let conn = Connection::open(&p).unwrap();
+        for sql in &MIGRATIONS[..4] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        let object = crate::hash::hash_bytes(b"an object");
+        let hex = object.to_hex();
+        let object_path = format!("/c/.engine/objects/{}/{}", &hex[..2], &hex[2..]);
+        let file_hash = crate::hash::hash_bytes(b"a workspace file").to_hex();
+        for (path, hash) in [(object_path.as_str(), &hex), ("/c/data.txt", &file_hash)] {
+            conn.execute(
+                "INSERT INTO stat_cache (path, dev, ino, size, mtime_ns, hash)
+                 VALUES (?1, 1, 2, 3, 4, ?2)",
+                params![path, hash],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        let db = Db::open(&p).unwrap();
+        let stat = StatKey {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+        };
+        assert_eq!(db.object_stats(&[object]), vec![Some(stat)]);
+        let files = db.stat_entries(&[PathBuf::from(&object_path), PathBuf::from("/c/data.txt")]);
+        assert_eq!(files.len(), 1, "only the workspace file stays: {files:?}");
+        assert!(files.contains_key(Path::new("/c/data.txt")));
+    }
 
     #[test]
     fn newer_schema_is_refused() {

@@ -127,7 +127,12 @@ pub(crate) type StatEntry = (PathBuf, StatKey, Hash);
 /// are hashed but not remembered (git's "racy clean" problem).
 const RACY_WINDOW_NS: i64 = 2_000_000_000;
 
-fn now_ns() -> i64 {
+/// Whether a file with this stat was modified too recently to be remembered (see above).
+pub(crate) fn is_racy(stat: &StatKey, now_ns: i64) -> bool {
+    now_ns - stat.mtime_ns <= RACY_WINDOW_NS
+}
+
+pub(crate) fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -157,7 +162,7 @@ pub(crate) fn expand(paths: &[PathBuf]) -> Expanded {
 
 /// Below this many files, hashing runs on the calling thread: waking the pool costs more than
 /// checking a few stats (a cache hit checks two or three objects).
-const PARALLEL_FROM: usize = 16;
+pub(crate) const PARALLEL_FROM: usize = 16;
 
 /// Hashes files and folders in parallel, reusing `known` hashes whose stat still matches.
 /// Returns the results in order plus the stat entries worth remembering.
@@ -191,7 +196,7 @@ pub(crate) fn hash_expanded(
             }
         }
         let hash = hash_file(file)?;
-        let remember = (now - stat.mtime_ns > RACY_WINDOW_NS).then_some(stat);
+        let remember = (!is_racy(&stat, now)).then_some(stat);
         Ok((hash, remember))
     };
     let hashed: Vec<Result<(Hash, Option<StatKey>)>> = if files.len() < PARALLEL_FROM {

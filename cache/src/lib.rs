@@ -112,7 +112,7 @@ pub struct Cache {
     db: Mutex<db::Db>,
     /// Stat-cache entries not yet written: one transaction per batch, not per lookup (a
     /// no-op run of 10,000 stages otherwise spent most of its time committing them).
-    pending_stats: Mutex<Vec<hash::StatEntry>>,
+    pending_stats: Mutex<PendingStats>,
     /// A [`ReadBatch`] is alive: lookups share one read transaction until the next write.
     batching: AtomicBool,
 }
@@ -132,6 +132,23 @@ impl Drop for ReadBatch<'_> {
 
 /// Pending stat-cache entries are written once this many have accumulated, and on drop.
 const STAT_BATCH: usize = 4096;
+
+/// Stat-cache entries waiting to be written: workspace files by path, store objects by hash.
+#[derive(Default)]
+struct PendingStats {
+    files: Vec<hash::StatEntry>,
+    objects: Vec<(Hash, hash::StatKey)>,
+}
+
+impl PendingStats {
+    fn len(&self) -> usize {
+        self.files.len() + self.objects.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 impl Cache {
     /// Opens (creating if needed) the cache at `root`, migrating its schema and clearing
@@ -153,7 +170,7 @@ impl Cache {
             root,
             store,
             db: Mutex::new(db),
-            pending_stats: Mutex::new(Vec::new()),
+            pending_stats: Mutex::new(PendingStats::default()),
             batching: AtomicBool::new(false),
         })
     }
@@ -203,7 +220,7 @@ impl Cache {
         let expanded = hash::expand(paths);
         let known = self.db_read().stat_entries(&expanded.files);
         let (results, fresh) = hash::hash_expanded(expanded, &known);
-        self.remember(fresh);
+        self.remember(fresh, Vec::new());
         results
     }
 
@@ -216,8 +233,8 @@ impl Cache {
         }
     }
 
-    fn write_stats(&self, batch: &[hash::StatEntry]) {
-        if let Err(e) = self.db().put_stat_entries(batch) {
+    fn write_stats(&self, batch: &PendingStats) {
+        if let Err(e) = self.db().put_stats(&batch.files, &batch.objects) {
             tracing::warn!("could not update the stat cache: {e}");
         }
     }
@@ -276,24 +293,24 @@ impl Cache {
     /// normal check, which re-hashes them once.
     fn remember_new_objects(&self, tree: &Hash, blobs: &[Hash], started_at: f64) {
         let since_ns = (started_at * 1e9) as i64;
-        let fresh: Vec<hash::StatEntry> = std::iter::once(tree)
+        let fresh: Vec<(Hash, hash::StatKey)> = std::iter::once(tree)
             .chain(blobs)
             .filter_map(|h| {
-                let path = self.store.object_path(h);
-                let stat = hash::StatKey::of(&std::fs::metadata(&path).ok()?);
-                (stat.mtime_ns >= since_ns).then_some((path, stat, *h))
+                let stat = self.store.object_stat(h).ok()?;
+                (stat.mtime_ns >= since_ns).then_some((*h, stat))
             })
             .collect();
-        self.remember(fresh);
+        self.remember(Vec::new(), fresh);
     }
 
     /// Queues stat-cache entries, writing them once a batch has accumulated.
-    fn remember(&self, fresh: Vec<hash::StatEntry>) {
-        if fresh.is_empty() {
+    fn remember(&self, files: Vec<hash::StatEntry>, objects: Vec<(Hash, hash::StatKey)>) {
+        if files.is_empty() && objects.is_empty() {
             return;
         }
         let mut pending = self.pending_stats.lock().unwrap_or_else(|p| p.into_inner());
-        pending.extend(fresh);
+        pending.files.extend(files);
+        pending.objects.extend(objects);
         if pending.len() >= STAT_BATCH {
             let batch = std::mem::take(&mut *pending);
             drop(pending);
@@ -314,11 +331,7 @@ impl Cache {
     /// re-read. Corrupt objects are deleted so a recomputation can store good ones; the
     /// corrupt hashes are returned.
     pub fn check_tree(&self, tree: &Hash) -> std::result::Result<(), Vec<Hash>> {
-        let Ok(manifest) = self.store.read_tree(tree) else {
-            return Err(self.quarantine(&[*tree]));
-        };
-        let blobs: Vec<Hash> = manifest.entries.iter().map(|e| e.blob).collect();
-        self.check_objects(tree, &blobs)
+        self.check_hit(tree, None)
     }
 
     /// [`Cache::check_tree`] for a hit whose blob list was recorded with the run
@@ -328,44 +341,110 @@ impl Cache {
         tree: &Hash,
         blobs: Option<&[Hash]>,
     ) -> std::result::Result<(), Vec<Hash>> {
-        match blobs {
-            Some(blobs) => self.check_objects(tree, blobs),
-            None => self.check_tree(tree),
-        }
+        self.check_hits(&[(*tree, blobs)]).remove(0)
     }
 
-    /// The manifest `tree` and the `blobs` it names checked in one pass (one stat each when
-    /// the stat cache knows them); damaged ones are deleted and returned.
-    fn check_objects(&self, tree: &Hash, blobs: &[Hash]) -> std::result::Result<(), Vec<Hash>> {
-        let objects: Vec<Hash> = std::iter::once(*tree)
-            .chain(blobs.iter().copied())
-            .collect();
-        let ok = self.verified(&objects);
-        if !ok[0] {
-            // A damaged manifest's blob list means nothing: only the manifest goes.
-            return Err(self.quarantine(&[*tree]));
-        }
-        let bad: Vec<Hash> = objects
+    /// [`Cache::check_hit`] for many hits at once: every object they name is checked once, in
+    /// one pass (stats in parallel, one stat-cache lookup each), in the order given.
+    pub fn check_hits(
+        &self,
+        hits: &[(Hash, Option<&[Hash]>)],
+    ) -> Vec<std::result::Result<(), Vec<Hash>>> {
+        // Runs recorded before their blob list was (schema < 4) read the manifest instead;
+        // `None` when it cannot be read.
+        let manifests: Vec<Option<Vec<Hash>>> = hits
             .iter()
-            .zip(ok)
-            .filter(|(_, ok)| !ok)
-            .map(|(h, _)| *h)
+            .map(|(tree, blobs)| match blobs {
+                Some(_) => Some(Vec::new()),
+                None => self
+                    .store
+                    .read_tree(tree)
+                    .ok()
+                    .map(|t| t.entries.iter().map(|e| e.blob).collect()),
+            })
             .collect();
-        if bad.is_empty() {
-            Ok(())
-        } else {
-            Err(self.quarantine(&bad))
+        let lists: Vec<&[Hash]> = hits
+            .iter()
+            .zip(&manifests)
+            .map(|((_, blobs), manifest)| blobs.unwrap_or(manifest.as_deref().unwrap_or(&[])))
+            .collect();
+        let mut index: std::collections::HashMap<Hash, usize> = std::collections::HashMap::new();
+        let mut objects: Vec<Hash> = Vec::new();
+        for ((tree, _), list) in hits.iter().zip(&lists) {
+            for h in std::iter::once(tree).chain(list.iter()) {
+                index.entry(*h).or_insert_with(|| {
+                    objects.push(*h);
+                    objects.len() - 1
+                });
+            }
         }
+        let ok = self.verified(&objects);
+        let good = |h: &Hash| ok[index[h]];
+        let mut removed = std::collections::HashSet::new();
+        let mut quarantine = |bad: Vec<Hash>| -> Vec<Hash> {
+            let fresh: Vec<Hash> = bad.iter().copied().filter(|h| removed.insert(*h)).collect();
+            self.quarantine(&fresh);
+            bad
+        };
+        hits.iter()
+            .zip(&lists)
+            .enumerate()
+            .map(|(i, ((tree, _), list))| {
+                if !good(tree) || manifests[i].is_none() {
+                    // A damaged manifest's blob list means nothing: only the manifest goes.
+                    return Err(quarantine(vec![*tree]));
+                }
+                let bad: Vec<Hash> = list.iter().copied().filter(|h| !good(h)).collect();
+                if bad.is_empty() {
+                    Ok(())
+                } else {
+                    Err(quarantine(bad))
+                }
+            })
+            .collect()
     }
 
-    /// Whether each object exists and hashes to its name (through the stat cache).
+    /// Whether each object exists and hashes to its name. An object whose stat matches the
+    /// one remembered when it was last verified (or written) is not re-read.
     fn verified(&self, hashes: &[Hash]) -> Vec<bool> {
-        let paths: Vec<PathBuf> = hashes.iter().map(|h| self.store.object_path(h)).collect();
-        self.hash_paths(&paths)
-            .into_iter()
-            .zip(hashes)
-            .map(|(r, h)| matches!(r, Ok(actual) if actual == *h))
-            .collect()
+        use rayon::prelude::*;
+        let parallel = hashes.len() >= hash::PARALLEL_FROM;
+        let stat = |h: &Hash| self.store.object_stat(h).ok();
+        let stats: Vec<Option<hash::StatKey>> = if parallel {
+            hashes.par_iter().map(stat).collect()
+        } else {
+            hashes.iter().map(stat).collect()
+        };
+        let known = self.db_read().object_stats(hashes);
+        let now = hash::now_ns();
+        let check = |((h, stat), known): (
+            (&Hash, &Option<hash::StatKey>),
+            &Option<hash::StatKey>,
+        )|
+         -> (bool, Option<(Hash, hash::StatKey)>) {
+            let Some(stat) = stat else {
+                return (false, None);
+            };
+            if known.as_ref() == Some(stat) {
+                return (true, None);
+            }
+            let good = hash_file(&self.store.object_path(h)).is_ok_and(|actual| actual == *h);
+            let remember = (good && !hash::is_racy(stat, now)).then_some((*h, *stat));
+            (good, remember)
+        };
+        let checked: Vec<(bool, Option<(Hash, hash::StatKey)>)> = if parallel {
+            hashes
+                .par_iter()
+                .zip(&stats)
+                .zip(&known)
+                .map(check)
+                .collect()
+        } else {
+            hashes.iter().zip(&stats).zip(&known).map(check).collect()
+        };
+        let fresh = checked.iter().filter_map(|(_, r)| *r).collect();
+        self.remember(Vec::new(), fresh);
+        checked.into_iter().map(|(ok, _)| ok).collect()
     }
 
     fn quarantine(&self, bad: &[Hash]) -> Vec<Hash> {
@@ -574,17 +653,20 @@ mod tests {
         cache.record(&run).unwrap();
         cache.flush_stat_cache();
         let blobs = cache.lookup_hit("k").unwrap().unwrap().blobs.unwrap();
-        let paths: Vec<PathBuf> = std::iter::once(&tree)
-            .chain(&blobs)
-            .map(|h| cache.store().object_path(h))
+        let objects: Vec<Hash> = std::iter::once(tree).chain(blobs).collect();
+        let known = cache.db().object_stats(&objects);
+        let remembered: Vec<Hash> = objects
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| k.is_some())
+            .map(|(h, _)| *h)
             .collect();
-        let known = cache.db().stat_entries(&paths);
-        assert!(known.contains_key(&paths[0]), "the manifest is new");
+        assert!(remembered.contains(&tree), "the manifest is new");
         assert!(
-            !known.contains_key(&old_path),
+            !remembered.contains(&old),
             "the old blob is left to the check"
         );
-        assert_eq!(known.len(), 2, "manifest and the new blob: {known:?}");
+        assert_eq!(remembered.len(), 2, "manifest and the new blob: {known:?}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::hash::{hash_bytes, hash_file, Hash};
+use crate::hash::{hash_bytes, hash_file, Hash, StatKey};
 use crate::{CacheError, Result};
 
 /// A stage output: every file it wrote, by relative path, sorted. Stored as a JSON blob whose
@@ -41,6 +41,9 @@ impl Tree {
 /// The `objects/` and `tmp/` folders of a cache.
 pub struct Store {
     objects: PathBuf,
+    /// `objects/`, open, so an object's stat walks two path components, not the whole path
+    /// (a no-op run stats every object it reuses).
+    objects_dir: std::fs::File,
     tmp: PathBuf,
 }
 
@@ -96,13 +99,56 @@ impl Store {
         for dir in [&objects, &tmp] {
             std::fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
         }
-        Ok(Self { objects, tmp })
+        let objects_dir = std::fs::File::open(&objects).map_err(|e| CacheError::io(&objects, e))?;
+        Ok(Self {
+            objects,
+            objects_dir,
+            tmp,
+        })
     }
 
     /// Where the blob `hash` lives (whether or not it exists).
     pub fn object_path(&self, hash: &Hash) -> PathBuf {
         let hex = hash.to_hex();
         self.objects.join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// The stat of the object `hash`, looked up relative to the open `objects/` folder.
+    pub(crate) fn object_stat(&self, hash: &Hash) -> std::io::Result<StatKey> {
+        use std::os::unix::io::AsRawFd;
+        let hex = blake3::Hash::from_bytes(*hash.as_bytes()).to_hex();
+        // "ab/cdef…" and a NUL, on the stack.
+        let mut rel = [0u8; 2 + 1 + 62 + 1];
+        rel[..2].copy_from_slice(&hex.as_bytes()[..2]);
+        rel[2] = b'/';
+        rel[3..65].copy_from_slice(&hex.as_bytes()[2..]);
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `rel` is NUL-terminated, the folder descriptor is owned by `self` and open,
+        // and `st` is written by the call before it is read (only when it returns 0).
+        let r = unsafe {
+            libc::fstatat(
+                self.objects_dir.as_raw_fd(),
+                rel.as_ptr().cast(),
+                st.as_mut_ptr(),
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fstatat returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        // The field types differ between targets, hence the casts (no-ops on x86_64 Linux).
+        #[allow(clippy::unnecessary_cast)]
+        Ok(StatKey {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
+        })
     }
 
     pub fn contains(&self, hash: &Hash) -> bool {

@@ -451,7 +451,12 @@ fn cmd_run(args: RunArgs) -> Result<i32, Exit> {
         });
         println!("{out}");
     }
-    Ok(exit_code(&summary))
+    let code = exit_code(&summary);
+    // The process exits next: freeing a large plan and its reports one allocation at a time
+    // would only delay that (about 5% of a 10,000-stage no-op). The cache is dropped as usual:
+    // it flushes the stat cache.
+    std::mem::forget((plan, summary));
+    Ok(code)
 }
 
 /// First Ctrl-C raises the returned flag (stages stop cleanly); a second exits at once,

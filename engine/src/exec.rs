@@ -7,7 +7,7 @@
 //! kill at any point leaves no partial record.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -19,7 +19,7 @@ use ops::Metrics;
 use serde_json::Value;
 
 use crate::executor::{Executor, LocalExecutor, WorkerOutcome};
-use crate::keys::{closest_run, explain, node_key, DepHashes};
+use crate::keys::{closest_run, explain, node_doc, node_key, DepHashes};
 use crate::plan::{InputSources, Plan};
 use crate::progress::Display;
 use crate::spec::SpecError;
@@ -185,38 +185,46 @@ pub fn run_with(
             );
         }
         // Key and look up every ready stage; cache hits free their dependents at once. The
-        // lookups share one read transaction (ended by the first write, e.g. a claim).
+        // lookups share one read transaction (ended by the first write, e.g. a claim). What is
+        // ready now is keyed, looked up and checked as one batch (keys and object stats on all
+        // cores), then handled in plan order; the stages its hits release form the next batch.
         let reads = cache.read_batch();
-        while !stop_new {
-            let Some(Reverse(i)) = ready.pop() else { break };
-            let node = &plan.nodes[i];
-            let node_deps = match deps.for_node(plan, cache, i) {
-                Ok(d) => d,
-                Err(message) => {
-                    fail(
-                        plan,
-                        i,
-                        message,
-                        String::new(),
-                        0.0,
-                        None,
-                        &mut state,
-                        &mut reports,
-                        display,
-                    );
-                    skip_descendants(i, plan, &downstream, &mut state, &mut reports, display);
-                    if !options.keep_going {
-                        stop_new = true;
-                    }
-                    continue;
+        while !stop_new && !ready.is_empty() {
+            let batch: Vec<usize> =
+                std::iter::from_fn(|| ready.pop().map(|Reverse(i)| i)).collect();
+            let prepared = prepare(plan, cache, &batch, &trees, &mut deps, options)?;
+            for (pos, (i, prepared)) in batch.iter().copied().zip(prepared).enumerate() {
+                if stop_new {
+                    ready.extend(batch[pos..].iter().map(|&j| Reverse(j)));
+                    break;
                 }
-            };
-            let Some((doc, key)) = node_key(plan, i, &trees, &node_deps) else {
-                continue;
-            };
-            let forced = options.force.contains(&i);
-            if node.cache && !forced {
-                if let Some(tree) = reuse(plan, cache, i, &key, &mut damaged, display)? {
+                let node = &plan.nodes[i];
+                let node_deps = match prepared.deps {
+                    Ok(d) => d,
+                    Err(message) => {
+                        fail(
+                            plan,
+                            i,
+                            message,
+                            String::new(),
+                            0.0,
+                            None,
+                            &mut state,
+                            &mut reports,
+                            display,
+                        );
+                        skip_descendants(i, plan, &downstream, &mut state, &mut reports, display);
+                        if !options.keep_going {
+                            stop_new = true;
+                        }
+                        continue;
+                    }
+                };
+                let Some(key) = prepared.key else { continue };
+                let forced = options.force.contains(&i);
+                if let Some(tree) =
+                    reuse_found(plan, cache, i, &key, prepared.found, &mut damaged, display)?
+                {
                     trees[i] = Some(tree.0);
                     state[i] = State::Done;
                     let report = StageReport::cached(i, key, tree);
@@ -225,42 +233,46 @@ pub fn run_with(
                     release(i, &downstream, &mut waiting_on, &mut ready);
                     continue;
                 }
-            }
-            let reasons = if forced {
-                vec!["--force".to_string()]
-            } else if !node.cache {
-                vec!["cache: false".to_string()]
-            } else {
-                let recent = cache.recent_runs(&plan.pipeline.name, &node.name, RECENT_RUNS)?;
-                let mut r = explain(&doc, closest_run(&doc, &recent));
-                if r.is_empty() {
-                    r.push("the recorded result's objects are missing from the store".into());
+                // Not reused: the key document is recorded with the run and explains it.
+                let Some(doc) = node_doc(plan, i, &trees, &node_deps) else {
+                    continue;
+                };
+                let reasons = if forced {
+                    vec!["--force".to_string()]
+                } else if !node.cache {
+                    vec!["cache: false".to_string()]
+                } else {
+                    let recent = cache.recent_runs(&plan.pipeline.name, &node.name, RECENT_RUNS)?;
+                    let mut r = explain(&doc, closest_run(&doc, &recent));
+                    if r.is_empty() {
+                        r.push("the recorded result's objects are missing from the store".into());
+                    }
+                    r
+                };
+                if let Some(parked) = in_flight.get_mut(&key) {
+                    parked.push(i);
+                    continue;
                 }
-                r
-            };
-            if let Some(parked) = in_flight.get_mut(&key) {
-                parked.push(i);
-                continue;
-            }
-            let check_done = node.cache && !forced && !damaged.contains(&key);
-            match cache.try_claim(&key, &owner, CLAIM_STALE_S, check_done)? {
-                ClaimState::Acquired => {
-                    heartbeat.hold(&key);
-                    in_flight.insert(key.clone(), Vec::new());
-                    queued_keys.insert(i, (doc, key, reasons));
-                    queued.push(Reverse(i));
-                }
-                ClaimState::AlreadyDone => {
-                    queued_keys.insert(i, (doc, key, reasons));
-                    claim_waits.push((i, Instant::now()));
-                }
-                ClaimState::HeldBy { pid, host, .. } => {
-                    display.message(&format!(
-                        "waiting: {} is being run by another engine process (pid {pid} on {host})",
-                        node.name
-                    ));
-                    queued_keys.insert(i, (doc, key, reasons));
-                    claim_waits.push((i, Instant::now() + CLAIM_POLL));
+                let check_done = node.cache && !forced && !damaged.contains(&key);
+                match cache.try_claim(&key, &owner, CLAIM_STALE_S, check_done)? {
+                    ClaimState::Acquired => {
+                        heartbeat.hold(&key);
+                        in_flight.insert(key.clone(), Vec::new());
+                        queued_keys.insert(i, (doc, key, reasons));
+                        queued.push(Reverse(i));
+                    }
+                    ClaimState::AlreadyDone => {
+                        queued_keys.insert(i, (doc, key, reasons));
+                        claim_waits.push((i, Instant::now()));
+                    }
+                    ClaimState::HeldBy { pid, host, .. } => {
+                        display.message(&format!(
+                            "waiting: {} is being run by another engine process (pid {pid} on {host})",
+                            node.name
+                        ));
+                        queued_keys.insert(i, (doc, key, reasons));
+                        claim_waits.push((i, Instant::now() + CLAIM_POLL));
+                    }
                 }
             }
         }
@@ -541,6 +553,100 @@ fn skip_descendants(
 
 /// A cache hit whose objects are all present: restores workspace `outs` and returns the
 /// output tree and metrics.
+/// What the in-order pass of the scheduler needs of a ready stage.
+struct Prepared {
+    /// The hashes of the stage's deps, or why they could not be hashed.
+    deps: Result<BTreeMap<String, Hash>, String>,
+    /// The key (`None` while an upstream result is unknown, or without deps).
+    key: Option<String>,
+    /// The recorded result for the key, if the stage may reuse one and one exists.
+    found: Option<Found>,
+}
+
+/// A recorded result and the outcome of checking its objects.
+struct Found {
+    tree: Hash,
+    metrics: Metrics,
+    check: Result<(), Vec<Hash>>,
+}
+
+/// From this many stages a batch is keyed on all cores (below, waking the pool costs more).
+const PARALLEL_KEYS: usize = 32;
+
+/// Keys `batch` (ready stages, in plan order), then looks up and checks the recorded results
+/// of those that may reuse one, all in one pass.
+fn prepare(
+    plan: &Plan,
+    cache: &Cache,
+    batch: &[usize],
+    trees: &[Option<Hash>],
+    deps: &mut DepHashes,
+    options: &RunOptions,
+) -> Result<Vec<Prepared>, ExecError> {
+    use rayon::prelude::*;
+    let node_deps: Vec<Result<BTreeMap<String, Hash>, String>> = batch
+        .iter()
+        .map(|&i| deps.for_node(plan, cache, i))
+        .collect();
+    let key_of = |(&i, d): (&usize, &Result<BTreeMap<String, Hash>, String>)| {
+        d.as_ref().ok().and_then(|d| node_key(plan, i, trees, d))
+    };
+    let keys: Vec<Option<String>> = if batch.len() >= PARALLEL_KEYS {
+        batch.par_iter().zip(&node_deps).map(key_of).collect()
+    } else {
+        batch.iter().zip(&node_deps).map(key_of).collect()
+    };
+    let wanted: Vec<Option<&str>> = batch
+        .iter()
+        .zip(&keys)
+        .map(|(&i, key)| {
+            let may_reuse = plan.nodes[i].cache && !options.force.contains(&i);
+            key.as_deref().filter(|_| may_reuse)
+        })
+        .collect();
+    let mut found = find(cache, &wanted)?.into_iter();
+    Ok(node_deps
+        .into_iter()
+        .zip(keys)
+        .map(|(deps, key)| Prepared {
+            deps,
+            key,
+            found: found.next().flatten(),
+        })
+        .collect())
+}
+
+/// The recorded results of `keys` (`None` entries are skipped), their objects checked in one
+/// pass.
+fn find(cache: &Cache, keys: &[Option<&str>]) -> Result<Vec<Option<Found>>, ExecError> {
+    let mut hits = Vec::with_capacity(keys.len());
+    for key in keys {
+        hits.push(match key {
+            Some(key) => cache.lookup_hit(key)?,
+            None => None,
+        });
+    }
+    let trees: Vec<(Hash, Option<&[Hash]>)> = hits
+        .iter()
+        .flatten()
+        .filter_map(|hit| Some((hit.output_tree?, hit.blobs.as_deref())))
+        .collect();
+    let mut checks = cache.check_hits(&trees).into_iter();
+    Ok(hits
+        .into_iter()
+        .map(|hit| {
+            let hit = hit?;
+            let tree = hit.output_tree?;
+            Some(Found {
+                tree,
+                metrics: hit.metrics,
+                check: checks.next()?,
+            })
+        })
+        .collect())
+}
+
+/// The recorded result of node `i`'s key, if it exists and is intact (outs restored).
 fn reuse(
     plan: &Plan,
     cache: &Cache,
@@ -549,16 +655,26 @@ fn reuse(
     damaged: &mut std::collections::HashSet<String>,
     display: &mut dyn Display,
 ) -> Result<Option<(Hash, Metrics)>, ExecError> {
-    let Some(cache::Hit {
-        output_tree: Some(tree_hash),
-        metrics,
-        blobs,
-    }) = cache.lookup_hit(key)?
-    else {
+    let found = find(cache, &[Some(key)])?.pop().flatten();
+    reuse_found(plan, cache, i, key, found, damaged, display)
+}
+
+/// Reuses `found` for node `i` if its objects are intact, restoring the node's workspace
+/// `outs`; a damaged result is noted in `damaged` (a warning the first time) and not reused.
+fn reuse_found(
+    plan: &Plan,
+    cache: &Cache,
+    i: usize,
+    key: &str,
+    found: Option<Found>,
+    damaged: &mut std::collections::HashSet<String>,
+    display: &mut dyn Display,
+) -> Result<Option<(Hash, Metrics)>, ExecError> {
+    let Some(found) = found else {
         return Ok(None);
     };
     let node = &plan.nodes[i];
-    if let Err(bad) = cache.check_hit(&tree_hash, blobs.as_deref()) {
+    if let Err(bad) = found.check {
         if damaged.is_empty() {
             display.message(&format!(
                 "warning: the cached result of '{}' is damaged (object {} missing or corrupt); recomputing it (`engine verify` checks the whole cache)",
@@ -570,15 +686,15 @@ fn reuse(
         return Ok(None);
     }
     if !node.outs.is_empty() {
-        let tree = cache.store().read_tree(&tree_hash)?;
-        restore_outs(plan, cache, i, &tree)?;
+        let tree = cache.store().read_tree(&found.tree)?;
+        restore_outs(plan, cache, &tree)?;
     }
-    Ok(Some((tree_hash, metrics)))
+    Ok(Some((found.tree, found.metrics)))
 }
 
 /// Puts a cached stage's workspace `outs` back where the pipeline expects them, copying only
 /// files whose content differs.
-fn restore_outs(plan: &Plan, cache: &Cache, i: usize, tree: &Tree) -> Result<(), ExecError> {
+fn restore_outs(plan: &Plan, cache: &Cache, tree: &Tree) -> Result<(), ExecError> {
     let ws = &plan.pipeline.workspace;
     let prefix = format!("{WORKSPACE_PREFIX}/");
     let wanted: Vec<(&cache::TreeEntry, PathBuf)> = tree
@@ -597,7 +713,6 @@ fn restore_outs(plan: &Plan, cache: &Cache, i: usize, tree: &Tree) -> Result<(),
         .zip(cache.hash_paths(&present))
         .filter_map(|(p, h)| h.ok().map(|h| (p, h)))
         .collect();
-    let _ = i;
     for (entry, path) in wanted {
         if hashes.get(&path) == Some(&entry.blob) {
             continue;

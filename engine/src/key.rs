@@ -58,6 +58,64 @@ pub fn key_doc(
     })
 }
 
+/// The key of `node`, byte for byte the [`stage_key`] of its [`key_doc`], written without
+/// building the document (a cache hit needs only the key). `deps` are the node's dep hashes;
+/// `inputs` writes the inputs object in the stripped form of [`write_inputs`], names sorted,
+/// with [`write_input_one`] and [`write_input_item`], or returns `None` to give up.
+pub fn direct_stage_key(
+    node: &Node,
+    deps: &BTreeMap<String, Hash>,
+    inputs: impl FnOnce(&mut String) -> Option<()>,
+) -> Option<String> {
+    let mut out = String::with_capacity(256);
+    // The top-level keys in sorted order, as `write_object` writes them.
+    out.push_str("{\"deps\":{");
+    for (i, (path, hash)) in deps.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_string(path, &mut out);
+        out.push(':');
+        write_hex(hash, &mut out);
+    }
+    out.push_str("},\"inputs\":");
+    inputs(&mut out)?;
+    let _ = write!(out, ",\"key_schema\":{KEY_SCHEMA},\"op\":");
+    write_string(node.op.name(), &mut out);
+    let _ = write!(out, ",\"op_version\":{},\"params\":", node.op.version());
+    write_canonical(&node.params, &mut out);
+    let _ = write!(out, ",\"seed\":{}}}", node.seed);
+    Some(blake3::hash(out.as_bytes()).to_hex().to_string())
+}
+
+/// A single-source input in the key: `{"tree":"<hex>"}`.
+pub fn write_input_one(tree: &Hash, out: &mut String) {
+    out.push_str("{\"tree\":");
+    write_hex(tree, out);
+    out.push('}');
+}
+
+/// One source of a many-source input in the key: `{"label":"k=v","tree":"<hex>"}`.
+pub fn write_input_item(label: &str, tree: &Hash, out: &mut String) {
+    out.push_str("{\"label\":");
+    write_string(label, out);
+    out.push_str(",\"tree\":");
+    write_hex(tree, out);
+    out.push('}');
+}
+
+/// A JSON name for an object key: `"name":`.
+pub fn write_name(name: &str, out: &mut String) {
+    write_string(name, out);
+    out.push(':');
+}
+
+fn write_hex(hash: &Hash, out: &mut String) {
+    out.push('"');
+    out.push_str(&blake3::Hash::from_bytes(*hash.as_bytes()).to_hex());
+    out.push('"');
+}
+
 /// The key of a key document: upstream stage names are left out.
 pub fn stage_key(doc: &Value) -> String {
     let mut out = String::with_capacity(512);

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use cache::{Cache, Hash, RunRecord};
 use serde_json::Value;
 
-use crate::key::{key_doc, stage_key, InputTrees};
+use crate::key::{
+    direct_stage_key, key_doc, stage_key, write_input_item, write_input_one, write_name, InputTrees,
+};
 use crate::plan::{InputSources, Plan};
 use crate::spec::SpecError;
 
@@ -116,14 +118,64 @@ fn root_cause(e: &cache::CacheError) -> String {
     }
 }
 
-/// The key document and key of `node`, given the output trees of finished nodes; `None` when
-/// an upstream result is not known yet.
+/// The key of `node`, given the output trees of finished nodes; `None` when an upstream
+/// result is not known yet. Equal to the [`stage_key`] of [`node_doc`], written directly.
 pub fn node_key(
     plan: &Plan,
     node: usize,
     trees: &[Option<Hash>],
     deps: &BTreeMap<String, Hash>,
-) -> Option<(Value, String)> {
+) -> Option<String> {
+    let n = &plan.nodes[node];
+    if n.dep_producers.iter().any(|&u| trees[u].is_none()) {
+        return None;
+    }
+    let mut inputs: Vec<&crate::plan::NodeInput> = n.inputs.iter().collect();
+    inputs.sort_by(|a, b| a.name.cmp(&b.name));
+    let key = direct_stage_key(n, deps, |out| {
+        out.push('{');
+        for (k, input) in inputs.iter().enumerate() {
+            if k > 0 {
+                out.push(',');
+            }
+            write_name(&input.name, out);
+            match &input.sources {
+                InputSources::One(i) => write_input_one(&trees[*i]?, out),
+                InputSources::Many(list) => {
+                    out.push('[');
+                    for (j, &i) in list.iter().enumerate() {
+                        if j > 0 {
+                            out.push(',');
+                        }
+                        let label = &plan.nodes[i].label;
+                        write_input_item(label, &trees[i]?, out);
+                    }
+                    out.push(']');
+                }
+            }
+        }
+        out.push('}');
+        Some(())
+    })?;
+    debug_assert_eq!(
+        Some(&key),
+        node_doc(plan, node, trees, deps)
+            .map(|d| stage_key(&d))
+            .as_ref(),
+        "the direct key of {} differs from its document's",
+        n.name
+    );
+    Some(key)
+}
+
+/// The key document of `node` (everything its key covers, plus upstream stage names), given
+/// the output trees of finished nodes; `None` when an upstream result is not known yet.
+pub fn node_doc(
+    plan: &Plan,
+    node: usize,
+    trees: &[Option<Hash>],
+    deps: &BTreeMap<String, Hash>,
+) -> Option<Value> {
     let n = &plan.nodes[node];
     let mut inputs = BTreeMap::new();
     for input in &n.inputs {
@@ -149,9 +201,7 @@ pub fn node_key(
     if n.upstream().iter().any(|&u| trees[u].is_none()) {
         return None;
     }
-    let doc = key_doc(n, &inputs, deps);
-    let key = stage_key(&doc);
-    Some((doc, key))
+    Some(key_doc(n, &inputs, deps))
 }
 
 /// A key document with the inputs left out, for explaining a stage whose upstream is stale.
@@ -330,4 +380,50 @@ fn short_hash(v: &Value) -> String {
     v.as_str()
         .map(|s| s.chars().take(12).collect())
         .unwrap_or_else(|| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{build, PlanOptions};
+    use crate::spec::Pipeline;
+
+    /// The key written directly equals the hash of the key document, for single and many
+    /// inputs, labels that need escaping, deps, seeds and params whose keys need sorting.
+    #[test]
+    fn direct_keys_equal_the_documents_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d.txt"), "x").unwrap();
+        let text = r#"
+name: keys
+stages:
+  m:
+    op: shell
+    matrix: {a: ["q\"uote", "back\\slash", "tab\there", 1.5]}
+    deps: [d.txt]
+    seed: 7
+    cmd: "echo ${matrix.a} > $ENGINE_OUT/o"
+  all:
+    op: shell
+    inputs: {zeta: "m[*]", alpha: "m[a=1.5]"}
+    env: {ZED: "1", ALPHA: "two words"}
+    cmd: "true"
+"#;
+        let pipeline = Pipeline::from_str(text, &dir.path().join("p.yaml"), &[]).unwrap();
+        let plan = build(pipeline, &ops::Registry::builtin(), &PlanOptions::default()).unwrap();
+        let trees: Vec<Option<Hash>> = (0..plan.nodes.len())
+            .map(|i| Some(cache::hash_bytes(format!("tree {i}").as_bytes())))
+            .collect();
+        let deps = BTreeMap::from([("d.txt".to_string(), cache::hash_bytes(b"x"))]);
+        for i in 0..plan.nodes.len() {
+            let key = node_key(&plan, i, &trees, &deps).unwrap();
+            let doc = node_doc(&plan, i, &trees, &deps).unwrap();
+            assert_eq!(key, stage_key(&doc), "{}", plan.nodes[i].name);
+        }
+        let mut missing = trees.clone();
+        missing[0] = None;
+        let last = plan.nodes.len() - 1;
+        assert_eq!(node_key(&plan, last, &missing, &deps), None);
+        assert_eq!(node_doc(&plan, last, &missing, &deps), None);
+    }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ops::{Op, Registry};
 use petgraph::graph::{DiGraph, NodeIndex};
+use rayon::prelude::*;
 use serde_json::{Map, Value};
 
 use crate::spec::interpolate::{self, render, Scope};
@@ -132,6 +133,9 @@ impl Plan {
     }
 }
 
+/// From this many stage instances, expansion and reference resolution run on all cores.
+const PARALLEL_FROM: usize = 64;
+
 /// Options of planning that do not come from the file.
 #[derive(Debug, Clone, Default)]
 pub struct PlanOptions {
@@ -187,15 +191,29 @@ pub fn build(
                 .fix("shrink the matrix, or raise the limit with `max_stages:` or --max-stages"),
             ));
         };
-        for point in 0..count {
-            let matrix = matrix_point(&spec.matrix, point);
-            let node = expand(&pipeline, spec, &op, matrix, options).map_err(locate)?;
+        // Points expand independently: on all cores for big matrices, in point order.
+        let expand_point = |point: usize| {
+            expand(
+                &pipeline,
+                spec,
+                &op,
+                matrix_point(&spec.matrix, point),
+                options,
+            )
+        };
+        let expanded: Vec<Result<(Node, RawInputs), SpecError>> = if count >= PARALLEL_FROM {
+            (0..count).into_par_iter().map(expand_point).collect()
+        } else {
+            (0..count).map(expand_point).collect()
+        };
+        for node in expanded {
+            let node = node.map_err(locate)?;
             let index = by_stage.entry(&spec.name).or_insert_with(|| StageIndex {
                 spec,
                 values: spec
                     .matrix
                     .iter()
-                    .map(|(k, vs)| (k.clone(), vs.iter().map(render).collect()))
+                    .map(|(k, vs)| (k.clone(), RenderedValues::new(vs)))
                     .collect(),
                 instances: Vec::new(),
             });
@@ -225,18 +243,28 @@ pub fn build(
         }
     }
 
-    for (i, inputs) in raw_inputs.into_iter().enumerate() {
-        let mut resolved = Vec::new();
-        for (local, reference, field) in inputs {
-            let sources = resolve_reference(&pipeline, &by_stage, &reference)
-                .map_err(|m| locate(m.field_if_empty(&field)))?;
-            resolved.push(NodeInput {
-                name: local,
-                reference,
-                sources,
-            });
-        }
-        nodes[i].inputs = resolved;
+    let resolve_inputs = |inputs: RawInputs| -> Result<Vec<NodeInput>, SpecError> {
+        inputs
+            .into_iter()
+            .map(|(local, reference, field)| {
+                let sources = resolve_reference(&pipeline, &by_stage, &reference)
+                    .map_err(|m| m.field_if_empty(&field))?;
+                Ok(NodeInput {
+                    name: local,
+                    reference,
+                    sources,
+                })
+            })
+            .collect()
+    };
+    let resolved: Vec<Result<Vec<NodeInput>, SpecError>> = if raw_inputs.len() >= PARALLEL_FROM {
+        raw_inputs.into_par_iter().map(resolve_inputs).collect()
+    } else {
+        raw_inputs.into_iter().map(resolve_inputs).collect()
+    };
+    // The first error in plan order, whatever order the threads finished in.
+    for (node, inputs) in nodes.iter_mut().zip(resolved) {
+        node.inputs = inputs.map_err(locate)?;
     }
     link_produced_deps(&mut nodes);
     let order = topological_order(&nodes).map_err(|cycle| {
@@ -314,11 +342,11 @@ fn expand(
         vars: Some(&pipeline.vars),
         matrix: Some(&matrix),
     };
-    let params = interpolate::resolve(
-        &Value::Object(spec.params.clone()),
+    let params = Value::Object(interpolate::resolve_object(
+        &spec.params,
         &scope,
         &format!("{stage_path}.params"),
-    )?;
+    )?);
     let params = with_default_device(params, op.as_ref(), options.device.as_deref(), &stage_path)?;
     op.validate(&params).map_err(|e| {
         let field = if e.path.is_empty() {
@@ -519,9 +547,26 @@ fn check_paths(
 struct StageIndex<'a> {
     spec: &'a StageSpec,
     /// Matrix variable -> its values, rendered.
-    values: HashMap<String, Vec<String>>,
+    values: HashMap<String, RenderedValues>,
     /// Node index and its matrix point, rendered.
     instances: Vec<(usize, BTreeMap<String, String>)>,
+}
+
+/// A matrix variable's values as text, in declaration order, and where each one is.
+struct RenderedValues {
+    list: Vec<String>,
+    position: HashMap<String, usize>,
+}
+
+impl RenderedValues {
+    fn new(values: &[Value]) -> Self {
+        let list: Vec<String> = values.iter().map(render).collect();
+        let mut position = HashMap::with_capacity(list.len());
+        for (i, v) in list.iter().enumerate() {
+            position.entry(v.clone()).or_insert(i);
+        }
+        Self { list, position }
+    }
 }
 
 fn resolve_reference(
@@ -593,13 +638,21 @@ fn resolve_reference(
             )
             .fix(suggestion(k, matrix_vars.iter().copied())));
         };
-        if !rendered.contains(v) {
+        if !rendered.position.contains_key(v) {
             return Err(SpecError::new(
                 "",
                 format!("'{k}={v}' matches no instance of stage '{stage}'"),
             )
-            .fix(format!("'{k}' takes: {}", rendered.join(", "))));
+            .fix(format!("'{k}' takes: {}", rendered.list.join(", "))));
         }
+    }
+    if !wildcard && wanted.len() == spec.matrix.len() {
+        // Every variable pinned: the instance is the matrix point at these positions (the
+        // order `matrix_point` enumerates, last variable fastest), no scan of the instances.
+        let point = spec.matrix.iter().fold(0, |point, (k, values)| {
+            point * values.len() + rendered_values[k].position[&wanted[k]]
+        });
+        return Ok(InputSources::One(instances[point].0));
     }
     let matches: Vec<usize> = instances
         .iter()
@@ -785,6 +838,48 @@ stages:
         assert_eq!(e.field, "stages.total.inputs.parts");
         let e = plan(&DEMO.replace("\"square[*]\"", "\"sqare[*]\"")).unwrap_err();
         assert!(e.fix.unwrap().contains("square"));
+    }
+
+    /// A reference pinning every matrix variable (in any order) finds its instance by
+    /// position; it must be the instance whose point matches, as a scan would find.
+    #[test]
+    fn pinned_references_find_the_matching_instance() {
+        let text = r#"
+name: pins
+stages:
+  m:
+    op: shell
+    matrix: {a: [x, "y z", 3], b: [1, 2.5, 10, -1]}
+    cmd: "echo ${matrix.a} ${matrix.b} > $ENGINE_OUT/o"
+  pick:
+    op: shell
+    matrix: {a: [x, "y z", 3], b: [1, 2.5, 10, -1]}
+    inputs: {one: "m[b=${matrix.b}, a=${matrix.a}]", part: "m[*, a=${matrix.a}]"}
+    cmd: "true"
+"#;
+        let p = plan(text).unwrap();
+        let picks: Vec<&Node> = p.nodes.iter().filter(|n| n.stage == "pick").collect();
+        assert_eq!(picks.len(), 12);
+        for pick in picks {
+            let InputSources::One(src) = pick.inputs[0].sources else {
+                panic!("{}: not one source", pick.name);
+            };
+            assert_eq!(p.nodes[src].stage, "m");
+            assert_eq!(p.nodes[src].matrix, pick.matrix, "{}", pick.name);
+            // A partial selector with a wildcard: every instance with this `a`.
+            let InputSources::Many(part) = &pick.inputs[1].sources else {
+                panic!("{}: not many sources", pick.name);
+            };
+            assert_eq!(part.len(), 4);
+            assert!(part
+                .iter()
+                .all(|&i| p.nodes[i].matrix["a"] == pick.matrix["a"]));
+        }
+        let e = plan(&text.replace("b=${matrix.b}", "b=7")).unwrap_err();
+        assert!(
+            e.fix.unwrap().contains("1, 2.5, 10, -1"),
+            "lists the values"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use cache::Cache;
 
 use crate::exec::{ExecError, RECENT_RUNS};
-use crate::keys::{closest_run, explain, node_key, partial_doc, DepHashes};
+use crate::keys::{closest_run, explain, node_doc, node_key, partial_doc, DepHashes};
 use crate::plan::Plan;
 
 /// Cached or stale, with reasons, for every node; runs nothing.
@@ -46,14 +46,20 @@ pub fn stage_statuses(
         // explanation, and reading 20 full records per stage dominated a cached status).
         let recent = || cache.recent_runs(&plan.pipeline.name, &node.name, RECENT_RUNS);
         let status = match node_key(plan, i, &trees, &node_deps) {
-            Some((doc, key)) => {
+            Some(key) => {
                 let hit = cache
                     .lookup_hit(&key)?
                     .and_then(|h| h.output_tree)
                     .filter(|t| cache.tree_is_complete(t));
                 let usable = hit.is_some() && node.cache && !force.contains(&i);
                 let recent = if usable { Vec::new() } else { recent()? };
-                let previous = closest_run(&doc, &recent);
+                // Only what is not reused needs its document (known whenever the key is; the
+                // partial document is only a fallback).
+                let doc = (!usable).then(|| {
+                    node_doc(plan, i, &trees, &node_deps)
+                        .unwrap_or_else(|| partial_doc(plan, i, &node_deps))
+                });
+                let previous = doc.as_ref().and_then(|doc| closest_run(doc, &recent));
                 if force.contains(&i) {
                     NodeStatus {
                         compared_with: None,
@@ -80,7 +86,10 @@ pub fn stage_statuses(
                         reasons: Vec::new(),
                     }
                 } else {
-                    let mut reasons = explain(&doc, previous);
+                    let mut reasons = doc
+                        .as_ref()
+                        .map(|doc| explain(doc, previous))
+                        .unwrap_or_default();
                     if reasons.is_empty() {
                         reasons.push(
                             "the recorded result's objects are missing from the store".into(),

@@ -16,22 +16,59 @@ pub struct Scope<'a> {
 
 /// Resolves every reference in `value` (strings at any depth); `path` names it in errors.
 pub fn resolve(value: &Value, scope: &Scope<'_>, path: &str) -> Result<Value, SpecError> {
+    resolve_at(value, scope, &Field::Root(path))
+}
+
+/// Where a value sits, built into a string only for an error (planning resolves every param
+/// of every matrix point, and formatting each path up front was a large share of it).
+enum Field<'a> {
+    Root(&'a str),
+    Key(&'a Field<'a>, &'a str),
+    Index(&'a Field<'a>, usize),
+}
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Root(path) => f.write_str(path),
+            Field::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Field::Index(parent, i) => write!(f, "{parent}.{i}"),
+        }
+    }
+}
+
+fn resolve_at(value: &Value, scope: &Scope<'_>, field: &Field<'_>) -> Result<Value, SpecError> {
     Ok(match value {
-        Value::String(s) => resolve_str(s, scope, path)?,
+        Value::String(s) => resolve_str(s, scope, field)?,
         Value::Array(items) => Value::Array(
             items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| resolve(v, scope, &format!("{path}.{i}")))
+                .map(|(i, v)| resolve_at(v, scope, &Field::Index(field, i)))
                 .collect::<Result<_, _>>()?,
         ),
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| Ok((k.clone(), resolve(v, scope, &format!("{path}.{k}"))?)))
-                .collect::<Result<_, SpecError>>()?,
-        ),
+        Value::Object(map) => Value::Object(resolve_map(map, scope, field)?),
         other => other.clone(),
     })
+}
+
+/// [`resolve`] of an object's entries, without wrapping it in a [`Value`] first.
+pub fn resolve_object(
+    map: &Map<String, Value>,
+    scope: &Scope<'_>,
+    path: &str,
+) -> Result<Map<String, Value>, SpecError> {
+    resolve_map(map, scope, &Field::Root(path))
+}
+
+fn resolve_map(
+    map: &Map<String, Value>,
+    scope: &Scope<'_>,
+    field: &Field<'_>,
+) -> Result<Map<String, Value>, SpecError> {
+    map.iter()
+        .map(|(k, v)| Ok((k.clone(), resolve_at(v, scope, &Field::Key(field, k))?)))
+        .collect()
 }
 
 enum Piece<'s> {
@@ -40,7 +77,7 @@ enum Piece<'s> {
 }
 
 /// Splits a string into text and `${ref}` pieces (only refs containing a dot are ours).
-fn pieces<'s>(s: &'s str, path: &str) -> Result<Vec<Piece<'s>>, SpecError> {
+fn pieces<'s>(s: &'s str, field: &Field<'_>) -> Result<Vec<Piece<'s>>, SpecError> {
     let mut out = Vec::new();
     let mut rest = s;
     while let Some(i) = rest.find("${") {
@@ -51,8 +88,10 @@ fn pieces<'s>(s: &'s str, path: &str) -> Result<Vec<Piece<'s>>, SpecError> {
             continue;
         }
         let Some(end) = rest[i..].find('}') else {
-            return Err(SpecError::new(path, format!("unclosed '${{' in \"{s}\""))
-                .fix("close it with '}', or write '$${' for a literal '${'"));
+            return Err(
+                SpecError::new(field.to_string(), format!("unclosed '${{' in \"{s}\""))
+                    .fix("close it with '}', or write '$${' for a literal '${'"),
+            );
         };
         let inner = &rest[i + 2..i + end];
         out.push(Piece::Text(&rest[..i]));
@@ -67,18 +106,18 @@ fn pieces<'s>(s: &'s str, path: &str) -> Result<Vec<Piece<'s>>, SpecError> {
     Ok(out)
 }
 
-fn resolve_str(s: &str, scope: &Scope<'_>, path: &str) -> Result<Value, SpecError> {
+fn resolve_str(s: &str, scope: &Scope<'_>, field: &Field<'_>) -> Result<Value, SpecError> {
     if !s.contains("${") {
         return Ok(Value::String(s.to_string()));
     }
-    let parts = pieces(s, path)?;
+    let parts = pieces(s, field)?;
     let final_pass = scope.matrix.is_some();
     let non_empty: Vec<&Piece> = parts
         .iter()
         .filter(|p| !matches!(p, Piece::Text(t) if t.is_empty()))
         .collect();
     if let [Piece::Ref(r)] = non_empty.as_slice() {
-        if let Some(v) = lookup(r, scope, path)? {
+        if let Some(v) = lookup(r, scope, field)? {
             return Ok(v);
         }
     }
@@ -86,7 +125,7 @@ fn resolve_str(s: &str, scope: &Scope<'_>, path: &str) -> Result<Value, SpecErro
     for piece in &parts {
         match piece {
             Piece::Text(t) => out.push_str(t),
-            Piece::Ref(r) => match lookup(r, scope, path)? {
+            Piece::Ref(r) => match lookup(r, scope, field)? {
                 Some(v) => out.push_str(&render(&v)),
                 None => {
                     out.push_str("${");
@@ -114,7 +153,11 @@ pub fn render(v: &Value) -> String {
 }
 
 /// `Ok(None)`: a reference this pass leaves for later (`${matrix.*}` before expansion).
-fn lookup(reference: &str, scope: &Scope<'_>, path: &str) -> Result<Option<Value>, SpecError> {
+fn lookup(
+    reference: &str,
+    scope: &Scope<'_>,
+    field: &Field<'_>,
+) -> Result<Option<Value>, SpecError> {
     let mut segments = reference.split('.');
     let namespace = segments.next().unwrap_or_default();
     let rest: Vec<&str> = segments.collect();
@@ -129,7 +172,7 @@ fn lookup(reference: &str, scope: &Scope<'_>, path: &str) -> Result<Option<Value
         },
         other => {
             return Err(SpecError::new(
-                path,
+                field.to_string(),
                 format!("unknown namespace '{other}' in ${{{reference}}}"),
             )
             .fix(format!(
@@ -165,7 +208,7 @@ fn lookup(reference: &str, scope: &Scope<'_>, path: &str) -> Result<Option<Value
                     format!("'{}' has no entry '{seg}'", rest[..i].join("."))
                 };
                 return Err(SpecError::new(
-                    path,
+                    field.to_string(),
                     format!(
                         "${{{reference}}} does not resolve: no {what} '{}'",
                         rest[..=i].join(".")
@@ -177,10 +220,11 @@ fn lookup(reference: &str, scope: &Scope<'_>, path: &str) -> Result<Option<Value
     }
     match current {
         Some(v) => Ok(Some(v.clone())),
-        None => Err(
-            SpecError::new(path, format!("${{{reference}}} names no {what}"))
-                .fix(format!("write ${{{namespace}.NAME}}")),
-        ),
+        None => Err(SpecError::new(
+            field.to_string(),
+            format!("${{{reference}}} names no {what}"),
+        )
+        .fix(format!("write ${{{namespace}.NAME}}"))),
     }
 }
 
