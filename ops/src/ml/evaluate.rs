@@ -4,8 +4,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::dataset::{read_meta, read_split};
-use super::train::{evaluate_split, loss_for, nn, report_metrics};
-use super::{fail, one_input, Device};
+use super::train::{evaluate_split, loss_for, report_metrics};
+use super::{fail, nn, one_input, Device};
 use crate::nn::open_device;
 use crate::nn::train::{load_checkpoint, LossKind};
 use crate::{parse_params, Op, OpError, ParamError, RunContext};

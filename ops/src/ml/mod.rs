@@ -27,6 +27,11 @@ pub(crate) fn fail(message: impl Into<String>) -> OpError {
     OpError::Failed(message.into())
 }
 
+/// A layer or model error as a stage failure.
+pub(crate) fn nn(e: crate::nn::NnError) -> OpError {
+    fail(e.to_string())
+}
+
 /// Where a stage computes (`device:` param of `train` and `evaluate`). A build computes on one
 /// device: the CPU, or with the `cuda` feature GPU 0; the other value is refused with a fix.
 /// Left out, it is the build's device (so the same pipeline runs on either build; set it, or

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::dataset::{read_meta, read_split, DatasetMeta, Split, Targets, Task};
-use super::{derive_seed, fail, one_input, Device};
+use super::{derive_seed, fail, nn, one_input, Device};
 use crate::arch::lr::{predict_lr, LrPrediction};
 use crate::arch::{ArchAwareInit, Cell, CellKind};
 use crate::nn::from_vec;
@@ -633,10 +633,6 @@ pub(crate) fn report_metrics(prefix: &str, r: &EvalReport) -> BTreeMap<String, f
         m.insert(format!("{prefix}rel_l2"), e);
     }
     m
-}
-
-pub(crate) fn nn(e: NnError) -> OpError {
-    fail(e.to_string())
 }
 
 /// One line of `history.json`.

@@ -13,7 +13,7 @@ use super::net::{NetConfig, ParamSet, ProxyNet, SignRecorder};
 use super::space::OpSets;
 use crate::ml::derive_seed;
 use crate::nn::layers::ForwardCtx;
-use crate::nn::{Dev, NnError, Tensor4};
+use crate::nn::{open_device, Dev, NnError, Tensor4};
 
 /// The indicators a search can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -134,7 +134,7 @@ pub fn ntk_condition_number(
     seed: u64,
 ) -> Result<f64, Failure> {
     const IND: Indicator = Indicator::Ntk;
-    let dev = Dev::default();
+    let dev = open_device().map_err(|e| Failure::network(IND, e))?;
     let x = images.tensor(&dev).map_err(|e| Failure::network(IND, e))?;
     let mut sum = 0.0;
     for r in 0..repeats.max(1) {
@@ -197,7 +197,7 @@ pub fn linear_regions(
     seed: u64,
 ) -> Result<f64, Failure> {
     const IND: Indicator = Indicator::Regions;
-    let dev = Dev::default();
+    let dev = open_device().map_err(|e| Failure::network(IND, e))?;
     let x = crops.tensor(&dev).map_err(|e| Failure::network(IND, e))?;
     let mut sum = 0.0;
     for r in 0..repeats.max(1) {
@@ -252,7 +252,7 @@ pub fn ntk_regression_error(
     seed: u64,
 ) -> Result<f64, Failure> {
     const IND: Indicator = Indicator::Generalization;
-    let dev = Dev::default();
+    let dev = open_device().map_err(|e| Failure::network(IND, e))?;
     let xt = train.tensor(&dev).map_err(|e| Failure::network(IND, e))?;
     let xh = held.tensor(&dev).map_err(|e| Failure::network(IND, e))?;
     let classes = cfg.classes;
@@ -294,7 +294,7 @@ pub fn ntk_regression_error(
 /// which samples i and j agree (sign of the ReLU input), over one batch at one initialization.
 pub fn naswot(cfg: &NetConfig, sets: &OpSets, images: &Images, seed: u64) -> Result<f64, Failure> {
     const IND: Indicator = Indicator::Naswot;
-    let dev = Dev::default();
+    let dev = open_device().map_err(|e| Failure::network(IND, e))?;
     let x = images.tensor(&dev).map_err(|e| Failure::network(IND, e))?;
     let mut net = ProxyNet::new(&dev, cfg, sets, repeat_seed(seed, 0))
         .map_err(|e| Failure::network(IND, e))?;

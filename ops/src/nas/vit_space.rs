@@ -25,7 +25,7 @@ use super::rank::{best_by_rank_sum, ChangingRange};
 use super::search_op::{Algorithm, Probes, ProxyParams, SearchParams, DATA_INPUT};
 use crate::ml::derive_seed;
 use crate::nn::models::{InputShape, VitSpec};
-use crate::nn::{collect_params, Dev, Init, Model, ModelSpec, NnError, ParamKind};
+use crate::nn::{collect_params, open_device, Init, Model, ModelSpec, NnError, ParamKind};
 use crate::{OpError, ParamError, RunContext};
 
 /// The file listing models a `train` stage can take with `model_from`.
@@ -333,7 +333,7 @@ impl VitScorer {
 
     fn build(&self, spec: &VitSpec, repeat: usize) -> Result<Model<f64>, NnError> {
         Model::build(
-            &Dev::default(),
+            &open_device()?,
             &ModelSpec::Vit(spec.clone()),
             self.input(),
             &Init::default(),
@@ -352,7 +352,7 @@ impl VitScorer {
                 .ok_or_else(|| NnError::spec("model", "not a vit"))?;
             vit.set_identity_norms(true);
             let x = crate::nn::from_vec(
-                &Dev::default(),
+                &open_device()?,
                 circle,
                 (self.points, input.channels, input.height, input.width),
             )?;
@@ -374,7 +374,7 @@ impl VitScorer {
         };
         let (b, c, h, w) = self.images.shape;
         let per = c * h * w;
-        let dev = Dev::default();
+        let dev = open_device().map_err(net)?;
         let mut sum = 0.0;
         for r in 0..self.repeats.max(1) {
             let m = self.build(spec, r).map_err(net)?;

@@ -10,9 +10,9 @@ use serde_json::Value;
 
 use super::fail;
 use crate::ml::dataset::{read_meta, read_split, Split, Targets};
-use crate::ml::{one_input, write_metrics};
+use crate::ml::{nn, one_input, write_metrics};
 use crate::nn::train::{load_checkpoint, predict};
-use crate::nn::{from_vec, Dev, Model};
+use crate::nn::{from_vec, open_device, Model};
 use crate::{parse_params, Op, OpError, ParamError, RunContext};
 
 fn default_chunk() -> usize {
@@ -171,7 +171,7 @@ pub fn field_metrics(pred: &[f32], truth: &[f32]) -> [f64; 4] {
 }
 
 fn predict_all(model: &mut Model<f32>, split: &Split, bs: usize) -> Result<Vec<f32>, OpError> {
-    let dev = Dev::default();
+    let dev = open_device().map_err(nn)?;
     let shape = model.input_shape();
     let per = shape.channels * shape.height * shape.width;
     let mut out = Vec::with_capacity(split.n * shape.height * shape.width);
@@ -228,8 +228,9 @@ impl Op for InContextOp {
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
         let p: Params = parse_params(ctx.params)?;
         let started = Instant::now();
-        let mut model = load_checkpoint::<f32>(&Dev::default(), one_input(ctx, "model")?)
-            .map_err(|e| fail(e.to_string()))?;
+        let mut model =
+            load_checkpoint::<f32>(&open_device().map_err(nn)?, one_input(ctx, "model")?)
+                .map_err(|e| fail(e.to_string()))?;
         let test_dir = one_input(ctx, "test")?.to_path_buf();
         let test = read_split(&test_dir, &read_meta(&test_dir)?, "test")?;
         if test.n == 0 {

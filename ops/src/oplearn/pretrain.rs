@@ -11,13 +11,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{fail, read_pde, scale_inputs};
-use crate::ml::{derive_seed, one_input, write_metrics};
+use crate::ml::{derive_seed, nn, one_input, write_metrics};
 use crate::nn::layers::ForwardCtx;
 use crate::nn::models::InputShape;
 use crate::nn::train::{
     clip_grad_norm, save_checkpoint, Optimizer, OptimizerSpec, Schedule, ScheduleKind,
 };
-use crate::nn::{from_vec, Dev, Init, Model, ModelSpec, NnError};
+use crate::nn::{from_vec, open_device, Dev, Init, Model, ModelSpec, NnError};
 use crate::{parse_params, Op, OpError, ParamError, RunContext};
 
 pub const HISTORY_FILE: &str = "history.json";
@@ -231,10 +231,6 @@ struct EpochRecord {
     loss: f64,
 }
 
-fn nn(e: NnError) -> OpError {
-    fail(e.to_string())
-}
-
 /// One optimisation step on the masked loss; returns the loss before the update.
 /// Section 3, step 4: L = (1/B) sum_b sum_c sum_pixels w (out - x)^2.
 #[allow(clippy::too_many_arguments)]
@@ -301,7 +297,7 @@ impl Op for PretrainMaskOp {
         x.truncate(samples * per);
         let _span =
             tracing::info_span!("pretrain.mask", samples, mask_ratio = p.mask_ratio).entered();
-        let dev = Dev::default();
+        let dev = open_device().map_err(nn)?;
         let input = InputShape {
             channels: c,
             height: n,
