@@ -4,7 +4,9 @@ use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rayon::prelude::*;
 
 use crate::nn::layers::ForwardCtx;
-use crate::nn::tensor::{host_read, impl_has_params, take_grad, with_grad_mut};
+use crate::nn::tensor::{
+    grad_buffer_apply, grad_buffer_to_host, host_read, impl_has_params, with_grad_mut,
+};
 use crate::nn::{Dev, Float, NnError, Param, ParamKind, Tensor3, Tensor4};
 
 /// Batch normalisation over `(batch, h, w)` per channel (Ioffe & Szegedy 2015, Alg. 1):
@@ -75,19 +77,21 @@ where
         let x = x.try_contiguous()?;
         let (x, mut tape) = x.split_tape();
         let xv = host_read(&x);
+        // The op keeps its host copy of x for backward; of the tensors only the ids.
+        let (dev, x) = (x.device().clone(), x.ghost());
         // Per-channel mean and 1 / sqrt(var + eps): the batch's (biased variance, two passes
-        // over each channel, accumulated in f64) in training, the running estimates in eval.
+        // over each channel, partial sums per plane in the float type and across planes in
+        // f64) in training, the running estimates in eval.
         let (mean, inv_std): (Vec<f64>, Vec<f64>) = if ctx.training {
             let stats: Vec<(f64, f64)> = (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let planes = || (0..b).map(|i| &xv[(i * c + ch) * hw..][..hw]);
-                    let sum: f64 = planes()
-                        .map(|p| p.iter().map(|v| v.into_f64()).sum::<f64>())
-                        .sum();
+                    let plane = |i: usize| &xv[(i * c + ch) * hw..][..hw];
+                    let sum: f64 = (0..b).map(|i| lane_sum(plane(i), |v| v)).sum();
                     let mean = sum / n as f64;
-                    let ss: f64 = planes()
-                        .map(|p| p.iter().map(|v| (v.into_f64() - mean).powi(2)).sum::<f64>())
+                    let m = E::of_f64(mean);
+                    let ss: f64 = (0..b)
+                        .map(|i| lane_sum(plane(i), |v| (v - m) * (v - m)))
                         .sum();
                     (mean, ss / n as f64)
                 })
@@ -126,44 +130,47 @@ where
                 E::of_f64(beta[ch].into_f64() - mean[ch] * inv_std[ch] * gamma[ch].into_f64())
             })
             .collect();
-        let mut y = vec![E::zero(); xv.len()];
-        y.par_chunks_mut(hw)
+        let mut y = Vec::with_capacity(xv.len());
+        y.spare_capacity_mut()
+            .par_chunks_mut(hw)
             .zip(xv.par_chunks(hw))
             .enumerate()
             .for_each(|(plane, (yp, xp))| {
                 let (a, s) = (scale[plane % c], shift[plane % c]);
                 for (yv, &xi) in yp.iter_mut().zip(xp) {
-                    *yv = xi * a + s;
+                    yv.write(xi * a + s);
                 }
             });
-        drop(xv);
-        let out = x.device().try_tensor_from_vec(y, shape)?;
-        let out_id = out.clone();
+        // SAFETY: the planes cover all of `y`'s capacity, each entry written above.
+        unsafe { y.set_len(xv.len()) };
+        let out = dev.try_tensor_from_vec(y, shape)?;
+        let out_id = out.ghost();
         let (weight, bias) = (self.weight.value.clone(), self.bias.value.clone());
         let training = ctx.training;
         // Backward (Ioffe & Szegedy 2015, Sec. 3), x_hat = (x - mu) inv_std, sums over (b, h, w):
         // dbeta = sum dy, dgamma = sum dy x_hat, and in training
         // dx = gamma inv_std (dy - dbeta / n - x_hat dgamma / n); in eval dx = gamma inv_std dy.
         tape.add_backward_op(move |grads| {
-            let go = take_grad(grads, &out_id)?;
-            let xv = host_read(&x);
+            let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
+            // Per channel (sum dy, sum dy x_hat): per plane in the float type, then f64.
             let sums: Vec<(f64, f64)> = (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let (mu, is) = (mean[ch], inv_std[ch]);
-                    let (mut sdy, mut sdyx) = (0.0, 0.0);
-                    for i in 0..b {
-                        let at = (i * c + ch) * hw;
-                        for (g, xi) in go[at..at + hw].iter().zip(&xv[at..at + hw]) {
-                            let g = g.into_f64();
-                            sdy += g;
-                            sdyx += g * (xi.into_f64() - mu) * is;
-                        }
-                    }
-                    (sdy, sdyx)
+                    let m = E::of_f64(mean[ch]);
+                    (0..b)
+                        .map(|i| {
+                            let at = (i * c + ch) * hw;
+                            lane_sum2(&go[at..at + hw], &xv[at..at + hw], m)
+                        })
+                        .fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q))
                 })
                 .collect();
-            with_grad_mut(grads, &x, |gx| {
+            let sums: Vec<(f64, f64)> = sums
+                .iter()
+                .zip(&inv_std)
+                .map(|(&(sdy, sdyxm), &is)| (sdy, sdyxm * is))
+                .collect();
+            grad_buffer_apply::<E, _>(grads.get_or_alloc_mut(&x)?, |gx| {
                 gx.par_chunks_mut(hw)
                     .zip(xv.par_chunks(hw))
                     .zip(go.par_chunks(hw))
@@ -202,6 +209,45 @@ where
         });
         Ok(out.put_tape(tape))
     }
+}
+
+/// Lanes of a vectorised sum: enough independent accumulators to fill two AVX registers of f32.
+const LANES: usize = 16;
+
+/// sum of f(v) over `xs`: `LANES` partial sums in the float type (vectorisable), added in f64.
+#[inline]
+fn lane_sum<E: Float>(xs: &[E], f: impl Fn(E) -> E) -> f64 {
+    let mut acc = [E::zero(); LANES];
+    let mut it = xs.chunks_exact(LANES);
+    for piece in &mut it {
+        for (a, &v) in acc.iter_mut().zip(piece) {
+            *a += f(v);
+        }
+    }
+    let tail: f64 = it.remainder().iter().map(|&v| f(v).into_f64()).sum();
+    acc.iter().map(|a| a.into_f64()).sum::<f64>() + tail
+}
+
+/// (sum g, sum g (x - m)) over a plane, like [`lane_sum`].
+#[inline]
+fn lane_sum2<E: Float>(g: &[E], x: &[E], m: E) -> (f64, f64) {
+    let (mut s, mut t) = ([E::zero(); LANES], [E::zero(); LANES]);
+    let (mut gi, mut xi) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
+    for (gp, xp) in (&mut gi).zip(&mut xi) {
+        for i in 0..LANES {
+            s[i] += gp[i];
+            t[i] += gp[i] * (xp[i] - m);
+        }
+    }
+    let (mut s64, mut t64) = (0.0, 0.0);
+    for (&gv, &xv) in gi.remainder().iter().zip(xi.remainder()) {
+        s64 += gv.into_f64();
+        t64 += (gv * (xv - m)).into_f64();
+    }
+    (
+        s.iter().map(|a| a.into_f64()).sum::<f64>() + s64,
+        t.iter().map(|a| a.into_f64()).sum::<f64>() + t64,
+    )
 }
 
 /// Layer normalisation over the last axis (Ba et al. 2016):
