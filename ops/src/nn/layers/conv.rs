@@ -259,8 +259,79 @@ impl Im2col {
     /// Stride 1 with as many output as input columns: every valid entry of a row `(c, p, q)` is
     /// the input plane shifted by a constant, so a row is one contiguous copy (or add), plus the
     /// few entries that wrap around a line end, which lie outside the input.
-    fn is_shift(&self) -> bool {
+    pub fn is_shift(&self) -> bool {
         self.geom.stride == 1 && self.wo == self.w
+    }
+
+    /// Backward of one sample for a [shift](Self::is_shift) geometry, without forming columns:
+    /// per kernel offset (p, q) with flat input shift `off`, the valid outputs are one
+    /// contiguous run `start..end` of the flat output (less the entries that wrap around a line
+    /// end), so dW[:, :, p, q] += dy[:, run] x[:, run + off]^T and dx[:, run + off] +=
+    /// W[:, :, p, q]^T dy[:, run], each one strided gemm. The wrapped entries are zeroed in
+    /// copies of dy per column offset q, which makes their terms exact zeros: `masked` holds
+    /// k copies `(o, l)` for dx and k transposed ones `(l, o)` for dW (so that gemm's left
+    /// operand is column-major and not repacked for every offset), 2 k o l scratch in all.
+    /// `dwt` is dW^T, `(c k k, o)`; `w` is W, `(o, c k k)`; `dy` is `(o, l)`.
+    pub fn shift_backward<E: Float>(
+        &self,
+        x: &[E],
+        dy: &[E],
+        w: &[E],
+        dwt: &mut [E],
+        dx: &mut [E],
+        masked: &mut [E],
+    ) {
+        let (k, l, hw, wo) = (self.geom.kernel, self.cols(), self.h * self.w, self.wo);
+        let (c, o) = (self.c, dy.len() / l.max(1));
+        let (row_ranges, col_ranges) = self.ranges();
+        let ConvGeometry {
+            padding, dilation, ..
+        } = self.geom;
+        let (plain, transposed) = masked.split_at_mut(k * o * l);
+        for (q, &(jlo, jhi)) in col_ranges.iter().enumerate() {
+            let mq = &mut plain[q * o * l..(q + 1) * o * l];
+            mq.copy_from_slice(dy);
+            for line in mq.chunks_exact_mut(wo) {
+                line[..jlo.min(wo)].fill(E::zero());
+                line[jhi.max(jlo).min(wo)..].fill(E::zero());
+            }
+            let mt = &mut transposed[q * o * l..(q + 1) * o * l];
+            for (oi, row) in mq.chunks_exact(l).enumerate() {
+                for (pos, &v) in row.iter().enumerate() {
+                    mt[pos * o + oi] = v;
+                }
+            }
+        }
+        let (plain, transposed) = (&*plain, &*transposed);
+        for (p, &(ilo, ihi)) in row_ranges.iter().enumerate() {
+            for (q, &(jlo, jhi)) in col_ranges.iter().enumerate() {
+                if ilo >= ihi || jlo >= jhi {
+                    continue;
+                }
+                let (start, end) = (ilo * wo + jlo, (ihi - 1) * wo + jhi);
+                // Flat input index of output `start`: (ilo + p d - pad, jlo + q d - pad).
+                let src = (ilo + p * dilation - padding) * self.w + jlo + q * dilation - padding;
+                let (dyq, dyqt) = (
+                    &plain[q * o * l..(q + 1) * o * l],
+                    &transposed[q * o * l..(q + 1) * o * l],
+                );
+                let pq = p * k + q;
+                gemm_strided(
+                    (o, c, end - start),
+                    (&mut dwt[pq * o..], (1, k * k * o)),
+                    true,
+                    (&dyqt[start * o..], (1, o)),
+                    (&x[src..], (1, hw)),
+                );
+                gemm_strided(
+                    (c, end - start, o),
+                    (&mut dx[src..], (hw, 1)),
+                    true,
+                    (&w[pq..], (k * k, c * k * k)),
+                    (&dyq[start..], (l, 1)),
+                );
+            }
+        }
     }
 
     /// Fills `cols` (rows x cols) from one sample `x` (c h w).
@@ -397,13 +468,40 @@ fn matmul<E: Float>(
     b: &[E],
     b_t: bool,
 ) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    let (c_rs, c_cs) = if c_t { (1, m) } else { (n, 1) };
-    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
-    // SAFETY: the slices hold at least the m x n, m x k and k x n elements the strides address
-    // (asserted above) and `c` does not alias `a` or `b` (it is borrowed mutably). `E` is f32 or
-    // f64, the types gemm supports.
+    let c_s = if c_t { (1, m) } else { (n, 1) };
+    let a_s = if a_t { (1, m) } else { (k, 1) };
+    let b_s = if b_t { (1, k) } else { (n, 1) };
+    gemm_strided((m, n, k), (c, c_s), accumulate, (a, a_s), (b, b_s));
+}
+
+/// `c (m, n) (+)= a (m, k) @ b (k, n)` on strided views: `(slice, (row stride, column stride))`,
+/// entry (i, j) at `slice[i rs + j cs]`. One thread.
+fn gemm_strided<E: Float>(
+    (m, n, k): (usize, usize, usize),
+    (c, (c_rs, c_cs)): (&mut [E], (usize, usize)),
+    accumulate: bool,
+    (a, (a_rs, a_cs)): (&[E], (usize, usize)),
+    (b, (b_rs, b_cs)): (&[E], (usize, usize)),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // One past the last entry a (rows, cols) view addresses.
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(
+        c.len() >= extent(m, n, c_rs, c_cs)
+            && a.len() >= extent(m, k, a_rs, a_cs)
+            && b.len() >= extent(k, n, b_rs, b_cs)
+    );
+    // SAFETY: every entry the strides address lies inside its slice (asserted above), and `c`
+    // does not alias `a` or `b` (it is borrowed mutably). `E` is f32 or f64, the types gemm
+    // supports.
     unsafe {
         gemm::gemm(
             m,
@@ -493,6 +591,7 @@ where
         return Err(NnError::shape("conv2d weight", (o, ckk), &weight.shape));
     }
     let direct = g.is_identity();
+    let shift = g.is_shift() && !direct;
     let x = x.try_contiguous()?;
     let (x, mut tape) = x.split_tape();
     let mut xv = host_read(&x);
@@ -542,8 +641,11 @@ where
                 .map(|((gxc, xc), goc)| {
                     // dW^T: (c k k, o); see `matmul` on why transposed.
                     let (mut dwt, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
-                    let (mut cols, mut dcols) =
-                        (vec![E::zero(); scratch], vec![E::zero(); scratch]);
+                    // Columns, then their gradient, in one buffer; a shift geometry needs
+                    // neither, only k masked copies of dy.
+                    let mut cols = vec![E::zero(); if shift { 0 } else { scratch }];
+                    let mut masked =
+                        vec![E::zero(); if shift { 2 * g.geom.kernel * o * l } else { 0 }];
                     let mut dx = vec![E::zero(); if relu_input { chw } else { 0 }];
                     let samples = gxc
                         .chunks_mut(chw)
@@ -553,13 +655,6 @@ where
                         for (acc, row) in db.iter_mut().zip(gon.chunks(l)) {
                             *acc += row.iter().fold(E::zero(), |s, &v| s + v);
                         }
-                        let src: &[E] = if direct {
-                            xn
-                        } else {
-                            g.fill(xn, &mut cols);
-                            &cols
-                        };
-                        matmul((o, ckk, l), &mut dwt, true, true, gon, false, src, true);
                         // Under the ReLU the gradient goes to a scratch image first, then
                         // through the mask relu(x) > 0.
                         let target: &mut [E] = if relu_input {
@@ -568,11 +663,16 @@ where
                         } else {
                             gxn
                         };
-                        if direct {
+                        if shift {
+                            g.shift_backward(xn, gon, &wv, &mut dwt, target, &mut masked);
+                        } else if direct {
+                            matmul((o, ckk, l), &mut dwt, true, true, gon, false, xn, true);
                             matmul((ckk, l, o), target, false, true, &wv, true, gon, false);
                         } else {
-                            matmul((ckk, l, o), &mut dcols, false, false, &wv, true, gon, false);
-                            g.scatter_add(&mut dcols, target);
+                            g.fill(xn, &mut cols);
+                            matmul((o, ckk, l), &mut dwt, true, true, gon, false, &cols, true);
+                            matmul((ckk, l, o), &mut cols, false, false, &wv, true, gon, false);
+                            g.scatter_add(&mut cols, target);
                         }
                         if relu_input {
                             for ((gv, &d), &xi) in gxn.iter_mut().zip(&dx).zip(xn) {

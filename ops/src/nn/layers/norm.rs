@@ -218,13 +218,13 @@ const LANES: usize = 16;
 #[inline]
 fn lane_sum<E: Float>(xs: &[E], f: impl Fn(E) -> E) -> f64 {
     let mut acc = [E::zero(); LANES];
-    let mut it = xs.chunks_exact(LANES);
-    for piece in &mut it {
-        for (a, &v) in acc.iter_mut().zip(piece) {
-            *a += f(v);
+    let (pieces, tail) = xs.as_chunks::<LANES>();
+    for piece in pieces {
+        for i in 0..LANES {
+            acc[i] += f(piece[i]);
         }
     }
-    let tail: f64 = it.remainder().iter().map(|&v| f(v).into_f64()).sum();
+    let tail: f64 = tail.iter().map(|&v| f(v).into_f64()).sum();
     acc.iter().map(|a| a.into_f64()).sum::<f64>() + tail
 }
 
@@ -232,15 +232,16 @@ fn lane_sum<E: Float>(xs: &[E], f: impl Fn(E) -> E) -> f64 {
 #[inline]
 fn lane_sum2<E: Float>(g: &[E], x: &[E], m: E) -> (f64, f64) {
     let (mut s, mut t) = ([E::zero(); LANES], [E::zero(); LANES]);
-    let (mut gi, mut xi) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
-    for (gp, xp) in (&mut gi).zip(&mut xi) {
+    let (gp, gt) = g.as_chunks::<LANES>();
+    let (xp, xt) = x[..g.len()].as_chunks::<LANES>();
+    for (gv, xv) in gp.iter().zip(xp) {
         for i in 0..LANES {
-            s[i] += gp[i];
-            t[i] += gp[i] * (xp[i] - m);
+            s[i] += gv[i];
+            t[i] += gv[i] * (xv[i] - m);
         }
     }
     let (mut s64, mut t64) = (0.0, 0.0);
-    for (&gv, &xv) in gi.remainder().iter().zip(xi.remainder()) {
+    for (&gv, &xv) in gt.iter().zip(xt) {
         s64 += gv.into_f64();
         t64 += (gv * (xv - m)).into_f64();
     }
