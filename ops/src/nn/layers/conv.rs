@@ -270,7 +270,8 @@ impl Im2col {
     /// W[:, :, p, q]^T dy[:, run], each one strided gemm. The wrapped entries are zeroed in
     /// copies of dy per column offset q, which makes their terms exact zeros: `masked` holds
     /// k copies `(o, l)` for dx and k transposed ones `(l, o)` for dW (so that gemm's left
-    /// operand is column-major and not repacked for every offset), 2 k o l scratch in all.
+    /// operand is column-major and not repacked for every offset), plus dy^T: (2 k + 1) o l
+    /// scratch in all.
     /// `dwt` is dW^T, `(c k k, o)`; `w` is W, `(o, c k k)`; `dy` is `(o, l)`.
     pub fn shift_backward<E: Float>(
         &self,
@@ -287,19 +288,33 @@ impl Im2col {
         let ConvGeometry {
             padding, dilation, ..
         } = self.geom;
-        let (plain, transposed) = masked.split_at_mut(k * o * l);
+        // dy^T once (in 16 x 16 tiles, so that both sides are read and written in runs), then
+        // per q the masked copies: lines of dy, or rows of dy^T, zeroed outside jlo..jhi.
+        let (plain, rest) = masked.split_at_mut(k * o * l);
+        let (transposed, dyt) = rest.split_at_mut(k * o * l);
+        const TILE: usize = 16;
+        for o0 in (0..o).step_by(TILE) {
+            for p0 in (0..l).step_by(TILE) {
+                for oi in o0..(o0 + TILE).min(o) {
+                    for pos in p0..(p0 + TILE).min(l) {
+                        dyt[pos * o + oi] = dy[oi * l + pos];
+                    }
+                }
+            }
+        }
         for (q, &(jlo, jhi)) in col_ranges.iter().enumerate() {
+            let (jlo, jhi) = (jlo.min(wo), jhi.max(jlo).min(wo));
             let mq = &mut plain[q * o * l..(q + 1) * o * l];
             mq.copy_from_slice(dy);
             for line in mq.chunks_exact_mut(wo) {
-                line[..jlo.min(wo)].fill(E::zero());
-                line[jhi.max(jlo).min(wo)..].fill(E::zero());
+                line[..jlo].fill(E::zero());
+                line[jhi..].fill(E::zero());
             }
             let mt = &mut transposed[q * o * l..(q + 1) * o * l];
-            for (oi, row) in mq.chunks_exact(l).enumerate() {
-                for (pos, &v) in row.iter().enumerate() {
-                    mt[pos * o + oi] = v;
-                }
+            mt.copy_from_slice(dyt);
+            for line in mt.chunks_exact_mut(wo * o) {
+                line[..jlo * o].fill(E::zero());
+                line[jhi * o..].fill(E::zero());
             }
         }
         let (plain, transposed) = (&*plain, &*transposed);
@@ -631,6 +646,7 @@ where
     let out = dev.try_tensor_from_vec(y, (b, o, g.ho, g.wo))?;
     let out_id = out.ghost();
     let (weight, bias) = (weight.value.clone(), bias.map(|p| p.value.clone()));
+    let has_bias = bias.is_some();
     tape.add_backward_op(move |grads| {
         let go = grad_buffer_to_host(grads.get_or_alloc_mut(&out_id)?)?;
         let wv = host_read(&weight);
@@ -644,16 +660,24 @@ where
                     // Columns, then their gradient, in one buffer; a shift geometry needs
                     // neither, only k masked copies of dy.
                     let mut cols = vec![E::zero(); if shift { 0 } else { scratch }];
-                    let mut masked =
-                        vec![E::zero(); if shift { 2 * g.geom.kernel * o * l } else { 0 }];
+                    let mut masked = vec![
+                        E::zero();
+                        if shift {
+                            (2 * g.geom.kernel + 1) * o * l
+                        } else {
+                            0
+                        }
+                    ];
                     let mut dx = vec![E::zero(); if relu_input { chw } else { 0 }];
                     let samples = gxc
                         .chunks_mut(chw)
                         .zip(xc.chunks(chw))
                         .zip(goc.chunks(o * l));
                     for ((gxn, xn), gon) in samples {
-                        for (acc, row) in db.iter_mut().zip(gon.chunks(l)) {
-                            *acc += row.iter().fold(E::zero(), |s, &v| s + v);
+                        if has_bias {
+                            for (acc, row) in db.iter_mut().zip(gon.chunks(l)) {
+                                *acc += row.iter().fold(E::zero(), |s, &v| s + v);
+                            }
                         }
                         // Under the ReLU the gradient goes to a scratch image first, then
                         // through the mask relu(x) > 0.

@@ -80,19 +80,16 @@ where
         // The op keeps its host copy of x for backward; of the tensors only the ids.
         let (dev, x) = (x.device().clone(), x.ghost());
         // Per-channel mean and 1 / sqrt(var + eps): the batch's (biased variance, two passes
-        // over each channel, partial sums per plane in the float type and across planes in
-        // f64) in training, the running estimates in eval.
+        // over each channel, partial sums in the float type flushed into f64, see `lane_sum`)
+        // in training, the running estimates in eval.
         let (mean, inv_std): (Vec<f64>, Vec<f64>) = if ctx.training {
             let stats: Vec<(f64, f64)> = (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let plane = |i: usize| &xv[(i * c + ch) * hw..][..hw];
-                    let sum: f64 = (0..b).map(|i| lane_sum(plane(i), |v| v)).sum();
-                    let mean = sum / n as f64;
+                    let planes = || (0..b).map(|i| &xv[(i * c + ch) * hw..][..hw]);
+                    let mean = lane_sum(planes(), |v| v) / n as f64;
                     let m = E::of_f64(mean);
-                    let ss: f64 = (0..b)
-                        .map(|i| lane_sum(plane(i), |v| (v - m) * (v - m)))
-                        .sum();
+                    let ss = lane_sum(planes(), |v| (v - m) * (v - m));
                     (mean, ss / n as f64)
                 })
                 .collect();
@@ -152,17 +149,15 @@ where
         // dx = gamma inv_std (dy - dbeta / n - x_hat dgamma / n); in eval dx = gamma inv_std dy.
         tape.add_backward_op(move |grads| {
             let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
-            // Per channel (sum dy, sum dy x_hat): per plane in the float type, then f64.
+            // Per channel (sum dy, sum dy x_hat), as in `lane_sum`.
             let sums: Vec<(f64, f64)> = (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let m = E::of_f64(mean[ch]);
-                    (0..b)
-                        .map(|i| {
-                            let at = (i * c + ch) * hw;
-                            lane_sum2(&go[at..at + hw], &xv[at..at + hw], m)
-                        })
-                        .fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q))
+                    let planes = (0..b).map(|i| {
+                        let at = (i * c + ch) * hw;
+                        (&go[at..at + hw], &xv[at..at + hw])
+                    });
+                    lane_sum2(planes, E::of_f64(mean[ch]))
                 })
                 .collect();
             let sums: Vec<(f64, f64)> = sums
@@ -213,42 +208,64 @@ where
 
 /// Lanes of a vectorised sum: enough independent accumulators to fill two AVX registers of f32.
 const LANES: usize = 16;
+/// Values summed in the float type's lanes before the lanes are added into the f64 total:
+/// bounds the float type's rounding error (a few hundred adds per lane), however many planes.
+const FLUSH: usize = 4096;
 
-/// sum of f(v) over `xs`: `LANES` partial sums in the float type (vectorisable), added in f64.
+/// sum of f(v) over the values of `planes`: `LANES` partial sums in the float type
+/// (vectorisable), added into an f64 total at least every `FLUSH` values. The grouping depends
+/// only on the plane sizes, so the result is the same on any number of threads.
 #[inline]
-fn lane_sum<E: Float>(xs: &[E], f: impl Fn(E) -> E) -> f64 {
-    let mut acc = [E::zero(); LANES];
-    let (pieces, tail) = xs.as_chunks::<LANES>();
-    for piece in pieces {
-        for i in 0..LANES {
-            acc[i] += f(piece[i]);
+fn lane_sum<'a, E: Float>(planes: impl Iterator<Item = &'a [E]>, f: impl Fn(E) -> E) -> f64 {
+    let (mut acc, mut total, mut pending) = ([E::zero(); LANES], 0.0, 0);
+    for plane in planes {
+        let (pieces, tail) = plane.as_chunks::<LANES>();
+        for piece in pieces {
+            for i in 0..LANES {
+                acc[i] += f(piece[i]);
+            }
+        }
+        total += tail.iter().map(|&v| f(v).into_f64()).sum::<f64>();
+        pending += plane.len();
+        if pending >= FLUSH {
+            total += acc.iter().map(|a| a.into_f64()).sum::<f64>();
+            (acc, pending) = ([E::zero(); LANES], 0);
         }
     }
-    let tail: f64 = tail.iter().map(|&v| f(v).into_f64()).sum();
-    acc.iter().map(|a| a.into_f64()).sum::<f64>() + tail
+    total + acc.iter().map(|a| a.into_f64()).sum::<f64>()
 }
 
-/// (sum g, sum g (x - m)) over a plane, like [`lane_sum`].
+/// (sum g, sum g (x - m)) over pairs of planes (g, x), like [`lane_sum`].
 #[inline]
-fn lane_sum2<E: Float>(g: &[E], x: &[E], m: E) -> (f64, f64) {
+fn lane_sum2<'a, E: Float>(planes: impl Iterator<Item = (&'a [E], &'a [E])>, m: E) -> (f64, f64) {
     let (mut s, mut t) = ([E::zero(); LANES], [E::zero(); LANES]);
-    let (gp, gt) = g.as_chunks::<LANES>();
-    let (xp, xt) = x[..g.len()].as_chunks::<LANES>();
-    for (gv, xv) in gp.iter().zip(xp) {
-        for i in 0..LANES {
-            s[i] += gv[i];
-            t[i] += gv[i] * (xv[i] - m);
+    let (mut s64, mut t64, mut pending) = (0.0, 0.0, 0);
+    let flush = |lanes: &mut [E; LANES]| {
+        let sum = lanes.iter().map(|a| a.into_f64()).sum::<f64>();
+        *lanes = [E::zero(); LANES];
+        sum
+    };
+    for (g, x) in planes {
+        let (gp, gt) = g.as_chunks::<LANES>();
+        let (xp, xt) = x[..g.len()].as_chunks::<LANES>();
+        for (gv, xv) in gp.iter().zip(xp) {
+            for i in 0..LANES {
+                s[i] += gv[i];
+                t[i] += gv[i] * (xv[i] - m);
+            }
+        }
+        for (&gv, &xv) in gt.iter().zip(xt) {
+            s64 += gv.into_f64();
+            t64 += (gv * (xv - m)).into_f64();
+        }
+        pending += g.len();
+        if pending >= FLUSH {
+            s64 += flush(&mut s);
+            t64 += flush(&mut t);
+            pending = 0;
         }
     }
-    let (mut s64, mut t64) = (0.0, 0.0);
-    for (&gv, &xv) in gt.iter().zip(xt) {
-        s64 += gv.into_f64();
-        t64 += (gv * (xv - m)).into_f64();
-    }
-    (
-        s.iter().map(|a| a.into_f64()).sum::<f64>() + s64,
-        t.iter().map(|a| a.into_f64()).sum::<f64>() + t64,
-    )
+    (s64 + flush(&mut s), t64 + flush(&mut t))
 }
 
 /// Layer normalisation over the last axis (Ba et al. 2016):
