@@ -354,28 +354,40 @@ where
 
 // Separate functions so that `<Dev as Storage<E>>::Vec` normalises to the concrete buffer type:
 // inside functions that carry a `Dev: Device<E>` bound the projection stays opaque.
+//
+// Host ops also call the two directly on `grads.get_or_alloc_mut(&t.ghost())?`: a ghost keeps a
+// tensor's gradient id without its data, so an op that keeps its own host copy of an input (or
+// needs only the id of its output) does not keep the tensor's memory alive until backward.
+// (`GhostTensor` cannot be named outside dfdx, hence no wrapper taking one.)
+
+/// [`take_grad`] on a gradient buffer already looked up.
 #[cfg(not(feature = "cuda"))]
-fn grad_buffer_to_host<E: Unit>(v: &mut <Cpu as Storage<E>>::Vec) -> Result<Vec<E>, DevError> {
+pub(crate) fn grad_buffer_to_host<E: Unit>(
+    v: &mut <Cpu as Storage<E>>::Vec,
+) -> Result<Vec<E>, DevError> {
     Ok(std::mem::take::<Vec<E>>(v))
 }
 
+/// [`with_grad_mut`] on a gradient buffer already looked up.
 #[cfg(not(feature = "cuda"))]
-fn grad_buffer_apply<E: Unit, R>(
+pub(crate) fn grad_buffer_apply<E: Unit, R>(
     v: &mut <Cpu as Storage<E>>::Vec,
     f: impl FnOnce(&mut [E]) -> R,
 ) -> Result<R, DevError> {
     Ok(f(v))
 }
 
+/// [`take_grad`] on a gradient buffer already looked up.
 #[cfg(feature = "cuda")]
-fn grad_buffer_to_host<E: Unit>(
+pub(crate) fn grad_buffer_to_host<E: Unit>(
     v: &mut <dfdx::tensor::Cuda as Storage<E>>::Vec,
 ) -> Result<Vec<E>, DevError> {
     Ok(v.device().dtoh_sync_copy(v)?)
 }
 
+/// [`with_grad_mut`] on a gradient buffer already looked up.
 #[cfg(feature = "cuda")]
-fn grad_buffer_apply<E: Unit, R>(
+pub(crate) fn grad_buffer_apply<E: Unit, R>(
     v: &mut <dfdx::tensor::Cuda as Storage<E>>::Vec,
     f: impl FnOnce(&mut [E]) -> R,
 ) -> Result<R, DevError> {

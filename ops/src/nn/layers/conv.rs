@@ -3,8 +3,11 @@
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
-use crate::nn::tensor::{host_read, impl_has_params, take_grad, with_grad_mut};
+use crate::nn::tensor::{
+    grad_buffer_apply, grad_buffer_to_host, host_read, impl_has_params, take_grad, with_grad_mut,
+};
 use crate::nn::{Dev, Float, Init, NnError, Param, ParamKind, Tensor3, Tensor4};
 
 /// Cross-correlation of `(batch, in, h, w)` with W: `(out, in, k, k)`, plus b: `(out,)`;
@@ -165,6 +168,9 @@ where
     }
 }
 
+/// A half-open index range `(lo, hi)`.
+type Span = (usize, usize);
+
 /// Where each im2col entry of one sample comes from: row `(c, p, q)`, column `(i, j)` holds
 /// x[c, i stride + p dilation - padding, j stride + q dilation - padding] (0 outside).
 #[derive(Clone, Copy, Debug)]
@@ -221,7 +227,7 @@ impl Im2col {
 
     /// For kernel offset `p` (dilated) along an axis of `n` pixels with `out` outputs: the
     /// outputs `lo..hi` whose input index `o stride + p dilation - padding` lies inside.
-    fn valid(&self, p: usize, n: usize, out: usize) -> (usize, usize) {
+    pub(crate) fn valid(&self, p: usize, n: usize, out: usize) -> (usize, usize) {
         let ConvGeometry {
             stride,
             padding,
@@ -240,44 +246,156 @@ impl Im2col {
         (lo.min(hi), hi)
     }
 
-    /// Fills `cols` (rows x cols) from one sample `x` (c h w), applying ReLU if `relu`.
-    pub fn fill<E: Float>(&self, x: &[E], cols: &mut [E], relu: bool) {
-        let (k, l, (h, w)) = (self.geom.kernel, self.cols(), (self.h, self.w));
+    /// The valid output ranges of every kernel offset: `(rows, cols)`, one `(lo, hi)` per offset
+    /// along each axis (see [`Self::valid`]).
+    fn ranges(&self) -> (Vec<Span>, Vec<Span>) {
+        let k = self.geom.kernel;
+        (
+            (0..k).map(|p| self.valid(p, self.h, self.ho)).collect(),
+            (0..k).map(|q| self.valid(q, self.w, self.wo)).collect(),
+        )
+    }
+
+    /// Stride 1 with as many output as input columns: every valid entry of a row `(c, p, q)` is
+    /// the input plane shifted by a constant, so a row is one contiguous copy (or add), plus the
+    /// few entries that wrap around a line end, which lie outside the input.
+    pub fn is_shift(&self) -> bool {
+        self.geom.stride == 1 && self.wo == self.w
+    }
+
+    /// Backward of one sample for a [shift](Self::is_shift) geometry, without forming columns:
+    /// per kernel offset (p, q) with flat input shift `off`, the valid outputs are one
+    /// contiguous run `start..end` of the flat output (less the entries that wrap around a line
+    /// end), so dW[:, :, p, q] += dy[:, run] x[:, run + off]^T and dx[:, run + off] +=
+    /// W[:, :, p, q]^T dy[:, run], each one strided gemm. The wrapped entries are zeroed in
+    /// copies of dy per column offset q, which makes their terms exact zeros: `masked` holds
+    /// k copies `(o, l)` for dx and k transposed ones `(l, o)` for dW (so that gemm's left
+    /// operand is column-major and not repacked for every offset), plus dy^T: (2 k + 1) o l
+    /// scratch in all.
+    /// `dwt` is dW^T, `(c k k, o)`; `w` is W, `(o, c k k)`; `dy` is `(o, l)`.
+    pub fn shift_backward<E: Float>(
+        &self,
+        x: &[E],
+        dy: &[E],
+        w: &[E],
+        dwt: &mut [E],
+        dx: &mut [E],
+        masked: &mut [E],
+    ) {
+        let (k, l, hw, wo) = (self.geom.kernel, self.cols(), self.h * self.w, self.wo);
+        let (c, o) = (self.c, dy.len() / l.max(1));
+        let (row_ranges, col_ranges) = self.ranges();
+        let ConvGeometry {
+            padding, dilation, ..
+        } = self.geom;
+        // dy^T once (in 16 x 16 tiles, so that both sides are read and written in runs), then
+        // per q the masked copies: lines of dy, or rows of dy^T, zeroed outside jlo..jhi.
+        let (plain, rest) = masked.split_at_mut(k * o * l);
+        let (transposed, dyt) = rest.split_at_mut(k * o * l);
+        const TILE: usize = 16;
+        for o0 in (0..o).step_by(TILE) {
+            for p0 in (0..l).step_by(TILE) {
+                for oi in o0..(o0 + TILE).min(o) {
+                    for pos in p0..(p0 + TILE).min(l) {
+                        dyt[pos * o + oi] = dy[oi * l + pos];
+                    }
+                }
+            }
+        }
+        for (q, &(jlo, jhi)) in col_ranges.iter().enumerate() {
+            let (jlo, jhi) = (jlo.min(wo), jhi.max(jlo).min(wo));
+            let mq = &mut plain[q * o * l..(q + 1) * o * l];
+            mq.copy_from_slice(dy);
+            for line in mq.chunks_exact_mut(wo) {
+                line[..jlo].fill(E::zero());
+                line[jhi..].fill(E::zero());
+            }
+            let mt = &mut transposed[q * o * l..(q + 1) * o * l];
+            mt.copy_from_slice(dyt);
+            for line in mt.chunks_exact_mut(wo * o) {
+                line[..jlo * o].fill(E::zero());
+                line[jhi * o..].fill(E::zero());
+            }
+        }
+        let (plain, transposed) = (&*plain, &*transposed);
+        for (p, &(ilo, ihi)) in row_ranges.iter().enumerate() {
+            for (q, &(jlo, jhi)) in col_ranges.iter().enumerate() {
+                if ilo >= ihi || jlo >= jhi {
+                    continue;
+                }
+                let (start, end) = (ilo * wo + jlo, (ihi - 1) * wo + jhi);
+                // Flat input index of output `start`: (ilo + p d - pad, jlo + q d - pad).
+                let src = (ilo + p * dilation - padding) * self.w + jlo + q * dilation - padding;
+                let (dyq, dyqt) = (
+                    &plain[q * o * l..(q + 1) * o * l],
+                    &transposed[q * o * l..(q + 1) * o * l],
+                );
+                let pq = p * k + q;
+                gemm_strided(
+                    (o, c, end - start),
+                    (&mut dwt[pq * o..], (1, k * k * o)),
+                    true,
+                    (&dyqt[start * o..], (1, o)),
+                    (&x[src..], (1, hw)),
+                );
+                gemm_strided(
+                    (c, end - start, o),
+                    (&mut dx[src..], (hw, 1)),
+                    true,
+                    (&w[pq..], (k * k, c * k * k)),
+                    (&dyq[start..], (l, 1)),
+                );
+            }
+        }
+    }
+
+    /// Fills `cols` (rows x cols) from one sample `x` (c h w).
+    pub fn fill<E: Float>(&self, x: &[E], cols: &mut [E]) {
+        let (k, l, (h, w), wo) = (self.geom.kernel, self.cols(), (self.h, self.w), self.wo);
         let ConvGeometry {
             stride,
             padding,
             dilation,
             ..
         } = self.geom;
+        let (row_ranges, col_ranges) = self.ranges();
+        let shift = self.is_shift();
         for ch in 0..self.c {
             let plane = &x[ch * h * w..(ch + 1) * h * w];
-            for p in 0..k {
-                let (ilo, ihi) = self.valid(p, h, self.ho);
-                for q in 0..k {
+            for (p, &(ilo, ihi)) in row_ranges.iter().enumerate() {
+                for (q, &(jlo, jhi)) in col_ranges.iter().enumerate() {
                     let row = &mut cols[((ch * k + p) * k + q) * l..][..l];
-                    let (jlo, jhi) = self.valid(q, w, self.wo);
-                    for i in 0..self.ho {
-                        let dst = &mut row[i * self.wo..(i + 1) * self.wo];
-                        if i < ilo || i >= ihi || jlo >= jhi {
-                            dst.fill(E::zero());
-                            continue;
+                    if ilo >= ihi || jlo >= jhi {
+                        row.fill(E::zero());
+                        continue;
+                    }
+                    row[..ilo * wo].fill(E::zero());
+                    row[ihi * wo..].fill(E::zero());
+                    let y0 = ilo * stride + p * dilation - padding;
+                    let x0 = jlo * stride + q * dilation - padding;
+                    if shift {
+                        let (start, end) = (ilo * wo + jlo, (ihi - 1) * wo + jhi);
+                        let src = y0 * w + x0;
+                        row[start..end].copy_from_slice(&plane[src..src + end - start]);
+                        if jlo > 0 || jhi < wo {
+                            for line in row[ilo * wo..ihi * wo].chunks_exact_mut(wo) {
+                                line[..jlo].fill(E::zero());
+                                line[jhi..].fill(E::zero());
+                            }
                         }
-                        let y = i * stride + p * dilation - padding;
-                        let x0 = jlo * stride + q * dilation - padding;
+                        continue;
+                    }
+                    for (di, line) in row[ilo * wo..ihi * wo].chunks_exact_mut(wo).enumerate() {
+                        let y = y0 + di * stride;
                         let src = &plane[y * w..(y + 1) * w];
-                        dst[..jlo].fill(E::zero());
-                        dst[jhi..].fill(E::zero());
-                        let dst = &mut dst[jlo..jhi];
+                        line[..jlo].fill(E::zero());
+                        line[jhi..].fill(E::zero());
+                        let dst = &mut line[jlo..jhi];
                         if stride == 1 {
                             dst.copy_from_slice(&src[x0..x0 + dst.len()]);
                         } else {
                             for (d, s) in dst.iter_mut().zip(src[x0..].iter().step_by(stride)) {
                                 *d = *s;
-                            }
-                        }
-                        if relu {
-                            for d in dst.iter_mut() {
-                                *d = d.max(E::zero());
                             }
                         }
                     }
@@ -286,29 +404,50 @@ impl Im2col {
         }
     }
 
-    /// col2im: adds each entry of `dcols` (rows x cols) to the pixel of `dx` (c h w) it came from.
-    pub fn scatter_add<E: Float>(&self, dcols: &[E], dx: &mut [E]) {
-        let (k, l, (h, w)) = (self.geom.kernel, self.cols(), (self.h, self.w));
+    /// col2im: adds each entry of `dcols` (rows x cols) to the pixel of `dx` (c h w) it came
+    /// from. `dcols` is scratch: the entries that map outside the input may be overwritten.
+    pub fn scatter_add<E: Float>(&self, dcols: &mut [E], dx: &mut [E]) {
+        let (k, l, (h, w), wo) = (self.geom.kernel, self.cols(), (self.h, self.w), self.wo);
         let ConvGeometry {
             stride,
             padding,
             dilation,
             ..
         } = self.geom;
+        let (row_ranges, col_ranges) = self.ranges();
+        let shift = self.is_shift();
         for ch in 0..self.c {
             let plane = &mut dx[ch * h * w..(ch + 1) * h * w];
-            for p in 0..k {
-                let (ilo, ihi) = self.valid(p, h, self.ho);
-                for q in 0..k {
-                    let row = &dcols[((ch * k + p) * k + q) * l..][..l];
-                    let (jlo, jhi) = self.valid(q, w, self.wo);
-                    if jlo >= jhi {
+            for (p, &(ilo, ihi)) in row_ranges.iter().enumerate() {
+                for (q, &(jlo, jhi)) in col_ranges.iter().enumerate() {
+                    if ilo >= ihi || jlo >= jhi {
                         continue;
                     }
-                    for i in ilo..ihi {
-                        let y = i * stride + p * dilation - padding;
-                        let x0 = jlo * stride + q * dilation - padding;
-                        let src = &row[i * self.wo + jlo..i * self.wo + jhi];
+                    let row = &mut dcols[((ch * k + p) * k + q) * l..][..l];
+                    let y0 = ilo * stride + p * dilation - padding;
+                    let x0 = jlo * stride + q * dilation - padding;
+                    if shift {
+                        // Zero the entries that wrap around a line end, then add the valid rows
+                        // as one contiguous run.
+                        if jlo > 0 || jhi < wo {
+                            for line in row[ilo * wo..ihi * wo].chunks_exact_mut(wo) {
+                                line[..jlo].fill(E::zero());
+                                line[jhi..].fill(E::zero());
+                            }
+                        }
+                        let (start, end) = (ilo * wo + jlo, (ihi - 1) * wo + jhi);
+                        let dst = y0 * w + x0;
+                        for (d, s) in plane[dst..dst + end - start]
+                            .iter_mut()
+                            .zip(&row[start..end])
+                        {
+                            *d += *s;
+                        }
+                        continue;
+                    }
+                    for (di, line) in row[ilo * wo..ihi * wo].chunks_exact(wo).enumerate() {
+                        let y = y0 + di * stride;
+                        let src = &line[jlo..jhi];
                         let dst = &mut plane[y * w..(y + 1) * w];
                         if stride == 1 {
                             for (d, s) in dst[x0..x0 + src.len()].iter_mut().zip(src) {
@@ -326,33 +465,66 @@ impl Im2col {
     }
 }
 
-/// Row-major `c (m, n) (+)= a (m, k) @ b (k, n)`, where `a_t` / `b_t` mean the slice holds the
-/// transpose (`(k, m)` / `(n, k)`); `accumulate` adds to `c` instead of overwriting it.
-/// One thread: callers parallelise over samples.
+/// Row-major `c (m, n) (+)= a (m, k) @ b (k, n)`, where `c_t` / `a_t` / `b_t` mean the slice
+/// holds the transpose (`(n, m)` / `(k, m)` / `(n, k)`); `accumulate` adds to `c` instead of
+/// overwriting it. One thread: callers parallelise over samples.
+///
+/// gemm works on a column-major destination (it transposes the problem otherwise) and packs
+/// its left operand unless that is column-major too; so when both operands are stored with `k`
+/// contiguous, `c_t` with the small operand as `a` keeps the large one from being repacked.
 #[allow(clippy::too_many_arguments)]
 fn matmul<E: Float>(
     (m, n, k): (usize, usize, usize),
     c: &mut [E],
+    c_t: bool,
     accumulate: bool,
     a: &[E],
     a_t: bool,
     b: &[E],
     b_t: bool,
 ) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
-    // SAFETY: the slices hold at least the m x n, m x k and k x n elements the strides address
-    // (asserted above) and `c` does not alias `a` or `b` (it is borrowed mutably). `E` is f32 or
-    // f64, the types gemm supports.
+    let c_s = if c_t { (1, m) } else { (n, 1) };
+    let a_s = if a_t { (1, m) } else { (k, 1) };
+    let b_s = if b_t { (1, k) } else { (n, 1) };
+    gemm_strided((m, n, k), (c, c_s), accumulate, (a, a_s), (b, b_s));
+}
+
+/// `c (m, n) (+)= a (m, k) @ b (k, n)` on strided views: `(slice, (row stride, column stride))`,
+/// entry (i, j) at `slice[i rs + j cs]`. One thread.
+fn gemm_strided<E: Float>(
+    (m, n, k): (usize, usize, usize),
+    (c, (c_rs, c_cs)): (&mut [E], (usize, usize)),
+    accumulate: bool,
+    (a, (a_rs, a_cs)): (&[E], (usize, usize)),
+    (b, (b_rs, b_cs)): (&[E], (usize, usize)),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // One past the last entry a (rows, cols) view addresses.
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(
+        c.len() >= extent(m, n, c_rs, c_cs)
+            && a.len() >= extent(m, k, a_rs, a_cs)
+            && b.len() >= extent(k, n, b_rs, b_cs)
+    );
+    // SAFETY: every entry the strides address lies inside its slice (asserted above), and `c`
+    // does not alias `a` or `b` (it is borrowed mutably). `E` is f32 or f64, the types gemm
+    // supports.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            c_cs as isize,
+            c_rs as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,
@@ -370,11 +542,50 @@ fn matmul<E: Float>(
     }
 }
 
+/// `c (m, n) = a (m, k) @ b (k, n)`, all row-major, into memory not yet initialised; returns `c`
+/// initialised. One thread.
+fn matmul_uninit<'c, E: Float>(
+    (m, n, k): (usize, usize, usize),
+    c: &'c mut [MaybeUninit<E>],
+    a: &[E],
+    b: &[E],
+) -> &'c mut [E] {
+    assert!(c.len() == m * n && a.len() >= m * k && b.len() >= k * n);
+    // SAFETY: as in `matmul`; with `read_dst` false gemm only writes `c` (dst := a b), every one
+    // of its m n entries, so afterwards `c` is initialised and may be viewed as `[E]`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr().cast::<E>(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            E::one(),
+            E::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+        &mut *(c as *mut [MaybeUninit<E>] as *mut [E])
+    }
+}
+
 /// Convolution (optionally of `relu(x)`) as one host op: per sample, im2col into a scratch buffer
 /// (none for 1x1 stride-1 kernels), a matmul with W: `(out, c k k)`, plus the bias; samples in
-/// parallel on rayon. Only `x` is kept for backward, which rebuilds each sample's columns:
-/// dW = sum_n dy_n cols_n^T, dx_n = col2im(W^T dy_n) (masked by x > 0 under the ReLU),
-/// db = sum of dy over batch and pixels.
+/// parallel on rayon. The op keeps its host copy of the input (under the ReLU, `relu(x)`: formed
+/// once per sample, not once per kernel offset) for backward, which rebuilds each sample's
+/// columns: dW = sum_n dy_n cols_n^T, dx_n = col2im(W^T dy_n) (masked by relu(x) > 0, i.e.
+/// x > 0, under the ReLU), db = sum of dy over batch and pixels. Input and output tensors are
+/// held as ghosts (gradient ids only).
 ///
 /// dfdx 0.13 gates its conv2d behind the nightly compiler. On CUDA this op copies through the
 /// host (`host_read`, `take_grad`, `with_grad_mut`): correct, but slow.
@@ -394,94 +605,120 @@ where
     if weight.numel() != o * ckk {
         return Err(NnError::shape("conv2d weight", (o, ckk), &weight.shape));
     }
-    let direct = g.is_identity() && !relu_input;
+    let direct = g.is_identity();
+    let shift = g.is_shift() && !direct;
     let x = x.try_contiguous()?;
     let (x, mut tape) = x.split_tape();
-    let (xv, wv) = (host_read(&x), host_read(&weight.value));
-    let bv = bias.map(|p| host_read(&p.value));
-    let mut y = vec![E::zero(); b * o * l];
+    let mut xv = host_read(&x);
+    let (dev, x) = (x.device().clone(), x.ghost());
+    if relu_input {
+        relu_in_place(&mut xv, chw);
+    }
+    let (wv, bv) = (host_read(&weight.value), bias.map(|p| host_read(&p.value)));
     let scratch = if direct { 0 } else { ckk * l };
-    y.par_chunks_mut(o * l)
-        .zip(xv.par_chunks(chw))
-        .for_each_init(
-            || vec![E::zero(); scratch],
-            |cols, (yn, xn)| {
+    // Samples in fixed chunks (set by the batch size, not the thread count), one scratch
+    // buffer per chunk; in backward the chunks' partial dW and db are summed in order, so the
+    // result is bit-identical from run to run.
+    let chunk = b.div_ceil(8).max(1);
+    let mut y = Vec::with_capacity(b * o * l);
+    y.spare_capacity_mut()
+        .par_chunks_mut(chunk * o * l)
+        .zip(xv.par_chunks(chunk * chw))
+        .for_each(|(yc, xc)| {
+            let mut cols = vec![E::zero(); scratch];
+            for (yn, xn) in yc.chunks_mut(o * l).zip(xc.chunks(chw)) {
                 let src: &[E] = if direct {
                     xn
                 } else {
-                    g.fill(xn, cols, relu_input);
-                    cols
+                    g.fill(xn, &mut cols);
+                    &cols
                 };
-                matmul((o, l, ckk), yn, false, &wv, false, src, false);
+                let yn = matmul_uninit((o, l, ckk), yn, &wv, src);
                 if let Some(bv) = &bv {
                     for (row, &bo) in yn.chunks_mut(l).zip(bv) {
                         row.iter_mut().for_each(|v| *v += bo);
                     }
                 }
-            },
-        );
-    drop(xv);
-    let out = x.device().try_tensor_from_vec(y, (b, o, g.ho, g.wo))?;
-    let out_id = out.clone();
+            }
+        });
+    // SAFETY: the chunks cover all b o l entries and `matmul_uninit` wrote every one of them.
+    unsafe { y.set_len(b * o * l) };
+    let out = dev.try_tensor_from_vec(y, (b, o, g.ho, g.wo))?;
+    let out_id = out.ghost();
     let (weight, bias) = (weight.value.clone(), bias.map(|p| p.value.clone()));
+    let has_bias = bias.is_some();
     tape.add_backward_op(move |grads| {
-        let go = take_grad(grads, &out_id)?;
-        let (xv, wv) = (host_read(&x), host_read(&weight));
-        // Samples in fixed chunks (set by the batch size, not the thread count) whose partial
-        // dW and db are summed in order: the result is bit-identical from run to run.
-        let chunk = b.div_ceil(8).max(1);
-        let partials = with_grad_mut(grads, &x, |gx| {
+        let go = grad_buffer_to_host(grads.get_or_alloc_mut(&out_id)?)?;
+        let wv = host_read(&weight);
+        let partials = grad_buffer_apply(grads.get_or_alloc_mut(&x)?, |gx| {
             gx.par_chunks_mut(chunk * chw)
                 .zip(xv.par_chunks(chunk * chw))
                 .zip(go.par_chunks(chunk * o * l))
                 .map(|((gxc, xc), goc)| {
-                    let (mut dw, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
-                    let (mut cols, mut dcols) =
-                        (vec![E::zero(); scratch], vec![E::zero(); scratch]);
+                    // dW^T: (c k k, o); see `matmul` on why transposed.
+                    let (mut dwt, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
+                    // Columns, then their gradient, in one buffer; a shift geometry needs
+                    // neither, only k masked copies of dy.
+                    let mut cols = vec![E::zero(); if shift { 0 } else { scratch }];
+                    let mut masked = vec![
+                        E::zero();
+                        if shift {
+                            (2 * g.geom.kernel + 1) * o * l
+                        } else {
+                            0
+                        }
+                    ];
                     let mut dx = vec![E::zero(); if relu_input { chw } else { 0 }];
                     let samples = gxc
                         .chunks_mut(chw)
                         .zip(xc.chunks(chw))
                         .zip(goc.chunks(o * l));
                     for ((gxn, xn), gon) in samples {
-                        for (acc, row) in db.iter_mut().zip(gon.chunks(l)) {
-                            *acc += row.iter().fold(E::zero(), |s, &v| s + v);
+                        if has_bias {
+                            for (acc, row) in db.iter_mut().zip(gon.chunks(l)) {
+                                *acc += row.iter().fold(E::zero(), |s, &v| s + v);
+                            }
                         }
-                        let src: &[E] = if direct {
-                            xn
+                        // Under the ReLU the gradient goes to a scratch image first, then
+                        // through the mask relu(x) > 0.
+                        let target: &mut [E] = if relu_input {
+                            dx.fill(E::zero());
+                            &mut dx
                         } else {
-                            g.fill(xn, &mut cols, relu_input);
-                            &cols
+                            gxn
                         };
-                        matmul((o, ckk, l), &mut dw, true, gon, false, src, true);
-                        if direct {
-                            matmul((ckk, l, o), gxn, true, &wv, true, gon, false);
+                        if shift {
+                            g.shift_backward(xn, gon, &wv, &mut dwt, target, &mut masked);
+                        } else if direct {
+                            matmul((o, ckk, l), &mut dwt, true, true, gon, false, xn, true);
+                            matmul((ckk, l, o), target, false, true, &wv, true, gon, false);
                         } else {
-                            matmul((ckk, l, o), &mut dcols, false, &wv, true, gon, false);
-                            if relu_input {
-                                dx.fill(E::zero());
-                                g.scatter_add(&dcols, &mut dx);
-                                for ((gv, &d), &xi) in gxn.iter_mut().zip(&dx).zip(xn) {
-                                    if xi > E::zero() {
-                                        *gv += d;
-                                    }
-                                }
-                            } else {
-                                g.scatter_add(&dcols, gxn);
+                            g.fill(xn, &mut cols);
+                            matmul((o, ckk, l), &mut dwt, true, true, gon, false, &cols, true);
+                            matmul((ckk, l, o), &mut cols, false, false, &wv, true, gon, false);
+                            g.scatter_add(&mut cols, target);
+                        }
+                        if relu_input {
+                            for ((gv, &d), &xi) in gxn.iter_mut().zip(&dx).zip(xn) {
+                                *gv += if xi > E::zero() { d } else { E::zero() };
                             }
                         }
                     }
-                    (dw, db)
+                    (dwt, db)
                 })
                 .collect::<Vec<_>>()
         })?;
-        let (mut dw, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
+        let (mut dwt, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
         for (pw, pb) in partials {
-            dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+            dwt.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
             db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
         }
         with_grad_mut(grads, &weight, |gw| {
-            gw.iter_mut().zip(&dw).for_each(|(a, &b)| *a += b)
+            for (r, gr) in gw.chunks_mut(ckk).enumerate() {
+                for (ci, g) in gr.iter_mut().enumerate() {
+                    *g += dwt[ci * o + r];
+                }
+            }
         })?;
         if let Some(bias) = &bias {
             with_grad_mut(grads, bias, |gb| {
@@ -491,6 +728,12 @@ where
         Ok(())
     });
     Ok(out.put_tape(tape))
+}
+
+/// x <- max(x, 0), in parallel over pieces of `piece` values.
+fn relu_in_place<E: Float>(x: &mut [E], piece: usize) {
+    x.par_chunks_mut(piece.max(1))
+        .for_each(|p| p.iter_mut().for_each(|v| *v = v.max(E::zero())));
 }
 
 /// im2col: `(batch, c, h, w)` -> `(batch, c k k, h' w')`, the columns of [`Im2col`] for every
@@ -519,14 +762,14 @@ where
     let mut cols = vec![E::zero(); b * rows * l];
     cols.par_chunks_mut(rows * l)
         .zip(xv.par_chunks(chw))
-        .for_each(|(cs, xs)| g.fill(xs, cs, false));
+        .for_each(|(cs, xs)| g.fill(xs, cs));
     let out = x.device().try_tensor_from_vec(cols, (b, rows, l))?;
     let out_id = out.clone();
     tape.add_backward_op(move |grads| {
-        let go = take_grad(grads, &out_id)?;
+        let mut go = take_grad(grads, &out_id)?;
         with_grad_mut(grads, &x, |gx| {
             gx.par_chunks_mut(chw)
-                .zip(go.par_chunks(rows * l))
+                .zip(go.par_chunks_mut(rows * l))
                 .for_each(|(gxs, gs)| g.scatter_add(gs, gxs))
         })?;
         Ok(())
@@ -632,6 +875,19 @@ mod tests {
                 padding: 1,
                 dilation: 1,
             },
+            // Stride 1 and output as wide as the input: the shifted-row gather.
+            ConvGeometry {
+                kernel: 3,
+                stride: 1,
+                padding: 2,
+                dilation: 2,
+            },
+            ConvGeometry {
+                kernel: 3,
+                stride: 1,
+                padding: 0,
+                dilation: 1,
+            },
         ] {
             let l = conv(geom, true);
             let x = rand_tensor(&dev, (2, 2, 5, 6), 4);
@@ -673,6 +929,12 @@ mod tests {
                 kernel: 2,
                 stride: 2,
                 padding: 1,
+                dilation: 2,
+            },
+            ConvGeometry {
+                kernel: 3,
+                stride: 1,
+                padding: 2,
                 dilation: 2,
             },
         ] {

@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 
-use super::tensor::{host_read, take_grad, with_grad_mut};
+use super::tensor::{grad_buffer_apply, grad_buffer_to_host, host_read, take_grad, with_grad_mut};
 use super::{Dev, Float, NnError};
 
 /// What a forward pass needs besides its input: train or eval behaviour (BatchNorm statistics,
@@ -95,6 +95,60 @@ where
     Ok(out.put_tape(tape))
 }
 
+/// x_1 + ... + x_n (n >= 1, all of one shape) as one host op: the sum in one parallel pass per
+/// addend, and in backward the output gradient added to each addend's (twice for an addend
+/// passed twice). Replaces n - 1 binary adds, which each allocate an output and a gradient and
+/// run on one thread. TensorFlow calls this `add_n`. On CUDA it copies through the host (slow
+/// path).
+pub fn add_n<S: Shape, E: Float, T: Tape<E, Dev>>(
+    xs: Vec<Tensor<S, E, Dev, T>>,
+) -> Result<Tensor<S, E, Dev, T>, NnError>
+where
+    Dev: Device<E>,
+{
+    // Elements per parallel task.
+    const PIECE: usize = 1 << 14;
+    let mut xs = xs.into_iter();
+    let Some(first) = xs.next() else {
+        return Err(NnError::shape("add_n addends", ">= 1", 0));
+    };
+    let shape = *first.shape();
+    let (first, mut tape) = first.try_contiguous()?.split_tape();
+    let mut y = host_read(&first);
+    let dev = first.device().clone();
+    let mut addends = vec![first.ghost()];
+    for x in xs {
+        if x.shape().concrete() != shape.concrete() {
+            return Err(NnError::shape(
+                "add_n addend",
+                shape.concrete(),
+                x.shape().concrete(),
+            ));
+        }
+        let (x, t) = x.try_contiguous()?.split_tape();
+        tape = tape.merge(t);
+        let xv = host_read(&x);
+        y.par_chunks_mut(PIECE)
+            .zip(xv.par_chunks(PIECE))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
+        addends.push(x.ghost());
+    }
+    let out = dev.try_tensor_from_vec(y, shape)?;
+    let out_id = out.ghost();
+    tape.add_backward_op(move |grads| {
+        let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
+        for x in &addends {
+            grad_buffer_apply::<E, _>(grads.get_or_alloc_mut(x)?, |gx| {
+                gx.par_chunks_mut(PIECE)
+                    .zip(go.par_chunks(PIECE))
+                    .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b))
+            })?;
+        }
+        Ok(())
+    });
+    Ok(out.put_tape(tape))
+}
+
 /// Inverted dropout: in training, zero each element with probability `p` and scale the rest by
 /// 1 / (1 - p); the identity in eval. The mask comes from `ctx.rng`, so runs are reproducible.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -158,6 +212,34 @@ mod tests {
         let x = super::super::tensor::from_vec(&dev, vals, (3, 5)).unwrap();
         check_input_grad(&x, relu, 1e-6);
         check_input_grad(&x, gelu, 1e-6);
+    }
+
+    #[test]
+    fn add_n_sums_and_gives_each_addend_the_gradient() {
+        let dev = Dev::default();
+        let (a, b) = (rand_tensor(&dev, (2, 3), 1), rand_tensor(&dev, (2, 3), 2));
+        let y = add_n(vec![a.clone(), b.clone(), a.clone()])
+            .unwrap()
+            .as_vec();
+        for ((y, a), b) in y.iter().zip(a.as_vec()).zip(b.as_vec()) {
+            assert!((y - (2.0 * a + b)).abs() < 1e-12);
+        }
+        // The same tensor twice (as two skip edges from one node hand it over), plus another.
+        check_input_grad(
+            &a,
+            |t| {
+                let (v, tape) = t.split_tape();
+                let twice = v.clone().put_tape(Default::default());
+                add_n(vec![
+                    v.put_tape(tape),
+                    b.clone().put_tape(Default::default()),
+                    twice,
+                ])
+            },
+            1e-6,
+        );
+        assert!(add_n::<(usize,), f64, NoneTape>(vec![]).is_err());
+        assert!(add_n(vec![a.clone(), rand_tensor(&dev, (3, 2), 3)]).is_err());
     }
 
     #[test]

@@ -4,7 +4,9 @@ use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rayon::prelude::*;
 
 use crate::nn::layers::ForwardCtx;
-use crate::nn::tensor::{host_read, impl_has_params, take_grad, with_grad_mut};
+use crate::nn::tensor::{
+    grad_buffer_apply, grad_buffer_to_host, host_read, impl_has_params, with_grad_mut,
+};
 use crate::nn::{Dev, Float, NnError, Param, ParamKind, Tensor3, Tensor4};
 
 /// Batch normalisation over `(batch, h, w)` per channel (Ioffe & Szegedy 2015, Alg. 1):
@@ -75,20 +77,19 @@ where
         let x = x.try_contiguous()?;
         let (x, mut tape) = x.split_tape();
         let xv = host_read(&x);
+        // The op keeps its host copy of x for backward; of the tensors only the ids.
+        let (dev, x) = (x.device().clone(), x.ghost());
         // Per-channel mean and 1 / sqrt(var + eps): the batch's (biased variance, two passes
-        // over each channel, accumulated in f64) in training, the running estimates in eval.
+        // over each channel, partial sums in the float type flushed into f64, see `lane_sum`)
+        // in training, the running estimates in eval.
         let (mean, inv_std): (Vec<f64>, Vec<f64>) = if ctx.training {
             let stats: Vec<(f64, f64)> = (0..c)
                 .into_par_iter()
                 .map(|ch| {
                     let planes = || (0..b).map(|i| &xv[(i * c + ch) * hw..][..hw]);
-                    let sum: f64 = planes()
-                        .map(|p| p.iter().map(|v| v.into_f64()).sum::<f64>())
-                        .sum();
-                    let mean = sum / n as f64;
-                    let ss: f64 = planes()
-                        .map(|p| p.iter().map(|v| (v.into_f64() - mean).powi(2)).sum::<f64>())
-                        .sum();
+                    let mean = lane_sum(planes(), |v| v) / n as f64;
+                    let m = E::of_f64(mean);
+                    let ss = lane_sum(planes(), |v| (v - m) * (v - m));
                     (mean, ss / n as f64)
                 })
                 .collect();
@@ -126,44 +127,45 @@ where
                 E::of_f64(beta[ch].into_f64() - mean[ch] * inv_std[ch] * gamma[ch].into_f64())
             })
             .collect();
-        let mut y = vec![E::zero(); xv.len()];
-        y.par_chunks_mut(hw)
+        let mut y = Vec::with_capacity(xv.len());
+        y.spare_capacity_mut()
+            .par_chunks_mut(hw)
             .zip(xv.par_chunks(hw))
             .enumerate()
             .for_each(|(plane, (yp, xp))| {
                 let (a, s) = (scale[plane % c], shift[plane % c]);
                 for (yv, &xi) in yp.iter_mut().zip(xp) {
-                    *yv = xi * a + s;
+                    yv.write(xi * a + s);
                 }
             });
-        drop(xv);
-        let out = x.device().try_tensor_from_vec(y, shape)?;
-        let out_id = out.clone();
+        // SAFETY: the planes cover all of `y`'s capacity, each entry written above.
+        unsafe { y.set_len(xv.len()) };
+        let out = dev.try_tensor_from_vec(y, shape)?;
+        let out_id = out.ghost();
         let (weight, bias) = (self.weight.value.clone(), self.bias.value.clone());
         let training = ctx.training;
         // Backward (Ioffe & Szegedy 2015, Sec. 3), x_hat = (x - mu) inv_std, sums over (b, h, w):
         // dbeta = sum dy, dgamma = sum dy x_hat, and in training
         // dx = gamma inv_std (dy - dbeta / n - x_hat dgamma / n); in eval dx = gamma inv_std dy.
         tape.add_backward_op(move |grads| {
-            let go = take_grad(grads, &out_id)?;
-            let xv = host_read(&x);
+            let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
+            // Per channel (sum dy, sum dy x_hat), as in `lane_sum`.
             let sums: Vec<(f64, f64)> = (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let (mu, is) = (mean[ch], inv_std[ch]);
-                    let (mut sdy, mut sdyx) = (0.0, 0.0);
-                    for i in 0..b {
+                    let planes = (0..b).map(|i| {
                         let at = (i * c + ch) * hw;
-                        for (g, xi) in go[at..at + hw].iter().zip(&xv[at..at + hw]) {
-                            let g = g.into_f64();
-                            sdy += g;
-                            sdyx += g * (xi.into_f64() - mu) * is;
-                        }
-                    }
-                    (sdy, sdyx)
+                        (&go[at..at + hw], &xv[at..at + hw])
+                    });
+                    lane_sum2(planes, E::of_f64(mean[ch]))
                 })
                 .collect();
-            with_grad_mut(grads, &x, |gx| {
+            let sums: Vec<(f64, f64)> = sums
+                .iter()
+                .zip(&inv_std)
+                .map(|(&(sdy, sdyxm), &is)| (sdy, sdyxm * is))
+                .collect();
+            grad_buffer_apply::<E, _>(grads.get_or_alloc_mut(&x)?, |gx| {
                 gx.par_chunks_mut(hw)
                     .zip(xv.par_chunks(hw))
                     .zip(go.par_chunks(hw))
@@ -202,6 +204,68 @@ where
         });
         Ok(out.put_tape(tape))
     }
+}
+
+/// Lanes of a vectorised sum: enough independent accumulators to fill two AVX registers of f32.
+const LANES: usize = 16;
+/// Values summed in the float type's lanes before the lanes are added into the f64 total:
+/// bounds the float type's rounding error (a few hundred adds per lane), however many planes.
+const FLUSH: usize = 4096;
+
+/// sum of f(v) over the values of `planes`: `LANES` partial sums in the float type
+/// (vectorisable), added into an f64 total at least every `FLUSH` values. The grouping depends
+/// only on the plane sizes, so the result is the same on any number of threads.
+#[inline]
+fn lane_sum<'a, E: Float>(planes: impl Iterator<Item = &'a [E]>, f: impl Fn(E) -> E) -> f64 {
+    let (mut acc, mut total, mut pending) = ([E::zero(); LANES], 0.0, 0);
+    for plane in planes {
+        let (pieces, tail) = plane.as_chunks::<LANES>();
+        for piece in pieces {
+            for i in 0..LANES {
+                acc[i] += f(piece[i]);
+            }
+        }
+        total += tail.iter().map(|&v| f(v).into_f64()).sum::<f64>();
+        pending += plane.len();
+        if pending >= FLUSH {
+            total += acc.iter().map(|a| a.into_f64()).sum::<f64>();
+            (acc, pending) = ([E::zero(); LANES], 0);
+        }
+    }
+    total + acc.iter().map(|a| a.into_f64()).sum::<f64>()
+}
+
+/// (sum g, sum g (x - m)) over pairs of planes (g, x), like [`lane_sum`].
+#[inline]
+fn lane_sum2<'a, E: Float>(planes: impl Iterator<Item = (&'a [E], &'a [E])>, m: E) -> (f64, f64) {
+    let (mut s, mut t) = ([E::zero(); LANES], [E::zero(); LANES]);
+    let (mut s64, mut t64, mut pending) = (0.0, 0.0, 0);
+    let flush = |lanes: &mut [E; LANES]| {
+        let sum = lanes.iter().map(|a| a.into_f64()).sum::<f64>();
+        *lanes = [E::zero(); LANES];
+        sum
+    };
+    for (g, x) in planes {
+        let (gp, gt) = g.as_chunks::<LANES>();
+        let (xp, xt) = x[..g.len()].as_chunks::<LANES>();
+        for (gv, xv) in gp.iter().zip(xp) {
+            for i in 0..LANES {
+                s[i] += gv[i];
+                t[i] += gv[i] * (xv[i] - m);
+            }
+        }
+        for (&gv, &xv) in gt.iter().zip(xt) {
+            s64 += gv.into_f64();
+            t64 += (gv * (xv - m)).into_f64();
+        }
+        pending += g.len();
+        if pending >= FLUSH {
+            s64 += flush(&mut s);
+            t64 += flush(&mut t);
+            pending = 0;
+        }
+    }
+    (s64 + flush(&mut s), t64 + flush(&mut t))
 }
 
 /// Layer normalisation over the last axis (Ba et al. 2016):

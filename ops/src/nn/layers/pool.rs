@@ -3,7 +3,9 @@
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rayon::prelude::*;
 
-use crate::nn::tensor::{host_read, take_grad, with_grad_mut};
+use super::conv::Im2col;
+use super::ConvGeometry;
+use crate::nn::tensor::{grad_buffer_apply, grad_buffer_to_host, host_read};
 use crate::nn::{Dev, Float, NnError, Tensor2, Tensor4};
 
 /// Average over `kernel x kernel` windows. With `count_include_pad = false` the padded border
@@ -21,12 +23,6 @@ pub struct AvgPool2d {
 }
 
 impl AvgPool2d {
-    fn out_size(&self, n: usize) -> Option<usize> {
-        (n + 2 * self.padding)
-            .checked_sub(self.kernel)
-            .map(|r| r / self.stride + 1)
-    }
-
     /// `(batch, c, h, w)` -> `(batch, c, h', w')`.
     pub fn forward<E: Float, T: Tape<E, Dev>>(
         &self,
@@ -42,38 +38,49 @@ impl AvgPool2d {
             ));
         }
         let (b, c, h, w) = *x.shape();
-        let (Some(ho), Some(wo)) = (self.out_size(h), self.out_size(w)) else {
+        let (kernel, stride, padding) = (self.kernel, self.stride, self.padding);
+        let geom = ConvGeometry {
+            kernel,
+            stride,
+            padding,
+            dilation: 1,
+        };
+        // The pooling windows are those of a convolution with this geometry.
+        let Some(g) = Im2col::new(geom, 1, h, w) else {
             return Err(NnError::shape(
                 "avg pool input",
-                format!(">= kernel {}", self.kernel),
+                format!(">= kernel {kernel}"),
                 (h, w),
             ));
         };
-        let (kernel, stride, padding) = (self.kernel, self.stride, self.padding);
-        // Per output position along one axis: the input range of its window and, for
-        // count_include_pad, the full window size; otherwise the real pixels only.
-        let windows = |n: usize, out: usize| -> Vec<(usize, usize)> {
-            (0..out)
-                .map(|o| {
-                    let start = (o * stride) as isize - padding as isize;
-                    let lo = start.max(0) as usize;
-                    let hi = ((start + kernel as isize).max(0) as usize).min(n);
-                    (lo, hi.max(lo))
-                })
-                .collect()
-        };
-        let (rows, colsw) = (windows(h, ho), windows(w, wo));
+        let (ho, wo) = (g.ho, g.wo);
+        // Per output row: the input rows of its window; per kernel column offset q: the output
+        // columns j whose input column j stride + q - padding is inside.
+        let rows: Vec<(usize, usize)> = (0..ho)
+            .map(|i| {
+                let start = (i * stride) as isize - padding as isize;
+                let lo = start.max(0) as usize;
+                let hi = ((start + kernel as isize).max(0) as usize).min(h);
+                (lo, hi.max(lo))
+            })
+            .collect();
+        let col_ranges: Vec<(usize, usize)> = (0..kernel).map(|q| g.valid(q, w, wo)).collect();
         let full = (kernel * kernel) as f64;
         let count_include_pad = self.count_include_pad;
         // 1 / (pixels averaged) for output (i, j).
         let inv: Vec<E> = rows
             .iter()
             .flat_map(|&(a, b)| {
-                colsw.iter().map(move |&(c, d)| {
+                let col_ranges = &col_ranges;
+                (0..wo).map(move |j| {
                     let n = if count_include_pad {
                         full
                     } else {
-                        ((b - a) * (d - c)) as f64
+                        let cols = col_ranges
+                            .iter()
+                            .filter(|&&(lo, hi)| (lo..hi).contains(&j))
+                            .count();
+                        ((b - a) * cols) as f64
                     };
                     E::of_f64(1.0 / n.max(1.0))
                 })
@@ -82,38 +89,68 @@ impl AvgPool2d {
         let x = x.try_contiguous()?;
         let (x, mut tape) = x.split_tape();
         let xv = host_read(&x);
+        // Backward needs only the gradient ids of input and output, not their values.
+        let (dev, x) = (x.device().clone(), x.ghost());
         let (hw, l) = (h * w, ho * wo);
+        // Each output row is the sum, over the rows of its window and the kernel's column
+        // offsets, of shifted input row pieces (contiguous for stride 1, so vectorised).
         let mut y = vec![E::zero(); b * c * l];
         y.par_chunks_mut(l)
             .zip(xv.par_chunks(hw))
             .for_each(|(yp, xp)| {
-                for (i, &(a, bb)) in rows.iter().enumerate() {
-                    for (j, &(cc, d)) in colsw.iter().enumerate() {
-                        let mut acc = E::zero();
-                        for r in a..bb {
-                            for v in &xp[r * w + cc..r * w + d] {
-                                acc += *v;
+                for (i, (yr, &(a, bb))) in yp.chunks_exact_mut(wo).zip(&rows).enumerate() {
+                    for r in a..bb {
+                        let xr = &xp[r * w..(r + 1) * w];
+                        for (q, &(lo, hi)) in col_ranges.iter().enumerate() {
+                            let x0 = lo * stride + q - padding;
+                            let dst = &mut yr[lo..hi.max(lo)];
+                            if stride == 1 {
+                                for (d, s) in dst.iter_mut().zip(&xr[x0..]) {
+                                    *d += *s;
+                                }
+                            } else {
+                                for (d, s) in dst.iter_mut().zip(xr[x0..].iter().step_by(stride)) {
+                                    *d += *s;
+                                }
                             }
                         }
-                        yp[i * wo + j] = acc * inv[i * wo + j];
+                    }
+                    for (v, &f) in yr.iter_mut().zip(&inv[i * wo..(i + 1) * wo]) {
+                        *v *= f;
                     }
                 }
             });
         drop(xv);
-        let out = x.device().try_tensor_from_vec(y, (b, c, ho, wo))?;
-        let out_id = out.clone();
+        let out = dev.try_tensor_from_vec(y, (b, c, ho, wo))?;
+        let out_id = out.ghost();
         tape.add_backward_op(move |grads| {
-            let go = take_grad(grads, &out_id)?;
-            with_grad_mut(grads, &x, |gx| {
+            let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
+            grad_buffer_apply::<E, _>(grads.get_or_alloc_mut(&x)?, |gx| {
                 gx.par_chunks_mut(hw)
                     .zip(go.par_chunks(l))
                     .for_each(|(gp, gop)| {
+                        let mut gs = vec![E::zero(); wo];
                         for (i, &(a, bb)) in rows.iter().enumerate() {
-                            for (j, &(cc, d)) in colsw.iter().enumerate() {
-                                let g = gop[i * wo + j] * inv[i * wo + j];
-                                for r in a..bb {
-                                    for v in &mut gp[r * w + cc..r * w + d] {
-                                        *v += g;
+                            for ((s, &gv), &f) in gs
+                                .iter_mut()
+                                .zip(&gop[i * wo..(i + 1) * wo])
+                                .zip(&inv[i * wo..(i + 1) * wo])
+                            {
+                                *s = gv * f;
+                            }
+                            for r in a..bb {
+                                let gr = &mut gp[r * w..(r + 1) * w];
+                                for (q, &(lo, hi)) in col_ranges.iter().enumerate() {
+                                    let x0 = lo * stride + q - padding;
+                                    let src = &gs[lo..hi.max(lo)];
+                                    if stride == 1 {
+                                        for (d, s) in gr[x0..].iter_mut().zip(src) {
+                                            *d += *s;
+                                        }
+                                    } else {
+                                        for (d, s) in gr[x0..].iter_mut().step_by(stride).zip(src) {
+                                            *d += *s;
+                                        }
                                     }
                                 }
                             }

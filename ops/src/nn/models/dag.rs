@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::topology::Dag;
 use crate::nn::layers::{
-    global_avg_pool, relu, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
+    add_n, global_avg_pool, relu, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };
 use crate::nn::tensor::{impl_has_params, join};
 use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor4};
@@ -17,7 +17,9 @@ use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor4};
 /// A node without incoming edges is a zero tensor (as in the reference code, whose `none` edges
 /// multiply by 0), and its outgoing edges still run. `edge(position, op, x)` computes one edge.
 /// Each node's value is used by several edges, so its tape is moved to a shared tape and every
-/// consumer gets the value with an empty tape; all tapes meet again in the output.
+/// consumer gets the value with an empty tape; all tapes meet again in the output. A node's
+/// incoming edges are summed by one [`add_n`] (which also takes the same tensor twice, as two
+/// skip edges from one node hand over).
 pub(crate) fn eval_cell<S: Shape, E: Float, T: Tape<E, Dev>>(
     dag: &Dag,
     input: Tensor<S, E, Dev, T>,
@@ -30,22 +32,22 @@ where
     let dev = input.device().clone();
     let (v0, mut shared) = input.split_tape();
     let mut values = vec![v0];
-    let mut incoming: Vec<Option<Tensor<S, E, Dev, T>>> = (0..dag.nodes()).map(|_| None).collect();
+    let mut incoming: Vec<Vec<Tensor<S, E, Dev, T>>> =
+        (0..dag.nodes()).map(|_| Vec::new()).collect();
     for (pos, t, s, op) in dag.edges() {
         if op != 0 {
             let out = edge(pos, op, values[s].clone().put_tape(T::default()))?;
-            incoming[t] = Some(match incoming[t].take() {
-                None => out,
-                // Two skip edges can hand over the same tensor (same gradient id), and dfdx
-                // cannot add a tensor to itself: scaling by one gives the addend its own id.
-                Some(acc) => acc.try_add(out.try_mul(E::of_f64(1.0))?)?,
-            });
+            incoming[t].push(out);
         }
         if s + 1 == t {
             // Last source of node t: its value is complete.
-            let value = match incoming[t].take() {
-                Some(v) => v,
-                None => dev.try_zeros_like(&shape)?.put_tape(T::default()),
+            let mut addends = std::mem::take(&mut incoming[t]);
+            let value = match addends.len() {
+                0 => dev.try_zeros_like(&shape)?.put_tape(T::default()),
+                1 => addends
+                    .pop()
+                    .ok_or_else(|| NnError::shape("cell node", 1, 0))?,
+                _ => add_n(addends)?,
             };
             let (v, tape) = value.split_tape();
             shared = shared.merge(tape);
