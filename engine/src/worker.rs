@@ -146,6 +146,12 @@ pub fn execute(
         })
     };
     for attempt in 0..=job.retries {
+        if attempt > 0 && pause_before_retry(interrupt) {
+            // A stop signal that killed the op's processes can reach this process's handler
+            // thread a little after the op saw them die; it cancels the retry instead of
+            // running the command again (a Slurm time limit signals every process at once).
+            return finish(Outcome::Cancelled, &log);
+        }
         if attempt > 0 {
             let _ = writeln!(
                 log,
@@ -274,6 +280,21 @@ pub fn tail(log: &[u8], lines: usize) -> String {
     let text = String::from_utf8_lossy(log);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// How long a failed attempt waits before the next one.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Waits [`RETRY_PAUSE`] before a retry; true when the stage is cancelled meanwhile.
+fn pause_before_retry(interrupt: &CancelFlag) -> bool {
+    let until = Instant::now() + RETRY_PAUSE;
+    while Instant::now() < until {
+        if interrupt.is_cancelled() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    interrupt.is_cancelled()
 }
 
 /// Cancels one attempt of a stage on Ctrl-C or when its timeout passes. Without a timeout the
