@@ -77,6 +77,13 @@ pub struct CacheLock {
 
 impl CacheLock {
     fn acquire(path: &Path, exclusive: bool) -> Result<Self> {
+        let waiting =
+            exclusive.then_some("waiting for running engine processes on this cache to finish…");
+        Self::acquire_saying(path, exclusive, waiting)
+    }
+
+    /// [`CacheLock::acquire`], printing `waiting` (if any) when it has to wait.
+    fn acquire_saying(path: &Path, exclusive: bool, waiting: Option<&str>) -> Result<Self> {
         use std::os::unix::io::AsRawFd;
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -92,8 +99,8 @@ impl CacheLock {
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         let quick = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
         if quick != 0 {
-            if exclusive {
-                eprintln!("waiting for running engine processes on this cache to finish…");
+            if let Some(waiting) = waiting {
+                eprintln!("{waiting}");
             }
             // SAFETY: as above, blocking this time.
             let r = unsafe { libc::flock(file.as_raw_fd(), mode) };
@@ -165,7 +172,13 @@ impl Cache {
         std::fs::write(&probe, b"").map_err(|e| CacheError::io(&probe, e))?;
         let _ = std::fs::remove_file(&probe);
         store.clean_stale_scratch()?;
-        let db = db::Db::open(&root.join("cache.db"))?;
+        let db = {
+            // Opening switches the database to WAL and migrates its schema, steps SQLite may
+            // refuse with "database is locked" (not wait) while another process does the
+            // same: processes open the cache one at a time (briefly; runs do not hold this).
+            let _opening = CacheLock::acquire_saying(&root.join("open.lock"), true, None)?;
+            db::Db::open(&root.join("cache.db"))?
+        };
         Ok(Self {
             root,
             store,
