@@ -25,28 +25,7 @@ fn run<S: AsRef<OsStr>>(cache: &Path, sets: &[S]) -> Value {
 }
 
 fn small() -> Vec<String> {
-    [
-        "vars.resolution=8",
-        "vars.width=4",
-        "vars.modes=[2,2]",
-        "vars.layers=1",
-        "vars.head_width=8",
-        "vars.unlabeled=32",
-        "vars.pool=24",
-        "vars.val=4",
-        "vars.test=4",
-        "vars.ood_test=4",
-        "vars.ood_pool=2",
-        "vars.Ns=[4,16]",
-        "vars.icl_n=16",
-        "vars.seeds=[0,1]",
-        "vars.Js=[0,2]",
-        "vars.pretrain_epochs=2",
-        "vars.finetune_epochs=2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    paper::operator_smoke_sets(&[])
 }
 
 #[test]

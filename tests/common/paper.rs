@@ -101,3 +101,31 @@ pub fn metric(r: &Value, name: &str, key: &str) -> f64 {
         .as_f64()
         .unwrap_or_else(|| panic!("stage {name} has no metric {key}: {}", stage(r, name)))
 }
+
+/// The `--set` overrides that shrink both operator-learning pipelines to smoke size (8 x 8 grid,
+/// tiny FNO, 2 epochs), plus `extra` (the time-dependent one also shortens its windows).
+pub fn operator_smoke_sets(extra: &[&str]) -> Vec<String> {
+    [
+        "vars.resolution=8",
+        "vars.width=4",
+        "vars.modes=[2,2]",
+        "vars.layers=1",
+        "vars.head_width=8",
+        "vars.unlabeled=32",
+        "vars.pool=24",
+        "vars.val=4",
+        "vars.test=4",
+        "vars.ood_test=4",
+        "vars.ood_pool=2",
+        "vars.Ns=[4,16]",
+        "vars.icl_n=16",
+        "vars.seeds=[0,1]",
+        "vars.Js=[0,2]",
+        "vars.pretrain_epochs=2",
+        "vars.finetune_epochs=2",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
