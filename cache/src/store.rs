@@ -182,6 +182,14 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a file this process wrote in one of its own scratch folders (moving it, when the
+    /// store lacks it); returns its hash.
+    pub fn put_file(&self, path: &Path) -> Result<Hash> {
+        let hash = hash_file(path)?;
+        self.install(path, &hash)?;
+        Ok(hash)
+    }
+
     /// Stores bytes; returns their hash. Idempotent.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Hash> {
         let hash = hash_bytes(bytes);

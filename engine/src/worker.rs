@@ -108,18 +108,25 @@ pub fn execute(
 ) -> Result<StageResult, CacheError> {
     let scratch = store.scratch()?;
     let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
+    let mut input_blobs: Vec<(Hash, String)> = Vec::new();
     for (name, ji) in &job.inputs {
         let dir = scratch.path().join("in").join(name);
         let input = match ji {
             JobInput::One(tree) => {
-                materialize_input(store, tree, &dir)?;
+                materialize_input(store, tree, &dir, &mut input_blobs, name)?;
                 Input::One(dir)
             }
             JobInput::Many(items) => {
                 let mut out = Vec::new();
                 for (label, tree) in items {
                     let d = dir.join(label);
-                    materialize_input(store, tree, &d)?;
+                    materialize_input(
+                        store,
+                        tree,
+                        &d,
+                        &mut input_blobs,
+                        &format!("{name}/{label}"),
+                    )?;
                     out.push((label.clone(), d));
                 }
                 std::fs::create_dir_all(&dir).map_err(|e| CacheError::Io {
@@ -131,15 +138,17 @@ pub fn execute(
         };
         inputs.insert(name.clone(), input);
     }
+    let guard = InputGuard::watch(store, input_blobs);
     let started_at = unix_now();
     let timeout = job.timeout_s.map(Duration::from_secs_f64);
-    let mut log: Vec<u8> = Vec::new();
+    let mut log = StageLog::create(scratch.path().join("log"))?;
     let mut last_error = String::new();
-    let finish = |outcome: Outcome, log: &[u8]| -> Result<StageResult, CacheError> {
+    let finish = |outcome: Outcome, log: StageLog| -> Result<StageResult, CacheError> {
+        let (path, tail) = log.finish()?;
         Ok(StageResult {
             outcome,
-            log_blob: Some(store.put_bytes(log)?),
-            log_tail: tail(log, 20),
+            log_blob: Some(store.put_file(&path)?),
+            log_tail: tail,
             started_at,
             ended_at: unix_now(),
             host: hostname(),
@@ -150,7 +159,7 @@ pub fn execute(
             // A stop signal that killed the op's processes can reach this process's handler
             // thread a little after the op saw them die; it cancels the retry instead of
             // running the command again (a Slurm time limit signals every process at once).
-            return finish(Outcome::Cancelled, &log);
+            return finish(Outcome::Cancelled, log);
         }
         if attempt > 0 {
             let _ = writeln!(
@@ -166,7 +175,7 @@ pub fn execute(
             source: e,
         })?;
         if interrupt.is_cancelled() {
-            return finish(Outcome::Cancelled, &log);
+            return finish(Outcome::Cancelled, log);
         }
         let watchdog = Watchdog::start(interrupt.clone(), timeout);
         let mut ctx = RunContext {
@@ -184,10 +193,16 @@ pub fn execute(
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.run(&mut ctx)));
         let metrics = std::mem::take(&mut ctx.metrics);
         let timed_out = watchdog.stop();
+        // Whatever the outcome: a stage that wrote into the store through its inputs' links
+        // must not leave those bytes there, nor be retried on them.
+        if let Err(message) = guard.check(store) {
+            let _ = writeln!(log, "engine: {message}");
+            return finish(Outcome::Failed { error: message }, log);
+        }
         // A stage that failed because it was being stopped (its processes got the signal
         // first) was interrupted, not failed: no retry, no failure record.
         if interrupt.is_cancelled() && !timed_out {
-            return finish(Outcome::Cancelled, &log);
+            return finish(Outcome::Cancelled, log);
         }
         let result = match result {
             Ok(r) => r,
@@ -203,11 +218,11 @@ pub fn execute(
         match result {
             Ok(()) => match store_result(job, store, &out_dir) {
                 Ok(tree) => {
-                    return finish(Outcome::Ok { tree, metrics }, &log);
+                    return finish(Outcome::Ok { tree, metrics }, log);
                 }
                 Err(message) => last_error = message,
             },
-            Err(OpError::Cancelled) if !timed_out => return finish(Outcome::Cancelled, &log),
+            Err(OpError::Cancelled) if !timed_out => return finish(Outcome::Cancelled, log),
             Err(OpError::Cancelled) => {
                 last_error = format!(
                     "timed out after {}",
@@ -218,7 +233,7 @@ pub fn execute(
         }
         let _ = writeln!(log, "engine: {last_error}");
     }
-    finish(Outcome::Failed { error: last_error }, &log)
+    finish(Outcome::Failed { error: last_error }, log)
 }
 
 /// Records a finished (not cancelled) stage in the database.
@@ -248,11 +263,160 @@ pub fn record(cache: &Cache, job: &StageJob, result: &StageResult) -> Result<(),
     Ok(())
 }
 
-fn materialize_input(store: &Store, tree: &Hash, dir: &Path) -> Result<(), CacheError> {
+/// Links the files of an upstream tree under `dir`, noting each object and the input path
+/// that shows it (for [`InputGuard`]).
+fn materialize_input(
+    store: &Store,
+    tree: &Hash,
+    dir: &Path,
+    blobs: &mut Vec<(Hash, String)>,
+    input: &str,
+) -> Result<(), CacheError> {
     let mut t = store.read_tree(tree)?;
     t.entries
         .retain(|e| !e.path.starts_with(&format!("{WORKSPACE_PREFIX}/")));
+    blobs.extend(
+        t.entries
+            .iter()
+            .map(|e| (e.blob, format!("{input}/{}", e.path))),
+    );
     store.materialize(&t, "", dir, true)
+}
+
+/// The stat of an object as a stage's input link shows it. `ctime` is in it because a stage
+/// (running as the cache's owner) can reset `mtime` after writing, but not `ctime`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ObjectStat {
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    mode: u32,
+}
+
+impl ObjectStat {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(Self {
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            mode: m.mode() & 0o7777,
+        })
+    }
+}
+
+/// Inputs are hard links to store objects, read-only by mode only: a stage running as the
+/// cache's owner can `chmod u+w` one and write into the store. The guard remembers every
+/// input object's stat before the stage and, after each attempt, re-hashes the objects whose
+/// stat changed: a changed object is removed from the store (so whatever recorded it is
+/// found damaged and recomputed) and the stage fails; a mode change alone is undone.
+struct InputGuard {
+    objects: Vec<(Hash, String, Option<ObjectStat>)>,
+}
+
+impl InputGuard {
+    fn watch(store: &Store, mut blobs: Vec<(Hash, String)>) -> Self {
+        blobs.sort_by_key(|b| b.0);
+        blobs.dedup_by(|a, b| a.0 == b.0);
+        let objects = blobs
+            .into_iter()
+            .map(|(hash, shown_as)| {
+                let stat = ObjectStat::of(&store.object_path(&hash));
+                (hash, shown_as, stat)
+            })
+            .collect();
+        Self { objects }
+    }
+
+    fn check(&self, store: &Store) -> Result<(), String> {
+        let mut changed = Vec::new();
+        for (hash, shown_as, before) in &self.objects {
+            let path = store.object_path(hash);
+            let now = ObjectStat::of(&path);
+            if now == *before {
+                continue;
+            }
+            match store.verify_object(hash) {
+                Ok(()) => {
+                    if let (Some(before), Some(now)) = (before, &now) {
+                        if before.mode != now.mode {
+                            use std::os::unix::fs::PermissionsExt;
+                            let _ = std::fs::set_permissions(
+                                &path,
+                                std::fs::Permissions::from_mode(before.mode),
+                            );
+                        }
+                    }
+                }
+                Err(CacheError::MissingObject(_)) if before.is_none() => {}
+                Err(_) => {
+                    let _ = store.remove_object(hash);
+                    changed.push(shown_as.clone());
+                }
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the stage changed its input {} (inputs are read-only links into the cache's \
+             store: copy a file before changing it); the changed object was removed from the \
+             store, so the stage that made it will run again",
+            changed.join(", ")
+        ))
+    }
+}
+
+/// A stage's log: written to a file in its scratch folder as it comes (a command may print
+/// gigabytes), with only the last [`LOG_TAIL_BYTES`] kept in memory, for messages.
+struct StageLog {
+    file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    tail: Vec<u8>,
+}
+
+const LOG_TAIL_BYTES: usize = 64 * 1024;
+
+impl StageLog {
+    fn create(path: PathBuf) -> Result<Self, CacheError> {
+        let file = std::fs::File::create(&path).map_err(|e| CacheError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        Ok(Self {
+            file: std::io::BufWriter::new(file),
+            path,
+            tail: Vec::new(),
+        })
+    }
+
+    /// The log file, complete, and its last lines.
+    fn finish(mut self) -> Result<(PathBuf, String), CacheError> {
+        self.file.flush().map_err(|e| CacheError::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let tail = tail(&self.tail, 20);
+        Ok((self.path, tail))
+    }
+}
+
+impl Write for StageLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.tail.extend_from_slice(&buf[..n]);
+        if self.tail.len() > 2 * LOG_TAIL_BYTES {
+            self.tail.drain(..self.tail.len() - LOG_TAIL_BYTES);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// Moves the output folder and declared `outs` into the store; returns the tree hash.

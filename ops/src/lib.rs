@@ -16,6 +16,7 @@ pub mod oplearn;
 pub mod pde;
 mod registry;
 mod shell;
+pub mod supervisor;
 
 pub use children::kill_all_children;
 pub use op::{

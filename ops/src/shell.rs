@@ -1,16 +1,17 @@
 //! The `shell` op: runs a command with its inputs and output folder in the environment.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::supervisor::{CommandSpec, Ended, Supervised};
 use crate::{parse_params, Metrics, Op, OpError, ParamError, RunContext};
 
 /// Lines a command prints that start with this marker are shown as the stage's progress.
@@ -109,49 +110,63 @@ impl Op for ShellOp {
 
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
         let params: ShellParams = parse_params(ctx.params)?;
-        let mut command = match &params.cmd {
-            ShellCommand::Shell(line) => {
-                let mut c = Command::new("sh");
-                c.arg("-c").arg(line);
-                c
-            }
-            ShellCommand::Argv(argv) => {
-                let mut c = Command::new(argv[0].to_string());
-                c.args(argv[1..].iter().map(|a| a.to_string()));
-                c
-            }
+        let (program, args): (OsString, Vec<OsString>) = match &params.cmd {
+            ShellCommand::Shell(line) => ("sh".into(), vec!["-c".into(), line.into()]),
+            ShellCommand::Argv(argv) => (
+                argv[0].to_string().into(),
+                argv[1..].iter().map(|a| a.to_string().into()).collect(),
+            ),
         };
-        command
-            .current_dir(ctx.workspace)
-            .env("ENGINE_OUT", ctx.out_dir)
-            .env("ENGINE_SEED", ctx.seed.to_string())
-            .env("ENGINE_CPUS", ctx.cpus.to_string())
-            .env("ENGINE_WORKSPACE", ctx.workspace);
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+        env.insert("ENGINE_OUT".into(), ctx.out_dir.into());
+        env.insert("ENGINE_SEED".into(), ctx.seed.to_string().into());
+        env.insert("ENGINE_CPUS".into(), ctx.cpus.to_string().into());
+        env.insert("ENGINE_WORKSPACE".into(), ctx.workspace.into());
         for (name, input) in ctx.inputs {
-            command.env(input_var(name), input.root());
+            env.insert(input_var(name).into(), input.root().into());
         }
         for (key, value) in &params.env {
-            command.env(key, value.to_string());
+            env.insert(key.into(), value.to_string().into());
         }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Own process group: a terminal's Ctrl-C reaches the engine only, which then stops
-            // the whole group (the command and everything it started) on purpose.
-            .process_group(0);
-        let mut child = command
-            .spawn()
-            .map_err(|e| OpError::io(format!("cannot start {:?}", params.cmd), e))?;
-        crate::children::register(child.id());
+        let spec = CommandSpec {
+            program,
+            args,
+            env: env.into_iter().collect(),
+            cwd: ctx.workspace.to_path_buf(),
+            // Held until the last process of the command is gone: the store's clean-up and a
+            // take-over of this stage wait for it.
+            lock_folder: Some(ctx.out_dir.to_path_buf()),
+        };
+        let describe = || format!("{:?}", params.cmd);
+        let mut child = Supervised::spawn(&spec)
+            .map_err(|e| OpError::io(format!("cannot start {}", describe()), e))?;
+        crate::children::register(&child);
         let outcome = supervise(&mut child, ctx);
-        crate::children::unregister(child.id());
-        let status = outcome?;
-        if !status.success() {
-            return Err(OpError::Failed(match status.code() {
-                Some(code) => format!("command exited with status {code}"),
-                None => "command was killed by a signal".to_string(),
-            }));
+        crate::children::unregister(&child);
+        let ended = outcome?;
+        match ended {
+            Ended::Exited(0) => {}
+            Ended::Exited(code) => {
+                return Err(OpError::Failed(format!(
+                    "command exited with status {code}"
+                )))
+            }
+            Ended::Signalled(sig) => {
+                return Err(OpError::Failed(format!(
+                    "command was killed by signal {sig}"
+                )))
+            }
+            Ended::NotStarted(errno) => {
+                return Err(OpError::io(
+                    format!("cannot start {}", describe()),
+                    std::io::Error::from_raw_os_error(errno),
+                ))
+            }
+            Ended::Unknown => {
+                return Err(OpError::Failed(
+                    "the command's supervisor was killed; its outcome is unknown".to_string(),
+                ))
+            }
         }
         ctx.metrics = read_metrics(&ctx.out_dir.join("metrics.json"))?;
         Ok(())
@@ -173,112 +188,167 @@ pub fn input_var(name: &str) -> String {
     format!("ENGINE_IN_{cleaned}")
 }
 
+/// A piece of a command's output, as read.
 enum Stream {
-    Line(Vec<u8>),
+    Chunk(usize, Vec<u8>),
     Closed,
 }
 
-/// Copies the child's output into the log, forwards progress lines, and stops the child's
-/// process group on cancellation.
-fn supervise(
-    child: &mut Child,
-    ctx: &mut RunContext<'_>,
-) -> Result<std::process::ExitStatus, OpError> {
-    let (tx, rx) = mpsc::channel();
+/// Bytes read from a pipe at once; with [`CHANNEL_CHUNKS`], bounds what a command's output
+/// holds in memory however much it prints.
+const CHUNK: usize = 64 * 1024;
+const CHANNEL_CHUNKS: usize = 16;
+/// Progress lines longer than this are logged but not shown.
+const MAX_PROGRESS_LINE: usize = 4096;
+/// After the supervisor has exited, how long its output pipes may stay open (only a process
+/// outside the stage's tree, handed the pipe on purpose, can hold them).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(5);
+
+/// Copies the command's output into the log as it comes, forwards progress lines, and stops
+/// the command on cancellation. Returns once the supervisor has exited, which it does only
+/// when every process of the command is gone.
+fn supervise(child: &mut Supervised, ctx: &mut RunContext<'_>) -> Result<Ended, OpError> {
+    let (tx, rx) = mpsc::sync_channel(CHANNEL_CHUNKS);
     let mut readers = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        readers.push(spawn_reader(out, tx.clone()));
-    }
-    if let Some(err) = child.stderr.take() {
-        readers.push(spawn_reader(err, tx.clone()));
+    for (i, stream) in [child.stdout.take(), child.stderr.take()]
+        .into_iter()
+        .enumerate()
+    {
+        if let Some(stream) = stream {
+            readers.push(spawn_reader(i, stream, tx.clone()));
+        }
     }
     drop(tx);
+    let mut lines = [Vec::new(), Vec::new()];
     let mut open_streams = readers.len();
-    let mut status = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut cancelled = false;
     loop {
-        if ctx.cancel.is_cancelled() {
-            terminate_group(child);
-            for r in readers {
-                let _ = r.join();
-            }
-            return Err(OpError::Cancelled);
+        if ctx.cancel.is_cancelled() && !cancelled {
+            cancelled = true;
+            child
+                .stop()
+                .map_err(|e| OpError::io("cannot stop the command", e))?;
         }
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Stream::Line(line)) => {
-                if let Some(rest) = line.strip_prefix(PROGRESS_MARKER.as_bytes()) {
-                    ctx.progress.report(String::from_utf8_lossy(rest).trim());
-                }
+            Ok(Stream::Chunk(i, bytes)) => {
                 ctx.log
-                    .write_all(&line)
+                    .write_all(&bytes)
                     .map_err(|e| OpError::io("cannot write the stage log", e))?;
+                forward_progress(&mut lines[i], &bytes, ctx);
             }
             Ok(Stream::Closed) => open_streams -= 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => open_streams = 0,
         }
-        if status.is_none() {
-            status = child
+        if exited_at.is_none()
+            && child
                 .try_wait()
-                .map_err(|e| OpError::io("cannot wait for the command", e))?;
+                .map_err(|e| OpError::io("cannot wait for the command", e))?
+        {
+            exited_at = Some(Instant::now());
         }
-        if let (Some(status), 0) = (status, open_streams) {
-            for r in readers {
-                let _ = r.join();
+        let Some(at) = exited_at else { continue };
+        let drained = open_streams == 0;
+        if drained || at.elapsed() > DRAIN_AFTER_EXIT {
+            if drained {
+                for r in readers {
+                    let _ = r.join();
+                }
+            } else {
+                let _ = writeln!(
+                    ctx.log,
+                    "engine: the command's output is still held open by a process outside \
+                     the stage; the rest is not logged"
+                );
             }
-            return Ok(status);
+            if cancelled {
+                return Err(OpError::Cancelled);
+            }
+            return Ok(child.ended());
+        }
+    }
+}
+
+/// Shows complete lines that start with [`PROGRESS_MARKER`]; `line` holds the unfinished one.
+fn forward_progress(line: &mut Vec<u8>, bytes: &[u8], ctx: &RunContext<'_>) {
+    for piece in bytes.split_inclusive(|&b| b == b'\n') {
+        if line.len() + piece.len() <= MAX_PROGRESS_LINE {
+            line.extend_from_slice(piece);
+        } else {
+            // Too long to be a progress line: remember only that this line is not one.
+            line.clear();
+            line.push(0);
+        }
+        if piece.ends_with(b"\n") {
+            if let Some(rest) = line.strip_prefix(PROGRESS_MARKER.as_bytes()) {
+                ctx.progress.report(String::from_utf8_lossy(rest).trim());
+            }
+            line.clear();
         }
     }
 }
 
 fn spawn_reader(
-    stream: impl Read + Send + 'static,
-    tx: mpsc::Sender<Stream>,
+    index: usize,
+    mut stream: impl Read + Send + 'static,
+    tx: mpsc::SyncSender<Stream>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
         loop {
-            let mut line = Vec::new();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if tx.send(Stream::Line(line)).is_err() {
+            let mut chunk = vec![0u8; CHUNK];
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    if tx.send(Stream::Chunk(index, chunk)).is_err() {
                         return;
                     }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
             }
         }
         let _ = tx.send(Stream::Closed);
     })
 }
 
-/// SIGTERM to the group, then SIGKILL if it has not gone within two seconds.
-fn terminate_group(child: &mut Child) {
-    let pgid = child.id() as libc::pid_t;
-    // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
-    unsafe {
-        libc::kill(-pgid, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: as above. The group may hold grandchildren that outlived the leader.
-    unsafe {
-        libc::kill(-pgid, libc::SIGKILL);
-    }
-    let _ = child.wait();
-}
+/// The largest `metrics.json` read; a flat object of numbers is far smaller.
+const MAX_METRICS_BYTES: u64 = 16 * 1024 * 1024;
 
 /// `metrics.json` in the output folder: a flat object of name -> number.
 fn read_metrics(path: &Path) -> Result<Metrics, OpError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+    // Only a regular file, opened without following a link and without blocking: a FIFO or a
+    // link to a device (`/dev/zero`) must fail the stage, not hang or exhaust the engine.
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Metrics::new()),
         Err(e) => return Err(OpError::io(format!("cannot read {}", path.display()), e)),
     };
+    if !meta.file_type().is_file() {
+        return Err(OpError::Failed(
+            "metrics.json is not a regular file (a link, FIFO or device); write a flat JSON \
+             object of name -> number"
+                .to_string(),
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| OpError::io(format!("cannot read {}", path.display()), e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_METRICS_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| OpError::io(format!("cannot read {}", path.display()), e))?;
+    if bytes.len() as u64 > MAX_METRICS_BYTES {
+        return Err(OpError::Failed(format!(
+            "metrics.json is larger than {} MiB; write a flat object of name -> number",
+            MAX_METRICS_BYTES >> 20
+        )));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| OpError::Failed("metrics.json is not UTF-8 text".to_string()))?;
     let value: Value = serde_json::from_str(&text).map_err(|e| {
         OpError::Failed(format!(
             "metrics.json is not valid JSON ({e}); write a flat object of name -> number"
