@@ -265,6 +265,21 @@ impl Cache {
                 }
             }
         }
+        // A kept record's input trees are kept with it, even when the records that produced
+        // them go: `verify` drops a record whose input tree is missing, since it can no longer
+        // tell what the record was computed from.
+        let inputs = self.db().run_inputs()?;
+        let mut input_trees: HashSet<Hash> = HashSet::new();
+        for run in runs.iter().filter(|r| !dropped.contains(&r.id)) {
+            input_trees.extend(inputs.get(&run.id).into_iter().flatten().copied());
+        }
+        for tree in input_trees {
+            if reachable.insert(tree) {
+                if let Ok(t) = self.store().read_tree(&tree) {
+                    reachable.extend(t.entries.iter().map(|e| e.blob));
+                }
+            }
+        }
         let mut report = GcReport {
             runs_dropped: drop.len(),
             ..GcReport::default()
@@ -426,6 +441,35 @@ mod tests {
             assert!(cache.lookup(key).unwrap().is_none(), "{key} kept");
         }
         assert!(cache.lookup("u").unwrap().is_some());
+    }
+
+    /// gc keeps the input trees of the records it keeps, so that verify stays clean after it.
+    #[test]
+    fn gc_keeps_the_inputs_of_kept_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        record(&cache, "up", b"upstream", 1.0);
+        let up_tree = cache.lookup("up").unwrap().unwrap().output_tree.unwrap();
+        let s = cache.store().scratch().unwrap();
+        std::fs::write(s.path().join("f"), "downstream").unwrap();
+        let tree = cache.store().put_dir(s.path(), &[]).unwrap();
+        let mut run = cache.lookup("up").unwrap().unwrap().run;
+        run.key = "down".into();
+        run.stage = "down".into();
+        run.ended_at = 2.0;
+        run.output_tree = Some(tree);
+        run.key_doc =
+            serde_json::json!({"inputs": {"x": {"from": "up", "tree": up_tree.to_hex()}}});
+        cache.record(&run).unwrap();
+        let r = cache
+            .gc(&Keep::NewerThan(crate::db::unix_now() - 1.5), false)
+            .unwrap();
+        assert_eq!(r.runs_dropped, 1);
+        assert!(cache.lookup("up").unwrap().is_none());
+        assert!(cache.store().contains(&up_tree));
+        assert!(cache.store().contains(&crate::hash_bytes(b"upstream")));
+        let v = cache.verify(false).unwrap();
+        assert_eq!(v.problem_count(), 0, "{:?}", v.problems);
     }
 
     #[test]
