@@ -979,6 +979,35 @@ mod tests {
         assert!(files.contains_key(Path::new("/c/data.txt")));
     }
 
+    /// Migration 6 keeps the claims of an older engine (no pid space): they are not taken
+    /// over by pid, only once their heartbeat is stale.
+    #[test]
+    fn migration_6_keeps_old_claims_until_their_heartbeat_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cache.db");
+        let conn = Connection::open(&p).unwrap();
+        for sql in &MIGRATIONS[..5] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        let me = ClaimOwner::this_process(1.0);
+        conn.execute(
+            "INSERT INTO claims (key, owner, host, pid, heartbeat) VALUES ('k', 'old', ?1, 999999999, ?2)",
+            params![me.host, unix_now()],
+        )
+        .unwrap();
+        drop(conn);
+        let mut db = Db::open(&p).unwrap();
+        assert!(matches!(
+            db.try_claim("k", &me, 30.0, false).unwrap(),
+            ClaimState::HeldBy { .. }
+        ));
+        assert_eq!(
+            db.try_claim("k", &me, -1.0, false).unwrap(),
+            ClaimState::Acquired
+        );
+    }
+
     #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -942,7 +942,7 @@ fn cmd_verify(args: VerifyArgs) -> Result<i32, Exit> {
     let verified = Cache::open(&dir).and_then(|cache| cache.verify(args.repair));
     let (report, recovered) = match verified {
         Err(e) if e.is_damaged_db() && args.repair => {
-            eprintln!("error: cache: {e}");
+            eprintln!("found: {e}");
             let aside = Cache::recover_damaged_db(&dir)?;
             (Cache::open(&dir)?.verify(true)?, aside)
         }
