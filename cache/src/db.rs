@@ -10,7 +10,7 @@ use crate::hash::{Hash, StatKey};
 use crate::{CacheError, Result};
 
 /// Bumped with every migration below; a database newer than this is refused, not corrupted.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the initial schema.
@@ -90,6 +90,12 @@ const MIGRATIONS: &[&str] = &[
     DELETE FROM stat_cache
         WHERE path LIKE '%/objects/' || substr(hash, 1, 2) || '/' || substr(hash, 3);
     "#,
+    // 5 -> 6: the pid space (host, boot, pid namespace: `crate::pid_space_id`) of a claim's
+    // owner, so that its pid is only tested where it means that process. NULL for claims
+    // written before: those are taken over only when their heartbeat stops.
+    r#"
+    ALTER TABLE claims ADD COLUMN pid_space TEXT;
+    "#,
 ];
 
 /// Who holds a claim: `id` is unique per engine process (host, pid, start time).
@@ -98,6 +104,22 @@ pub struct ClaimOwner {
     pub id: String,
     pub host: String,
     pub pid: u32,
+    /// See [`crate::pid_space_id`]: `pid` names a process only in this pid space.
+    pub pid_space: String,
+}
+
+impl ClaimOwner {
+    /// This process, started at `started_at` (unix seconds).
+    pub fn this_process(started_at: f64) -> Self {
+        let host = crate::hostname();
+        let pid = std::process::id();
+        ClaimOwner {
+            id: format!("{host}:{pid}:{started_at}"),
+            host,
+            pid,
+            pid_space: crate::pid_space_id().to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -585,16 +607,19 @@ impl Db {
             return Ok(ClaimState::AlreadyDone);
         }
         let now = unix_now();
-        let held: Option<(String, String, i64, f64)> = tx
+        let held: Option<(String, String, i64, f64, Option<String>)> = tx
             .query_row(
-                "SELECT owner, host, pid, heartbeat FROM claims WHERE key = ?1",
+                "SELECT owner, host, pid, heartbeat, pid_space FROM claims WHERE key = ?1",
                 [key],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(err)?;
-        if let Some((owner, host, pid, heartbeat)) = held {
-            let dead = host == me.host && !crate::store::process_alive(pid as i32);
+        if let Some((owner, host, pid, heartbeat, pid_space)) = held {
+            // The pid is tested only in the owner's own pid space: the same host name in
+            // another container, or before a reboot, may give the pid to another process.
+            let dead = pid_space.as_deref() == Some(me.pid_space.as_str())
+                && !crate::machine::process_alive(pid as i32);
             let stale = now - heartbeat > stale_after_s;
             if owner != me.id && !dead && !stale {
                 return Ok(ClaimState::HeldBy {
@@ -615,8 +640,9 @@ impl Db {
             }
         }
         tx.execute(
-            "INSERT OR REPLACE INTO claims (key, owner, host, pid, heartbeat) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![key, me.id, me.host, me.pid, now],
+            "INSERT OR REPLACE INTO claims (key, owner, host, pid, heartbeat, pid_space)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![key, me.id, me.host, me.pid, now, me.pid_space],
         )
         .map_err(err)?;
         tx.commit().map_err(err)?;
@@ -687,6 +713,66 @@ impl Db {
                 output_tree: tree.map(|t| t.parse().unwrap_or(Hash::from_bytes([0; 32]))),
                 log_blob: log.map(|t| t.parse().unwrap_or(Hash::from_bytes([0; 32]))),
             });
+        }
+        Ok(out)
+    }
+
+    /// `PRAGMA quick_check`: an error that [`CacheError::is_damaged_db`] recognises when the
+    /// file is damaged (truncated, overwritten), even where opening it still worked.
+    pub(crate) fn quick_check(&self) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA quick_check")
+            .map_err(|e| self.err(e))?;
+        let lines: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))?;
+        if lines.len() == 1 && lines[0] == "ok" {
+            return Ok(());
+        }
+        Err(self.err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            Some(lines.join("; ")),
+        )))
+    }
+
+    /// The input trees of every run by id: each string in its key document's `inputs` value,
+    /// at any depth, that parses as a hash. The engine writes `inputs` as `{name: {from,
+    /// tree}}` or `{name: [{label, from, tree}]}`; this crate reads it without knowing that
+    /// shape (labels and stage names are never 64 hex digits). Runs whose document does not
+    /// parse have none.
+    pub(crate) fn run_inputs(&self) -> Result<HashMap<i64, Vec<Hash>>> {
+        fn walk(v: &serde_json::Value, out: &mut Vec<Hash>) {
+            match v {
+                serde_json::Value::String(s) => {
+                    if let Ok(h) = s.parse() {
+                        out.push(h);
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+                serde_json::Value::Object(m) => m.values().for_each(|i| walk(i, out)),
+                _ => {}
+            }
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, key_doc FROM runs")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (id, doc) = row.map_err(|e| self.err(e))?;
+            let mut trees = Vec::new();
+            if let Ok(doc) = serde_json::from_str::<serde_json::Value>(&doc) {
+                if let Some(inputs) = doc.get("inputs") {
+                    walk(inputs, &mut trees);
+                }
+            }
+            out.insert(id, trees);
         }
         Ok(out)
     }
@@ -891,6 +977,35 @@ mod tests {
         let files = db.stat_entries(&[PathBuf::from(&object_path), PathBuf::from("/c/data.txt")]);
         assert_eq!(files.len(), 1, "only the workspace file stays: {files:?}");
         assert!(files.contains_key(Path::new("/c/data.txt")));
+    }
+
+    /// Migration 6 keeps the claims of an older engine (no pid space): they are not taken
+    /// over by pid, only once their heartbeat is stale.
+    #[test]
+    fn migration_6_keeps_old_claims_until_their_heartbeat_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cache.db");
+        let conn = Connection::open(&p).unwrap();
+        for sql in &MIGRATIONS[..5] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        let me = ClaimOwner::this_process(1.0);
+        conn.execute(
+            "INSERT INTO claims (key, owner, host, pid, heartbeat) VALUES ('k', 'old', ?1, 999999999, ?2)",
+            params![me.host, unix_now()],
+        )
+        .unwrap();
+        drop(conn);
+        let mut db = Db::open(&p).unwrap();
+        assert!(matches!(
+            db.try_claim("k", &me, 30.0, false).unwrap(),
+            ClaimState::HeldBy { .. }
+        ));
+        assert_eq!(
+            db.try_claim("k", &me, -1.0, false).unwrap(),
+            ClaimState::Acquired
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -76,18 +77,32 @@ pub fn hash_bytes(bytes: &[u8]) -> Hash {
 /// Files at least this big are memory-mapped and hashed on all cores.
 const MMAP_THRESHOLD: u64 = 4 << 20;
 
-/// Hashes a file's content.
+/// Hashes a regular file's content (following a symbolic link to one). Anything else (a
+/// FIFO, a device such as `/dev/zero`, a socket, a folder) is an error naming it, not a read
+/// that may never end.
 pub fn hash_file(path: &Path) -> Result<Hash> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| CacheError::io(path, e))?
-        .len();
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that opening a FIFO returns at once (its type is checked next); reads of
+    // a regular file ignore the flag.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| CacheError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| CacheError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(CacheError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(&meta.file_type()),
+        });
+    }
+    let len = meta.len();
     let mut hasher = blake3::Hasher::new();
     if len >= MMAP_THRESHOLD {
         hasher
             .update_mmap_rayon(path)
             .map_err(|e| CacheError::io(path, e))?;
     } else {
-        let mut file = std::fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
         let mut buf = [0u8; 64 * 1024];
         loop {
             let n = file.read(&mut buf).map_err(|e| CacheError::io(path, e))?;
@@ -98,6 +113,26 @@ pub fn hash_file(path: &Path) -> Result<Hash> {
         }
     }
     Ok(Hash(*hasher.finalize().as_bytes()))
+}
+
+/// What a file that is not a regular file is, in words, for errors.
+pub(crate) fn kind_of(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "folder"
+    } else if t.is_fifo() {
+        "FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_symlink() {
+        "symbolic link"
+    } else {
+        "special file"
+    }
 }
 
 /// What the stat cache remembers about a file: if all of it still matches, the hash does too.
@@ -224,7 +259,9 @@ pub(crate) fn hash_expanded(
                 for i in range {
                     let (h, _) = hashed[i].as_ref().map_err(clone_error)?;
                     let rel = files[i].strip_prefix(&root).unwrap_or(&files[i]);
-                    hasher.update(rel.to_string_lossy().as_bytes());
+                    // The name's own bytes: the same as before for UTF-8 names, and names
+                    // that are not UTF-8 stay distinct instead of collapsing.
+                    hasher.update(rel.as_os_str().as_bytes());
                     hasher.update(b"\0");
                     hasher.update(h.as_bytes());
                 }
@@ -243,6 +280,10 @@ enum PathPlan {
     },
 }
 
+/// A path to hash: a regular file, or a folder of regular files and folders. Symbolic links
+/// are followed, at the top and inside folders (a link inside a folder hashes as its target's
+/// content under the link's own name); a dangling link, a link loop and anything that is
+/// not a regular file or folder (FIFO, device, socket) are errors naming the path.
 fn plan_path(
     path: &Path,
     files: &mut Vec<PathBuf>,
@@ -258,10 +299,22 @@ fn plan_path(
         {
             let entry = entry.map_err(|e| {
                 let p = e.path().unwrap_or(path).to_path_buf();
-                CacheError::io(p, std::io::Error::other(e.to_string()))
+                if e.loop_ancestor().is_some() {
+                    CacheError::LinkLoop { path: p }
+                } else if e.io_error().map(|io| io.kind()) == Some(std::io::ErrorKind::NotFound) {
+                    CacheError::DanglingLink { path: p }
+                } else {
+                    CacheError::io(p, std::io::Error::other(e.to_string()))
+                }
             })?;
-            if entry.file_type().is_file() {
+            let t = entry.file_type();
+            if t.is_file() {
                 found.push(entry.into_path());
+            } else if !t.is_dir() {
+                return Err(CacheError::NotRegular {
+                    path: entry.into_path(),
+                    kind: kind_of(&t),
+                });
             }
         }
         stats.extend(found.iter().map(|_| None));
@@ -270,10 +323,15 @@ fn plan_path(
             root: path.to_path_buf(),
             range: start..files.len(),
         })
-    } else {
+    } else if meta.is_file() {
         files.push(path.to_path_buf());
         stats.push(Some(StatKey::of(&meta)));
         Ok(PathPlan::File(files.len() - 1))
+    } else {
+        Err(CacheError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(&meta.file_type()),
+        })
     }
 }
 
@@ -283,6 +341,12 @@ fn clone_error(e: &CacheError) -> CacheError {
             path.clone(),
             std::io::Error::new(source.kind(), source.to_string()),
         ),
+        CacheError::NotRegular { path, kind } => CacheError::NotRegular {
+            path: path.clone(),
+            kind,
+        },
+        CacheError::DanglingLink { path } => CacheError::DanglingLink { path: path.clone() },
+        CacheError::LinkLoop { path } => CacheError::LinkLoop { path: path.clone() },
         other => CacheError::io(PathBuf::new(), std::io::Error::other(other.to_string())),
     }
 }
@@ -328,5 +392,49 @@ mod tests {
         assert_ne!(h1, h2);
         std::fs::write(d.join("sub/b"), "3").unwrap();
         assert_ne!(h(&HashMap::new()), h2);
+    }
+
+    /// A FIFO or a device as a dep (or inside a dep folder) is an error naming it, at once:
+    /// reading one never ends. A link inside a folder hashes as its target's content.
+    #[test]
+    fn special_files_are_errors_and_links_in_folders_are_followed() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let zero = dir.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let folder = dir.path().join("folder");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(dir.path().join("real"), "content").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), folder.join("link")).unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        std::fs::write(plain.join("link"), "content").unwrap();
+        let with_fifo = dir.path().join("with_fifo");
+        std::fs::create_dir_all(&with_fifo).unwrap();
+        std::os::unix::fs::symlink(&fifo, with_fifo.join("p")).unwrap();
+        let paths = [fifo.clone(), zero.clone(), folder, plain, with_fifo.clone()];
+        let (mut results, _) = hash_paths_with(&paths, &HashMap::new());
+        let expect_special = |r: Result<Hash>, path: &Path, kind: &str| match r {
+            Err(CacheError::NotRegular { path: p, kind: k }) => {
+                assert_eq!(p, path);
+                assert!(k.contains(kind), "{k}");
+            }
+            other => panic!("{}: {other:?}", path.display()),
+        };
+        let with_fifo_result = results.pop().unwrap();
+        let plain_hash = results.pop().unwrap().unwrap();
+        let folder_hash = results.pop().unwrap().unwrap();
+        assert_eq!(folder_hash, plain_hash);
+        expect_special(results.pop().unwrap(), &zero, "character device");
+        expect_special(results.pop().unwrap(), &fifo, "FIFO");
+        expect_special(with_fifo_result, &with_fifo.join("p"), "FIFO");
+        assert!(matches!(
+            hash_file(&fifo),
+            Err(CacheError::NotRegular { .. })
+        ));
     }
 }

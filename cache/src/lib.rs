@@ -12,6 +12,7 @@
 
 mod db;
 mod hash;
+mod machine;
 mod maintenance;
 mod store;
 
@@ -21,6 +22,7 @@ use std::sync::Mutex;
 
 pub use db::{ClaimOwner, ClaimState, Hit, NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
 pub use hash::{hash_bytes, hash_file, Hash, HashParseError};
+pub use machine::{hostname, pid_space_id};
 pub use maintenance::{GcReport, Keep, VerifyReport};
 pub use store::{Scratch, Store, Tree, TreeEntry};
 
@@ -32,7 +34,7 @@ pub enum CacheError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cache database {path}: {source}")]
+    #[error("cache database {path}: {source}{}", damaged_db_hint(.source))]
     Db {
         path: PathBuf,
         source: rusqlite::Error,
@@ -51,9 +53,42 @@ pub enum CacheError {
     BadTree { hash: Hash, message: String },
     #[error("{path} is not inside the folder it must stay in")]
     PathEscape { path: PathBuf },
+    #[error("{path}: symbolic link to nothing (its target does not exist); a result cannot store a dangling link")]
+    DanglingLink { path: PathBuf },
+    #[error("{path}: symbolic link loop (following it leads back to a folder it is inside)")]
+    LinkLoop { path: PathBuf },
+    #[error("{path}: the file name is not valid UTF-8; the cache stores names as UTF-8 text, so rename the file")]
+    NotUtf8Name { path: PathBuf },
+    #[error("{path} is a {kind}, not a regular file or folder; only regular files and folders can be hashed or stored")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} is a symbolic link; refusing to restore files through it (they would land in its target): replace it with a real folder")]
+    SymlinkInPath { path: PathBuf },
+}
+
+/// The advice appended to a database error that means the file itself is damaged.
+fn damaged_db_hint(source: &rusqlite::Error) -> &'static str {
+    if db_error_is_damage(source) {
+        " (the database file is damaged; `engine verify --repair` moves it aside and starts an \
+         empty index, keeping the stored objects)"
+    } else {
+        ""
+    }
+}
+
+fn db_error_is_damage(source: &rusqlite::Error) -> bool {
+    matches!(
+        source.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 impl CacheError {
+    /// Whether this is SQLite saying that `cache.db` is damaged (truncated, overwritten),
+    /// which [`Cache::recover_damaged_db`] repairs.
+    pub fn is_damaged_db(&self) -> bool {
+        matches!(self, CacheError::Db { source, .. } if db_error_is_damage(source))
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         CacheError::Io {
             path: path.into(),
@@ -161,17 +196,24 @@ impl Cache {
     /// Opens (creating if needed) the cache at `root`, migrating its schema and clearing
     /// scratch folders left by processes that no longer exist.
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root).map_err(|e| CacheError::io(root, e))?;
+        if !root.exists() {
+            // A new cache holds copies of outputs that may be private: only its owner may
+            // enter it. An existing folder keeps the mode its owner gave it (a shared cache).
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(|e| CacheError::io(root, e))?;
+        }
         let root = root.canonicalize().map_err(|e| CacheError::io(root, e))?;
         let store = Store::open(&root)?;
         // Fail early, with the OS's own words, on a cache we cannot write (read-only mount,
         // permissions, full disk) rather than deep inside SQLite.
-        let probe = root
-            .join("tmp")
-            .join(format!(".probe-{}", std::process::id()));
+        let probe = store.probe_path();
         std::fs::write(&probe, b"").map_err(|e| CacheError::io(&probe, e))?;
         let _ = std::fs::remove_file(&probe);
-        store.clean_stale_scratch()?;
+        store.clean_stale_scratch(false)?;
         let db = {
             // Opening switches the database to WAL and migrates its schema, steps SQLite may
             // refuse with "database is locked" (not wait) while another process does the
@@ -525,6 +567,39 @@ impl Cache {
     pub fn db_path(&self) -> PathBuf {
         self.root.join("cache.db")
     }
+
+    /// Recovers a cache whose `cache.db` is damaged ([`CacheError::is_damaged_db`]): moves the
+    /// database (with its `-wal` and `-shm` files) aside to `cache.db.broken-<unix time>`, so
+    /// that the next [`Cache::open`] starts an empty index over the same objects. The records
+    /// are lost (the objects do not say which key produced them, so nothing is rebuilt):
+    /// stages run again, and outputs equal to stored ones are not stored twice. Waits for
+    /// other engine processes like `verify` does, and does nothing if the database opens
+    /// and checks clean by then. Returns where the database went, if it was moved.
+    pub fn recover_damaged_db(root: &Path) -> Result<Option<PathBuf>> {
+        let _lock = CacheLock::acquire(&root.join("lock"), true)?;
+        let _opening = CacheLock::acquire_saying(&root.join("open.lock"), true, None)?;
+        let db_path = root.join("cache.db");
+        match db::Db::open(&db_path).and_then(|db| db.quick_check()) {
+            Ok(()) => return Ok(None),
+            Err(e) if e.is_damaged_db() => {}
+            Err(e) => return Err(e),
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = root.join(format!("cache.db.broken-{stamp}"));
+        for suffix in ["-wal", "-shm", ""] {
+            let from = root.join(format!("cache.db{suffix}"));
+            let to = root.join(format!("cache.db.broken-{stamp}{suffix}"));
+            match std::fs::rename(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CacheError::io(from, e)),
+            }
+        }
+        Ok(Some(aside))
+    }
 }
 
 #[cfg(test)]
@@ -732,5 +807,102 @@ mod tests {
         assert_eq!(h2, hash_bytes(b"two!"));
         let missing = cache.hash_paths(&[ws.path().join("nope")]).remove(0);
         assert!(missing.is_err());
+    }
+
+    /// A new cache folder is private; an existing one keeps its mode.
+    #[test]
+    fn a_new_cache_folder_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("a/cache");
+        drop(Cache::open(&new).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&new), 0o700);
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(Cache::open(&shared).unwrap());
+        assert_eq!(mode(&shared), 0o755);
+    }
+
+    /// A truncated or overwritten cache.db is recognised, named with the fix, and recovered:
+    /// moved aside (with its -wal/-shm), an empty index started, the objects kept.
+    #[test]
+    fn a_damaged_database_is_moved_aside_and_the_objects_kept() {
+        for damage in ["truncate", "garbage"] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("c");
+            let tree = {
+                let cache = Cache::open(&root).unwrap();
+                for i in 0..200 {
+                    let s = cache.store().scratch().unwrap();
+                    std::fs::write(s.path().join("a.txt"), format!("hello {i}")).unwrap();
+                    let tree = cache.store().put_dir(s.path(), &[]).unwrap();
+                    cache
+                        .record(&new_run(&format!("k{i}"), Some(tree)))
+                        .unwrap();
+                }
+                cache.lookup("k0").unwrap().unwrap().output_tree.unwrap()
+            };
+            let db = root.join("cache.db");
+            let len = std::fs::metadata(&db).unwrap().len();
+            assert!(len > 8192, "{len}");
+            match damage {
+                "truncate" => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&db)
+                    .unwrap()
+                    .set_len(len / 2)
+                    .unwrap(),
+                _ => std::fs::write(&db, vec![0x5a; len as usize]).unwrap(),
+            }
+            let damaged = Cache::open(&root).and_then(|c| c.verify(false));
+            let err = match damaged {
+                Err(e) => e,
+                Ok(r) => panic!("{damage}: not noticed: {r:?}"),
+            };
+            assert!(err.is_damaged_db(), "{damage}: {err}");
+            assert!(err.to_string().contains("engine verify --repair"), "{err}");
+            let aside = Cache::recover_damaged_db(&root).unwrap().unwrap();
+            assert!(aside.is_file());
+            let cache = Cache::open(&root).unwrap();
+            assert!(cache.lookup("k0").unwrap().is_none());
+            assert!(cache.store().contains(&tree), "objects are kept");
+            assert_eq!(cache.verify(false).unwrap().problem_count(), 0);
+            drop(cache);
+            assert_eq!(Cache::recover_damaged_db(&root).unwrap(), None);
+        }
+    }
+
+    /// A claim's pid is tested only in its owner's pid space: a dead pid elsewhere (another
+    /// container with the same host name) is waited for until its heartbeat stops.
+    #[test]
+    fn claims_of_another_pid_space_are_not_taken_over_by_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let me = ClaimOwner::this_process(1.0);
+        let mut ghost = me.clone();
+        ghost.id = "ghost".into();
+        ghost.pid = 999_999_999;
+        ghost.pid_space = "000000000000".into();
+        assert_eq!(
+            cache.try_claim("k", &ghost, 30.0, false).unwrap(),
+            ClaimState::Acquired
+        );
+        assert!(matches!(
+            cache.try_claim("k", &me, 30.0, false).unwrap(),
+            ClaimState::HeldBy { .. }
+        ));
+        ghost.pid_space = me.pid_space.clone();
+        ghost.id = "ghost2".into();
+        assert_eq!(
+            cache.try_claim("k2", &ghost, 30.0, false).unwrap(),
+            ClaimState::Acquired
+        );
+        assert_eq!(
+            cache.try_claim("k2", &me, 30.0, false).unwrap(),
+            ClaimState::Acquired,
+            "a dead pid of our own pid space is taken over"
+        );
     }
 }

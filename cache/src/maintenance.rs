@@ -2,12 +2,12 @@
 //! references; `gc` drops records by a retention rule and deletes unreachable objects. Both
 //! run under the cache's exclusive lock, so they never race a running engine.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rayon::prelude::*;
 
 use crate::db::RunRef;
-use crate::{Cache, CacheError, Hash, Result};
+use crate::{Cache, CacheError, CacheLock, Hash, Result};
 
 /// What `verify` found.
 #[derive(Debug, Default)]
@@ -56,8 +56,14 @@ pub struct GcReport {
 impl Cache {
     /// Re-hashes every object and checks every record; with `repair`, drops the records that
     /// depend on missing or corrupt objects (so their stages rerun) and deletes corrupt objects.
+    /// A record depends on its own objects and on its input trees (the hashes in its key
+    /// document's `inputs`): a record computed from a tree that is damaged now, or from the
+    /// output of a record that is dropped, is dropped too, transitively, so that a rerun of
+    /// its inputs cannot revive it. A damaged `cache.db` is an error
+    /// ([`CacheError::is_damaged_db`]).
     pub fn verify(&self, repair: bool) -> Result<VerifyReport> {
         let _lock = self.lock_exclusive()?;
+        self.db().quick_check()?;
         let store = self.store();
         let objects = store.all_objects()?;
         let checked: Vec<(Hash, u64, bool)> = objects
@@ -117,6 +123,7 @@ impl Cache {
             }
             referenced.extend(refs);
         }
+        self.drop_dependents(&mut report, &present, &corrupt)?;
         report.unreferenced = objects.iter().filter(|h| !referenced.contains(h)).count();
         for h in &report.corrupt {
             if !referenced.contains(h) {
@@ -136,10 +143,87 @@ impl Cache {
         Ok(report)
     }
 
+    /// Adds to `report.bad_runs` every record whose input trees include a damaged tree (one
+    /// whose manifest or blobs are missing or corrupt) or the output tree of a bad record,
+    /// until nothing changes.
+    fn drop_dependents(
+        &self,
+        report: &mut VerifyReport,
+        present: &HashSet<Hash>,
+        corrupt: &HashSet<Hash>,
+    ) -> Result<()> {
+        let runs = self.db().all_runs()?;
+        let inputs = self.db().run_inputs()?;
+        let good = |h: &Hash| present.contains(h) && !corrupt.contains(h);
+        let mut damaged: HashMap<Hash, bool> = HashMap::new();
+        let mut is_damaged = |tree: &Hash| -> bool {
+            *damaged.entry(*tree).or_insert_with(|| {
+                !good(tree)
+                    || match self.store().read_tree(tree) {
+                        Ok(t) => t.entries.iter().any(|e| !good(&e.blob)),
+                        Err(_) => true,
+                    }
+            })
+        };
+        let mut bad: HashSet<i64> = report.bad_runs.iter().copied().collect();
+        let mut tainted: HashSet<Hash> = runs
+            .iter()
+            .filter(|r| bad.contains(&r.id))
+            .filter_map(|r| r.output_tree)
+            .collect();
+        loop {
+            let mut changed = false;
+            for run in &runs {
+                if bad.contains(&run.id) {
+                    continue;
+                }
+                let Some(input) = inputs.get(&run.id).and_then(|trees| {
+                    trees
+                        .iter()
+                        .find(|t| tainted.contains(t) || is_damaged(t))
+                        .copied()
+                }) else {
+                    continue;
+                };
+                let why = if tainted.contains(&input) {
+                    "the output of a dropped record"
+                } else {
+                    "missing or corrupt"
+                };
+                report.problems.push(format!(
+                    "run {} ({} / {}): its input tree {} is {why}",
+                    run.id,
+                    run.pipeline,
+                    run.stage,
+                    input.short()
+                ));
+                report.bad_runs.push(run.id);
+                bad.insert(run.id);
+                tainted.extend(run.output_tree);
+                changed = true;
+            }
+            if !changed {
+                return Ok(());
+            }
+        }
+    }
+
     /// Drops records not kept by `keep`, then deletes every object no remaining record
     /// refers to. Waits for running engine processes on this cache to finish first.
     pub fn gc(&self, keep: &Keep, dry_run: bool) -> Result<GcReport> {
-        let _lock = self.lock_exclusive()?;
+        let lock = self.lock_exclusive()?;
+        self.gc_locked(&lock, keep, dry_run)
+    }
+
+    /// [`Cache::gc`] under an exclusive lock the caller already holds (from
+    /// [`Cache::lock_exclusive`]), so that what to keep can be decided under the same lock:
+    /// a record written between deciding and collecting would otherwise be dropped.
+    pub fn gc_locked(&self, _held: &CacheLock, keep: &Keep, dry_run: bool) -> Result<GcReport> {
+        // No engine run is in progress: scratch named the old way (without its owner's pid
+        // space) can only be a leftover now.
+        if !dry_run {
+            self.store().clean_stale_scratch(true)?;
+        }
         let runs = self.db().all_runs()?;
         let now = crate::db::unix_now();
         let mut drop: Vec<i64> = Vec::new();
@@ -178,6 +262,21 @@ impl Cache {
                 Ok(refs) => reachable.extend(refs),
                 Err(_) => {
                     reachable.extend(run.output_tree.iter().chain(run.log_blob.iter()).copied())
+                }
+            }
+        }
+        // A kept record's input trees are kept with it, even when the records that produced
+        // them go: `verify` drops a record whose input tree is missing, since it can no longer
+        // tell what the record was computed from.
+        let inputs = self.db().run_inputs()?;
+        let mut input_trees: HashSet<Hash> = HashSet::new();
+        for run in runs.iter().filter(|r| !dropped.contains(&r.id)) {
+            input_trees.extend(inputs.get(&run.id).into_iter().flatten().copied());
+        }
+        for tree in input_trees {
+            if reachable.insert(tree) {
+                if let Ok(t) = self.store().read_tree(&tree) {
+                    reachable.extend(t.entries.iter().map(|e| e.blob));
                 }
             }
         }
@@ -276,6 +375,101 @@ mod tests {
         assert!(cache.lookup("k1").unwrap().is_none());
         assert!(cache.lookup("k2").unwrap().is_some());
         assert_eq!(cache.verify(false).unwrap().problem_count(), 0);
+    }
+
+    /// Records computed from a damaged tree, or from the output of a dropped record, are
+    /// dropped too, transitively; unrelated records stay.
+    #[test]
+    fn repair_drops_records_downstream_of_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let put = |content: &[u8]| {
+            let s = cache.store().scratch().unwrap();
+            std::fs::write(s.path().join("f"), content).unwrap();
+            cache.store().put_dir(s.path(), &[]).unwrap()
+        };
+        let rec = |key: &str, tree: Hash, inputs: serde_json::Value| {
+            cache
+                .record(&NewRun {
+                    key: key.into(),
+                    pipeline: "p".into(),
+                    stage: key.into(),
+                    op: "o".into(),
+                    op_version: 1,
+                    key_doc: serde_json::json!({"inputs": inputs, "params": {"label": "x"}}),
+                    output_tree: Some(tree),
+                    status: RunStatus::Ok,
+                    error: None,
+                    started_at: 1.0,
+                    ended_at: 2.0,
+                    host: "h".into(),
+                    engine_version: "0".into(),
+                    log_blob: None,
+                    metrics: Default::default(),
+                })
+                .unwrap();
+        };
+        let (ta, tb, tc, tu) = (put(b"a"), put(b"b"), put(b"c"), put(b"u"));
+        rec("a", ta, serde_json::json!({}));
+        rec(
+            "b",
+            tb,
+            serde_json::json!({"x": {"from": "a", "tree": ta.to_hex()}}),
+        );
+        rec(
+            "c",
+            tc,
+            serde_json::json!({"m": [{"label": "k=1", "from": "b", "tree": tb.to_hex()}]}),
+        );
+        rec("u", tu, serde_json::json!({}));
+        // A tree no record produces (its producer was collected), whose blob is then lost.
+        let orphan = put(b"orphan");
+        let to = put(b"from orphan");
+        rec("o", to, serde_json::json!({"x": {"tree": orphan.to_hex()}}));
+        assert_eq!(cache.verify(false).unwrap().problem_count(), 0);
+        let blob_a = crate::hash_bytes(b"a");
+        let p = cache.store().object_path(&blob_a);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&p, b"A").unwrap();
+        cache
+            .store()
+            .remove_object(&crate::hash_bytes(b"orphan"))
+            .unwrap();
+        let report = cache.verify(true).unwrap();
+        assert_eq!(report.repaired_runs, 4, "{:?}", report.problems);
+        for key in ["a", "b", "c", "o"] {
+            assert!(cache.lookup(key).unwrap().is_none(), "{key} kept");
+        }
+        assert!(cache.lookup("u").unwrap().is_some());
+    }
+
+    /// gc keeps the input trees of the records it keeps, so that verify stays clean after it.
+    #[test]
+    fn gc_keeps_the_inputs_of_kept_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        record(&cache, "up", b"upstream", 1.0);
+        let up_tree = cache.lookup("up").unwrap().unwrap().output_tree.unwrap();
+        let s = cache.store().scratch().unwrap();
+        std::fs::write(s.path().join("f"), "downstream").unwrap();
+        let tree = cache.store().put_dir(s.path(), &[]).unwrap();
+        let mut run = cache.lookup("up").unwrap().unwrap().run;
+        run.key = "down".into();
+        run.stage = "down".into();
+        run.ended_at = 2.0;
+        run.output_tree = Some(tree);
+        run.key_doc =
+            serde_json::json!({"inputs": {"x": {"from": "up", "tree": up_tree.to_hex()}}});
+        cache.record(&run).unwrap();
+        let r = cache
+            .gc(&Keep::NewerThan(crate::db::unix_now() - 1.5), false)
+            .unwrap();
+        assert_eq!(r.runs_dropped, 1);
+        assert!(cache.lookup("up").unwrap().is_none());
+        assert!(cache.store().contains(&up_tree));
+        assert!(cache.store().contains(&crate::hash_bytes(b"upstream")));
+        let v = cache.verify(false).unwrap();
+        assert_eq!(v.problem_count(), 0, "{:?}", v.problems);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::hash::{hash_bytes, hash_file, Hash, StatKey};
+use crate::machine::process_alive;
 use crate::{CacheError, Result};
 
 /// A stage output: every file it wrote, by relative path, sorted. Stored as a JSON blob whose
@@ -24,6 +25,35 @@ pub struct TreeEntry {
     pub blob: Hash,
     pub size: u64,
     pub executable: bool,
+    /// Permission bits to restore, when narrower than the default (0644, or 0755 when
+    /// `executable`): see [`recorded_mode`]. Absent for ordinary files, so that their trees
+    /// serialise, and hash, exactly as before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+impl TreeEntry {
+    /// The permission bits a restored copy gets: never wider than the file that was stored.
+    pub fn restore_mode(&self) -> u32 {
+        self.mode.unwrap_or_else(|| default_mode(self.executable))
+    }
+}
+
+fn default_mode(executable: bool) -> u32 {
+    if executable {
+        0o755
+    } else {
+        0o644
+    }
+}
+
+/// What a tree records of a file's permission bits `perm`: the default narrowed to them,
+/// `None` when that is the default itself. A `0600` file is restored `0600`, a `0664` one
+/// `0644` (narrower than the source, as every restore was before): a restore never widens.
+pub fn recorded_mode(perm: u32) -> Option<u32> {
+    let default = default_mode(perm & 0o111 != 0);
+    let mode = perm & default;
+    (mode != default).then_some(mode)
 }
 
 impl Tree {
@@ -47,8 +77,9 @@ pub struct Store {
     tmp: PathBuf,
 }
 
-/// A private folder under `tmp/`, removed when dropped. Its name starts with the owning pid so
-/// that a later process can tell leftovers of dead processes from live work.
+/// A private folder under `tmp/`, removed when dropped. Its name starts with the owner's pid
+/// space and pid (see [`scratch_name`]) so that a later process can tell leftovers of dead
+/// processes from live work, and leaves alone what it cannot tell.
 pub struct Scratch {
     path: PathBuf,
 }
@@ -162,21 +193,38 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = self.tmp.join(format!("{}-{n}-{nanos}", std::process::id()));
+        let path = self.tmp.join(scratch_name(&format!("{n}-{nanos}")));
         std::fs::create_dir_all(&path).map_err(|e| CacheError::io(&path, e))?;
         Ok(Scratch { path })
     }
 
-    /// Removes `tmp/` entries whose owning process is gone (a killed run's half-written output).
-    pub(crate) fn clean_stale_scratch(&self) -> Result<()> {
+    /// Where a file proving the cache is writable is written (and at once removed): named
+    /// like scratch, so a leftover is reaped like scratch.
+    pub(crate) fn probe_path(&self) -> PathBuf {
+        self.tmp.join(scratch_name("probe"))
+    }
+
+    /// Removes `tmp/` entries of dead processes of this pid space (a killed run's
+    /// half-written output). Entries of other pid spaces (another host sharing the cache,
+    /// a container, before a reboot) are left alone: their pid means nothing here. With
+    /// `legacy`, entries named the old way (`<pid>-…`, no pid space) whose pid is not alive
+    /// here go too: only safe under the exclusive lock, when no engine run is in progress.
+    pub(crate) fn clean_stale_scratch(&self, legacy: bool) -> Result<()> {
         let entries = std::fs::read_dir(&self.tmp).map_err(|e| CacheError::io(&self.tmp, e))?;
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let owner = name.split('-').next().and_then(|p| p.parse::<i32>().ok());
-            let alive = owner.is_some_and(process_alive);
-            if !alive {
+            let name = entry.file_name();
+            let stale = match ScratchOwner::of(&name.to_string_lossy()) {
+                ScratchOwner::Here(pid) => !process_alive(pid),
+                ScratchOwner::Legacy(pid) => legacy && !process_alive(pid),
+                ScratchOwner::Elsewhere | ScratchOwner::Unknown => false,
+            };
+            if stale {
                 tracing::debug!("removing leftover scratch {}", entry.path().display());
-                remove_tree(&entry.path());
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&entry.path());
+                } else {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
         Ok(())
@@ -199,82 +247,124 @@ impl Store {
         let scratch = self.scratch()?;
         let staged = scratch.path().join("blob");
         std::fs::write(&staged, bytes).map_err(|e| CacheError::io(&staged, e))?;
-        self.install(&staged, &hash)?;
+        self.install(&staged, &hash, false)?;
         Ok(hash)
     }
 
-    /// Moves `staged` (a file this process owns, already hashed to `hash`) into place with one
-    /// atomic rename. If the object already exists the staged file is simply dropped.
-    fn install(&self, staged: &Path, hash: &Hash) -> Result<()> {
+    /// Moves `staged` (a file this process owns and no one else links to, already hashed to
+    /// `hash`) into place with one atomic rename. If the object already exists the staged
+    /// file is simply dropped. A `private` object (its source had no group or other read
+    /// bit) is stored `0400`, and an existing object is narrowed to that, never widened.
+    fn install(&self, staged: &Path, hash: &Hash, private: bool) -> Result<()> {
         let dest = self.object_path(hash);
-        if dest.is_file() {
-            return Ok(());
-        }
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
-        }
-        std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o444))
-            .map_err(|e| CacheError::io(staged, e))?;
-        match std::fs::rename(staged, &dest) {
-            Ok(()) => Ok(()),
-            // Another filesystem (a symlinked output): copy into tmp first, then rename.
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                let scratch = self.scratch()?;
-                let local = scratch.path().join("blob");
-                std::fs::copy(staged, &local).map_err(|e| CacheError::io(staged, e))?;
-                std::fs::rename(&local, &dest).map_err(|e| CacheError::io(&dest, e))
+        if !dest.is_file() {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
             }
-            Err(e) => Err(CacheError::io(&dest, e)),
+            // Safe to chmod: `staged` is this process's own file (a copy, or a file the stage
+            // created with a link count of 1), never a user's.
+            let mode = if private { 0o400 } else { 0o444 };
+            std::fs::set_permissions(staged, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| CacheError::io(staged, e))?;
+            match std::fs::rename(staged, &dest) {
+                Ok(()) => {}
+                // Another filesystem (something mounted inside the output folder): copy into
+                // tmp first, then rename.
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                    let scratch = self.scratch()?;
+                    let local = scratch.path().join("blob");
+                    std::fs::copy(staged, &local).map_err(|e| CacheError::io(staged, e))?;
+                    std::fs::rename(&local, &dest).map_err(|e| CacheError::io(&dest, e))?;
+                }
+                Err(e) => return Err(CacheError::io(&dest, e)),
+            }
         }
+        // Also after our own rename: another process may have installed the same bytes from
+        // a readable file meanwhile.
+        if private {
+            narrow_to_owner(&dest)?;
+        }
+        Ok(())
     }
 
-    /// Stores every file under `dir` (moving them: `dir` must be a scratch folder this process
-    /// owns) plus `extra` (tree path -> workspace file or folder, copied), and returns the hash
-    /// of the resulting [`Tree`].
+    /// Stores every file under `dir` (a scratch folder this process owns; see below) plus
+    /// `extra` (tree path -> workspace file or folder, copied), and returns the hash of the
+    /// resulting [`Tree`].
+    ///
+    /// Only a regular file the stage created in `dir`, reached through no symbolic link and
+    /// with a link count of 1, is moved into the store (renamed: instant, no copy). Anything
+    /// else may be a user's file and is copied, its bytes re-hashed after the copy: a file
+    /// reached through a symbolic link (to a file or a folder, at any depth, wherever it
+    /// points) is stored as the content of its target, and a hard link to a user's file is
+    /// copied without touching its mode. A dangling link, a link loop, a name that is not
+    /// UTF-8 or a special file (FIFO, device, socket) is an error naming the path.
     pub fn put_dir(&self, dir: &Path, extra: &[(String, PathBuf)]) -> Result<Hash> {
-        let mut files: Vec<(String, PathBuf, bool)> = Vec::new();
-        collect_files(dir, "", &mut files, true)?;
+        let mut files: Vec<Found> = Vec::new();
+        collect_files(dir, "", true, &mut files)?;
         for (prefix, source) in extra {
-            let meta = std::fs::metadata(source).map_err(|e| CacheError::io(source, e))?;
-            if meta.is_dir() {
-                collect_files(source, prefix, &mut files, false)?;
-            } else {
-                files.push((prefix.clone(), source.clone(), false));
-            }
+            collect_files(source, prefix, false, &mut files)?;
         }
-        let mut entries: Vec<TreeEntry> = files
+        // Copies first: a link in the output may lead to a file of the output itself, which
+        // must still be where the link points when it is copied.
+        let (copies, moves): (Vec<&Found>, Vec<&Found>) =
+            files.iter().partition(|f| f.take == Take::Copy);
+        let mut entries: Vec<TreeEntry> = copies
             .par_iter()
-            .map(|(rel, path, movable)| {
-                let meta = std::fs::metadata(path).map_err(|e| CacheError::io(path, e))?;
-                let blob = hash_file(path)?;
-                let executable = meta.permissions().mode() & 0o111 != 0;
-                if *movable {
-                    self.install(path, &blob)?;
-                } else if !self.contains(&blob) {
-                    let scratch = self.scratch()?;
-                    let staged = scratch.path().join("blob");
-                    std::fs::copy(path, &staged).map_err(|e| CacheError::io(path, e))?;
-                    // The workspace file may have changed between hashing and copying.
-                    let copied = hash_file(&staged)?;
-                    if copied != blob {
-                        return Err(CacheError::io(
-                            path,
-                            std::io::Error::other("the file changed while it was being stored"),
-                        ));
-                    }
-                    self.install(&staged, &blob)?;
-                }
-                Ok(TreeEntry {
-                    path: rel.clone(),
-                    blob,
-                    size: meta.len(),
-                    executable,
-                })
-            })
+            .map(|f| self.put_file(f))
             .collect::<Result<_>>()?;
+        let moved: Vec<TreeEntry> = moves
+            .par_iter()
+            .map(|f| self.put_file(f))
+            .collect::<Result<_>>()?;
+        entries.extend(moved);
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         entries.dedup_by(|a, b| a.path == b.path);
         self.put_tree(&Tree { entries })
+    }
+
+    /// Stores one file found by [`collect_files`]; returns its tree entry.
+    fn put_file(&self, found: &Found) -> Result<TreeEntry> {
+        let path = &found.path;
+        // Follows a link the walk followed: the entry describes the target.
+        let meta = std::fs::metadata(path).map_err(|e| CacheError::io(path, e))?;
+        if !meta.is_file() {
+            return Err(CacheError::NotRegular {
+                path: path.clone(),
+                kind: crate::hash::kind_of(&meta.file_type()),
+            });
+        }
+        let perm = meta.permissions().mode() & 0o777;
+        let private = perm & 0o044 == 0;
+        let blob = hash_file(path)?;
+        match found.take {
+            Take::Move => self.install(path, &blob, private)?,
+            Take::Copy if self.contains(&blob) => {
+                if private {
+                    narrow_to_owner(&self.object_path(&blob))?;
+                }
+            }
+            Take::Copy => {
+                let scratch = self.scratch()?;
+                let staged = scratch.path().join("blob");
+                std::fs::copy(path, &staged).map_err(|e| CacheError::io(path, e))?;
+                // The file may have changed between hashing and copying.
+                let copied = hash_file(&staged)?;
+                if copied != blob {
+                    return Err(CacheError::io(
+                        path,
+                        std::io::Error::other("the file changed while it was being stored"),
+                    ));
+                }
+                self.install(&staged, &blob, private)?;
+            }
+        }
+        Ok(TreeEntry {
+            path: found.tree_path.clone(),
+            blob,
+            size: meta.len(),
+            executable: perm & 0o111 != 0,
+            mode: recorded_mode(perm),
+        })
     }
 
     pub fn put_tree(&self, tree: &Tree) -> Result<Hash> {
@@ -320,9 +410,40 @@ impl Store {
 
     /// Writes the files of `tree` whose path starts with `prefix` under `dest` (prefix removed).
     /// `link` hard-links objects (read-only, instant; for scratch inputs); otherwise files are
-    /// copied and made writable (for workspace checkouts users may edit).
+    /// copied and given their recorded mode (for workspace checkouts users may edit). A
+    /// restored file is never more permissive than the file that was stored.
     pub fn materialize(&self, tree: &Tree, prefix: &str, dest: &Path, link: bool) -> Result<()> {
+        self.materialize_below(tree, prefix, dest, dest, link)
+    }
+
+    /// [`Store::materialize`] (copying) into `dest` inside `root`, a folder users own (the
+    /// workspace): fails, naming it, if a folder between `root` and a file to write is a
+    /// symbolic link, since writing through it would put the file in the link's target.
+    pub fn materialize_in(
+        &self,
+        tree: &Tree,
+        prefix: &str,
+        root: &Path,
+        dest: &Path,
+    ) -> Result<()> {
+        if !dest.starts_with(root) {
+            return Err(CacheError::PathEscape {
+                path: dest.to_path_buf(),
+            });
+        }
+        self.materialize_below(tree, prefix, root, dest, false)
+    }
+
+    fn materialize_below(
+        &self,
+        tree: &Tree,
+        prefix: &str,
+        root: &Path,
+        dest: &Path,
+        link: bool,
+    ) -> Result<()> {
         if prefix.is_empty() {
+            refuse_symlinked_folders(root, dest)?;
             std::fs::create_dir_all(dest).map_err(|e| CacheError::io(dest, e))?;
         }
         for entry in &tree.entries {
@@ -344,6 +465,7 @@ impl Store {
                 safe_join(dest, rel)?
             };
             if let Some(parent) = target.parent() {
+                refuse_symlinked_folders(root, parent)?;
                 std::fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
             }
             let source = self.object_path(&entry.blob);
@@ -357,11 +479,11 @@ impl Store {
                 continue;
             }
             std::fs::copy(&source, &target).map_err(|e| CacheError::io(&target, e))?;
-            let mode = match (link, entry.executable) {
-                (true, true) => 0o555,
-                (true, false) => 0o444,
-                (false, true) => 0o755,
-                (false, false) => 0o644,
+            // Inputs are read-only, like the objects they would have been linked to.
+            let mode = if link {
+                entry.restore_mode() & 0o555
+            } else {
+                entry.restore_mode()
             };
             std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| CacheError::io(&target, e))?;
@@ -414,48 +536,178 @@ fn safe_join(dest: &Path, rel: &str) -> Result<PathBuf> {
     Ok(dest.join(rel_path))
 }
 
-fn collect_files(
-    root: &Path,
-    prefix: &str,
-    out: &mut Vec<(String, PathBuf, bool)>,
-    movable: bool,
-) -> Result<()> {
-    for entry in walkdir::WalkDir::new(root)
-        .follow_links(true)
-        .sort_by_file_name()
-    {
-        let entry = entry.map_err(|e| {
-            let p = e.path().unwrap_or(root).to_path_buf();
-            CacheError::io(p, std::io::Error::other(e.to_string()))
-        })?;
-        if !entry.file_type().is_file() {
-            continue;
+/// Fails if a folder on the way from `root` (excluded) down to `dir` (included) exists and is
+/// a symbolic link. Folders that do not exist yet end the check: they will be created, real.
+fn refuse_symlinked_folders(root: &Path, dir: &Path) -> Result<()> {
+    let Ok(below) = dir.strip_prefix(root) else {
+        return Ok(());
+    };
+    let mut at = root.to_path_buf();
+    for part in below.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(CacheError::SymlinkInPath { path: at });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(CacheError::io(at, e)),
         }
-        let rel = entry
-            .path()
-            .strip_prefix(root)
-            .unwrap_or(entry.path())
-            .to_string_lossy()
-            .replace('\\', "/");
-        let tree_path = match (prefix.is_empty(), rel.is_empty()) {
-            (true, _) => rel,
-            (false, true) => prefix.to_string(),
-            (false, false) => format!("{prefix}/{rel}"),
-        };
-        // A symlink out of the folder is copied, never moved: it is not ours to consume.
-        let movable = movable && !entry.path_is_symlink();
-        out.push((tree_path, entry.into_path(), movable));
     }
     Ok(())
 }
 
-pub(crate) fn process_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
+/// Removes group and other bits from an object (never adds any).
+fn narrow_to_owner(object: &Path) -> Result<()> {
+    let mode = std::fs::metadata(object)
+        .map_err(|e| CacheError::io(object, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(object, std::fs::Permissions::from_mode(mode & 0o700))
+            .map_err(|e| CacheError::io(object, e))?;
     }
-    // SAFETY: kill(pid, 0) only checks that the process exists; it sends nothing.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    Ok(())
+}
+
+/// How a file found in an output gets into the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Take {
+    /// Renamed: the stage's own file.
+    Move,
+    /// Copied: possibly a user's file.
+    Copy,
+}
+
+/// A file to store: its tree path, where it is, and how it is taken.
+#[derive(Debug)]
+struct Found {
+    tree_path: String,
+    path: PathBuf,
+    take: Take,
+}
+
+/// Every regular file at or under `root` (a file, a folder, or a link to either), with tree
+/// paths under `prefix`, in name order. Files may be moved only when `movable` and reached
+/// through no link with a link count of 1. Links are followed (a dangling one or a loop is
+/// an error); special files and names that are not UTF-8 are errors.
+fn collect_files(root: &Path, prefix: &str, movable: bool, out: &mut Vec<Found>) -> Result<()> {
+    let mut ancestors: Vec<(u64, u64)> = Vec::new();
+    visit(root, prefix.to_string(), movable, &mut ancestors, out)
+}
+
+fn visit(
+    path: &Path,
+    tree_path: String,
+    movable: bool,
+    ancestors: &mut Vec<(u64, u64)>,
+    out: &mut Vec<Found>,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::symlink_metadata(path).map_err(|e| CacheError::io(path, e))?;
+    let (meta, movable) = if own.file_type().is_symlink() {
+        let target = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => CacheError::DanglingLink {
+                path: path.to_path_buf(),
+            },
+            _ if e.raw_os_error() == Some(libc::ELOOP) => CacheError::LinkLoop {
+                path: path.to_path_buf(),
+            },
+            _ => CacheError::io(path, e),
+        })?;
+        // Whatever is reached through a link is not the stage's to consume.
+        (target, false)
+    } else {
+        (own, movable)
+    };
+    if meta.is_file() {
+        let take = if movable && meta.nlink() == 1 {
+            Take::Move
+        } else {
+            Take::Copy
+        };
+        out.push(Found {
+            tree_path,
+            path: path.to_path_buf(),
+            take,
+        });
+        return Ok(());
+    }
+    if !meta.is_dir() {
+        return Err(CacheError::NotRegular {
+            path: path.to_path_buf(),
+            kind: crate::hash::kind_of(&meta.file_type()),
+        });
+    }
+    let id = (meta.dev(), meta.ino());
+    if ancestors.contains(&id) {
+        return Err(CacheError::LinkLoop {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut children: Vec<(String, PathBuf)> = Vec::new();
+    let entries = std::fs::read_dir(path).map_err(|e| CacheError::io(path, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| CacheError::io(path, e))?;
+        let child = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            return Err(CacheError::NotUtf8Name { path: child });
+        };
+        children.push((name, child));
+    }
+    children.sort();
+    ancestors.push(id);
+    for (name, child) in children {
+        let child_tree_path = if tree_path.is_empty() {
+            name
+        } else {
+            format!("{tree_path}/{name}")
+        };
+        visit(&child, child_tree_path, movable, ancestors, out)?;
+    }
+    ancestors.pop();
+    Ok(())
+}
+
+/// The pid space ([`crate::pid_space_id`]) and pid that own a `tmp/` entry, by its name.
+enum ScratchOwner {
+    /// A process of this pid space.
+    Here(i32),
+    /// A process of another pid space.
+    Elsewhere,
+    /// Named by an engine that did not record its pid space: `<pid>-<n>-<nanos>`.
+    Legacy(i32),
+    /// Not named by an engine.
+    Unknown,
+}
+
+/// `o<pid space>-<pid>-<tag>`: the `o` keeps the name apart from the legacy `<pid>-…` form.
+fn scratch_name(tag: &str) -> String {
+    format!(
+        "o{}-{}-{tag}",
+        crate::machine::pid_space_id(),
+        std::process::id()
+    )
+}
+
+impl ScratchOwner {
+    fn of(name: &str) -> Self {
+        let mut parts = name.split('-');
+        let (Some(first), Some(second)) = (parts.next(), parts.next()) else {
+            return ScratchOwner::Unknown;
+        };
+        if let Some(space) = first.strip_prefix('o') {
+            return match second.parse::<i32>() {
+                Ok(pid) if space == crate::machine::pid_space_id() => ScratchOwner::Here(pid),
+                Ok(_) => ScratchOwner::Elsewhere,
+                Err(_) => ScratchOwner::Unknown,
+            };
+        }
+        match first.parse::<i32>() {
+            Ok(pid) if second.parse::<u64>().is_ok() => ScratchOwner::Legacy(pid),
+            _ => ScratchOwner::Unknown,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -533,11 +785,246 @@ mod tests {
     fn stale_scratch_of_dead_process_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let dead = dir.path().join("tmp/999999999-0-0");
+        let dead = dir
+            .path()
+            .join(format!("tmp/o{}-999999999-0-0", crate::pid_space_id()));
         std::fs::create_dir_all(&dead).unwrap();
         let live = store.scratch().unwrap();
-        store.clean_stale_scratch().unwrap();
+        store.clean_stale_scratch(false).unwrap();
         assert!(!dead.exists());
         assert!(live.path().exists());
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A user's folder and file reached through links (to a folder, to a file, at depth, and
+    /// a link inside the linked folder) are copied: still there, same bytes, same mode.
+    #[test]
+    fn files_reached_through_links_are_copied_never_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        let data = ws.path().join("data");
+        let other = ws.path().join("other");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(data.join("a.txt"), "user a").unwrap();
+        std::fs::set_permissions(data.join("a.txt"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        std::fs::write(other.join("b.txt"), "user b").unwrap();
+        std::os::unix::fs::symlink(&other, data.join("inner")).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let s = store.scratch().unwrap();
+        std::fs::create_dir_all(s.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink(&data, s.path().join("data")).unwrap();
+        std::os::unix::fs::symlink(data.join("a.txt"), s.path().join("f")).unwrap();
+        std::os::unix::fs::symlink(&data, s.path().join("sub/deep")).unwrap();
+        std::fs::write(s.path().join("own"), "stage's own").unwrap();
+        let h = store.put_dir(s.path(), &[]).unwrap();
+        let tree = store.read_tree(&h).unwrap();
+        let paths: Vec<&str> = tree.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "data/a.txt",
+                "data/inner/b.txt",
+                "f",
+                "own",
+                "sub/deep/a.txt",
+                "sub/deep/inner/b.txt"
+            ]
+        );
+        assert_eq!(
+            std::fs::read_to_string(data.join("a.txt")).unwrap(),
+            "user a"
+        );
+        assert_eq!(mode_of(&data.join("a.txt")), 0o640);
+        assert_eq!(
+            std::fs::read_to_string(other.join("b.txt")).unwrap(),
+            "user b"
+        );
+        assert_eq!(tree.get("f").unwrap().blob, hash_bytes(b"user a"));
+        // The stage's own file was moved.
+        assert!(!s.path().join("own").exists());
+        // Deleting the objects leaves the user's files alone.
+        for h in store.all_objects().unwrap() {
+            store.remove_object(&h).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(data.join("a.txt")).unwrap(),
+            "user a"
+        );
+        assert_eq!(
+            std::fs::read_to_string(other.join("b.txt")).unwrap(),
+            "user b"
+        );
+    }
+
+    /// A hard link to a user's file is copied: the user's file keeps its inode and mode.
+    #[test]
+    fn a_hard_link_is_copied_and_its_mode_left_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        let user = ws.path().join("u.txt");
+        std::fs::write(&user, "user").unwrap();
+        std::fs::set_permissions(&user, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let s = store.scratch().unwrap();
+        std::fs::hard_link(&user, s.path().join("u")).unwrap();
+        let h = store.put_dir(s.path(), &[]).unwrap();
+        assert_eq!(mode_of(&user), 0o664);
+        let object = store.object_path(&hash_bytes(b"user"));
+        assert_ne!(
+            std::fs::metadata(&object).unwrap().ino(),
+            std::fs::metadata(&user).unwrap().ino()
+        );
+        assert_eq!(store.read_tree(&h).unwrap().entries[0].mode, None);
+    }
+
+    #[test]
+    fn dangling_links_loops_odd_names_and_special_files_are_errors() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        type Make = fn(&Path);
+        let cases: [(&str, Make); 4] = [
+            ("dangling", |out| {
+                std::os::unix::fs::symlink(out.join("nothing"), out.join("dangling")).unwrap()
+            }),
+            ("loop", |out| {
+                std::fs::create_dir_all(out.join("d")).unwrap();
+                std::os::unix::fs::symlink("..", out.join("d/loop")).unwrap()
+            }),
+            ("odd", |out| {
+                let name = std::ffi::OsStr::from_bytes(b"odd\xff");
+                std::fs::write(out.join(name), "x").unwrap()
+            }),
+            ("fifo", |out| {
+                let p = std::ffi::CString::new(out.join("fifo").as_os_str().as_bytes()).unwrap();
+                // SAFETY: a NUL-terminated path we own.
+                assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o644) }, 0);
+            }),
+        ];
+        for (what, make) in cases {
+            let s = store.scratch().unwrap();
+            make(s.path());
+            let err = store.put_dir(s.path(), &[]).unwrap_err();
+            let ok = match (what, &err) {
+                ("dangling", CacheError::DanglingLink { path }) => path.ends_with("dangling"),
+                ("loop", CacheError::LinkLoop { path }) => path.ends_with("d/loop"),
+                ("odd", CacheError::NotUtf8Name { path }) => {
+                    path.file_name().unwrap().as_bytes() == b"odd\xff"
+                }
+                ("fifo", CacheError::NotRegular { path, kind }) => {
+                    path.ends_with("fifo") && kind.contains("FIFO")
+                }
+                _ => false,
+            };
+            assert!(ok, "{what}: {err}");
+        }
+    }
+
+    /// Trees of ordinary files serialise exactly as before `mode` existed (their hashes, and so
+    /// every existing cache, stay valid); a 0600 file records its mode, is stored 0400 and is
+    /// restored 0600; storing it narrows an existing 0444 object of the same bytes.
+    #[test]
+    fn modes_are_recorded_only_when_narrower_and_never_widened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let s = store.scratch().unwrap();
+        std::fs::write(s.path().join("plain"), "p").unwrap();
+        std::fs::set_permissions(
+            s.path().join("plain"),
+            std::fs::Permissions::from_mode(0o664),
+        )
+        .unwrap();
+        std::fs::write(s.path().join("run.sh"), "r").unwrap();
+        std::fs::set_permissions(
+            s.path().join("run.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let h = store.put_dir(s.path(), &[]).unwrap();
+        let old_format = format!(
+            r#"{{"entries":[{{"path":"plain","blob":"{}","size":1,"executable":false}},{{"path":"run.sh","blob":"{}","size":1,"executable":true}}]}}"#,
+            hash_bytes(b"p"),
+            hash_bytes(b"r")
+        );
+        assert_eq!(h, hash_bytes(old_format.as_bytes()));
+        let old: Tree = serde_json::from_str(&old_format).unwrap();
+        assert_eq!(old, store.read_tree(&h).unwrap());
+
+        let public = store.put_bytes(b"secret").unwrap();
+        assert_eq!(mode_of(&store.object_path(&public)), 0o444);
+        let s = store.scratch().unwrap();
+        std::fs::write(s.path().join("key"), "secret").unwrap();
+        std::fs::set_permissions(s.path().join("key"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let h = store.put_dir(s.path(), &[]).unwrap();
+        let tree = store.read_tree(&h).unwrap();
+        assert_eq!(tree.entries[0].mode, Some(0o600));
+        assert_eq!(mode_of(&store.object_path(&public)), 0o400, "narrowed");
+        let out = tempfile::tempdir().unwrap();
+        store.materialize(&tree, "", out.path(), false).unwrap();
+        assert_eq!(mode_of(&out.path().join("key")), 0o600);
+        // Storing readable bytes again does not widen the object.
+        store.put_bytes(b"secret").unwrap();
+        assert_eq!(mode_of(&store.object_path(&public)), 0o400);
+        assert_eq!(recorded_mode(0o700), Some(0o700));
+        assert_eq!(recorded_mode(0o775), None);
+        assert_eq!(recorded_mode(0o640), Some(0o640));
+    }
+
+    #[test]
+    fn restoring_into_a_workspace_refuses_symlinked_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let s = store.scratch().unwrap();
+        std::fs::write(s.path().join("r.txt"), "r").unwrap();
+        let tree = store
+            .read_tree(&store.put_dir(s.path(), &[]).unwrap())
+            .unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), ws.path().join("results")).unwrap();
+        let dest = ws.path().join("results/r.txt");
+        let err = store
+            .materialize_in(&tree, "r.txt", ws.path(), &dest)
+            .unwrap_err();
+        assert!(
+            matches!(&err, CacheError::SymlinkInPath { path } if path == &ws.path().join("results")),
+            "{err}"
+        );
+        assert!(!elsewhere.path().join("r.txt").exists());
+        // A real folder is fine.
+        std::fs::remove_file(ws.path().join("results")).unwrap();
+        store
+            .materialize_in(&tree, "r.txt", ws.path(), &dest)
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "r");
+    }
+
+    /// Scratch of another pid space (another host, container or boot) is never reaped; the
+    /// legacy `<pid>-…` form only under the exclusive lock (`legacy`).
+    #[test]
+    fn only_our_pid_space_dead_scratch_is_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tmp = dir.path().join("tmp");
+        let ours = tmp.join(format!("o{}-999999999-0-0", crate::pid_space_id()));
+        let elsewhere = tmp.join("o000000000000-999999999-0-0");
+        let legacy = tmp.join("999999999-0-0");
+        for d in [&ours, &elsewhere, &legacy] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        store.clean_stale_scratch(false).unwrap();
+        assert!(!ours.exists());
+        assert!(elsewhere.exists());
+        assert!(legacy.exists());
+        store.clean_stale_scratch(true).unwrap();
+        assert!(elsewhere.exists());
+        assert!(!legacy.exists());
     }
 }

@@ -918,6 +918,12 @@ fn resolve_cache_dir(explicit: &Option<PathBuf>, pipeline: Option<&Path>) -> Res
 }
 
 fn open_existing_cache(dir: &Path) -> Result<Cache, Exit> {
+    require_cache(dir)?;
+    Ok(Cache::open(dir)?)
+}
+
+/// Refuses a folder that is no engine cache, before anything is created in it.
+fn require_cache(dir: &Path) -> Result<(), Exit> {
     if !dir.join("cache.db").is_file() {
         return Err(Exit {
             code: EXIT_BAD_INPUT,
@@ -927,13 +933,32 @@ fn open_existing_cache(dir: &Path) -> Result<Cache, Exit> {
             ),
         });
     }
-    Ok(Cache::open(dir)?)
+    Ok(())
 }
 
 fn cmd_verify(args: VerifyArgs) -> Result<i32, Exit> {
     let dir = resolve_cache_dir(&args.cache.cache_dir, args.pipeline.as_deref())?;
-    let cache = open_existing_cache(&dir)?;
-    let report = cache.verify(args.repair)?;
+    require_cache(&dir)?;
+    let verified = Cache::open(&dir).and_then(|cache| cache.verify(args.repair));
+    let (report, recovered) = match verified {
+        Err(e) if e.is_damaged_db() && args.repair => {
+            eprintln!("found: {e}");
+            let aside = Cache::recover_damaged_db(&dir)?;
+            (Cache::open(&dir)?.verify(true)?, aside)
+        }
+        other => (other?, None),
+    };
+    if let Some(aside) = &recovered {
+        eprintln!(
+            "repaired: the cache database was damaged; moved it to {} and started an empty one. \
+             Its records are lost and cannot be rebuilt from the objects (they do not say which \
+             stage made them); the {} stored objects are kept. Stages will run again; outputs \
+             equal to stored ones are not stored twice, and `engine gc` removes objects no \
+             record uses.",
+            aside.display(),
+            report.objects
+        );
+    }
     if args.json {
         println!(
             "{}",
@@ -992,17 +1017,23 @@ fn cmd_gc(args: GcArgs) -> Result<i32, Exit> {
         cache::Keep::All
     };
     let dir = resolve_cache_dir(&args.cache.cache_dir, args.pipeline.as_deref())?;
+    // Bad input is rejected before the cache is touched.
+    let plan = match (&keep, &args.pipeline) {
+        (cache::Keep::Keys(_), Some(file)) => Some(load_plan(&PipelineArgs {
+            pipeline: file.clone(),
+            sets: args.sets.clone(),
+            cache_dir: Some(dir.clone()),
+            max_stages: None,
+            device: None,
+        })?),
+        _ => None,
+    };
     let cache = Arc::new(open_existing_cache(&dir)?);
-    let keep = match (keep, &args.pipeline) {
-        (cache::Keep::Keys(_), Some(file)) => {
-            let pargs = PipelineArgs {
-                pipeline: file.clone(),
-                sets: args.sets.clone(),
-                cache_dir: Some(dir.clone()),
-                max_stages: None,
-                device: None,
-            };
-            let plan = load_plan(&pargs)?;
+    // The lock comes before the keep list: a run that records a result while the list is
+    // computed would otherwise lose that result to this gc.
+    let lock = cache.lock_exclusive()?;
+    let keep = match plan {
+        Some(plan) => {
             let statuses = stage_statuses(&plan, &cache, &[])?;
             let keys = statuses
                 .into_iter()
@@ -1011,9 +1042,9 @@ fn cmd_gc(args: GcArgs) -> Result<i32, Exit> {
                 .collect();
             cache::Keep::Keys(keys)
         }
-        (k, _) => k,
+        None => keep,
     };
-    let report = cache.gc(&keep, args.dry_run)?;
+    let report = cache.gc_locked(&lock, &keep, args.dry_run)?;
     println!(
         "{}{} records dropped, {} objects deleted, {} freed",
         if args.dry_run { "dry run: " } else { "" },

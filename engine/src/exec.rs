@@ -24,7 +24,7 @@ use crate::plan::{InputSources, Plan};
 use crate::progress::Display;
 use crate::spec::SpecError;
 pub use crate::worker::WORKSPACE_PREFIX;
-use crate::worker::{hostname, unix_now, JobInput, StageJob};
+use crate::worker::{unix_now, JobInput, StageJob};
 
 /// A claim whose owner has not refreshed it for this long is taken over.
 pub const CLAIM_STALE_S: f64 = 30.0;
@@ -135,11 +135,7 @@ pub fn run_with(
     let started = Instant::now();
     // Held for the whole run so `gc`/`verify` never delete what this run is using.
     let _lock = cache.lock_shared()?;
-    let owner = ClaimOwner {
-        id: format!("{}:{}:{}", hostname(), std::process::id(), unix_now()),
-        host: hostname(),
-        pid: std::process::id(),
-    };
+    let owner = ClaimOwner::this_process(unix_now());
     let heartbeat = Heartbeat::start(cache.clone(), owner.clone());
     let n = plan.nodes.len();
     let mut deps = DepHashes::for_static_deps(plan, cache)?;
@@ -720,9 +716,10 @@ fn restore_outs(plan: &Plan, cache: &Cache, tree: &Tree) -> Result<(), ExecError
         let single = Tree {
             entries: vec![entry.clone()],
         };
+        // Never through a symlinked folder of the workspace: the files would land in its target.
         cache
             .store()
-            .materialize(&single, &entry.path, &path, false)?;
+            .materialize_in(&single, &entry.path, ws, &path)?;
     }
     Ok(())
 }

@@ -87,14 +87,7 @@ pub fn unix_now() -> f64 {
 
 /// This machine's name, for run records.
 pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if r != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+    cache::hostname()
 }
 
 /// Runs every attempt of `job`: materialise inputs, run the op, move its output into the
