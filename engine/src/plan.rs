@@ -1246,4 +1246,93 @@ stages:
         assert_eq!(p.nodes[0].name, "make");
         assert_eq!(p.nodes[1].dep_producers, vec![0]);
     }
+
+    #[test]
+    fn outs_of_two_instances_may_not_overlap() {
+        let two = |a: &str, b: &str| {
+            plan(&format!(
+                "stages:\n  a: {{op: shell, cmd: x, outs: [{a}]}}\n  b: {{op: shell, cmd: x, outs: [{b}]}}\n"
+            ))
+        };
+        assert!(two("results/a.txt", "results/b.txt").is_ok());
+        assert!(two("results", "results-2").is_ok());
+        for (a, b, says) in [
+            ("r/x.txt", "r/x.txt", "is also an output of a"),
+            ("r", "r/x.txt", "lies inside 'r'"),
+            ("r/x.txt", "r", "holds 'r/x.txt'"),
+        ] {
+            let e = two(a, b).unwrap_err();
+            assert_eq!(e.field, "stages.b.params.outs.0", "{a} {b}");
+            assert!(e.message.contains(says), "{a} {b}: {e}");
+            assert!(
+                e.message.contains("stages.a.params.outs.0 at line 2:"),
+                "{e}"
+            );
+        }
+        // One stage may list a folder and a file in it; its matrix instances may not share.
+        assert!(plan("stages:\n  a: {op: shell, cmd: x, outs: [r, r/x]}\n").is_ok());
+        let e = plan("stages:\n  a: {op: shell, cmd: x, matrix: {p: [1, 2]}, outs: [r]}\n")
+            .unwrap_err();
+        assert!(
+            e.message.contains("a[p=2]") && e.message.contains("a[p=1]"),
+            "{e}"
+        );
+        assert!(e.fix.unwrap().contains("${matrix.p}"));
+    }
+
+    #[test]
+    fn list_inputs_need_one_folder_per_instance() {
+        let text = "stages:\n  m: {op: shell, cmd: x, matrix: {p: [a/b, a_b, c]}}\n  c: {op: shell, cmd: x, inputs: {all: \"m[*]\"}}\n";
+        let e = plan(text).unwrap_err();
+        assert_eq!(e.field, "stages.c.inputs.all");
+        assert!(e.message.contains("m[p=a/b] and m[p=a_b]"), "{e}");
+        assert!(plan(&text.replace("a_b", "a_c")).is_ok());
+        assert_eq!(list_item_folder("p=a/b", 3), "p=a_b");
+        assert_eq!(list_item_folder("", 3), "3");
+        let long = format!("stages:\n  m: {{op: shell, cmd: x, matrix: {{p: [{}]}}}}\n  c: {{op: shell, cmd: x, inputs: {{all: \"m[*]\"}}}}\n", "v".repeat(300));
+        let e = plan(&long).unwrap_err();
+        assert!(e.message.contains("bytes"), "{e}");
+    }
+
+    #[test]
+    fn the_cache_may_not_lie_inside_outs_or_deps() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(ws.join("results/cache")).unwrap();
+        std::fs::create_dir_all(ws.join("data")).unwrap();
+        std::os::unix::fs::symlink(ws.join("results"), ws.join("link")).unwrap();
+        let build_with = |text: &str, cache: &str| {
+            let p = Pipeline::from_str(text, &ws.join("p.yaml"), &[])?;
+            let options = PlanOptions {
+                protected: vec![ws.join(cache)],
+                ..PlanOptions::default()
+            };
+            build(p, &Registry::builtin(), &options)
+        };
+        let outs = "stages:\n  a: {op: shell, cmd: x, outs: [results]}\n";
+        let e = build_with(outs, "results/cache").unwrap_err();
+        assert!(e.message.contains("holds the engine's cache"), "{e}");
+        // The same folder by another spelling, or through a link.
+        assert!(build_with(outs, "data/../results/./cache").is_err());
+        assert!(build_with(outs, "link/cache").is_err());
+        assert!(build_with(outs, "elsewhere").is_ok());
+        // A dep through a link into the cache.
+        let e = build_with(
+            "stages:\n  a: {op: shell, cmd: x, deps: [link/cache]}\n",
+            "results/cache",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("points into the engine's cache"), "{e}");
+        // An out through a link.
+        let e = build_with(
+            "stages:\n  a: {op: shell, cmd: x, outs: [link/x.txt]}\n",
+            "elsewhere",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("symlink 'link'"), "{e}");
+        assert_eq!(
+            resolved_path(&ws.join("link/./new/../cache")),
+            ws.join("results/cache")
+        );
+    }
 }

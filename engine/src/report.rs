@@ -795,3 +795,21 @@ fn draw(p: &PlotSpec, g: &Grouped, svg: &Path, png: &Path) -> Result<(), ReportE
     render!(BitMapBackend::new(png, (800, 500)));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_plain_file_names() {
+        for ok in ["rel_l2_vs_n", "tau-ntk", "fig.1", "A9"] {
+            assert!(is_plain_file_name(ok), "{ok}");
+        }
+        for bad in [
+            "", ".", "..", "../../x", "a/b", "/etc/x", "a b", "a\\b", "x\0",
+        ] {
+            assert!(!is_plain_file_name(bad), "{bad:?}");
+        }
+        assert!(!is_plain_file_name(&"x".repeat(201)));
+    }
+}

@@ -388,4 +388,49 @@ mod tests {
         assert!(e.message.contains("unknown namespace"));
         assert!(resolve(&json!("${vars.n"), &scope, "x").is_err());
     }
+
+    #[test]
+    fn one_string_and_the_pipeline_are_bounded() {
+        let v = json!({"big": "x".repeat(100_000)})
+            .as_object()
+            .unwrap()
+            .clone();
+        let budget = Budget::default();
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: None,
+            budget: &budget,
+        };
+        // Ten splices fit in one string; eleven do not.
+        assert!(resolve(&json!("${vars.big}".repeat(10)), &scope, "x").is_ok());
+        let e = resolve(
+            &json!("${vars.big}".repeat(11)),
+            &scope,
+            "stages.a.params.cmd",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "stages.a.params.cmd");
+        assert!(e.message.contains("1 MiB"), "{e}");
+        // The total counts whole strings and whole values, across calls.
+        let budget = Budget::starting_at(MAX_EXPANDED_TOTAL - 150_000);
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: None,
+            budget: &budget,
+        };
+        assert!(resolve(&json!("a ${vars.big}"), &scope, "x").is_ok());
+        let e = resolve(&json!("${vars.big}"), &scope, "stages.b.params.cmd").unwrap_err();
+        assert_eq!(e.field, "stages.b.params.cmd");
+        assert!(e.message.contains("64 MiB"), "{e}");
+        assert!(e.fix.unwrap().contains("deps:"));
+        // Strings without references cost nothing.
+        let budget = Budget::default();
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: None,
+            budget: &budget,
+        };
+        resolve(&json!("plain text ${HOME}"), &scope, "x").unwrap();
+        assert_eq!(budget.used(), 0);
+    }
 }

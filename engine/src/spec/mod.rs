@@ -1010,4 +1010,75 @@ mod tests {
         assert_eq!(parse_bytes(&Value::from("512MiB")), Ok(512 << 20));
         assert!(parse_bytes(&Value::from("4Q")).is_err());
     }
+
+    #[test]
+    fn a_byte_order_mark_is_not_content() {
+        let p = load(
+            "\u{feff}name: bom\nstages:\n  a: {op: shell, cmd: x}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.name, "bom");
+        let e = load("\u{feff}stages:\n  a: {op: shell, retries: x}\n", &[]).unwrap_err();
+        assert_eq!(e.pos, Some(Pos { line: 2, col: 18 }));
+    }
+
+    #[test]
+    fn keys_of_one_text_are_refused_with_both_lines() {
+        let e = load(
+            "stages:\n  a:\n    op: shell\n    env:\n      1: a\n      \"1\": b\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "stages.a.env.1");
+        assert_eq!(e.pos, Some(Pos { line: 6, col: 7 }));
+        assert!(e.message.contains("lines 5 and 6"), "{e}");
+        // From --set there are no lines, but the same refusal.
+        let e = load("stages:\n  a: {op: shell}\n", &["vars={1: a, \"1\": b}"]).unwrap_err();
+        assert!(e.message.contains("given twice"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        let stage = |t: &str| load(&format!("stages:\n  a: {{op: shell, timeout: {t}}}\n"), &[]);
+        assert_eq!(
+            stage("31536000").unwrap().stages[0].timeout,
+            Some(MAX_TIMEOUT)
+        );
+        assert_eq!(
+            stage("2h").unwrap().stages[0].timeout,
+            Some(Duration::from_secs(7200))
+        );
+        for bad in ["1e300", "-1", "0", "31536000.5", "\"366days\"", "\"0s\""] {
+            let e = stage(bad).unwrap_err();
+            assert_eq!(e.field, "stages.a.timeout", "{bad}");
+            assert!(e.message.contains("365 days"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn input_names_are_one_segment_and_one_variable() {
+        let with = |inputs: &str| {
+            load(
+                &format!("stages:\n  up: {{op: shell}}\n  b: {{op: shell, inputs: {inputs}}}\n"),
+                &[],
+            )
+        };
+        assert!(with("{data: up, model-2: up}").is_ok());
+        let e = with("{a-b: up, a_b: up}").unwrap_err();
+        assert_eq!(e.field, "stages.b.inputs.a_b");
+        assert!(e.message.contains("ENGINE_IN_A_B"), "{e}");
+        for bad in ["\"..\"", "\".\"", "\"a/b\"", "\"\""] {
+            let e = with(&format!("{{{bad}: up}}")).unwrap_err();
+            assert!(e.message.contains("not a valid input name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn max_stages_is_capped() {
+        let e = load("max_stages: 10000001\nstages:\n  a: {op: shell}\n", &[]).unwrap_err();
+        assert_eq!(e.field, "max_stages");
+        assert!(e.fix.unwrap().contains("10000000"));
+        assert!(load("max_stages: 10000000\nstages:\n  a: {op: shell}\n", &[]).is_ok());
+    }
 }
