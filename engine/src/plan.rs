@@ -728,22 +728,6 @@ fn check_outs_overlap(pipeline: &Pipeline, nodes: &[Node]) -> Result<(), SpecErr
     ))
 }
 
-/// The first symlink on the way from `workspace` to `rel`, if any of its existing components
-/// is one.
-fn symlink_on(workspace: &Path, rel: &str) -> Option<PathBuf> {
-    let mut path = workspace.to_path_buf();
-    for c in Path::new(rel).components() {
-        path.push(c);
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => return Some(path),
-            Ok(_) => {}
-            // Not there yet: nothing under it can be a link.
-            Err(_) => return None,
-        }
-    }
-    None
-}
-
 /// Checks that need the filesystem, once per distinct path: an `outs` path may not pass
 /// through a symlink (restoring it after a hit would write wherever the link points, outside
 /// the workspace), and a dep reached through symlinks may not lead into the cache or hold it.
@@ -752,33 +736,68 @@ fn check_on_disk(
     nodes: &[Node],
     protected: &[PathBuf],
 ) -> Result<(), SpecError> {
-    let mut seen: std::collections::HashSet<(&str, PathRole)> = std::collections::HashSet::new();
-    let mut todo: Vec<(&str, PathRole, String)> = Vec::new();
-    for n in nodes {
-        let field = |what: &str, j: usize| format!("stages.{}.params.{what}.{j}", n.stage);
-        for (j, d) in n.deps.iter().enumerate() {
-            if seen.insert((d, PathRole::Dep)) {
-                todo.push((d, PathRole::Dep, field("deps", j)));
-            }
-        }
-        for (j, o) in n.outs.iter().enumerate() {
-            if seen.insert((o, PathRole::Out)) {
-                todo.push((o, PathRole::Out, field("outs", j)));
+    use std::collections::HashSet;
+    // Distinct paths in plan order, with the node and index that first names each.
+    let mut seen: HashSet<(&str, PathRole)> = HashSet::new();
+    let mut todo: Vec<(&str, PathRole, usize, usize)> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for (role, paths) in [(PathRole::Dep, &n.deps), (PathRole::Out, &n.outs)] {
+            for (j, p) in paths.iter().enumerate() {
+                if seen.insert((p, role)) {
+                    todo.push((p, role, i, j));
+                }
             }
         }
     }
+    if todo.is_empty() {
+        return Ok(());
+    }
     let ws = &pipeline.workspace;
-    let check = |(rel, role, field): &(&str, PathRole, String)| -> Option<SpecError> {
+    // Every folder on the way to an output, looked at once however many outputs share it:
+    // Some(true) a symlink, Some(false) something else, None not there.
+    let mut prefixes: HashSet<&Path> = HashSet::new();
+    for (rel, role, ..) in &todo {
+        if *role == PathRole::Out {
+            prefixes.extend(
+                Path::new(rel)
+                    .ancestors()
+                    .filter(|p| !p.as_os_str().is_empty()),
+            );
+        }
+    }
+    let prefixes: Vec<&Path> = prefixes.into_iter().collect();
+    let is_link = |p: &Path| {
+        std::fs::symlink_metadata(ws.join(p))
+            .ok()
+            .map(|m| m.file_type().is_symlink())
+    };
+    let kinds: HashMap<&Path, Option<bool>> = if prefixes.len() >= PARALLEL_FROM {
+        prefixes.par_iter().map(|&p| (p, is_link(p))).collect()
+    } else {
+        prefixes.iter().map(|&p| (p, is_link(p))).collect()
+    };
+    let check = |&(rel, role, i, j): &(&str, PathRole, usize, usize)| -> Option<SpecError> {
+        let field = |what: &str| format!("stages.{}.params.{what}.{j}", nodes[i].stage);
         match role {
             PathRole::Out => {
-                let link = symlink_on(ws, rel)?;
-                let target = std::fs::read_link(&link)
+                let mut chain: Vec<&Path> = Path::new(rel)
+                    .ancestors()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect();
+                chain.reverse();
+                let link = chain
+                    .into_iter()
+                    .map(|p| (p, kinds.get(p).copied().flatten()))
+                    .take_while(|(_, k)| k.is_some())
+                    .find(|(_, k)| *k == Some(true))?
+                    .0;
+                let target = std::fs::read_link(ws.join(link))
                     .map(|t| t.display().to_string())
                     .unwrap_or_else(|_| "?".into());
-                let shown = link.strip_prefix(ws).unwrap_or(&link).display().to_string();
+                let shown = link.display();
                 Some(
                     SpecError::new(
-                        field.as_str(),
+                        field("outs"),
                         format!(
                             "'{rel}' passes through the symlink '{shown}' -> {target}: restoring this output after a cache hit would write wherever the link points"
                         ),
@@ -794,9 +813,10 @@ fn check_on_disk(
                 if real == lexical {
                     return None;
                 }
+                let f = field("deps");
                 protected
                     .iter()
-                    .find_map(|cache| cache_overlap(field, rel, &real, cache, PathRole::Dep))
+                    .find_map(|cache| cache_overlap(&f, rel, &real, cache, PathRole::Dep))
             }
         }
     };
