@@ -68,6 +68,10 @@ const TOKENS: &[&str] = &[
     "? ",
     "|\n",
     ">\n",
+    "timeout: 1e300",
+    "1: a\n\"1\": b",
+    "outs: [r]",
+    "a/b",
 ];
 
 struct Rng(u64);

@@ -339,12 +339,45 @@ fn init_tracing(verbose: u8) {
 fn load_plan(args: &PipelineArgs) -> Result<Plan, Exit> {
     let pipeline = Pipeline::load(&args.pipeline, &args.sets)?;
     let cache_dir = cache_dir(args, &pipeline);
+    check_cache_dir(&cache_dir, args.cache_dir.is_some())?;
     let options = PlanOptions {
         max_stages: args.max_stages,
         protected: vec![cache_dir],
         device: args.device.clone(),
     };
     Ok(plan::build(pipeline, &Registry::builtin(), &options)?)
+}
+
+/// The cache folder must be a folder, or creatable as one: a regular file there (or above it)
+/// is bad input, refused before anything runs rather than as a failure to open the cache.
+fn check_cache_dir(dir: &Path, explicit: bool) -> Result<(), Exit> {
+    let named = if explicit {
+        format!("--cache-dir {}", dir.display())
+    } else {
+        format!("the cache folder {}", dir.display())
+    };
+    let mut current = Some(dir);
+    while let Some(path) = current {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => {
+                let problem = if path == dir {
+                    "is a file, not a folder".to_string()
+                } else {
+                    format!("cannot be created: {} is a file", path.display())
+                };
+                return Err(Exit {
+                    code: EXIT_BAD_INPUT,
+                    message: format!(
+                        "error: {named}: {problem}\n  fix: pass a folder for the cache with --cache-dir DIR (or ENGINE_CACHE_DIR; it is created if missing), or move {} away",
+                        path.display()
+                    ),
+                });
+            }
+            Err(_) => current = path.parent(),
+        }
+    }
+    Ok(())
 }
 
 fn cache_dir(args: &PipelineArgs, pipeline: &Pipeline) -> PathBuf {
@@ -1134,15 +1167,13 @@ fn cmd_exec_stage(args: ExecStageArgs) -> Result<i32, Exit> {
 
 fn cmd_report(args: ReportArgs) -> Result<i32, Exit> {
     let plan = load_plan(&args.pipeline)?;
-    // Validate the report section before touching the cache.
+    // Validate the report section and where it goes before touching the cache.
     engine::report::parse_spec(&plan)?;
+    let out = match &args.out {
+        Some(out) => out.clone(),
+        None => engine::report::default_out_dir(&plan)?,
+    };
     let cache = open_cache(&args.pipeline, &plan)?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        plan.pipeline
-            .workspace
-            .join("reports")
-            .join(&plan.pipeline.name)
-    });
     let format = match args.format {
         ReportFormat::Md => engine::report::Format::Markdown,
         ReportFormat::Html => engine::report::Format::Html,

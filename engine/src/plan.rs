@@ -12,8 +12,8 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
-use crate::spec::interpolate::{self, render, Scope};
-use crate::spec::{suggestion, Pipeline, Resources, SpecError, StageSpec};
+use crate::spec::interpolate::{self, render, Budget, Scope};
+use crate::spec::{suggestion, Pipeline, Resources, SpecError, StageSpec, MAX_STAGES_CEILING};
 
 /// One stage instance (a stage, or one point of its matrix).
 #[derive(Clone)]
@@ -154,6 +154,17 @@ pub fn build(
 ) -> Result<Plan, SpecError> {
     let max_stages = options.max_stages.unwrap_or(pipeline.max_stages);
     let locate = |e: SpecError| pipeline.locate(e);
+    if max_stages > MAX_STAGES_CEILING || max_stages == 0 {
+        let mut e = SpecError::new(
+            "",
+            format!("--max-stages {max_stages}: must be from 1 to {MAX_STAGES_CEILING}"),
+        )
+        .fix("a plan holds every stage instance in memory; split the pipeline, or pass a smaller --max-stages");
+        e.file = pipeline.file.clone();
+        return Err(e);
+    }
+    let protected: Vec<PathBuf> = options.protected.iter().map(|p| resolved_path(p)).collect();
+    let budget = Budget::starting_at(pipeline.expanded_bytes);
     let mut nodes: Vec<Node> = Vec::new();
     let mut by_stage: HashMap<&str, StageIndex> = HashMap::new();
     let mut raw_inputs: Vec<Vec<(String, String, String)>> = Vec::new();
@@ -199,6 +210,8 @@ pub fn build(
                 &op,
                 matrix_point(&spec.matrix, point),
                 options,
+                &protected,
+                &budget,
             )
         };
         let expanded: Vec<Result<(Node, RawInputs), SpecError>> = if count >= PARALLEL_FROM {
@@ -242,6 +255,8 @@ pub fn build(
             ));
         }
     }
+    check_outs_overlap(&pipeline, &nodes)?;
+    check_on_disk(&pipeline, &nodes, &protected)?;
 
     let resolve_inputs = |inputs: RawInputs| -> Result<Vec<NodeInput>, SpecError> {
         inputs
@@ -266,6 +281,7 @@ pub fn build(
     for (node, inputs) in nodes.iter_mut().zip(resolved) {
         node.inputs = inputs.map_err(locate)?;
     }
+    check_list_folders(&pipeline, &nodes)?;
     link_produced_deps(&mut nodes);
     let order = topological_order(&nodes).map_err(|cycle| {
         let first = &nodes[cycle[0]];
@@ -336,11 +352,14 @@ fn expand(
     op: &Arc<dyn Op>,
     matrix: Map<String, Value>,
     options: &PlanOptions,
+    protected: &[PathBuf],
+    budget: &Budget,
 ) -> Result<(Node, RawInputs), SpecError> {
     let stage_path = format!("stages.{}", spec.name);
     let scope = Scope {
         vars: Some(&pipeline.vars),
         matrix: Some(&matrix),
+        budget,
     };
     let params = Value::Object(interpolate::resolve_object(
         &spec.params,
@@ -384,13 +403,15 @@ fn expand(
     let deps = check_paths(
         &op.deps(&params),
         pipeline,
-        options,
+        protected,
+        PathRole::Dep,
         &format!("{stage_path}.params.deps"),
     )?;
     let outs = check_paths(
         &op.outs(&params),
         pipeline,
-        options,
+        protected,
+        PathRole::Out,
         &format!("{stage_path}.params.outs"),
     )?;
     for required in op.required_inputs(&params) {
@@ -485,12 +506,89 @@ fn unknown_field_fix(message: &str) -> Option<String> {
     ))
 }
 
-/// Normalises workspace-relative paths and refuses ones that leave the workspace or point
-/// into the cache.
+/// What a stage does with a workspace path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PathRole {
+    Dep,
+    Out,
+}
+
+/// `path` made absolute and normalised, with its longest existing ancestor replaced by its
+/// canonical form (symlinks resolved), so that two spellings of one folder compare equal.
+pub fn resolved_path(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|c| c.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut normal = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    let mut existing = normal.as_path();
+    let mut missing = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return missing.iter().rev().fold(real, |acc, seg| acc.join(seg));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name);
+                existing = parent;
+            }
+            _ => return normal,
+        }
+    }
+}
+
+/// The error for a path that overlaps the cache folder `cache`, in either direction.
+fn cache_overlap(
+    field: &str,
+    raw: &str,
+    absolute: &Path,
+    cache: &Path,
+    role: PathRole,
+) -> Option<SpecError> {
+    if absolute.starts_with(cache) {
+        return Some(
+            SpecError::new(field, format!("'{raw}' points into the engine's cache"))
+                .fix("read upstream results through `inputs:`, never from the cache folder"),
+        );
+    }
+    if cache.starts_with(absolute) {
+        let (what, why) = match role {
+            PathRole::Out => ("output", "its cache.db would become part of the stage's output, and restoring that output after a cache hit would overwrite the live cache"),
+            PathRole::Dep => ("dep", "the cache changes on every run, so the stage would never be cached, and its files would be hashed while they are written"),
+        };
+        return Some(
+            SpecError::new(
+                field,
+                format!(
+                    "the {what} '{raw}' holds the engine's cache folder {}: {why}",
+                    cache.display()
+                ),
+            )
+            .fix("keep the cache outside every `outs`/`deps` folder (--cache-dir DIR or ENGINE_CACHE_DIR), or name a narrower path"),
+        );
+    }
+    None
+}
+
+/// Normalises workspace-relative paths and refuses ones that leave the workspace, point into
+/// the cache or hold it.
 fn check_paths(
     paths: &[String],
     pipeline: &Pipeline,
-    options: &PlanOptions,
+    protected: &[PathBuf],
+    role: PathRole,
     field: &str,
 ) -> Result<Vec<String>, SpecError> {
     let mut out = Vec::new();
@@ -528,17 +626,271 @@ fn check_paths(
         }
         let absolute = pipeline.workspace.join(&normal);
         let default_cache = pipeline.workspace.join(".engine");
-        if absolute.starts_with(&default_cache)
-            || options.protected.iter().any(|p| absolute.starts_with(p))
+        if let Some(e) = std::iter::once(&default_cache)
+            .chain(protected)
+            .find_map(|cache| cache_overlap(&f, raw, &absolute, cache, role))
         {
-            return Err(
-                SpecError::new(f, format!("'{raw}' points into the engine's cache"))
-                    .fix("read upstream results through `inputs:`, never from the cache folder"),
-            );
+            return Err(e);
         }
         out.push(normal.to_string_lossy().into_owned());
     }
     Ok(out)
+}
+
+/// `stages.S.params.outs.J` of node `i`'s `j`-th output.
+fn out_field(nodes: &[Node], i: usize, j: usize) -> String {
+    format!("stages.{}.params.outs.{j}", nodes[i].stage)
+}
+
+/// `field` with its position, for naming the other side of a conflict.
+fn field_at(pipeline: &Pipeline, field: &str) -> String {
+    match pipeline.locate(SpecError::new(field, "")).pos {
+        Some(pos) => format!("{field} at line {}:{}", pos.line, pos.col),
+        None => field.to_string(),
+    }
+}
+
+/// Two stage instances may not write one path, nor one inside another's (`results` and
+/// `results/x.txt`): restoring either after a cache hit would overwrite the other's files.
+fn check_outs_overlap(pipeline: &Pipeline, nodes: &[Node]) -> Result<(), SpecError> {
+    /// An output path, its node and its index in the node's `outs`.
+    type Out<'a> = (&'a Path, usize, usize);
+    let mut all: Vec<Out> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| {
+            n.outs
+                .iter()
+                .enumerate()
+                .map(move |(j, o)| (Path::new(o.as_str()), i, j))
+        })
+        .collect();
+    if all.len() < 2 {
+        return Ok(());
+    }
+    // Component order puts every path's descendants right after it, so the paths a path lies
+    // in are exactly the stack of its sorted predecessors that it starts with.
+    all.sort_unstable();
+    let mut stack: Vec<Out> = Vec::new();
+    let mut worst: Option<((usize, usize, usize), Out, Out)> = None;
+    for &entry in &all {
+        while stack.last().is_some_and(|top| !entry.0.starts_with(top.0)) {
+            stack.pop();
+        }
+        if let Some(&other) = stack.iter().find(|s| s.1 != entry.1) {
+            // Report the conflict whose later stage comes first in the file.
+            let (first, later) = if other.1 < entry.1 {
+                (other, entry)
+            } else {
+                (entry, other)
+            };
+            let rank = (later.1, later.2, first.1);
+            let better = match &worst {
+                None => true,
+                Some((r, ..)) => rank < *r,
+            };
+            if better {
+                worst = Some((rank, first, later));
+            }
+        }
+        stack.push(entry);
+    }
+    let Some((_, first, later)) = worst else {
+        return Ok(());
+    };
+    let (a, b) = (&nodes[first.1], &nodes[later.1]);
+    let other = field_at(pipeline, &out_field(nodes, first.1, first.2));
+    let (pa, pb) = (first.0.display(), later.0.display());
+    let relation = if first.0 == later.0 {
+        format!("'{pb}' is also an output of {} ({other})", a.name)
+    } else if later.0.starts_with(first.0) {
+        format!(
+            "'{pb}' lies inside '{pa}', an output of {} ({other})",
+            a.name
+        )
+    } else {
+        format!("'{pb}' holds '{pa}', an output of {} ({other})", a.name)
+    };
+    let fix = if a.stage == b.stage {
+        "put a matrix value in the path so each instance writes its own, e.g. `outs: [results/${matrix.p}.txt]`".to_string()
+    } else {
+        "give each stage its own output path; a stage that reads another's files takes them through `inputs:` or `deps:`".to_string()
+    };
+    Err(pipeline.locate(
+        SpecError::new(
+            out_field(nodes, later.1, later.2),
+            format!(
+                "{relation}: {} and {} would overwrite each other's results",
+                b.name, a.name
+            ),
+        )
+        .fix(fix),
+    ))
+}
+
+/// Checks that need the filesystem, once per distinct path: an `outs` path may not pass
+/// through a symlink (restoring it after a hit would write wherever the link points, outside
+/// the workspace), and a dep reached through symlinks may not lead into the cache or hold it.
+fn check_on_disk(
+    pipeline: &Pipeline,
+    nodes: &[Node],
+    protected: &[PathBuf],
+) -> Result<(), SpecError> {
+    use std::collections::HashSet;
+    // Distinct paths in plan order, with the node and index that first names each.
+    let mut seen: HashSet<(&str, PathRole)> = HashSet::new();
+    let mut todo: Vec<(&str, PathRole, usize, usize)> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for (role, paths) in [(PathRole::Dep, &n.deps), (PathRole::Out, &n.outs)] {
+            for (j, p) in paths.iter().enumerate() {
+                if seen.insert((p, role)) {
+                    todo.push((p, role, i, j));
+                }
+            }
+        }
+    }
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let ws = &pipeline.workspace;
+    // Every folder on the way to an output, looked at once however many outputs share it:
+    // Some(true) a symlink, Some(false) something else, None not there.
+    let mut prefixes: HashSet<&Path> = HashSet::new();
+    for (rel, role, ..) in &todo {
+        if *role == PathRole::Out {
+            prefixes.extend(
+                Path::new(rel)
+                    .ancestors()
+                    .filter(|p| !p.as_os_str().is_empty()),
+            );
+        }
+    }
+    let prefixes: Vec<&Path> = prefixes.into_iter().collect();
+    let is_link = |p: &Path| {
+        std::fs::symlink_metadata(ws.join(p))
+            .ok()
+            .map(|m| m.file_type().is_symlink())
+    };
+    let kinds: HashMap<&Path, Option<bool>> = if prefixes.len() >= PARALLEL_FROM {
+        prefixes.par_iter().map(|&p| (p, is_link(p))).collect()
+    } else {
+        prefixes.iter().map(|&p| (p, is_link(p))).collect()
+    };
+    let check = |&(rel, role, i, j): &(&str, PathRole, usize, usize)| -> Option<SpecError> {
+        let field = |what: &str| format!("stages.{}.params.{what}.{j}", nodes[i].stage);
+        match role {
+            PathRole::Out => {
+                let mut chain: Vec<&Path> = Path::new(rel)
+                    .ancestors()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect();
+                chain.reverse();
+                let link = chain
+                    .into_iter()
+                    .map(|p| (p, kinds.get(p).copied().flatten()))
+                    .take_while(|(_, k)| k.is_some())
+                    .find(|(_, k)| *k == Some(true))?
+                    .0;
+                let target = std::fs::read_link(ws.join(link))
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                let shown = link.display();
+                Some(
+                    SpecError::new(
+                        field("outs"),
+                        format!(
+                            "'{rel}' passes through the symlink '{shown}' -> {target}: restoring this output after a cache hit would write wherever the link points"
+                        ),
+                    )
+                    .fix(format!(
+                        "replace the symlink '{shown}' with a real folder, or name a path without links in `outs:`"
+                    )),
+                )
+            }
+            PathRole::Dep => {
+                let lexical = ws.join(rel);
+                let real = resolved_path(&lexical);
+                if real == lexical {
+                    return None;
+                }
+                let f = field("deps");
+                protected
+                    .iter()
+                    .find_map(|cache| cache_overlap(&f, rel, &real, cache, PathRole::Dep))
+            }
+        }
+    };
+    let problems: Vec<Option<SpecError>> = if todo.len() >= PARALLEL_FROM {
+        todo.par_iter().map(check).collect()
+    } else {
+        todo.iter().map(check).collect()
+    };
+    match problems.into_iter().flatten().next() {
+        Some(e) => Err(pipeline.locate(e)),
+        None => Ok(()),
+    }
+}
+
+/// The folder an instance gets inside a list input (`ENGINE_IN_X/<folder>`): its label with
+/// '/' made '_', or its position when the stage has no matrix. `exec::input_trees` names them
+/// this way.
+pub fn list_item_folder(label: &str, position: usize) -> String {
+    if label.is_empty() {
+        position.to_string()
+    } else {
+        label.replace('/', "_")
+    }
+}
+
+/// The longest file name Linux filesystems take.
+const NAME_MAX: usize = 255;
+
+/// Every instance of a list input gets its own folder: two labels that differ only in '/'
+/// versus '_' would share one, and a label too long for a file name cannot be one.
+fn check_list_folders(pipeline: &Pipeline, nodes: &[Node]) -> Result<(), SpecError> {
+    for n in nodes {
+        for input in &n.inputs {
+            let InputSources::Many(list) = &input.sources else {
+                continue;
+            };
+            let field = format!("stages.{}.inputs.{}", n.stage, input.name);
+            let unusual = |l: &str| l.len() > NAME_MAX || l.contains(['/', '\0']);
+            if !list.iter().any(|&u| unusual(&nodes[u].label)) {
+                continue;
+            }
+            let mut folders: HashMap<String, usize> = HashMap::with_capacity(list.len());
+            for (k, &u) in list.iter().enumerate() {
+                let folder = list_item_folder(&nodes[u].label, k);
+                if folder.len() > NAME_MAX || folder.contains('\0') {
+                    return Err(pipeline.locate(
+                        SpecError::new(
+                            &field,
+                            format!(
+                                "instance {} cannot have a folder in this list input: its matrix values make a name of {} bytes{}",
+                                nodes[u].name,
+                                folder.len(),
+                                if folder.contains('\0') { " with a NUL byte" } else { "" }
+                            ),
+                        )
+                        .fix(format!("keep the matrix values of stage '{}' short (a folder name holds at most {NAME_MAX} bytes) and free of NUL", nodes[u].stage)),
+                    ));
+                }
+                if let Some(prev) = folders.insert(folder.clone(), u) {
+                    return Err(pipeline.locate(
+                        SpecError::new(
+                            &field,
+                            format!(
+                                "instances {} and {} would share the folder '{folder}' in this list input ('/' in a matrix value becomes '_')",
+                                nodes[prev].name, nodes[u].name
+                            ),
+                        )
+                        .fix(format!("make the matrix values of stage '{}' differ other than by '/' versus '_'", nodes[u].stage)),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parses `stage`, `stage[*]`, `stage[k=v,...]`, `stage[k=v,*]`.
@@ -913,5 +1265,94 @@ stages:
         let p = plan("stages:\n  use: {op: shell, cmd: x, deps: [data/a.txt]}\n  make: {op: shell, cmd: x, outs: [data]}\n").unwrap();
         assert_eq!(p.nodes[0].name, "make");
         assert_eq!(p.nodes[1].dep_producers, vec![0]);
+    }
+
+    #[test]
+    fn outs_of_two_instances_may_not_overlap() {
+        let two = |a: &str, b: &str| {
+            plan(&format!(
+                "stages:\n  a: {{op: shell, cmd: x, outs: [{a}]}}\n  b: {{op: shell, cmd: x, outs: [{b}]}}\n"
+            ))
+        };
+        assert!(two("results/a.txt", "results/b.txt").is_ok());
+        assert!(two("results", "results-2").is_ok());
+        for (a, b, says) in [
+            ("r/x.txt", "r/x.txt", "is also an output of a"),
+            ("r", "r/x.txt", "lies inside 'r'"),
+            ("r/x.txt", "r", "holds 'r/x.txt'"),
+        ] {
+            let e = two(a, b).unwrap_err();
+            assert_eq!(e.field, "stages.b.params.outs.0", "{a} {b}");
+            assert!(e.message.contains(says), "{a} {b}: {e}");
+            assert!(
+                e.message.contains("stages.a.params.outs.0 at line 2:"),
+                "{e}"
+            );
+        }
+        // One stage may list a folder and a file in it; its matrix instances may not share.
+        assert!(plan("stages:\n  a: {op: shell, cmd: x, outs: [r, r/x]}\n").is_ok());
+        let e = plan("stages:\n  a: {op: shell, cmd: x, matrix: {p: [1, 2]}, outs: [r]}\n")
+            .unwrap_err();
+        assert!(
+            e.message.contains("a[p=2]") && e.message.contains("a[p=1]"),
+            "{e}"
+        );
+        assert!(e.fix.unwrap().contains("${matrix.p}"));
+    }
+
+    #[test]
+    fn list_inputs_need_one_folder_per_instance() {
+        let text = "stages:\n  m: {op: shell, cmd: x, matrix: {p: [a/b, a_b, c]}}\n  c: {op: shell, cmd: x, inputs: {all: \"m[*]\"}}\n";
+        let e = plan(text).unwrap_err();
+        assert_eq!(e.field, "stages.c.inputs.all");
+        assert!(e.message.contains("m[p=a/b] and m[p=a_b]"), "{e}");
+        assert!(plan(&text.replace("a_b", "a_c")).is_ok());
+        assert_eq!(list_item_folder("p=a/b", 3), "p=a_b");
+        assert_eq!(list_item_folder("", 3), "3");
+        let long = format!("stages:\n  m: {{op: shell, cmd: x, matrix: {{p: [{}]}}}}\n  c: {{op: shell, cmd: x, inputs: {{all: \"m[*]\"}}}}\n", "v".repeat(300));
+        let e = plan(&long).unwrap_err();
+        assert!(e.message.contains("bytes"), "{e}");
+    }
+
+    #[test]
+    fn the_cache_may_not_lie_inside_outs_or_deps() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(ws.join("results/cache")).unwrap();
+        std::fs::create_dir_all(ws.join("data")).unwrap();
+        std::os::unix::fs::symlink(ws.join("results"), ws.join("link")).unwrap();
+        let build_with = |text: &str, cache: &str| {
+            let p = Pipeline::from_str(text, &ws.join("p.yaml"), &[])?;
+            let options = PlanOptions {
+                protected: vec![ws.join(cache)],
+                ..PlanOptions::default()
+            };
+            build(p, &Registry::builtin(), &options)
+        };
+        let outs = "stages:\n  a: {op: shell, cmd: x, outs: [results]}\n";
+        let e = build_with(outs, "results/cache").unwrap_err();
+        assert!(e.message.contains("holds the engine's cache"), "{e}");
+        // The same folder by another spelling, or through a link.
+        assert!(build_with(outs, "data/../results/./cache").is_err());
+        assert!(build_with(outs, "link/cache").is_err());
+        assert!(build_with(outs, "elsewhere").is_ok());
+        // A dep through a link into the cache.
+        let e = build_with(
+            "stages:\n  a: {op: shell, cmd: x, deps: [link/cache]}\n",
+            "results/cache",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("points into the engine's cache"), "{e}");
+        // An out through a link.
+        let e = build_with(
+            "stages:\n  a: {op: shell, cmd: x, outs: [link/x.txt]}\n",
+            "elsewhere",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("symlink 'link'"), "{e}");
+        assert_eq!(
+            resolved_path(&ws.join("link/./new/../cache")),
+            ws.join("results/cache")
+        );
     }
 }

@@ -146,16 +146,79 @@ pub fn parse_spec(plan: &Plan) -> Result<Option<ReportSpec>, SpecError> {
     let Some(value) = &plan.pipeline.report else {
         return Ok(None);
     };
-    ops::parse_params::<ReportSpec>(value)
-        .map(Some)
-        .map_err(|e| {
-            let field = if e.path.is_empty() {
-                "report".to_string()
-            } else {
-                format!("report.{}", e.path)
-            };
-            plan.pipeline.locate(SpecError::new(field, e.message))
-        })
+    let spec = ops::parse_params::<ReportSpec>(value).map_err(|e| {
+        let field = if e.path.is_empty() {
+            "report".to_string()
+        } else {
+            format!("report.{}", e.path)
+        };
+        plan.pipeline.locate(SpecError::new(field, e.message))
+    })?;
+    let names = spec
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("report.tables.{i}.name"), &t.name))
+        .chain(
+            spec.plots
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("report.plots.{i}.name"), &p.name)),
+        );
+    let mut seen: BTreeMap<&str, String> = BTreeMap::new();
+    for (field, name) in names {
+        if !is_plain_file_name(name) {
+            return Err(plan.pipeline.locate(
+                SpecError::new(
+                    field,
+                    format!("'{name}' is not a plain file name: it names the files written into the report folder"),
+                )
+                .fix("use letters, digits, '_', '-' and '.', with no '/' and not '.' or '..', e.g. `name: rel_l2_vs_n`"),
+            ));
+        }
+        // A table writes no file of its own, so a table may share its plot's name.
+        if !field.starts_with("report.plots.") {
+            continue;
+        }
+        if let Some(first) = seen.insert(name, field.clone()) {
+            return Err(plan.pipeline.locate(
+                SpecError::new(
+                    field,
+                    format!("'{name}' is also the name of {first}: their {name}.svg and {name}.png would overwrite each other"),
+                )
+                .fix("give every plot its own name"),
+            ));
+        }
+    }
+    Ok(Some(spec))
+}
+
+/// One path segment that writes where it says: no separators, no `.`/`..`, no hidden or
+/// control characters, short enough for any filesystem with a `.png` added.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// `reports/<pipeline name>/` beside the pipeline: refused when the name is not a plain
+/// folder name (it would write elsewhere); `--out` chooses another folder.
+pub fn default_out_dir(plan: &Plan) -> Result<PathBuf, SpecError> {
+    let name = &plan.pipeline.name;
+    if !is_plain_file_name(name) {
+        return Err(plan.pipeline.locate(
+            SpecError::new(
+                "name",
+                format!("the pipeline's name '{name}' is not a plain folder name, and the report goes to reports/<name>/"),
+            )
+            .fix("rename the pipeline with letters, digits, '_', '-' and '.', or pass --out DIR"),
+        ));
+    }
+    Ok(plan.pipeline.workspace.join("reports").join(name))
 }
 
 /// Builds the report from the cache. Fails, writing nothing, if a needed result is missing.
@@ -731,4 +794,22 @@ fn draw(p: &PlotSpec, g: &Grouped, svg: &Path, png: &Path) -> Result<(), ReportE
     render!(SVGBackend::new(svg, (800, 500)));
     render!(BitMapBackend::new(png, (800, 500)));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_plain_file_names() {
+        for ok in ["rel_l2_vs_n", "tau-ntk", "fig.1", "A9"] {
+            assert!(is_plain_file_name(ok), "{ok}");
+        }
+        for bad in [
+            "", ".", "..", "../../x", "a/b", "/etc/x", "a b", "a\\b", "x\0",
+        ] {
+            assert!(!is_plain_file_name(bad), "{bad:?}");
+        }
+        assert!(!is_plain_file_name(&"x".repeat(201)));
+    }
 }

@@ -3,15 +3,80 @@
 //! A string that is exactly one reference takes the referenced value with its type (a number
 //! stays a number, a list a list); a reference inside a longer string is spliced in as text.
 //! `${NAME}` without a dot is left alone for the shell, and `$${` is a literal `${`.
+//!
+//! What references produce is bounded: splicing a long var into a string many times, in many
+//! stages and matrix points, multiplies a small file into gigabytes. One resolved string may
+//! not pass [`MAX_RESOLVED_STRING`], and the strings and values that references produce over
+//! the whole pipeline (load and every matrix point) may not pass [`MAX_EXPANDED_TOTAL`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Map, Value};
 
 use super::{suggestion, SpecError};
 
+/// The longest string that resolving references may produce (1 MiB).
+pub const MAX_RESOLVED_STRING: usize = 1 << 20;
+/// The most bytes of resolved strings and values over a whole pipeline (64 MiB).
+pub const MAX_EXPANDED_TOTAL: usize = 64 << 20;
+
 /// What references can see. `matrix: None` means "not resolved yet": `${matrix.*}` is kept.
 pub struct Scope<'a> {
     pub vars: Option<&'a Map<String, Value>>,
     pub matrix: Option<&'a Map<String, Value>>,
+    /// Shared by every resolution of one pipeline, on every thread.
+    pub budget: &'a Budget,
+}
+
+/// Bytes produced by references so far, against [`MAX_EXPANDED_TOTAL`].
+#[derive(Debug, Default)]
+pub struct Budget {
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of which `used` bytes are already spent (by loading, before planning).
+    pub fn starting_at(used: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(used),
+        }
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn spend(&self, bytes: usize, field: &Field<'_>, reference: &str) -> Result<(), SpecError> {
+        let before = self.used.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > MAX_EXPANDED_TOTAL {
+            return Err(SpecError::new(
+                field.to_string(),
+                format!(
+                    "resolving ${{{reference}}} here takes the text that ${{...}} references produce past {} MiB for the whole pipeline (the limit counts every resolved string of every stage and matrix point)",
+                    MAX_EXPANDED_TOTAL >> 20
+                ),
+            )
+            .fix("splice large values fewer times: keep them in a file listed under `deps:` and read it there, or shrink the matrix"));
+        }
+        Ok(())
+    }
+}
+
+/// About the bytes of `v` as JSON text, without building the text.
+fn size_of(v: &Value) -> usize {
+    match v {
+        Value::Null => 4,
+        Value::Bool(_) => 5,
+        Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => items.iter().map(|i| size_of(i) + 1).sum::<usize>() + 2,
+        Value::Object(map) => {
+            map.iter()
+                .map(|(k, v)| k.len() + 4 + size_of(v))
+                .sum::<usize>()
+                + 2
+        }
+    }
 }
 
 /// Resolves every reference in `value` (strings at any depth); `path` names it in errors.
@@ -118,15 +183,31 @@ fn resolve_str(s: &str, scope: &Scope<'_>, field: &Field<'_>) -> Result<Value, S
         .collect();
     if let [Piece::Ref(r)] = non_empty.as_slice() {
         if let Some(v) = lookup(r, scope, field)? {
+            scope.budget.spend(size_of(&v), field, r)?;
             return Ok(v);
         }
     }
     let mut out = String::new();
+    let mut first_resolved: Option<&str> = None;
     for piece in &parts {
         match piece {
             Piece::Text(t) => out.push_str(t),
             Piece::Ref(r) => match lookup(r, scope, field)? {
-                Some(v) => out.push_str(&render(&v)),
+                Some(v) => {
+                    first_resolved.get_or_insert(r);
+                    let text = render(&v);
+                    if out.len() + text.len() > MAX_RESOLVED_STRING {
+                        return Err(SpecError::new(
+                            field.to_string(),
+                            format!(
+                                "splicing ${{{r}}} makes this string longer than {} MiB (the limit on one resolved string)",
+                                MAX_RESOLVED_STRING >> 20
+                            ),
+                        )
+                        .fix("keep large data in a file listed under `deps:` and read it there, instead of splicing it into text"));
+                    }
+                    out.push_str(&text);
+                }
                 None => {
                     out.push_str("${");
                     out.push_str(r);
@@ -134,6 +215,11 @@ fn resolve_str(s: &str, scope: &Scope<'_>, field: &Field<'_>) -> Result<Value, S
                 }
             },
         }
+    }
+    // The whole string counts, not only what its references added: text spliced in while
+    // loading is copied again into every matrix point that resolves `${matrix.*}` beside it.
+    if let Some(r) = first_resolved {
+        scope.budget.spend(out.len(), field, r)?;
     }
     if final_pass {
         out = out.replace("$${", "${");
@@ -246,6 +332,7 @@ mod tests {
         let scope = Scope {
             vars: Some(&v),
             matrix: None,
+            budget: &Budget::default(),
         };
         assert_eq!(resolve(&json!("${vars.n}"), &scope, "x").unwrap(), json!(3));
         assert_eq!(
@@ -274,6 +361,7 @@ mod tests {
         let scope = Scope {
             vars: Some(&v),
             matrix: Some(&m),
+            budget: &Budget::default(),
         };
         assert_eq!(
             resolve(&json!("${matrix.p}"), &scope, "x").unwrap(),
@@ -291,6 +379,7 @@ mod tests {
         let scope = Scope {
             vars: Some(&v),
             matrix: None,
+            budget: &Budget::default(),
         };
         let e = resolve(&json!("${vars.nn}"), &scope, "stages.a.params.cmd").unwrap_err();
         assert_eq!(e.field, "stages.a.params.cmd");
@@ -298,5 +387,50 @@ mod tests {
         let e = resolve(&json!("${var.n}"), &scope, "x").unwrap_err();
         assert!(e.message.contains("unknown namespace"));
         assert!(resolve(&json!("${vars.n"), &scope, "x").is_err());
+    }
+
+    #[test]
+    fn one_string_and_the_pipeline_are_bounded() {
+        let v = json!({"big": "x".repeat(100_000)})
+            .as_object()
+            .unwrap()
+            .clone();
+        let budget = Budget::default();
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: None,
+            budget: &budget,
+        };
+        // Ten splices fit in one string; eleven do not.
+        assert!(resolve(&json!("${vars.big}".repeat(10)), &scope, "x").is_ok());
+        let e = resolve(
+            &json!("${vars.big}".repeat(11)),
+            &scope,
+            "stages.a.params.cmd",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "stages.a.params.cmd");
+        assert!(e.message.contains("1 MiB"), "{e}");
+        // The total counts whole strings and whole values, across calls.
+        let budget = Budget::starting_at(MAX_EXPANDED_TOTAL - 150_000);
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: None,
+            budget: &budget,
+        };
+        assert!(resolve(&json!("a ${vars.big}"), &scope, "x").is_ok());
+        let e = resolve(&json!("${vars.big}"), &scope, "stages.b.params.cmd").unwrap_err();
+        assert_eq!(e.field, "stages.b.params.cmd");
+        assert!(e.message.contains("64 MiB"), "{e}");
+        assert!(e.fix.unwrap().contains("deps:"));
+        // Strings without references cost nothing.
+        let budget = Budget::default();
+        let scope = Scope {
+            vars: Some(&v),
+            matrix: None,
+            budget: &budget,
+        };
+        resolve(&json!("plain text ${HOME}"), &scope, "x").unwrap();
+        assert_eq!(budget.used(), 0);
     }
 }

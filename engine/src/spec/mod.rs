@@ -20,6 +20,14 @@ pub use source::{Pos, SourceMap};
 /// `--max-stages` says otherwise.
 pub const DEFAULT_MAX_STAGES: usize = 100_000;
 
+/// No `max_stages:` or `--max-stages` may go past this: a plan holds every instance in memory,
+/// and a limit of billions lets one matrix line exhaust it instead of failing cleanly.
+pub const MAX_STAGES_CEILING: usize = 10_000_000;
+
+/// The longest `timeout:` a stage may give (365 days); past it a timeout is a typo, and huge
+/// values overflow the clock arithmetic of the watchdog.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Top-level keys of a pipeline file.
 const TOP_LEVEL: &[&str] = &[
     "name",
@@ -63,6 +71,8 @@ pub struct Pipeline {
     source: SourceMap,
     /// `--set` paths, so errors in values that came from the command line say so.
     overrides: Vec<(String, String)>,
+    /// Bytes `${...}` references produced while loading; planning continues the same budget.
+    pub(crate) expanded_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +145,9 @@ impl Pipeline {
 
     /// As [`Pipeline::load`], from text already read.
     pub fn from_str(text: &str, file: &Path, sets: &[String]) -> Result<Self, SpecError> {
+        // A byte-order mark is not content: editors on Windows write one, and YAML readers
+        // would otherwise see text before `name:` (a second document).
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let source = SourceMap::build(text);
         let locate = |e: SpecError| locate_with(&source, file, &[], e);
         let doc = parse_yaml(text, file)?;
@@ -210,32 +223,34 @@ impl Pipeline {
         };
         let max_stages = match doc.get("max_stages") {
             None => DEFAULT_MAX_STAGES,
-            Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
-                locate(SpecError::new(
-                    "max_stages",
-                    format!("must be a positive integer, found {v}"),
-                ))
-            })? as usize,
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n > 0 && *n <= MAX_STAGES_CEILING as u64)
+                .ok_or_else(|| {
+                    locate(
+                        SpecError::new(
+                            "max_stages",
+                            format!(
+                                "must be a positive integer up to {MAX_STAGES_CEILING}, found {v}"
+                            ),
+                        )
+                        .fix(format!(
+                            "write a whole number of stages from 1 to {MAX_STAGES_CEILING}, e.g. `max_stages: 200000`"
+                        )),
+                    )
+                })? as usize,
         };
-        let report = match doc.get("report") {
-            None | Some(Value::Null) => None,
-            Some(r) => Some(
-                interpolate::resolve(
-                    r,
-                    &interpolate::Scope {
-                        vars: Some(&vars),
-                        matrix: None,
-                    },
-                    "report",
-                )
-                .map_err(&locate)?,
-            ),
-        };
-        let executor = parse_executor(doc.get("executor")).map_err(&locate)?;
+        let budget = interpolate::Budget::default();
         let scope = interpolate::Scope {
             vars: Some(&vars),
             matrix: None,
+            budget: &budget,
         };
+        let report = match doc.get("report") {
+            None | Some(Value::Null) => None,
+            Some(r) => Some(interpolate::resolve(r, &scope, "report").map_err(&locate)?),
+        };
+        let executor = parse_executor(doc.get("executor")).map_err(&locate)?;
         let mut stage_specs = Vec::new();
         if let Some(Value::Object(stages)) = doc.get("stages") {
             if stages.is_empty() {
@@ -278,6 +293,7 @@ impl Pipeline {
             report,
             source,
             overrides,
+            expanded_bytes: budget.used(),
         })
     }
 
@@ -334,14 +350,23 @@ fn parse_yaml(text: &str, file: &Path) -> Result<Value, SpecError> {
             SpecError::new("", format!("invalid YAML merge key: {e}")),
         )
     })?;
-    yaml_to_json(&value, "").map_err(|e| {
-        let source = SourceMap::build(text);
-        locate_with(&source, file, &[], e)
-    })
+    let source = SourceMap::build(text);
+    convert(&value, "", Some(&source)).map_err(|e| locate_with(&source, file, &[], e))
 }
 
-/// Converts YAML to JSON values: keys become strings, tags and non-finite floats are errors.
+/// Converts YAML to JSON values: keys become strings, tags and non-finite floats are errors,
+/// and so are two keys of one mapping that become the same string (`1` and `"1"`).
 pub fn yaml_to_json(value: &serde_yaml::Value, path: &str) -> Result<Value, SpecError> {
+    convert(value, path, None)
+}
+
+/// [`yaml_to_json`]; `source`, when the value came from a file, names the lines of repeated
+/// keys.
+fn convert(
+    value: &serde_yaml::Value,
+    path: &str,
+    source: Option<&SourceMap>,
+) -> Result<Value, SpecError> {
     use serde_yaml::Value as Y;
     Ok(match value {
         Y::Null => Value::Null,
@@ -366,7 +391,7 @@ pub fn yaml_to_json(value: &serde_yaml::Value, path: &str) -> Result<Value, Spec
             items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| yaml_to_json(v, &join(path, &i.to_string())))
+                .map(|(i, v)| convert(v, &join(path, &i.to_string()), source))
                 .collect::<Result<_, _>>()?,
         ),
         Y::Mapping(map) => {
@@ -383,7 +408,25 @@ pub fn yaml_to_json(value: &serde_yaml::Value, path: &str) -> Result<Value, Spec
                         ))
                     }
                 };
-                let v = yaml_to_json(v, &join(path, &key))?;
+                let field = join(path, &key);
+                if out.contains_key(&key) {
+                    let positions = source.map(|s| s.every(&field)).unwrap_or_default();
+                    let where_ = match positions.as_slice() {
+                        [a, b, ..] => format!(" (lines {} and {})", a.line, b.line),
+                        _ => String::new(),
+                    };
+                    let mut err = SpecError::new(
+                        &field,
+                        format!(
+                            "the key '{key}' is given twice in one mapping{where_}: keys are compared as text, so `{key}` and `\"{key}\"` are the same key"
+                        ),
+                    )
+                    .fix("keep one of the two entries, or rename one");
+                    // Point at the second one: the first is what the user meant to keep.
+                    err.pos = positions.get(1).copied();
+                    return Err(err);
+                }
+                let v = convert(v, &field, source)?;
                 out.insert(key, v);
             }
             Value::Object(out)
@@ -462,6 +505,18 @@ fn normalize_stage(name: &str, stage: &mut Value) -> Result<(), SpecError> {
         }
     }
     map.insert("params".into(), Value::Object(params));
+    Ok(())
+}
+
+/// An input's local name is a folder of the stage's scratch space (`in/<name>`): it must be
+/// one plain path segment.
+fn validate_input_name(name: &str, path: &str) -> Result<(), SpecError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+        return Err(
+            SpecError::new(path, format!("'{name}' is not a valid input name"))
+                .fix("use letters, digits and '_', e.g. `data: make_data`"),
+        );
+    }
     Ok(())
 }
 
@@ -573,6 +628,7 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
         Some(Value::Object(inputs)) => {
             let mut out = Vec::new();
             for (local, reference) in inputs {
+                validate_input_name(local, &field(&format!("inputs.{local}")))?;
                 match reference {
                     Value::String(r) => out.push((local.clone(), r.clone())),
                     other => {
@@ -597,6 +653,21 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
             .fix("e.g. `inputs: {data: make_data}`"))
         }
     };
+    // Each input is handed to the command as ENGINE_IN_<NAME>; two names that give the same
+    // variable would leave one input unreachable without a word.
+    let mut vars: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    for (local, _) in &inputs {
+        let var = ops::input_var(local);
+        if let Some(first) = vars.insert(var.clone(), local) {
+            return Err(SpecError::new(
+                field(&format!("inputs.{local}")),
+                format!("inputs '{first}' and '{local}' both become the variable {var}"),
+            )
+            .fix(format!(
+                "rename one of them: letters and digits are kept (upper-cased), anything else becomes '_' in {var}"
+            )));
+        }
+    }
     let matrix = match map.get("matrix") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Object(m)) => {
@@ -644,21 +715,39 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
                 field("retries"),
                 format!("must be an integer 0..=100, found {v}"),
             )
+            .fix("write how many times to rerun a failed attempt, e.g. `retries: 2`")
         })? as u32,
     };
     let timeout = match map.get("timeout") {
         None | Some(Value::Null) => None,
+        // `Duration::from_secs_f64` panics past u64 seconds; a year is already far past any
+        // stage a timeout is meant for, so anything beyond it is refused as a typo.
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(s) if s > 0.0 => Some(Duration::from_secs_f64(s)),
+            Some(s) if s > 0.0 && s <= MAX_TIMEOUT.as_secs_f64() => {
+                Some(Duration::from_secs_f64(s))
+            }
             _ => {
-                return Err(SpecError::new(field("timeout"), "must be positive")
-                    .fix("e.g. `timeout: 10m` or `timeout: 30` (seconds)"))
+                return Err(SpecError::new(
+                    field("timeout"),
+                    format!("must be more than 0 and at most 365 days (31536000 s), found {n}"),
+                )
+                .fix("e.g. `timeout: 10m` or `timeout: 30` (seconds); leave it out for no limit"))
             }
         },
-        Some(Value::String(s)) => Some(humantime::parse_duration(s).map_err(|e| {
-            SpecError::new(field("timeout"), format!("'{s}' is not a duration: {e}"))
-                .fix("e.g. `timeout: 10m`, `90s` or `2h`")
-        })?),
+        Some(Value::String(s)) => {
+            let d = humantime::parse_duration(s).map_err(|e| {
+                SpecError::new(field("timeout"), format!("'{s}' is not a duration: {e}"))
+                    .fix("e.g. `timeout: 10m`, `90s` or `2h`")
+            })?;
+            if d.is_zero() || d > MAX_TIMEOUT {
+                return Err(SpecError::new(
+                    field("timeout"),
+                    format!("'{s}' must be more than 0 and at most 365 days"),
+                )
+                .fix("e.g. `timeout: 10m`, `90s` or `2h`; leave it out for no limit"));
+            }
+            Some(d)
+        }
         Some(other) => {
             return Err(SpecError::new(
                 field("timeout"),
@@ -920,5 +1009,76 @@ mod tests {
         assert_eq!(parse_bytes(&Value::from("4G")), Ok(4 << 30));
         assert_eq!(parse_bytes(&Value::from("512MiB")), Ok(512 << 20));
         assert!(parse_bytes(&Value::from("4Q")).is_err());
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_content() {
+        let p = load(
+            "\u{feff}name: bom\nstages:\n  a: {op: shell, cmd: x}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.name, "bom");
+        let e = load("\u{feff}stages:\n  a: {op: shell, retries: x}\n", &[]).unwrap_err();
+        assert_eq!(e.pos, Some(Pos { line: 2, col: 18 }));
+    }
+
+    #[test]
+    fn keys_of_one_text_are_refused_with_both_lines() {
+        let e = load(
+            "stages:\n  a:\n    op: shell\n    env:\n      1: a\n      \"1\": b\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "stages.a.env.1");
+        assert_eq!(e.pos, Some(Pos { line: 6, col: 7 }));
+        assert!(e.message.contains("lines 5 and 6"), "{e}");
+        // From --set there are no lines, but the same refusal.
+        let e = load("stages:\n  a: {op: shell}\n", &["vars={1: a, \"1\": b}"]).unwrap_err();
+        assert!(e.message.contains("given twice"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        let stage = |t: &str| load(&format!("stages:\n  a: {{op: shell, timeout: {t}}}\n"), &[]);
+        assert_eq!(
+            stage("31536000").unwrap().stages[0].timeout,
+            Some(MAX_TIMEOUT)
+        );
+        assert_eq!(
+            stage("2h").unwrap().stages[0].timeout,
+            Some(Duration::from_secs(7200))
+        );
+        for bad in ["1e300", "-1", "0", "31536000.5", "\"366days\"", "\"0s\""] {
+            let e = stage(bad).unwrap_err();
+            assert_eq!(e.field, "stages.a.timeout", "{bad}");
+            assert!(e.message.contains("365 days"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn input_names_are_one_segment_and_one_variable() {
+        let with = |inputs: &str| {
+            load(
+                &format!("stages:\n  up: {{op: shell}}\n  b: {{op: shell, inputs: {inputs}}}\n"),
+                &[],
+            )
+        };
+        assert!(with("{data: up, model-2: up}").is_ok());
+        let e = with("{a-b: up, a_b: up}").unwrap_err();
+        assert_eq!(e.field, "stages.b.inputs.a_b");
+        assert!(e.message.contains("ENGINE_IN_A_B"), "{e}");
+        for bad in ["\"..\"", "\".\"", "\"a/b\"", "\"\""] {
+            let e = with(&format!("{{{bad}: up}}")).unwrap_err();
+            assert!(e.message.contains("not a valid input name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn max_stages_is_capped() {
+        let e = load("max_stages: 10000001\nstages:\n  a: {op: shell}\n", &[]).unwrap_err();
+        assert_eq!(e.field, "max_stages");
+        assert!(e.fix.unwrap().contains("10000000"));
+        assert!(load("max_stages: 10000000\nstages:\n  a: {op: shell}\n", &[]).is_ok());
     }
 }

@@ -21,7 +21,14 @@ pub struct Pos {
 #[derive(Debug, Default, Clone)]
 pub struct SourceMap {
     text: Arc<str>,
-    positions: OnceLock<HashMap<String, Pos>>,
+    positions: OnceLock<Positions>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Positions {
+    first: HashMap<String, Pos>,
+    /// Later keys with the same text in one mapping (`1` and `"1"`), by path.
+    repeats: HashMap<String, Vec<Pos>>,
 }
 
 impl SourceMap {
@@ -34,15 +41,28 @@ impl SourceMap {
         }
     }
 
-    fn positions(&self) -> &HashMap<String, Pos> {
+    fn all_positions(&self) -> &Positions {
         self.positions.get_or_init(|| {
             let mut builder = Builder::default();
             let mut parser = Parser::new_from_str(&self.text);
             match parser.load(&mut builder, false) {
                 Ok(()) => builder.positions,
-                Err(_) => HashMap::new(),
+                Err(_) => Positions::default(),
             }
         })
+    }
+
+    fn positions(&self) -> &HashMap<String, Pos> {
+        &self.all_positions().first
+    }
+
+    /// Every key written for exactly `path`, in file order: more than one when one mapping
+    /// holds keys of the same text, such as `1` and `"1"`.
+    pub fn every(&self, path: &str) -> Vec<Pos> {
+        let all = self.all_positions();
+        let mut out: Vec<Pos> = all.first.get(path).copied().into_iter().collect();
+        out.extend(all.repeats.get(path).into_iter().flatten().copied());
+        out
     }
 
     /// The position of `path`, or of its nearest ancestor that has one. Op params written as
@@ -91,7 +111,7 @@ enum Frame {
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    positions: HashMap<String, Pos>,
+    positions: Positions,
 }
 
 fn join(base: &str, segment: &str) -> String {
@@ -119,13 +139,24 @@ impl Builder {
                 let (k, key_pos) = key.take()?;
                 *expecting_key = true;
                 let p = join(path, &k);
-                self.positions.entry(p.clone()).or_insert(key_pos);
+                match self.positions.first.entry(p.clone()) {
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(key_pos);
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        self.positions
+                            .repeats
+                            .entry(p.clone())
+                            .or_default()
+                            .push(key_pos);
+                    }
+                }
                 Some(p)
             }
             Some(Frame::Seq { path, index }) => {
                 let p = join(path, &index.to_string());
                 *index += 1;
-                self.positions.entry(p.clone()).or_insert(pos);
+                self.positions.first.entry(p.clone()).or_insert(pos);
                 Some(p)
             }
         }
@@ -212,5 +243,16 @@ mod tests {
         );
         // unknown leaf falls back to its parent
         assert_eq!(map.find("stages.make.nope"), Some(Pos { line: 3, col: 3 }));
+    }
+
+    #[test]
+    fn keys_of_the_same_text_are_all_found() {
+        let map = SourceMap::build("m:\n  1: a\n  x: b\n  \"1\": c\n");
+        assert_eq!(
+            map.every("m.1"),
+            vec![Pos { line: 2, col: 3 }, Pos { line: 4, col: 3 }]
+        );
+        assert_eq!(map.every("m.x"), vec![Pos { line: 3, col: 3 }]);
+        assert!(map.every("m.y").is_empty());
     }
 }
