@@ -583,6 +583,7 @@ impl Db {
         me: &ClaimOwner,
         stale_after_s: f64,
         check_done: bool,
+        dead_owner_busy: &dyn Fn(i32) -> bool,
     ) -> Result<ClaimState> {
         let path = self.path.clone();
         let err = |source| CacheError::Db {
@@ -618,10 +619,14 @@ impl Db {
         if let Some((owner, host, pid, heartbeat, pid_space)) = held {
             // The pid is tested only in the owner's own pid space: the same host name in
             // another container, or before a reboot, may give the pid to another process.
-            let dead = pid_space.as_deref() == Some(me.pid_space.as_str())
-                && !crate::machine::process_alive(pid as i32);
+            // A dead owner whose stage processes still live (they are being stopped) is
+            // waited for: a take-over must never run a second copy beside them.
+            let here = pid_space.as_deref() == Some(me.pid_space.as_str());
+            let gone = here && !crate::machine::process_alive(pid as i32);
+            let busy = gone && dead_owner_busy(pid as i32);
+            let dead = gone && !busy;
             let stale = now - heartbeat > stale_after_s;
-            if owner != me.id && !dead && !stale {
+            if owner != me.id && (busy || (!dead && !stale)) {
                 return Ok(ClaimState::HeldBy {
                     owner,
                     pid: pid as u32,
@@ -999,11 +1004,11 @@ mod tests {
         drop(conn);
         let mut db = Db::open(&p).unwrap();
         assert!(matches!(
-            db.try_claim("k", &me, 30.0, false).unwrap(),
+            db.try_claim("k", &me, 30.0, false, &|_| false).unwrap(),
             ClaimState::HeldBy { .. }
         ));
         assert_eq!(
-            db.try_claim("k", &me, -1.0, false).unwrap(),
+            db.try_claim("k", &me, -1.0, false, &|_| false).unwrap(),
             ClaimState::Acquired
         );
     }

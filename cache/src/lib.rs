@@ -522,7 +522,9 @@ impl Cache {
         stale_after_s: f64,
         check_done: bool,
     ) -> Result<ClaimState> {
-        self.db().try_claim(key, me, stale_after_s, check_done)
+        let busy = |pid: i32| self.store.holds_live_work_of(pid);
+        self.db()
+            .try_claim(key, me, stale_after_s, check_done, &busy)
     }
 
     /// Refreshes this process's claims on `keys`.

@@ -214,7 +214,7 @@ impl Store {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let stale = match ScratchOwner::of(&name.to_string_lossy()) {
-                ScratchOwner::Here(pid) => !process_alive(pid),
+                ScratchOwner::Here(pid) => !process_alive(pid) && !holds_live_work(&entry.path()),
                 ScratchOwner::Legacy(pid) => legacy && !process_alive(pid),
                 ScratchOwner::Elsewhere | ScratchOwner::Unknown => false,
             };
@@ -230,11 +230,26 @@ impl Store {
         Ok(())
     }
 
+    /// Whether processes of the dead engine `pid` (of this pid space) still work in one of
+    /// its scratch folders: a stage's command supervisor holds a shared `flock` on the
+    /// stage's output folder until the last process of the command is gone (see
+    /// `ops::supervisor`). A take-over of that engine's claims waits for this to turn false,
+    /// so a stage never runs twice at once.
+    pub fn holds_live_work_of(&self, pid: i32) -> bool {
+        let Ok(entries) = std::fs::read_dir(&self.tmp) else {
+            return false;
+        };
+        entries.flatten().any(|entry| {
+            matches!(ScratchOwner::of(&entry.file_name().to_string_lossy()), ScratchOwner::Here(p) if p == pid)
+                && holds_live_work(&entry.path())
+        })
+    }
+
     /// Stores a file this process wrote in one of its own scratch folders (moving it, when the
     /// store lacks it); returns its hash.
-    pub fn put_file(&self, path: &Path) -> Result<Hash> {
+    pub fn put_scratch_file(&self, path: &Path) -> Result<Hash> {
         let hash = hash_file(path)?;
-        self.install(path, &hash)?;
+        self.install(path, &hash, false)?;
         Ok(hash)
     }
 
@@ -667,6 +682,26 @@ fn visit(
     }
     ancestors.pop();
     Ok(())
+}
+
+/// Whether a folder directly inside the scratch folder `scratch` is locked (`flock`) by a
+/// live process.
+fn holds_live_work(scratch: &Path) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            return false;
+        }
+        let Ok(folder) = std::fs::File::open(entry.path()) else {
+            return false;
+        };
+        // SAFETY: flock on a descriptor we own; closing it (on drop) releases our lock.
+        let r = unsafe { libc::flock(folder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+    })
 }
 
 /// The pid space ([`crate::pid_space_id`]) and pid that own a `tmp/` entry, by its name.

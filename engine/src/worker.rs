@@ -140,7 +140,7 @@ pub fn execute(
         let (path, tail) = log.finish()?;
         Ok(StageResult {
             outcome,
-            log_blob: Some(store.put_file(&path)?),
+            log_blob: Some(store.put_scratch_file(&path)?),
             log_tail: tail,
             started_at,
             ended_at: unix_now(),
