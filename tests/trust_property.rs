@@ -163,22 +163,6 @@ fn pipeline(seed: u64, stages: u64, outside: &Path) -> String {
     text
 }
 
-fn trees(doc: &serde_json::Value) -> Vec<(String, String)> {
-    let mut t: Vec<(String, String)> = doc["stages"]
-        .as_array()
-        .expect("stages")
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap_or("").to_string(),
-                s["tree"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    t.sort();
-    t
-}
-
 fn assert_verified(ws: &Workspace, context: &str) {
     let out = ws.engine(&["verify", "pipeline.yaml", "--json"]);
     assert_eq!(
@@ -208,7 +192,7 @@ fn one_case(seed: u64) {
     let reference = Workspace::new(&text);
     user_files(&reference, outside.path());
     let expected_doc = reference.run_ok(&["-j", "2"]);
-    let expected = trees(&expected_doc);
+    let expected = common::trees(&expected_doc);
     let expected_outs = reference.files_under("results");
 
     let ws = Workspace::new(&text);
@@ -230,7 +214,7 @@ fn one_case(seed: u64) {
     }
     let done = ws.run_ok(&["-j", "2"]);
     assert_eq!(
-        trees(&done),
+        common::trees(&done),
         expected,
         "results differ from a clean run, {context}"
     );

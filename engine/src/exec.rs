@@ -765,13 +765,10 @@ fn input_trees(plan: &Plan, i: usize, trees: &[Option<Hash>]) -> Vec<(String, Jo
                     list.iter()
                         .enumerate()
                         .map(|(k, &u)| {
-                            let label = plan.nodes[u].label.replace('/', "_");
-                            let label = if label.is_empty() {
-                                k.to_string()
-                            } else {
-                                label
-                            };
-                            (label, trees[u].unwrap_or_else(|| cache::hash_bytes(b"")))
+                            (
+                                crate::plan::list_item_folder(&plan.nodes[u].label, k),
+                                trees[u].unwrap_or_else(|| cache::hash_bytes(b"")),
+                            )
                         })
                         .collect(),
                 ),

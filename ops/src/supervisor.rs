@@ -595,7 +595,7 @@ unsafe fn kill_children() {
             }
             let name = &bytes[off + 19..(off + reclen).min(bytes.len())];
             off += reclen;
-            let Some(pid) = parse_pid(name) else {
+            let Some(pid) = parse_pid(name, 0) else {
                 continue;
             };
             if pid != me && parent_of(pid) == Some(me) {
@@ -606,12 +606,12 @@ unsafe fn kill_children() {
     libc::close(proc_fd);
 }
 
-/// A NUL-terminated decimal name, as a pid.
-fn parse_pid(name: &[u8]) -> Option<libc::pid_t> {
+/// The decimal number at the start of `s`, up to `end` (or the end of `s`), as a pid.
+fn parse_pid(s: &[u8], end: u8) -> Option<libc::pid_t> {
     let mut pid: libc::pid_t = 0;
     let mut digits = 0;
-    for &b in name {
-        if b == 0 {
+    for &b in s {
+        if b == end {
             break;
         }
         if !b.is_ascii_digit() || digits > 9 {
@@ -661,23 +661,7 @@ unsafe fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     let rest = stat.get(close + 2..)?;
     let after_state = rest.iter().position(|&b| b == b' ')? + 1;
-    parse_pid_until_space(rest.get(after_state..)?)
-}
-
-fn parse_pid_until_space(s: &[u8]) -> Option<libc::pid_t> {
-    let mut pid: libc::pid_t = 0;
-    let mut digits = 0;
-    for &b in s {
-        if b == b' ' {
-            break;
-        }
-        if !b.is_ascii_digit() || digits > 9 {
-            return None;
-        }
-        pid = pid * 10 + (b - b'0') as libc::pid_t;
-        digits += 1;
-    }
-    (digits > 0).then_some(pid)
+    parse_pid(rest.get(after_state..)?, b' ')
 }
 
 #[cfg(test)]
@@ -776,8 +760,9 @@ mod tests {
 
     #[test]
     fn parses_proc_stat_with_odd_names() {
-        assert_eq!(parse_pid(b"1234\0"), Some(1234));
-        assert_eq!(parse_pid(b"self\0"), None);
+        assert_eq!(parse_pid(b"1234\0", 0), Some(1234));
+        assert_eq!(parse_pid(b"self\0", 0), None);
+        assert_eq!(parse_pid(b"42 7", b' '), Some(42));
         // SAFETY: reads our own /proc entry.
         let parent = unsafe { parent_of(libc::getpid()) };
         assert_eq!(parent, Some(unsafe { libc::getppid() }));

@@ -224,6 +224,23 @@ pub fn with_status(doc: &Value, status: &str) -> Vec<String> {
         .collect()
 }
 
+/// `(name, output tree)` of every stage in a `{"stages": [...]}` document, sorted by name.
+pub fn trees(doc: &Value) -> Vec<(String, String)> {
+    let mut t: Vec<(String, String)> = doc["stages"]
+        .as_array()
+        .expect("a stages list")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or("").to_string(),
+                s["tree"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    t.sort();
+    t
+}
+
 /// The bytes of a stage output file, read through the object path the JSON gives.
 pub fn output_text(stage: &Value, file: &str) -> String {
     let path = stage["outputs"][file]["path"]
