@@ -5,6 +5,8 @@
 mod cli;
 
 fn main() {
+    // A stage's command supervisor is this binary started again; it never reaches the CLI.
+    ops::supervisor::serve_or_offer();
     keep_freed_memory();
     std::process::exit(cli::main());
 }

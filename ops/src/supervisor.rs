@@ -87,19 +87,128 @@ const TAG_PID: u8 = b'P';
 const TAG_NOT_STARTED: u8 = b'E';
 const TAG_STATUS: u8 = b'S';
 
-/// Everything the forked processes read: prepared before the fork so that they never
-/// allocate.
-struct Prepared {
-    parent: libc::pid_t,
+/// What the command's child needs to start the command.
+struct Launch {
     program: CString,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     cwd: CString,
+}
+
+/// Everything the forked supervisor reads: prepared before the fork so that it never
+/// allocates.
+struct Prepared {
+    parent: libc::pid_t,
+    launch: Launch,
     devnull: RawFd,
     out_w: RawFd,
     err_w: RawFd,
     status_w: RawFd,
     lock: Option<RawFd>,
+}
+
+/// The first argument that makes this binary a supervisor ([`serve`]).
+const SERVE_ARG: &str = "__engine-stage-supervisor";
+
+/// Set by [`serve_or_offer`]: this binary can run as a supervisor.
+static SELF_EXEC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Call first thing in `main` of a binary that runs shell commands. When the process was
+/// started as a supervisor it runs as one and exits; otherwise it lets [`Supervised::spawn`]
+/// exec this binary for each supervisor, so that a supervisor is a small fresh process rather
+/// than a fork that keeps the whole engine's memory (every page the engine then writes, a
+/// training step's tensors say, would be copied). Without this call (a library's tests) the
+/// supervisor stays a fork of its parent.
+pub fn serve_or_offer() {
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref() == Some(OsStr::new(SERVE_ARG)) {
+        let rest: Vec<OsString> = args.collect();
+        // SAFETY: this process is a fresh image started by `supervisor_main`, with one thread.
+        unsafe { serve(&rest) }
+    }
+    SELF_EXEC.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The supervisor as its own process: `PARENT LOCK CWD PROGRAM ARGV0 ARGS...`, with the
+/// command's environment, its output as stdout and stderr and the status pipe as stdin.
+unsafe fn serve(args: &[OsString]) -> ! {
+    // Shown by `ps` and `top` instead of the "exe" of `/proc/self/exe`.
+    libc::prctl(libc::PR_SET_NAME, c"engine-stage".as_ptr(), 0, 0, 0);
+    // Stop signals are waited for, never handled, from here on (see `supervise`).
+    let mut all: libc::sigset_t = std::mem::zeroed();
+    libc::sigfillset(&mut all);
+    libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+    // Descriptors as `run_command` expects them: the status pipe as fd 3, stdin /dev/null.
+    libc::dup2(0, STATUS_FD);
+    let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+    libc::dup2(devnull, 0);
+    let parsed = (|| -> Option<(libc::pid_t, Option<File>, Launch, Vec<CString>)> {
+        let parent = args.first()?.to_str()?.parse().ok()?;
+        let lock = match args.get(1)? {
+            folder if folder.is_empty() => None,
+            folder => Some(lock_shared(Path::new(folder)).ok()?),
+        };
+        let cwd = CString::new(args.get(2)?.as_bytes()).ok()?;
+        let program = CString::new(args.get(3)?.as_bytes()).ok()?;
+        let argv_c = args[4..]
+            .iter()
+            .map(|a| CString::new(a.as_bytes()).ok())
+            .collect::<Option<Vec<_>>>()?;
+        let envp_c = std::env::vars_os()
+            .map(|(k, v)| {
+                let mut kv = k;
+                kv.push("=");
+                kv.push(v);
+                CString::new(kv.as_bytes()).ok()
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let launch = Launch {
+            program,
+            argv: null_terminated(&argv_c),
+            envp: null_terminated(&envp_c),
+            cwd,
+        };
+        let mut owned = argv_c;
+        owned.extend(envp_c);
+        Some((parent, lock, launch, owned))
+    })();
+    let Some((parent, lock, launch, _owned)) = parsed else {
+        libc::_exit(SUPERVISOR_SETUP_FAILED);
+    };
+    // Tied to the engine before anything starts; if the engine is already gone, nothing does.
+    // The lock is taken before this check, so a take-over that saw it free cannot meet a
+    // command started after it.
+    if libc::prctl(
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGTERM as libc::c_ulong,
+        0,
+        0,
+        0,
+    ) != 0
+        || libc::getppid() != parent
+    {
+        libc::_exit(SUPERVISOR_SETUP_FAILED);
+    }
+    // The lock as fd 4; the command inherits none but the three standard descriptors.
+    let first_free = match &lock {
+        Some(f) => {
+            libc::dup2(f.as_raw_fd(), LOCK_FD);
+            LOCK_FD + 1
+        }
+        None => STATUS_FD + 1,
+    };
+    close_from(first_free);
+    std::mem::forget(lock);
+    libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    run_command(&launch)
+}
+
+fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
+    v.iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
 }
 
 fn cstring(what: &str, s: &OsStr) -> std::io::Result<CString> {
@@ -151,89 +260,140 @@ fn resolve_program(spec: &CommandSpec) -> std::io::Result<PathBuf> {
     ))
 }
 
-impl Supervised {
-    /// Starts the supervisor, which starts the command with stdin from `/dev/null` and stdout
-    /// and stderr as the pipes `stdout` and `stderr`.
-    pub fn spawn(spec: &CommandSpec) -> std::io::Result<Self> {
-        let program = cstring("program", resolve_program(spec)?.as_os_str())?;
-        let argv_c = std::iter::once(cstring("program", &spec.program))
-            .chain(spec.args.iter().map(|a| cstring("argument", a)))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let envp_c = spec
-            .env
-            .iter()
-            .map(|(k, v)| {
-                let mut kv = k.clone();
-                kv.push("=");
-                kv.push(v);
-                cstring("environment variable", &kv)
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let cwd = cstring("folder", spec.cwd.as_os_str())?;
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        let (status_r, status_w) = pipe()?;
-        let devnull = File::open("/dev/null")?;
-        let lock = match &spec.lock_folder {
-            Some(folder) => {
-                let f = File::open(folder)?;
-                // SAFETY: flock on a descriptor we own; no memory is involved.
-                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Some(f)
-            }
-            None => None,
-        };
-        let null_terminated = |v: &[CString]| {
-            v.iter()
-                .map(|c| c.as_ptr())
-                .chain(std::iter::once(std::ptr::null()))
-                .collect::<Vec<_>>()
-        };
-        let prepared = Prepared {
-            // SAFETY: getpid has no preconditions.
-            parent: unsafe { libc::getpid() },
+/// Starts this binary as the supervisor ([`serve`]), the way `std::process::Command` starts
+/// any program (`posix_spawn`: no copy of the engine's memory). The status pipe is its stdin.
+fn spawn_self(
+    spec: &CommandSpec,
+    program: &Path,
+    out_w: OwnedFd,
+    err_w: OwnedFd,
+    status_w: OwnedFd,
+) -> std::io::Result<libc::pid_t> {
+    use std::os::unix::process::CommandExt;
+    let lock: &OsStr = spec
+        .lock_folder
+        .as_deref()
+        .map(|p| p.as_os_str())
+        .unwrap_or_else(|| OsStr::new(""));
+    let child = std::process::Command::new("/proc/self/exe")
+        .arg(SERVE_ARG)
+        .arg(std::process::id().to_string())
+        .arg(lock)
+        .arg(&spec.cwd)
+        .arg(program)
+        .arg(&spec.program)
+        .args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(File::from(status_w))
+        .stdout(File::from(out_w))
+        .stderr(File::from(err_w))
+        .process_group(0)
+        .spawn()?;
+    // Waited for with waitpid by its pid, not through `Child`.
+    Ok(child.id() as libc::pid_t)
+}
+
+/// Forks the supervisor without exec (a binary that did not call [`serve_or_offer`]): the
+/// fork keeps a copy-on-write image of the parent for as long as the command runs.
+fn spawn_fork(
+    spec: &CommandSpec,
+    program: &Path,
+    out_w: OwnedFd,
+    err_w: OwnedFd,
+    status_w: OwnedFd,
+) -> std::io::Result<libc::pid_t> {
+    let program = cstring("program", program.as_os_str())?;
+    let argv_c = std::iter::once(cstring("program", &spec.program))
+        .chain(spec.args.iter().map(|a| cstring("argument", a)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let envp_c = spec
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(v);
+            cstring("environment variable", &kv)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let cwd = cstring("folder", spec.cwd.as_os_str())?;
+    let devnull = File::open("/dev/null")?;
+    let lock = match &spec.lock_folder {
+        Some(folder) => Some(lock_shared(folder)?),
+        None => None,
+    };
+    let prepared = Prepared {
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
+        launch: Launch {
             program,
             argv: null_terminated(&argv_c),
             envp: null_terminated(&envp_c),
             cwd,
-            devnull: devnull.as_raw_fd(),
-            out_w: out_w.as_raw_fd(),
-            err_w: err_w.as_raw_fd(),
-            status_w: status_w.as_raw_fd(),
-            lock: lock.as_ref().map(|f| f.as_raw_fd()),
+        },
+        devnull: devnull.as_raw_fd(),
+        out_w: out_w.as_raw_fd(),
+        err_w: err_w.as_raw_fd(),
+        status_w: status_w.as_raw_fd(),
+        lock: lock.as_ref().map(|f| f.as_raw_fd()),
+    };
+    // Signals stay blocked across the fork: a handler of the engine's (Ctrl-C) must never
+    // run in the child. The supervisor keeps them blocked and waits for them.
+    // SAFETY: sigset_t is plain data, filled by sigfillset before use; pthread_sigmask
+    // changes this thread's mask only.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: the child runs only `supervisor_main`, which calls async-signal-safe
+    // functions on `prepared` (memory the fork copied) and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe { supervisor_main(&prepared) }
+    }
+    let fork_error = std::io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    drop((out_w, err_w, status_w, devnull, lock, argv_c, envp_c));
+    if pid < 0 {
+        return Err(fork_error);
+    }
+    // Both sides set the group, so it is in place whoever runs first.
+    // SAFETY: setpgid on our own child; an error (it already exited) is harmless.
+    unsafe {
+        libc::setpgid(pid, pid);
+    }
+    Ok(pid)
+}
+
+/// A folder, open, with a shared `flock` on it.
+fn lock_shared(folder: &Path) -> std::io::Result<File> {
+    let f = File::open(folder)?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+impl Supervised {
+    /// Starts the supervisor, which starts the command with stdin from `/dev/null` and stdout
+    /// and stderr as the pipes `stdout` and `stderr`.
+    pub fn spawn(spec: &CommandSpec) -> std::io::Result<Self> {
+        let program = resolve_program(spec)?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (status_r, status_w) = pipe()?;
+        let pid = if SELF_EXEC.load(std::sync::atomic::Ordering::SeqCst) {
+            spawn_self(spec, &program, out_w, err_w, status_w)?
+        } else {
+            spawn_fork(spec, &program, out_w, err_w, status_w)?
         };
-        // Signals stay blocked across the fork: a handler of the engine's (Ctrl-C) must never
-        // run in the child. The supervisor keeps them blocked and waits for them.
-        // SAFETY: sigset_t is plain data, filled by sigfillset before use; pthread_sigmask
-        // changes this thread's mask only.
-        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-        unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        }
-        // SAFETY: the child runs only `supervisor_main`, which calls async-signal-safe
-        // functions on `prepared` (memory the fork copied) and never returns.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            unsafe { supervisor_main(&prepared) }
-        }
-        let fork_error = std::io::Error::last_os_error();
-        // SAFETY: restores the mask saved above.
-        unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        }
-        drop((out_w, err_w, status_w, devnull, lock, argv_c, envp_c));
-        if pid < 0 {
-            return Err(fork_error);
-        }
-        // Both sides set the group, so it is in place whoever runs first.
-        // SAFETY: setpgid on our own child; an error (it already exec'd or died) is harmless.
-        unsafe {
-            libc::setpgid(pid, pid);
-        }
         let mut me = Self {
             supervisor: pid,
             command: None,
@@ -385,8 +545,8 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-/// The supervisor: sets itself up, starts the command, supervises it, reports, exits.
-/// Async-signal-safe only.
+/// The supervisor forked without exec ([`spawn_fork`]): ties itself to the engine, takes its
+/// descriptors, runs the command. Async-signal-safe only.
 unsafe fn supervisor_main(p: &Prepared) -> ! {
     if libc::prctl(
         libc::PR_SET_PDEATHSIG,
@@ -400,7 +560,6 @@ unsafe fn supervisor_main(p: &Prepared) -> ! {
         // The engine died before the supervisor could tie itself to it.
         libc::_exit(SUPERVISOR_SETUP_FAILED);
     }
-    libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0);
     libc::setpgid(0, 0);
     // Descriptors to their fixed numbers. The sources are first moved above the targets so
     // that no dup2 overwrites a source still needed.
@@ -410,22 +569,29 @@ unsafe fn supervisor_main(p: &Prepared) -> ! {
     libc::dup2(p.out_w, 1);
     libc::dup2(p.err_w, 2);
     libc::dup2(status, STATUS_FD);
-    // Closed in the command's child by exec: only the supervisor holds the lock.
-    libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
     let first_free = match lock {
         Some(l) => {
             libc::dup2(l, LOCK_FD);
-            libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC);
             LOCK_FD + 1
         }
         None => STATUS_FD + 1,
     };
     close_from(first_free);
+    // Closed in the command's child by exec: only the supervisor holds the lock.
+    libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    run_command(&p.launch)
+}
+
+/// Becomes the subreaper, starts the command, supervises it, reports, exits.
+/// Async-signal-safe only.
+unsafe fn run_command(launch: &Launch) -> ! {
+    libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0);
     // Children are waited for, never ignored.
     libc::signal(libc::SIGCHLD, libc::SIG_DFL);
     let command = libc::fork();
     if command == 0 {
-        command_main(p);
+        command_main(launch);
     }
     if command < 0 {
         report(TAG_NOT_STARTED, errno());
@@ -440,7 +606,7 @@ unsafe fn supervisor_main(p: &Prepared) -> ! {
 
 /// The command's child: its own process group, default signal handling, exec.
 /// Async-signal-safe only.
-unsafe fn command_main(p: &Prepared) -> ! {
+unsafe fn command_main(p: &Launch) -> ! {
     libc::setpgid(0, 0);
     // The engine ignores SIGPIPE (Rust's default) and the supervisor blocks everything;
     // the command starts with neither.
@@ -496,11 +662,12 @@ unsafe fn supervise(command: libc::pid_t) -> libc::c_int {
     }
     libc::kill(-command, libc::SIGKILL);
     // Every process left is, or becomes once its parent is killed, a child of ours.
+    // Only when some are left is `/proc` scanned: usually the command left none.
     loop {
-        kill_children();
         if reap(command, &mut command_status) {
             break;
         }
+        kill_children();
         let pause = libc::timespec {
             tv_sec: 0,
             tv_nsec: 2_000_000,
