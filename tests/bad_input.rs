@@ -2,183 +2,12 @@
 //! the offending field and a fix, and leaves an existing cache exactly as it was.
 //!
 //! Every case first runs a good pipeline into the workspace's cache, snapshots every file of
-//! the cache (bytes included), runs the bad pipeline `bad.yaml` from the same folder (so it
+//! the workspace and its cache (bytes included), runs the bad pipeline `bad.yaml` from the same folder (so it
 //! uses the same cache), and compares.
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use common::{Outcome, Workspace};
-
-const GOOD: &str = r#"
-name: good
-stages:
-  make:
-    op: shell
-    deps: [data.txt]
-    cmd: "echo good >> runs.log; cat data.txt > $ENGINE_OUT/data.txt"
-  use:
-    op: shell
-    inputs: {d: make}
-    cmd: "echo good >> runs.log; cat $ENGINE_IN_D/data.txt > $ENGINE_OUT/copy.txt"
-"#;
-
-/// A workspace whose cache holds the good pipeline's results.
-struct Fixture {
-    ws: Workspace,
-    /// Extra arguments every command gets (a `--cache-dir`).
-    args: Vec<String>,
-    cache: String,
-}
-
-impl Fixture {
-    fn new() -> Self {
-        Self::with_cache_dir(None)
-    }
-
-    fn with_cache_dir(dir: Option<&str>) -> Self {
-        let ws = Workspace::new(GOOD);
-        ws.write("data.txt", "payload\n");
-        let (args, cache) = match dir {
-            Some(d) => (
-                vec!["--cache-dir".to_string(), d.to_string()],
-                d.to_string(),
-            ),
-            None => (Vec::new(), ".engine".to_string()),
-        };
-        let f = Self { ws, args, cache };
-        let doc = f.run_json("pipeline.yaml");
-        assert_eq!(doc["counts"]["ran"], 2, "{doc:#}");
-        f.settle();
-        assert!(!f.snapshot().is_empty());
-        f
-    }
-
-    /// A `run` that exited before closing the database would leave a WAL for the next command
-    /// of any kind to checkpoint (`cli::run_closes_the_cache_database` guards against that).
-    /// `status` closes the database cleanly, so snapshots compare settled files only.
-    fn settle(&self) {
-        self.engine(&["status", "pipeline.yaml"]).expect_code(0);
-    }
-
-    fn engine(&self, args: &[&str]) -> Outcome {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(self.args.iter().map(String::as_str));
-        self.ws.engine(&all)
-    }
-
-    fn run_json(&self, file: &str) -> serde_json::Value {
-        let out = self.engine(&["run", file, "--json"]);
-        out.expect_code(0);
-        out.json()
-    }
-
-    /// Every file under the cache folder with its bytes (`tmp/` is scratch and must be empty
-    /// between runs anyway, so it is included).
-    fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
-        let root = self.ws.join(&self.cache);
-        self.ws
-            .files_under(&self.cache)
-            .into_iter()
-            .map(|rel| {
-                let bytes = std::fs::read(root.join(&rel)).unwrap_or_default();
-                (rel, bytes)
-            })
-            .collect()
-    }
-
-    /// Runs `engine run bad.yaml EXTRA` with `yaml` as bad.yaml and checks everything every bad
-    /// input must satisfy except the fix hint (see [`expect_fix`]): exit code 2, a message on
-    /// stderr that starts with `error: bad.yaml`, nothing on stdout, nothing executed, and the
-    /// cache byte-for-byte unchanged.
-    fn reject(&self, yaml: &str, extra: &[&str]) -> Outcome {
-        self.ws.write("bad.yaml", yaml);
-        let before = self.snapshot();
-        let runs_before = self.ws.read("runs.log");
-        let mut args = vec!["run", "bad.yaml"];
-        args.extend_from_slice(extra);
-        let out = self.engine(&args);
-        out.expect_code(2);
-        assert!(out.stderr.starts_with("error: bad.yaml"), "{}", out.stderr);
-        assert_eq!(out.stdout, "", "bad input printed on stdout");
-        assert_eq!(
-            self.ws.read("runs.log"),
-            runs_before,
-            "a stage ran despite bad input"
-        );
-        assert_eq!(
-            self.ws.read("bad-ran.log"),
-            "",
-            "a stage of the bad pipeline ran"
-        );
-        let after = self.snapshot();
-        let changed: BTreeSet<&String> = before
-            .keys()
-            .chain(after.keys())
-            .filter(|k| before.get(*k) != after.get(*k))
-            .collect();
-        assert!(
-            changed.is_empty(),
-            "bad input changed the cache: {changed:?}\n{}",
-            out.stderr
-        );
-        // The good pipeline's results are all still usable.
-        let doc = self.run_json("pipeline.yaml");
-        assert_eq!(doc["counts"]["cached"], 2, "{doc:#}");
-        self.settle();
-        out
-    }
-}
-
-/// The message names `bad.yaml:LINE:COL` and the dotted field.
-fn expect_at(out: &Outcome, line: usize, col: usize, field: &str) {
-    let location = format!("error: bad.yaml:{line}:{col}: ");
-    assert!(
-        out.stderr.starts_with(&location),
-        "expected {location:?} in\n{}",
-        out.stderr
-    );
-    if !field.is_empty() {
-        assert!(
-            out.stderr.contains(&format!("{location}{field}: ")),
-            "field {field} in\n{}",
-            out.stderr
-        );
-    }
-}
-
-/// Some `bad.yaml:LINE:COL` position is named (for cases whose exact position is not pinned).
-fn expect_located(out: &Outcome) {
-    let rest = out.stderr.strip_prefix("error: bad.yaml:").unwrap_or("");
-    let mut parts = rest.splitn(3, ':');
-    let line = parts.next().and_then(|l| l.parse::<usize>().ok());
-    let col = parts.next().and_then(|c| c.parse::<usize>().ok());
-    assert!(
-        line.is_some_and(|l| l > 0) && col.is_some_and(|c| c > 0),
-        "no line:column in\n{}",
-        out.stderr
-    );
-}
-
-/// A `fix:` line containing `hint`.
-fn expect_fix(out: &Outcome, hint: &str) {
-    let fix = out
-        .stderr
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix("fix: "))
-        .unwrap_or_else(|| panic!("no `fix:` line in\n{}", out.stderr));
-    assert!(fix.contains(hint), "fix {fix:?} does not contain {hint:?}");
-}
-
-fn expect_message(out: &Outcome, text: &str) {
-    assert!(out.stderr.contains(text), "{text:?} not in\n{}", out.stderr);
-}
-
-/// A one-stage pipeline with `extra` lines added to stage `a` (indented 4 spaces).
-fn one_stage(extra: &str) -> String {
-    format!("stages:\n  a:\n    op: shell\n    cmd: \"echo a >> bad-ran.log\"\n{extra}")
-}
+use common::reject::{expect_at, expect_fix, expect_located, expect_message, one_stage, Fixture};
 
 #[test]
 fn malformed_yaml() {
@@ -396,7 +225,7 @@ fn paths_into_the_cache() {
 
 #[test]
 fn paths_into_a_custom_cache_dir() {
-    let f = Fixture::with_cache_dir(Some("mycache"));
+    let f = Fixture::with_args(&["--cache-dir", "mycache"]);
     let out = f.reject(&one_stage("    deps: [mycache/cache.db]\n"), &[]);
     expect_at(&out, 5, 12, "stages.a.params.deps.0");
     expect_message(&out, "cache");

@@ -254,3 +254,5 @@ pub fn is_hex64(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
+
+pub mod reject;
