@@ -6,53 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+mod common;
 
-fn engine() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_engine"));
-    c.env_remove("ENGINE_CACHE_DIR").env("NO_COLOR", "1");
-    c
-}
-
-fn run(dir: &Path, args: &[&str]) -> Output {
-    engine()
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("engine starts")
-}
-
-fn spawn(dir: &Path, args: &[&str]) -> Child {
-    engine()
-        .current_dir(dir)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("engine starts")
-}
-
-fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn sigkill(child: &mut Child) {
-    // SAFETY: kill(2) on a pid we spawned.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGKILL);
-    }
-    let _ = child.wait();
-}
+use common::raw::{engine, json_of, run, sigkill, spawn, stderr, Rng};
 
 /// `engine verify` must exit 0 and report no problem.
 fn assert_verified(dir: &Path, context: &str) {
@@ -68,20 +24,6 @@ fn assert_verified(dir: &Path, context: &str) {
         "{context}: verify failed: {}",
         stderr(&out)
     );
-}
-
-/// A small deterministic generator (xorshift) so the pipeline shape is reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// 30 shell stages with random short sleeps, random output sizes and random DAG edges.
@@ -120,20 +62,7 @@ fn chaos_pipeline(seed: u64) -> String {
 }
 
 fn trees(out: &Output) -> Vec<(String, String)> {
-    let v = json_of(out);
-    let mut t: Vec<(String, String)> = v["stages"]
-        .as_array()
-        .expect("stages")
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap_or("").to_string(),
-                s["tree"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    t.sort();
-    t
+    common::trees(&json_of(out))
 }
 
 #[test]

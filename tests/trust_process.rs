@@ -6,18 +6,10 @@
 
 mod common;
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::raw::sigkill;
 use common::Workspace;
-
-fn sigkill(child: &mut Child) {
-    // SAFETY: kill(2) on a pid we spawned.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGKILL);
-    }
-    let _ = child.wait();
-}
 
 fn wait_for_file(ws: &Workspace, rel: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -17,21 +17,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
+use common::raw::{sigkill, Rng};
 use common::Workspace;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What a user's file looks like: content (or link target) and permission bits.
 type Snapshot = BTreeMap<String, (Vec<u8>, u32)>;
@@ -172,14 +159,6 @@ fn assert_verified(ws: &Workspace, context: &str) {
         out.stdout
     );
     out.expect_code(0);
-}
-
-fn sigkill(child: &mut std::process::Child) {
-    // SAFETY: kill(2) on a pid we spawned.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGKILL);
-    }
-    let _ = child.wait();
 }
 
 fn one_case(seed: u64) {

@@ -11,29 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn engine() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_engine"));
-    c.env_remove("ENGINE_CACHE_DIR").env("NO_COLOR", "1");
-    c
-}
+mod common;
 
-fn run(dir: &Path, args: &[&str]) -> Output {
-    engine()
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("engine starts")
-}
-
-fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
+use common::raw::{engine, json_of, run};
 
 /// stdout and stderr together, for messages whichever stream they go to.
 fn text(out: &Output) -> String {

@@ -255,4 +255,5 @@ pub fn is_hex64(s: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+pub mod raw;
 pub mod reject;

@@ -127,8 +127,9 @@ pub fn expect_at(out: &Outcome, line: usize, col: usize, field: &str) {
     }
 }
 
-/// Some `bad.yaml:LINE:COL` position is named (for cases whose exact position is not pinned).
-pub fn expect_located(out: &Outcome) {
+/// Some `bad.yaml:LINE:COL` position is named (for cases whose exact position is not pinned);
+/// returns what follows it.
+pub fn expect_located(out: &Outcome) -> &str {
     let rest = out.stderr.strip_prefix("error: bad.yaml:").unwrap_or("");
     let mut parts = rest.splitn(3, ':');
     let line = parts.next().and_then(|l| l.parse::<usize>().ok());
@@ -138,6 +139,7 @@ pub fn expect_located(out: &Outcome) {
         "no line:column in\n{}",
         out.stderr
     );
+    parts.next().unwrap_or("")
 }
 
 /// A `fix:` line containing `hint`.
@@ -156,16 +158,7 @@ pub fn expect_message(out: &Outcome, text: &str) {
 
 /// Some `bad.yaml:LINE:COL: FIELD` is named (for cases whose position is not pinned).
 pub fn expect_field(out: &Outcome, field: &str) {
-    let rest = out.stderr.strip_prefix("error: bad.yaml:").unwrap_or("");
-    let mut parts = rest.splitn(3, ':');
-    let line = parts.next().and_then(|l| l.parse::<usize>().ok());
-    let col = parts.next().and_then(|c| c.parse::<usize>().ok());
-    assert!(
-        line.is_some_and(|l| l > 0) && col.is_some_and(|c| c > 0),
-        "no line:column in\n{}",
-        out.stderr
-    );
-    let after = parts.next().unwrap_or("");
+    let after = expect_located(out);
     assert!(
         after.starts_with(&format!(" {field}: ")),
         "field {field} not named in\n{}",
