@@ -335,11 +335,14 @@ impl InputGuard {
             match store.verify_object(hash) {
                 Ok(()) => {
                     if let (Some(before), Some(now)) = (before, &now) {
-                        if before.mode != now.mode {
+                        // Never wider than either: the store may have narrowed a shared
+                        // object to owner-only meanwhile (a private file with these bytes).
+                        let mode = before.mode & now.mode;
+                        if mode != now.mode {
                             use std::os::unix::fs::PermissionsExt;
                             let _ = std::fs::set_permissions(
                                 &path,
-                                std::fs::Permissions::from_mode(before.mode),
+                                std::fs::Permissions::from_mode(mode),
                             );
                         }
                     }
