@@ -69,6 +69,9 @@ pub enum Ended {
 /// A running supervisor and its command.
 pub struct Supervised {
     supervisor: libc::pid_t,
+    /// Forked by this process (then reaped with waitpid), or by the stage host.
+    our_child: bool,
+    pidfd: Option<OwnedFd>,
     command: Option<libc::pid_t>,
     status: File,
     records: Vec<Record>,
@@ -83,6 +86,7 @@ struct Record {
     value: i32,
 }
 
+const TAG_SUPERVISOR: u8 = b'Q';
 const TAG_PID: u8 = b'P';
 const TAG_NOT_STARTED: u8 = b'E';
 const TAG_STATUS: u8 = b'S';
@@ -107,101 +111,353 @@ struct Prepared {
     lock: Option<RawFd>,
 }
 
-/// The first argument that makes this binary a supervisor ([`serve`]).
-const SERVE_ARG: &str = "__engine-stage-supervisor";
+/// The first argument that makes this binary the stage host ([`host_main`]).
+const SERVE_ARG: &str = "__engine-stage-host";
 
-/// Set by [`serve_or_offer`]: this binary can run as a supervisor.
-static SELF_EXEC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set by [`serve_or_offer`]: commands are started through the stage host.
+static HOSTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Call first thing in `main` of a binary that runs shell commands. When the process was
-/// started as a supervisor it runs as one and exits; otherwise it lets [`Supervised::spawn`]
-/// exec this binary for each supervisor, so that a supervisor is a small fresh process rather
-/// than a fork that keeps the whole engine's memory (every page the engine then writes, a
-/// training step's tensors say, would be copied). Without this call (a library's tests) the
-/// supervisor stays a fork of its parent.
+/// started as the stage host it runs as one and exits; otherwise it lets
+/// [`Supervised::spawn`] start commands through a stage host: one small process per engine
+/// (this binary started again, once) that forks a supervisor per command. A supervisor is
+/// then a fork of a small process, not of the engine (whose every page written meanwhile, a
+/// training step's tensors say, would be copied) and not a new exec per stage (glibc's
+/// start-up costs over a millisecond here). Without this call (a library's tests) each
+/// supervisor is a fork of its parent.
 pub fn serve_or_offer() {
     let mut args = std::env::args_os();
     if args.nth(1).as_deref() == Some(OsStr::new(SERVE_ARG)) {
         let rest: Vec<OsString> = args.collect();
-        // SAFETY: this process is a fresh image started by `supervisor_main`, with one thread.
-        unsafe { serve(&rest) }
+        host_main(&rest)
     }
-    SELF_EXEC.store(true, std::sync::atomic::Ordering::SeqCst);
+    HOSTED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The supervisor as its own process: `PARENT LOCK CWD PROGRAM ARGV0 ARGS...`, with the
-/// command's environment, its output as stdout and stderr and the status pipe as stdin.
-unsafe fn serve(args: &[OsString]) -> ! {
-    // Shown by `ps` and `top` instead of the "exe" of `/proc/self/exe`.
-    libc::prctl(libc::PR_SET_NAME, c"engine-stage".as_ptr(), 0, 0, 0);
-    // Stop signals are waited for, never handled, from here on (see `supervise`).
-    let mut all: libc::sigset_t = std::mem::zeroed();
-    libc::sigfillset(&mut all);
-    libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-    // Descriptors as `run_command` expects them: the status pipe as fd 3, stdin /dev/null.
-    libc::dup2(0, STATUS_FD);
-    let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-    libc::dup2(devnull, 0);
-    let parsed = (|| -> Option<(libc::pid_t, Option<File>, Launch, Vec<CString>)> {
-        let parent = args.first()?.to_str()?.parse().ok()?;
-        let lock = match args.get(1)? {
-            folder if folder.is_empty() => None,
-            folder => Some(lock_shared(Path::new(folder)).ok()?),
-        };
-        let cwd = CString::new(args.get(2)?.as_bytes()).ok()?;
-        let program = CString::new(args.get(3)?.as_bytes()).ok()?;
-        let argv_c = args[4..]
+/// The engine's connection to its stage host, started on first use.
+static HOST: std::sync::Mutex<Option<std::os::unix::net::UnixStream>> = std::sync::Mutex::new(None);
+
+/// Starts the stage host. It is started from a thread that lives until the host exits:
+/// `PR_SET_PDEATHSIG` fires when the *thread* that started a process ends, not the process.
+fn start_host() -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("engine-stage-host".into())
+        .spawn(move || {
+            let child = std::process::Command::new("/proc/self/exe")
+                .arg(SERVE_ARG)
+                .arg(std::process::id().to_string())
+                .stdin(OwnedFd::from(theirs))
+                .stdout(std::process::Stdio::null())
+                .process_group(0)
+                .spawn();
+            match child {
+                Ok(mut child) => {
+                    let _ = tx.send(Ok(()));
+                    let _ = child.wait();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        })?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the stage host's thread ended"))??;
+    Ok(ours)
+}
+
+/// Hands one command to the stage host (starting it, or a new one if it died), with the
+/// three descriptors its supervisor writes to.
+fn send_to_host(payload: &[u8], fds: [RawFd; 3]) -> std::io::Result<()> {
+    let mut host = HOST.lock().unwrap_or_else(|p| p.into_inner());
+    for attempt in 0..2 {
+        if host.is_none() {
+            *host = Some(start_host()?);
+        }
+        let sock = host.as_ref().expect("just set").as_raw_fd();
+        match send_request(sock, payload, fds) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if attempt == 0
+                    && matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) =>
+            {
+                *host = None;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("the stage host keeps failing"))
+}
+
+/// A request: an 8-byte length carrying the descriptors (SCM_RIGHTS), then the payload.
+fn send_request(sock: RawFd, payload: &[u8], fds: [RawFd; 3]) -> std::io::Result<()> {
+    let header = (payload.len() as u64).to_le_bytes();
+    let mut iov = libc::iovec {
+        iov_base: header.as_ptr() as *mut libc::c_void,
+        iov_len: header.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr and the control buffer are ours and outlive the call; the CMSG macros
+    // stay inside the buffer, which has room for one header and three descriptors.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of_val(&fds) as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(&fds) as u32) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) != header.len() as isize {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut sent = 0;
+        while sent < payload.len() {
+            let n = libc::send(
+                sock,
+                payload[sent..].as_ptr().cast(),
+                payload.len() - sent,
+                libc::MSG_NOSIGNAL,
+            );
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            sent += n as usize;
+        }
+    }
+    Ok(())
+}
+
+/// The host's side of [`send_request`]: the descriptors and the payload, or `None` once the
+/// engine has closed the connection.
+fn recv_request(sock: RawFd) -> Option<([RawFd; 3], Vec<u8>)> {
+    let mut header = [0u8; 8];
+    let mut fds = [-1 as RawFd; 3];
+    let mut iov = libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: header.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: as in `send_request`; the descriptors are read only from a SCM_RIGHTS header.
+    let got = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if !cmsg.is_null()
+            && (*cmsg).cmsg_level == libc::SOL_SOCKET
+            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+        {
+            std::ptr::copy_nonoverlapping(
+                libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                fds.as_mut_ptr(),
+                fds.len(),
+            );
+        }
+        n
+    };
+    if got <= 0 {
+        return None;
+    }
+    // SAFETY: reading from the socket the host was started with, into buffers we own.
+    let mut stream = unsafe { std::mem::ManuallyDrop::new(File::from_raw_fd(sock)) };
+    stream.read_exact(&mut header[got as usize..]).ok()?;
+    let mut payload = vec![0u8; u64::from_le_bytes(header) as usize];
+    stream.read_exact(&mut payload).ok()?;
+    Some((fds, payload))
+}
+
+/// Byte strings, each as a little-endian u32 length and its bytes.
+fn encode(items: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for item in items {
+        out.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        out.extend_from_slice(item);
+    }
+    out
+}
+
+fn decode(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut items = Vec::new();
+    while !bytes.is_empty() {
+        let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        items.push(bytes.get(4..4 + len)?);
+        bytes = &bytes[4 + len..];
+    }
+    Some(items)
+}
+
+/// The request payload: engine pid, lock folder (or empty), cwd, program path, argument
+/// count, the arguments (argv[0] first), then the environment as `KEY=VALUE` entries.
+fn request_payload(spec: &CommandSpec, program: &Path) -> Vec<u8> {
+    let engine = std::process::id().to_string();
+    let lock = spec
+        .lock_folder
+        .as_deref()
+        .map(|p| p.as_os_str().as_bytes())
+        .unwrap_or(b"");
+    let argc = (spec.args.len() + 1).to_string();
+    let env: Vec<Vec<u8>> = spec
+        .env
+        .iter()
+        .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
+        .collect();
+    let mut items: Vec<&[u8]> = vec![
+        engine.as_bytes(),
+        lock,
+        spec.cwd.as_os_str().as_bytes(),
+        program.as_os_str().as_bytes(),
+        argc.as_bytes(),
+        spec.program.as_bytes(),
+    ];
+    items.extend(spec.args.iter().map(|a| a.as_bytes()));
+    items.extend(env.iter().map(Vec::as_slice));
+    encode(&items)
+}
+
+/// The stage host: forks a supervisor ([`hosted_supervisor`]) for each request until the
+/// engine closes the connection, and dies with the engine (its supervisors then stop their
+/// commands: their own death signal is tied to the host).
+fn host_main(args: &[OsString]) -> ! {
+    // SAFETY: process-wide settings of this single-threaded process; no memory is involved.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"engine-stages".as_ptr(), 0, 0, 0);
+        let parent: libc::pid_t = args
+            .first()
+            .and_then(|a| a.to_str())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+            || libc::getppid() != parent
+        {
+            libc::_exit(SUPERVISOR_SETUP_FAILED);
+        }
+        // Supervisors are reaped by the kernel; the engine learns of their end from the
+        // status pipe closing.
+        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+    }
+    while let Some((fds, payload)) = recv_request(0) {
+        // SAFETY: this process is single-threaded, so the child may do anything.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            hosted_supervisor(fds, &payload);
+        }
+        for fd in fds {
+            // SAFETY: descriptors received for this request, ours to close.
+            unsafe {
+                libc::close(fd);
+            }
+        }
+    }
+    std::process::exit(0)
+}
+
+/// A supervisor forked by the host: takes the request's descriptors, locks the folder, ties
+/// itself to the host and checks that the engine still lives, then runs the command.
+fn hosted_supervisor(fds: [RawFd; 3], payload: &[u8]) -> ! {
+    // SAFETY: this is a fresh fork of the single-threaded host; everything below is plain
+    // system calls on descriptors and memory it owns.
+    unsafe {
+        libc::setpgid(0, 0);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        let host = libc::getppid();
+        let moved: Vec<RawFd> = fds
             .iter()
-            .map(|a| CString::new(a.as_bytes()).ok())
-            .collect::<Option<Vec<_>>>()?;
-        let envp_c = std::env::vars_os()
-            .map(|(k, v)| {
-                let mut kv = k;
-                kv.push("=");
-                kv.push(v);
-                CString::new(kv.as_bytes()).ok()
-            })
-            .collect::<Option<Vec<_>>>()?;
+            .map(|&fd| libc::fcntl(fd, libc::F_DUPFD, 10))
+            .collect();
+        libc::dup2(moved[0], 1);
+        libc::dup2(moved[1], 2);
+        libc::dup2(moved[2], STATUS_FD);
+        let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        libc::dup2(devnull, 0);
+        let Some(items) = decode(payload) else {
+            libc::_exit(SUPERVISOR_SETUP_FAILED);
+        };
+        let field = |i: usize| items.get(i).copied().unwrap_or(b"");
+        let engine: libc::pid_t = std::str::from_utf8(field(0))
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let lock = match field(1) {
+            b"" => None,
+            folder => match lock_shared(Path::new(OsStr::from_bytes(folder))) {
+                Ok(f) => Some(f),
+                Err(_) => libc::_exit(SUPERVISOR_SETUP_FAILED),
+            },
+        };
+        // The lock is taken before these checks, so a take-over that found it free (the
+        // engine was already dead) meets no command started after it.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+            || libc::getppid() != host
+            || engine <= 0
+            || libc::kill(engine, 0) != 0
+        {
+            libc::_exit(SUPERVISOR_SETUP_FAILED);
+        }
+        let first_free = match &lock {
+            Some(f) => {
+                libc::dup2(f.as_raw_fd(), LOCK_FD);
+                LOCK_FD + 1
+            }
+            None => STATUS_FD + 1,
+        };
+        close_from(first_free);
+        std::mem::forget(lock);
+        libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        let argc: usize = std::str::from_utf8(field(4))
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let owned = |range: std::ops::Range<usize>| -> Option<Vec<CString>> {
+            items
+                .get(range)?
+                .iter()
+                .map(|b| CString::new(*b).ok())
+                .collect()
+        };
+        let (Some(argv_c), Some(envp_c), Ok(cwd), Ok(program)) = (
+            owned(5..5 + argc),
+            owned(5 + argc..items.len()),
+            CString::new(field(2)),
+            CString::new(field(3)),
+        ) else {
+            libc::_exit(SUPERVISOR_SETUP_FAILED);
+        };
         let launch = Launch {
             program,
             argv: null_terminated(&argv_c),
             envp: null_terminated(&envp_c),
             cwd,
         };
-        let mut owned = argv_c;
-        owned.extend(envp_c);
-        Some((parent, lock, launch, owned))
-    })();
-    let Some((parent, lock, launch, _owned)) = parsed else {
-        libc::_exit(SUPERVISOR_SETUP_FAILED);
-    };
-    // Tied to the engine before anything starts; if the engine is already gone, nothing does.
-    // The lock is taken before this check, so a take-over that saw it free cannot meet a
-    // command started after it.
-    if libc::prctl(
-        libc::PR_SET_PDEATHSIG,
-        libc::SIGTERM as libc::c_ulong,
-        0,
-        0,
-        0,
-    ) != 0
-        || libc::getppid() != parent
-    {
-        libc::_exit(SUPERVISOR_SETUP_FAILED);
+        run_command(&launch)
     }
-    // The lock as fd 4; the command inherits none but the three standard descriptors.
-    let first_free = match &lock {
-        Some(f) => {
-            libc::dup2(f.as_raw_fd(), LOCK_FD);
-            LOCK_FD + 1
-        }
-        None => STATUS_FD + 1,
-    };
-    close_from(first_free);
-    std::mem::forget(lock);
-    libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
-    libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC);
-    run_command(&launch)
 }
 
 fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
@@ -260,42 +516,9 @@ fn resolve_program(spec: &CommandSpec) -> std::io::Result<PathBuf> {
     ))
 }
 
-/// Starts this binary as the supervisor ([`serve`]), the way `std::process::Command` starts
-/// any program (`posix_spawn`: no copy of the engine's memory). The status pipe is its stdin.
-fn spawn_self(
-    spec: &CommandSpec,
-    program: &Path,
-    out_w: OwnedFd,
-    err_w: OwnedFd,
-    status_w: OwnedFd,
-) -> std::io::Result<libc::pid_t> {
-    use std::os::unix::process::CommandExt;
-    let lock: &OsStr = spec
-        .lock_folder
-        .as_deref()
-        .map(|p| p.as_os_str())
-        .unwrap_or_else(|| OsStr::new(""));
-    let child = std::process::Command::new("/proc/self/exe")
-        .arg(SERVE_ARG)
-        .arg(std::process::id().to_string())
-        .arg(lock)
-        .arg(&spec.cwd)
-        .arg(program)
-        .arg(&spec.program)
-        .args(&spec.args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(File::from(status_w))
-        .stdout(File::from(out_w))
-        .stderr(File::from(err_w))
-        .process_group(0)
-        .spawn()?;
-    // Waited for with waitpid by its pid, not through `Child`.
-    Ok(child.id() as libc::pid_t)
-}
-
-/// Forks the supervisor without exec (a binary that did not call [`serve_or_offer`]): the
-/// fork keeps a copy-on-write image of the parent for as long as the command runs.
+/// Forks the supervisor from this process, without exec (a binary that did not call
+/// [`serve_or_offer`]): the fork keeps a copy-on-write image of the parent for as long as the
+/// command runs.
 fn spawn_fork(
     spec: &CommandSpec,
     program: &Path,
@@ -389,13 +612,21 @@ impl Supervised {
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
-        let pid = if SELF_EXEC.load(std::sync::atomic::Ordering::SeqCst) {
-            spawn_self(spec, &program, out_w, err_w, status_w)?
+        let hosted = HOSTED.load(std::sync::atomic::Ordering::SeqCst);
+        let forked = if hosted {
+            send_to_host(
+                &request_payload(spec, &program),
+                [out_w.as_raw_fd(), err_w.as_raw_fd(), status_w.as_raw_fd()],
+            )?;
+            drop((out_w, err_w, status_w));
+            None
         } else {
-            spawn_fork(spec, &program, out_w, err_w, status_w)?
+            Some(spawn_fork(spec, &program, out_w, err_w, status_w)?)
         };
         let mut me = Self {
-            supervisor: pid,
+            supervisor: forked.unwrap_or(0),
+            our_child: forked.is_some(),
+            pidfd: None,
             command: None,
             status: File::from(status_r),
             records: Vec::new(),
@@ -403,13 +634,33 @@ impl Supervised {
             stdout: Some(File::from(out_r)),
             stderr: Some(File::from(err_r)),
         };
-        // The supervisor reports the command's pid right after starting it (or exits).
+        // The supervisor reports its pid, then the command's right after starting it (or
+        // exits).
         while let Some(record) = me.read_record() {
-            if record.tag == TAG_PID {
-                me.command = Some(record.value);
-                break;
+            match record.tag {
+                TAG_SUPERVISOR => me.supervisor = record.value,
+                TAG_PID => {
+                    me.command = Some(record.value);
+                    break;
+                }
+                _ => me.records.push(record),
             }
-            me.records.push(record);
+        }
+        if me.supervisor == 0 {
+            me.reaped = true;
+            return Err(std::io::Error::other(
+                "the stage host could not start a supervisor (the engine is ending?)",
+            ));
+        }
+        if !me.our_child {
+            // Signals go through a pidfd: the host, not us, reaps the supervisor, so its pid
+            // could be reused once it is gone.
+            // SAFETY: pidfd_open returns a new descriptor or -1; no memory is involved.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, me.supervisor, 0) };
+            if fd >= 0 {
+                // SAFETY: a descriptor just created and owned by nobody else.
+                me.pidfd = Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+            }
         }
         Ok(me)
     }
@@ -444,6 +695,9 @@ impl Supervised {
         if self.reaped {
             return Ok(true);
         }
+        if !self.our_child {
+            return self.wait_for_status_end(flags & libc::WNOHANG == 0);
+        }
         loop {
             let mut status = 0;
             // SAFETY: waitpid on our own child, writing into a local.
@@ -462,14 +716,63 @@ impl Supervised {
         }
     }
 
+    /// A hosted supervisor has exited once its status pipe is closed: it holds the pipe until
+    /// its last moment (the command's child closes its copy when it execs).
+    fn wait_for_status_end(&mut self, block: bool) -> std::io::Result<bool> {
+        loop {
+            let mut poll = libc::pollfd {
+                fd: self.status.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one descriptor we own, writing into a local.
+            let r = unsafe { libc::poll(&mut poll, 1, if block { -1 } else { 0 }) };
+            if r == 0 {
+                return Ok(false);
+            }
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            match self.read_record() {
+                Some(record) => self.records.push(record),
+                None => {
+                    self.reaped = true;
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: signals a process we started (through a pidfd when the host started it);
+        // no memory is involved.
+        unsafe {
+            match &self.pidfd {
+                Some(fd) => {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        sig,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+                None => {
+                    libc::kill(self.supervisor, sig);
+                }
+            }
+        }
+    }
+
     /// Asks the supervisor to stop the command: SIGTERM to its group, then after [`GRACE`]
     /// SIGKILL to every process left.
     pub fn terminate(&self) {
         if !self.reaped {
-            // SAFETY: kill(2) on our own, not yet reaped, child.
-            unsafe {
-                libc::kill(self.supervisor, libc::SIGTERM);
-            }
+            self.signal(libc::SIGTERM);
         }
     }
 
@@ -495,13 +798,14 @@ impl Supervised {
         if self.reaped {
             return;
         }
-        // SAFETY: kill(2) on our own child and the group it created; no memory is involved.
-        unsafe {
-            if let Some(c) = self.command {
+        if let Some(c) = self.command {
+            // SAFETY: kill(2) on the group of a command whose supervisor has not exited
+            // (the supervisor kills the group before it exits); no memory is involved.
+            unsafe {
                 libc::kill(-c, libc::SIGKILL);
             }
-            libc::kill(self.supervisor, libc::SIGTERM);
         }
+        self.signal(libc::SIGTERM);
     }
 
     /// How the command ended; call after [`try_wait`](Self::try_wait) returned true.
@@ -586,6 +890,7 @@ unsafe fn supervisor_main(p: &Prepared) -> ! {
 /// Becomes the subreaper, starts the command, supervises it, reports, exits.
 /// Async-signal-safe only.
 unsafe fn run_command(launch: &Launch) -> ! {
+    report(TAG_SUPERVISOR, libc::getpid());
     libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0);
     // Children are waited for, never ignored.
     libc::signal(libc::SIGCHLD, libc::SIG_DFL);
