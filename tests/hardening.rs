@@ -33,15 +33,7 @@ fn chaos_pipeline(seed: u64) -> String {
     for i in 0..30 {
         let sleep = rng.below(15) as f64 / 100.0;
         let size = rng.below(200_000);
-        let mut inputs = Vec::new();
-        if i > 0 {
-            for _ in 0..rng.below(3) {
-                let u = rng.below(i);
-                if !inputs.contains(&u) {
-                    inputs.push(u);
-                }
-            }
-        }
+        let inputs = rng.upstreams(i);
         text.push_str(&format!("  s{i}:\n    op: shell\n"));
         if !inputs.is_empty() {
             text.push_str("    inputs: {");

@@ -95,15 +95,7 @@ fn pipeline(seed: u64, stages: u64, outside: &Path) -> String {
     for i in 0..stages {
         let mut cmd = vec![format!("echo s{i} > $ENGINE_OUT/f0")];
         let mut outs = Vec::new();
-        let mut inputs = Vec::new();
-        if i > 0 {
-            for _ in 0..rng.below(3) {
-                let u = rng.below(i);
-                if !inputs.contains(&u) {
-                    inputs.push(u);
-                }
-            }
-        }
+        let inputs = rng.upstreams(i);
         for u in &inputs {
             cmd.push(format!("cp -R $ENGINE_IN_IN{u} $ENGINE_OUT/from{u}"));
         }

@@ -609,7 +609,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn new_run(key: &str, tree: Option<Hash>) -> NewRun {
+    /// A run record for tests: `ok` with `tree`, `failed` without.
+    pub(crate) fn new_run(key: &str, tree: Option<Hash>) -> NewRun {
         NewRun {
             key: key.to_string(),
             pipeline: "p".into(),

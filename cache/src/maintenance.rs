@@ -391,21 +391,9 @@ mod tests {
         let rec = |key: &str, tree: Hash, inputs: serde_json::Value| {
             cache
                 .record(&NewRun {
-                    key: key.into(),
-                    pipeline: "p".into(),
                     stage: key.into(),
-                    op: "o".into(),
-                    op_version: 1,
                     key_doc: serde_json::json!({"inputs": inputs, "params": {"label": "x"}}),
-                    output_tree: Some(tree),
-                    status: RunStatus::Ok,
-                    error: None,
-                    started_at: 1.0,
-                    ended_at: 2.0,
-                    host: "h".into(),
-                    engine_version: "0".into(),
-                    log_blob: None,
-                    metrics: Default::default(),
+                    ..crate::tests::new_run(key, Some(tree))
                 })
                 .unwrap();
         };

@@ -100,38 +100,7 @@ pub fn execute(
     progress: &Progress,
 ) -> Result<StageResult, CacheError> {
     let scratch = store.scratch()?;
-    let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
-    let mut input_blobs: Vec<(Hash, String)> = Vec::new();
-    for (name, ji) in &job.inputs {
-        let dir = scratch.path().join("in").join(name);
-        let input = match ji {
-            JobInput::One(tree) => {
-                materialize_input(store, tree, &dir, &mut input_blobs, name)?;
-                Input::One(dir)
-            }
-            JobInput::Many(items) => {
-                let mut out = Vec::new();
-                for (label, tree) in items {
-                    let d = dir.join(label);
-                    materialize_input(
-                        store,
-                        tree,
-                        &d,
-                        &mut input_blobs,
-                        &format!("{name}/{label}"),
-                    )?;
-                    out.push((label.clone(), d));
-                }
-                std::fs::create_dir_all(&dir).map_err(|e| CacheError::Io {
-                    path: dir.clone(),
-                    source: e,
-                })?;
-                Input::Many { dir, items: out }
-            }
-        };
-        inputs.insert(name.clone(), input);
-    }
-    let guard = InputGuard::watch(store, input_blobs);
+    let (inputs, guard) = materialize_inputs(store, job, scratch.path())?;
     let started_at = unix_now();
     let timeout = job.timeout_s.map(Duration::from_secs_f64);
     let mut log = StageLog::create(scratch.path().join("log"))?;
@@ -254,6 +223,47 @@ pub fn record(cache: &Cache, job: &StageJob, result: &StageResult) -> Result<(),
         metrics: result.metrics(),
     })?;
     Ok(())
+}
+
+/// Links every input of `job` under `scratch/in/<name>` (a list input: one folder per
+/// instance); returns the op's view of them and the guard watching the objects linked.
+fn materialize_inputs(
+    store: &Store,
+    job: &StageJob,
+    scratch: &Path,
+) -> Result<(BTreeMap<String, Input>, InputGuard), CacheError> {
+    let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
+    let mut input_blobs: Vec<(Hash, String)> = Vec::new();
+    for (name, ji) in &job.inputs {
+        let dir = scratch.join("in").join(name);
+        let input = match ji {
+            JobInput::One(tree) => {
+                materialize_input(store, tree, &dir, &mut input_blobs, name)?;
+                Input::One(dir)
+            }
+            JobInput::Many(items) => {
+                let mut out = Vec::new();
+                for (label, tree) in items {
+                    let d = dir.join(label);
+                    materialize_input(
+                        store,
+                        tree,
+                        &d,
+                        &mut input_blobs,
+                        &format!("{name}/{label}"),
+                    )?;
+                    out.push((label.clone(), d));
+                }
+                std::fs::create_dir_all(&dir).map_err(|e| CacheError::Io {
+                    path: dir.clone(),
+                    source: e,
+                })?;
+                Input::Many { dir, items: out }
+            }
+        };
+        inputs.insert(name.clone(), input);
+    }
+    Ok((inputs, InputGuard::watch(store, input_blobs)))
 }
 
 /// Links the files of an upstream tree under `dir`, noting each object and the input path

@@ -72,4 +72,18 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+
+    /// Up to two distinct earlier stage indices (none for stage 0): random DAG edges.
+    pub fn upstreams(&mut self, i: u64) -> Vec<u64> {
+        let mut inputs = Vec::new();
+        if i > 0 {
+            for _ in 0..self.below(3) {
+                let u = self.below(i);
+                if !inputs.contains(&u) {
+                    inputs.push(u);
+                }
+            }
+        }
+        inputs
+    }
 }
