@@ -198,7 +198,7 @@ enum Stream {
 /// holds in memory however much it prints.
 const CHUNK: usize = 64 * 1024;
 const CHANNEL_CHUNKS: usize = 16;
-/// Progress lines longer than this are logged but not shown.
+/// Progress lines are shown up to this many bytes (logged whole).
 const MAX_PROGRESS_LINE: usize = 4096;
 /// After the supervisor has exited, how long its output pipes may stay open (only a process
 /// outside the stage's tree, handed the pipe on purpose, can hold them).
@@ -270,16 +270,12 @@ fn supervise(child: &mut Supervised, ctx: &mut RunContext<'_>) -> Result<Ended, 
     }
 }
 
-/// Shows complete lines that start with [`PROGRESS_MARKER`]; `line` holds the unfinished one.
+/// Shows complete lines that start with [`PROGRESS_MARKER`]; `line` holds the first
+/// [`MAX_PROGRESS_LINE`] bytes of the unfinished one (a longer progress line is shown cut).
 fn forward_progress(line: &mut Vec<u8>, bytes: &[u8], ctx: &RunContext<'_>) {
     for piece in bytes.split_inclusive(|&b| b == b'\n') {
-        if line.len() + piece.len() <= MAX_PROGRESS_LINE {
-            line.extend_from_slice(piece);
-        } else {
-            // Too long to be a progress line: remember only that this line is not one.
-            line.clear();
-            line.push(0);
-        }
+        let room = MAX_PROGRESS_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&piece[..piece.len().min(room)]);
         if piece.ends_with(b"\n") {
             if let Some(rest) = line.strip_prefix(PROGRESS_MARKER.as_bytes()) {
                 ctx.progress.report(String::from_utf8_lossy(rest).trim());
@@ -456,6 +452,39 @@ mod tests {
             .validate(&json!({"cmd": "x", "deps": 3}))
             .unwrap_err();
         assert_eq!(err.path, "deps");
+    }
+
+    #[test]
+    fn progress_lines_are_joined_across_reads_and_cut_when_long() {
+        let ws = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let cancel = CancelFlag::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let progress = Progress::new(move |m| seen2.lock().unwrap().push(m.to_string()));
+        let params = json!({"cmd": "printf '::progress:: half'; sleep 0.2; printf ' done\\n'; printf '::progress:: %05000d\\n' 7; echo '::progress:: last'"});
+        let inputs = BTreeMap::new();
+        let mut log = Vec::new();
+        let mut ctx = RunContext {
+            params: &params,
+            inputs: &inputs,
+            out_dir: out.path(),
+            workspace: ws.path(),
+            seed: 0,
+            cpus: 1,
+            cancel: &cancel,
+            progress: &progress,
+            log: &mut log,
+            metrics: Metrics::new(),
+        };
+        ShellOp.run(&mut ctx).unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[0], "half done");
+        assert_eq!(seen[1].len(), MAX_PROGRESS_LINE - PROGRESS_MARKER.len() - 1);
+        assert_eq!(seen[2], "last");
+        // The log keeps the long line whole.
+        assert!(log.len() > 5000);
     }
 
     #[test]
