@@ -9,35 +9,36 @@ use engine::exec::{self, RunOptions, StageStatus};
 use engine::plan::{self, PlanOptions};
 use engine::progress::Silent;
 use engine::spec::Pipeline;
-use ops::{parse_params, Op, OpError, ParamError, Registry, RunContext};
+use ops::{OpError, Outputs, ParamError, Registry, RunContext, TypedOp};
 use proptest::prelude::*;
 use serde::Deserialize;
-use serde_json::Value;
 
 /// Writes `value / 2` followed by its inputs' outputs, so values 4 and 5 give equal bytes.
 struct Emit;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct EmitParams {
+    /// The number halved into `out.txt`.
     value: u32,
 }
 
-impl Op for Emit {
-    fn name(&self) -> &'static str {
-        "emit"
+impl TypedOp for Emit {
+    const NAME: &'static str = "emit";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "test op";
+    type Params = EmitParams;
+    type Config = EmitParams;
+
+    fn resolve(p: EmitParams) -> Result<EmitParams, ParamError> {
+        Ok(p)
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "test op"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        parse_params::<EmitParams>(params).map(|_| ())
-    }
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p: EmitParams = parse_params(ctx.params)?;
+    fn run(
+        &self,
+        p: &EmitParams,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let mut text = format!("{}", p.value / 2);
         for (name, input) in ctx.inputs {
             for path in input.paths() {
@@ -46,7 +47,7 @@ impl Op for Emit {
                 text.push_str(&format!("|{name}:{upstream}"));
             }
         }
-        std::fs::write(ctx.out_dir.join("out.txt"), text).map_err(|e| OpError::io("write", e))
+        std::fs::write(out.path("out.txt"), text).map_err(|e| OpError::io("write", e))
     }
 }
 

@@ -366,19 +366,16 @@ fn expand(
         &scope,
         &format!("{stage_path}.params"),
     )?);
-    let params = with_default_device(params, op.as_ref(), options.device.as_deref(), &stage_path)?;
-    op.validate(&params).map_err(|e| {
-        let field = if e.path.is_empty() {
-            format!("{stage_path}.params")
-        } else {
-            format!("{stage_path}.params.{}", e.path)
-        };
-        let mut err = SpecError::new(field, format!("{} (op '{}')", e.message, op.name()));
-        err.fix = e
-            .fix
-            .or_else(|| unknown_field_fix(&e.message))
-            .or_else(|| wrong_type_fix(&e.path, &e.message));
-        err
+    let device = options.device.as_deref();
+    let (params, injected) = with_default_device(params, op.as_ref(), device);
+    let op_plan = op.plan(&params).map_err(|mut e| {
+        if let (true, Some(device)) = (injected && e.path == "device", device) {
+            e.message = format!("--device {device}: {}", e.message);
+            e.fix = e
+                .fix
+                .or_else(|| Some("choose a device this build supports, e.g. --device cpu".into()));
+        }
+        param_error(e, op.as_ref(), &stage_path)
     })?;
     let mut raw_inputs = Vec::new();
     for (local, reference) in &spec.inputs {
@@ -401,21 +398,21 @@ fn expand(
         }
     };
     let deps = check_paths(
-        &op.deps(&params),
+        &op_plan.deps,
         pipeline,
         protected,
         PathRole::Dep,
         &format!("{stage_path}.params.deps"),
     )?;
     let outs = check_paths(
-        &op.outs(&params),
+        &op_plan.outs,
         pipeline,
         protected,
         PathRole::Out,
         &format!("{stage_path}.params.outs"),
     )?;
-    for required in op.required_inputs(&params) {
-        if !spec.inputs.iter().any(|(l, _)| *l == required) {
+    for required in &op_plan.required_inputs {
+        if !spec.inputs.iter().any(|(l, _)| l == required) {
             return Err(SpecError::new(
                 format!("{stage_path}.inputs"),
                 format!("op '{}' needs an input named '{required}'", op.name()),
@@ -451,36 +448,35 @@ fn expand(
     ))
 }
 
-/// Adds `device: <d>` to params of ops that accept it (their validation says so) and that do
-/// not choose a device themselves. An op that accepts the field but not the value (cuda in a
-/// CPU-only build) makes this an error naming `--device`.
-fn with_default_device(
-    params: Value,
-    op: &dyn Op,
-    device: Option<&str>,
-    stage_path: &str,
-) -> Result<Value, SpecError> {
-    let (Some(device), Value::Object(map)) = (device, &params) else {
-        return Ok(params);
+/// Adds `device: <d>` to the params of ops whose params have a `device` field (their type
+/// says so) and that do not choose a device themselves. An op that takes the field but not the
+/// value (cuda in a CPU-only build) is then refused by its own validation, naming `--device`.
+/// Returns whether the field was added.
+fn with_default_device(params: Value, op: &dyn Op, device: Option<&str>) -> (Value, bool) {
+    match (device, params) {
+        (Some(device), Value::Object(mut map))
+            if op.takes_device() && !map.contains_key("device") =>
+        {
+            map.insert("device".into(), Value::String(device.to_string()));
+            (Value::Object(map), true)
+        }
+        (_, params) => (params, false),
+    }
+}
+
+/// An op's param error as a spec error naming the stage's field, with a fix.
+fn param_error(e: ops::ParamError, op: &dyn Op, stage_path: &str) -> SpecError {
+    let field = if e.path.is_empty() {
+        format!("{stage_path}.params")
+    } else {
+        format!("{stage_path}.params.{}", e.path)
     };
-    if map.contains_key("device") || op.validate(&params).is_err() {
-        return Ok(params);
-    }
-    let mut with = map.clone();
-    with.insert("device".into(), Value::String(device.to_string()));
-    let candidate = Value::Object(with);
-    match op.validate(&candidate) {
-        Ok(()) => Ok(candidate),
-        Err(e) if e.message.contains("unknown field") => Ok(params),
-        Err(e) => Err(SpecError::new(
-            format!("{stage_path}.params.device"),
-            format!("--device {device}: {} (op '{}')", e.message, op.name()),
-        )
-        .fix(
-            e.fix
-                .unwrap_or_else(|| "choose a device this build supports, e.g. --device cpu".into()),
-        )),
-    }
+    let mut err = SpecError::new(field, format!("{} (op '{}')", e.message, op.name()));
+    err.fix = e
+        .fix
+        .or_else(|| unknown_field_fix(&e.message))
+        .or_else(|| wrong_type_fix(&e.path, &e.message));
+    err
 }
 
 /// serde's "invalid type: integer `3`, expected a sequence" -> "make 'deps' a sequence".

@@ -152,8 +152,9 @@ pub fn execute(
             log: &mut log,
             metrics: Metrics::new(),
         };
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.run(&mut ctx)));
-        let metrics = std::mem::take(&mut ctx.metrics);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            op.run(&job.params, &mut ctx)
+        }));
         let timed_out = watchdog.stop();
         // Whatever the outcome: a stage that wrote into the store through its inputs' links
         // must not leave those bytes there, nor be retried on them.
@@ -178,7 +179,7 @@ pub fn execute(
             }
         };
         match result {
-            Ok(()) => match store_result(job, store, &out_dir) {
+            Ok(metrics) => match store_result(job, store, &out_dir) {
                 Ok(tree) => {
                     return finish(Outcome::Ok { tree, metrics }, log);
                 }

@@ -6,11 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// A stage implementation. Implementations are stateless: everything a run needs arrives in the
-/// [`RunContext`], so one instance serves every stage and thread.
+use crate::outputs::Outputs;
+use crate::params_doc::ParamDoc;
+
+/// A stage implementation as the engine sees it. Every built-in op implements it through the
+/// blanket impl over [`TypedOp`]; nothing implements it by hand, so params are parsed in one
+/// place ([`TypedOp::Params`] through [`parse_params`]) and documented from the same type.
 pub trait Op: Send + Sync {
     /// The name pipelines use after `op:`.
     fn name(&self) -> &'static str;
@@ -19,24 +24,153 @@ pub trait Op: Send + Sync {
     fn version(&self) -> u32;
     /// One line for `--help`-style listings and "did you mean" messages.
     fn summary(&self) -> &'static str;
-    /// Checks params without running anything: unknown keys and wrong types are errors that
-    /// name the offending field.
-    fn validate(&self, params: &Value) -> Result<(), ParamError>;
+    /// Every param the op accepts, with its type, default and doc, from the type that parses it.
+    fn params_doc(&self) -> Vec<ParamDoc>;
+    /// Whether the op takes a top-level `device` param (then `--device` fills it in).
+    fn takes_device(&self) -> bool {
+        self.params_doc().iter().any(|p| p.path == "device")
+    }
+    /// Parses and validates params without running anything, and says what the planner needs:
+    /// unknown keys and wrong types are errors that name the offending field.
+    fn plan(&self, params: &Value) -> Result<OpPlan, ParamError>;
+    /// Does the work and returns the stage's metrics. Must write results only under
+    /// `ctx.out_dir` (and the declared `outs`).
+    fn run(&self, params: &Value, ctx: &mut RunContext<'_>) -> Result<Metrics, OpError>;
+}
+
+/// What the planner learns from an op's validated params.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpPlan {
     /// Workspace-relative files or folders whose *content* is part of the stage key.
+    pub deps: Vec<String>,
+    /// Workspace-relative paths the op writes outside its output folder; the engine captures
+    /// them into the stored result and puts them back after a cache hit.
+    pub outs: Vec<String>,
+    /// Input names the stage must declare under `inputs:`.
+    pub required_inputs: Vec<String>,
+}
+
+/// One op, defined once: its params type (serde + schemars, a doc comment on every field), a
+/// `resolve` that turns validated params into the config `run` uses, and `run`.
+///
+/// The blanket `impl<T: TypedOp> Op for T` parses params with [`parse_params`], resolves them
+/// (at plan time and again, identically, where the stage runs: a Slurm job gets the params as
+/// JSON), and hands `run` the config and an [`Outputs`] for its artifacts and metrics.
+pub trait TypedOp: Send + Sync + 'static {
+    const NAME: &'static str;
+    const VERSION: u32;
+    const SUMMARY: &'static str;
+    /// The params as written in the pipeline; `#[serde(deny_unknown_fields)]`.
+    type Params: DeserializeOwned + JsonSchema;
+    /// What `run` needs, with every check done.
+    type Config: Send + Sync;
+
+    /// Checks what serde cannot (ranges, combinations) and builds the config.
+    fn resolve(params: Self::Params) -> Result<Self::Config, ParamError>;
+    /// Input names the stage must declare.
+    fn required_inputs(_config: &Self::Config) -> Vec<String> {
+        Vec::new()
+    }
+    /// See [`OpPlan::deps`].
+    fn deps(_config: &Self::Config) -> Vec<String> {
+        Vec::new()
+    }
+    /// See [`OpPlan::outs`].
+    fn outs(_config: &Self::Config) -> Vec<String> {
+        Vec::new()
+    }
+    fn run(
+        &self,
+        config: &Self::Config,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError>;
+
+    /// Parses and resolves raw params: the one way every op reads them.
+    fn config(params: &Value) -> Result<Self::Config, ParamError> {
+        Self::resolve(parse_params(params)?)
+    }
+}
+
+impl<T: TypedOp> Op for T {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+    fn version(&self) -> u32 {
+        T::VERSION
+    }
+    fn summary(&self) -> &'static str {
+        T::SUMMARY
+    }
+    fn params_doc(&self) -> Vec<ParamDoc> {
+        crate::params_doc::of::<T::Params>()
+    }
+    fn plan(&self, params: &Value) -> Result<OpPlan, ParamError> {
+        let config = T::config(params)?;
+        Ok(OpPlan {
+            deps: T::deps(&config),
+            outs: T::outs(&config),
+            required_inputs: T::required_inputs(&config),
+        })
+    }
+    fn run(&self, params: &Value, ctx: &mut RunContext<'_>) -> Result<Metrics, OpError> {
+        let config = T::config(params)?;
+        let mut out = Outputs::new(ctx.out_dir);
+        TypedOp::run(self, &config, ctx, &mut out)?;
+        Ok(out.into_metrics())
+    }
+}
+
+/// Transitional: the untyped contract ops had before [`TypedOp`]; wrapped in [`Legacy`] to
+/// register. Removed once every op is typed.
+pub trait LegacyOp: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn summary(&self) -> &'static str;
+    fn validate(&self, params: &Value) -> Result<(), ParamError>;
     fn deps(&self, _params: &Value) -> Vec<String> {
         Vec::new()
     }
-    /// Workspace-relative paths the op writes outside its output folder; the engine captures
-    /// them into the stored result and puts them back after a cache hit.
     fn outs(&self, _params: &Value) -> Vec<String> {
         Vec::new()
     }
-    /// Input names this op requires (beyond what the pipeline declares); checked at plan time.
     fn required_inputs(&self, _params: &Value) -> Vec<String> {
         Vec::new()
     }
-    /// Does the work. Must write results only under `ctx.out_dir` (and the declared `outs`).
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError>;
+}
+
+/// A [`LegacyOp`] as an [`Op`].
+pub struct Legacy<T>(pub T);
+
+impl<T: LegacyOp> Op for Legacy<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn version(&self) -> u32 {
+        self.0.version()
+    }
+    fn summary(&self) -> &'static str {
+        self.0.summary()
+    }
+    fn params_doc(&self) -> Vec<ParamDoc> {
+        Vec::new()
+    }
+    fn takes_device(&self) -> bool {
+        matches!(self.0.name(), "train" | "evaluate" | "lr.probe")
+    }
+    fn plan(&self, params: &Value) -> Result<OpPlan, ParamError> {
+        self.0.validate(params)?;
+        Ok(OpPlan {
+            deps: self.0.deps(params),
+            outs: self.0.outs(params),
+            required_inputs: self.0.required_inputs(params),
+        })
+    }
+    fn run(&self, _params: &Value, ctx: &mut RunContext<'_>) -> Result<Metrics, OpError> {
+        self.0.run(ctx)?;
+        Ok(std::mem::take(&mut ctx.metrics))
+    }
 }
 
 /// An upstream result handed to a stage, as read-only directories.
@@ -115,7 +249,7 @@ impl std::fmt::Debug for Progress {
 
 /// Everything one run of one stage gets.
 pub struct RunContext<'a> {
-    /// The stage's params after interpolation and overrides, already validated.
+    /// Transitional, for [`LegacyOp`]s only: the raw params. Typed ops get their config.
     pub params: &'a Value,
     /// Upstream results by the local names of the stage's `inputs:`.
     pub inputs: &'a BTreeMap<String, Input>,
@@ -131,7 +265,7 @@ pub struct RunContext<'a> {
     pub progress: &'a Progress,
     /// The stage log; stored with the result.
     pub log: &'a mut dyn Write,
-    /// Filled by the op; recorded as queryable rows.
+    /// Transitional, for [`LegacyOp`]s only: their metrics sink. Typed ops use [`Outputs`].
     pub metrics: Metrics,
 }
 
@@ -140,6 +274,16 @@ impl RunContext<'_> {
         self.inputs
             .get(name)
             .ok_or_else(|| OpError::MissingInput(name.to_string()))
+    }
+
+    /// The one result folder of input `name`; a list input (`stage[*]`) is an error.
+    pub fn one_input(&self, name: &str) -> Result<&Path, OpError> {
+        match self.input(name)? {
+            Input::One(dir) => Ok(dir),
+            Input::Many { .. } => Err(OpError::Failed(format!(
+                "input '{name}' selects several stages; point it at one (`stage` or `stage[k=v]`)"
+            ))),
+        }
     }
 
     /// A rayon pool of the stage's `cpus` threads, for ops that score or compute in parallel
@@ -198,6 +342,12 @@ pub enum OpError {
         context: String,
         source: std::io::Error,
     },
+    /// A layer, model or training error (a non-finite loss, a shape mismatch, a bad checkpoint).
+    #[error(transparent)]
+    Nn(#[from] crate::nn::NnError),
+    /// An architecture-analysis error (a malformed cell, a rank-deficient kernel).
+    #[error(transparent)]
+    Arch(#[from] crate::arch::ArchError),
     #[error("{0}")]
     Failed(String),
 }

@@ -8,11 +8,12 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::supervisor::{CommandSpec, Ended, Supervised};
-use crate::{parse_params, Metrics, Op, OpError, ParamError, RunContext};
+use crate::{Metrics, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// Lines a command prints that start with this marker are shown as the stage's progress.
 pub const PROGRESS_MARKER: &str = "::progress::";
@@ -20,9 +21,10 @@ pub const PROGRESS_MARKER: &str = "::progress::";
 /// Runs `cmd` with `sh -c` (a string) or directly (an argv list), in the workspace folder.
 pub struct ShellOp;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShellParams {
+    /// The command: a string run with `sh -c`, or an argument list run directly (no shell).
     pub cmd: ShellCommand,
     /// Workspace files or folders read by the command; their content is part of the key.
     #[serde(default)]
@@ -36,7 +38,7 @@ pub struct ShellParams {
 }
 
 /// `cmd: "a string for sh -c"` or `cmd: [argv, list]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged, expecting = "a command string or a list of arguments")]
 pub enum ShellCommand {
     Shell(String),
@@ -44,7 +46,7 @@ pub enum ShellCommand {
 }
 
 /// A YAML scalar usable as an environment value or argument.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged, expecting = "a string, number or boolean")]
 pub enum Scalar {
     Str(String),
@@ -64,21 +66,15 @@ impl std::fmt::Display for Scalar {
     }
 }
 
-impl Op for ShellOp {
-    fn name(&self) -> &'static str {
-        "shell"
-    }
+impl TypedOp for ShellOp {
+    const NAME: &'static str = "shell";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "run a command (sh -c) with ENGINE_OUT, ENGINE_IN_<NAME> and ENGINE_SEED set";
+    type Params = ShellParams;
+    type Config = ShellParams;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "run a command (sh -c) with ENGINE_OUT, ENGINE_IN_<NAME> and ENGINE_SEED set"
-    }
-
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        let p: ShellParams = parse_params(params)?;
+    fn resolve(p: ShellParams) -> Result<ShellParams, ParamError> {
         if let ShellCommand::Argv(argv) = &p.cmd {
             if argv.is_empty() {
                 return Err(ParamError::new("cmd", "the argument list is empty")
@@ -93,23 +89,23 @@ impl Op for ShellOp {
                 ));
             }
         }
-        Ok(())
+        Ok(p)
     }
 
-    fn deps(&self, params: &Value) -> Vec<String> {
-        parse_params::<ShellParams>(params)
-            .map(|p| p.deps)
-            .unwrap_or_default()
+    fn deps(p: &ShellParams) -> Vec<String> {
+        p.deps.clone()
     }
 
-    fn outs(&self, params: &Value) -> Vec<String> {
-        parse_params::<ShellParams>(params)
-            .map(|p| p.outs)
-            .unwrap_or_default()
+    fn outs(p: &ShellParams) -> Vec<String> {
+        p.outs.clone()
     }
 
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let params: ShellParams = parse_params(ctx.params)?;
+    fn run(
+        &self,
+        params: &ShellParams,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let (program, args): (OsString, Vec<OsString>) = match &params.cmd {
             ShellCommand::Shell(line) => ("sh".into(), vec!["-c".into(), line.into()]),
             ShellCommand::Argv(argv) => (
@@ -168,7 +164,7 @@ impl Op for ShellOp {
                 ))
             }
         }
-        ctx.metrics = read_metrics(&ctx.out_dir.join("metrics.json"))?;
+        out.set_metrics(read_metrics(&out.path(crate::METRICS_FILE))?);
         Ok(())
     }
 }
@@ -370,43 +366,27 @@ fn read_metrics(path: &Path) -> Result<Metrics, OpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CancelFlag, Input, Progress};
-    use serde_json::json;
+    use crate::testing::OpRun;
+    use crate::{CancelFlag, Op, Progress};
+    use serde_json::{json, Value};
     use std::sync::{Arc, Mutex};
 
-    fn run(
-        params: Value,
-        inputs: BTreeMap<String, Input>,
-    ) -> (Result<(), OpError>, Metrics, String) {
-        let ws = tempfile::tempdir().unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let cancel = CancelFlag::new();
-        let progress = Progress::silent();
-        let mut log = Vec::new();
-        let mut ctx = RunContext {
-            params: &params,
-            inputs: &inputs,
-            out_dir: out.path(),
-            workspace: ws.path(),
-            seed: 7,
-            cpus: 1,
-            cancel: &cancel,
-            progress: &progress,
-            log: &mut log,
-            metrics: Metrics::new(),
-        };
-        let result = ShellOp.run(&mut ctx);
-        let metrics = ctx.metrics.clone();
-        (result, metrics, String::from_utf8_lossy(&log).into_owned())
+    fn run(params: Value, inputs: &[(&str, &Path)]) -> (Result<Metrics, OpError>, String) {
+        let mut run = OpRun::new(params).seed(7);
+        for (name, dir) in inputs {
+            run = run.input(name, *dir);
+        }
+        let output = run.run(&ShellOp);
+        (output.result, output.log)
     }
 
     #[test]
     fn writes_metrics_and_log() {
-        let (result, metrics, log) = run(
+        let (result, log) = run(
             json!({"cmd": "echo hello; echo \"{\\\"acc\\\": 0.5, \\\"seed\\\": $ENGINE_SEED}\" > $ENGINE_OUT/metrics.json"}),
-            BTreeMap::new(),
+            &[],
         );
-        result.unwrap();
+        let metrics = result.unwrap();
         assert_eq!(metrics.get("acc"), Some(&0.5));
         assert_eq!(metrics.get("seed"), Some(&7.0));
         assert!(log.contains("hello"));
@@ -414,7 +394,7 @@ mod tests {
 
     #[test]
     fn failing_command_reports_status() {
-        let (result, _, _) = run(json!({"cmd": "exit 3"}), BTreeMap::new());
+        let (result, _) = run(json!({"cmd": "exit 3"}), &[]);
         let err = result.unwrap_err().to_string();
         assert!(err.contains("status 3"), "{err}");
     }
@@ -423,11 +403,9 @@ mod tests {
     fn argv_form_and_inputs() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.txt"), "42").unwrap();
-        let mut inputs = BTreeMap::new();
-        inputs.insert("my-data".to_string(), Input::One(dir.path().to_path_buf()));
-        let (result, _, log) = run(
+        let (result, log) = run(
             json!({"cmd": ["sh", "-c", "cat $ENGINE_IN_MY_DATA/x.txt"]}),
-            inputs,
+            &[("my-data", dir.path())],
         );
         result.unwrap();
         assert!(log.contains("42"), "{log}");
@@ -435,49 +413,30 @@ mod tests {
 
     #[test]
     fn bad_metrics_fail_the_stage() {
-        let (result, _, _) = run(
+        let (result, _) = run(
             json!({"cmd": "echo '{\"a\": \"x\"}' > $ENGINE_OUT/metrics.json"}),
-            BTreeMap::new(),
+            &[],
         );
         assert!(result.unwrap_err().to_string().contains("not a number"));
     }
 
     #[test]
     fn validation_names_the_field() {
-        let err = ShellOp
-            .validate(&json!({"cmd": "x", "bogus": 1}))
-            .unwrap_err();
+        let err = ShellOp.plan(&json!({"cmd": "x", "bogus": 1})).unwrap_err();
         assert!(err.message.contains("bogus"), "{err:?}");
-        let err = ShellOp
-            .validate(&json!({"cmd": "x", "deps": 3}))
-            .unwrap_err();
+        let err = ShellOp.plan(&json!({"cmd": "x", "deps": 3})).unwrap_err();
         assert_eq!(err.path, "deps");
     }
 
     #[test]
     fn progress_lines_are_joined_across_reads_and_cut_when_long() {
-        let ws = tempfile::tempdir().unwrap();
-        let out = tempfile::tempdir().unwrap();
-        let cancel = CancelFlag::new();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let progress = Progress::new(move |m| seen2.lock().unwrap().push(m.to_string()));
         let params = json!({"cmd": "printf '::progress:: half'; sleep 0.2; printf ' done\\n'; printf '::progress:: %05000d\\n' 7; echo '::progress:: last'"});
-        let inputs = BTreeMap::new();
-        let mut log = Vec::new();
-        let mut ctx = RunContext {
-            params: &params,
-            inputs: &inputs,
-            out_dir: out.path(),
-            workspace: ws.path(),
-            seed: 0,
-            cpus: 1,
-            cancel: &cancel,
-            progress: &progress,
-            log: &mut log,
-            metrics: Metrics::new(),
-        };
-        ShellOp.run(&mut ctx).unwrap();
+        let output = OpRun::new(params).progress(progress).run(&ShellOp);
+        output.metrics();
+        let log = output.log;
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3, "{seen:?}");
         assert_eq!(seen[0], "half done");
@@ -489,34 +448,22 @@ mod tests {
 
     #[test]
     fn cancellation_kills_the_group() {
-        let ws = tempfile::tempdir().unwrap();
-        let out = tempfile::tempdir().unwrap();
         let cancel = CancelFlag::new();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let progress = Progress::new(move |m| seen2.lock().unwrap().push(m.to_string()));
         let params = json!({"cmd": "echo '::progress:: step 1'; sleep 30 & sleep 30"});
-        let inputs = BTreeMap::new();
-        let mut log = Vec::new();
         let c2 = cancel.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
             c2.cancel();
         });
         let start = Instant::now();
-        let mut ctx = RunContext {
-            params: &params,
-            inputs: &inputs,
-            out_dir: out.path(),
-            workspace: ws.path(),
-            seed: 0,
-            cpus: 1,
-            cancel: &cancel,
-            progress: &progress,
-            log: &mut log,
-            metrics: Metrics::new(),
-        };
-        let result = ShellOp.run(&mut ctx);
+        let result = OpRun::new(params)
+            .cancel(&cancel)
+            .progress(progress)
+            .run(&ShellOp)
+            .result;
         t.join().unwrap();
         assert!(matches!(result, Err(OpError::Cancelled)));
         assert!(start.elapsed() < Duration::from_secs(10));

@@ -8,7 +8,7 @@ use super::filter::{filter_space, nb201_space, AcceptanceBox};
 use super::nngp::{check_input_shape, kernel_stats, normalised_inputs, Gram};
 use super::paths::{path_proxies, Cell, CellKind};
 use super::{write_json, ArchError};
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 /// Artifact of `mode: kernel`.
 pub const NNGP_FILE: &str = "nngp.json";

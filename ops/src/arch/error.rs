@@ -1,6 +1,6 @@
 //! The error type of the arch module.
 
-use crate::{OpError, ParamError};
+use crate::ParamError;
 
 /// Everything the training-free analysis can reject.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -55,11 +55,5 @@ impl From<ArchError> for ParamError {
             other => other.to_string(),
         };
         ParamError::new(e.field(), message)
-    }
-}
-
-impl From<ArchError> for OpError {
-    fn from(e: ArchError) -> Self {
-        OpError::Failed(e.to_string())
     }
 }

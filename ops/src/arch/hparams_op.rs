@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::lr::{init_variances, predict_lr, Q_BASE};
 use super::paths::{Cell, CellKind, CellPath};
 use super::write_json;
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 /// The artifact this op writes.
 pub const PATHS_FILE: &str = "paths.json";

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::write_json;
 use crate::ml::{write_metrics, METRICS_FILE};
-use crate::{parse_params, Input, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, Input, LegacyOp as Op, OpError, ParamError, RunContext};
 
 /// The artifact listing every grid point.
 pub const GRID_FILE: &str = "grid.json";

@@ -41,11 +41,11 @@ pub use rerank_op::{RerankOp, RerankParams};
 
 /// Adds this module's ops to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register(Arc::new(ArchAwareHparamsOp));
-    registry.register(Arc::new(NngpConnectivityOp));
-    registry.register(Arc::new(RerankOp));
-    registry.register(Arc::new(crate::ml::LrProbeOp));
-    registry.register(Arc::new(LrPickOp));
+    registry.register(Arc::new(crate::Legacy(ArchAwareHparamsOp)));
+    registry.register(Arc::new(crate::Legacy(NngpConnectivityOp)));
+    registry.register(Arc::new(crate::Legacy(RerankOp)));
+    registry.register(Arc::new(crate::Legacy(crate::ml::LrProbeOp)));
+    registry.register(Arc::new(crate::Legacy(LrPickOp)));
 }
 
 /// Writes `value` as pretty JSON to `dir/name`.
@@ -64,7 +64,7 @@ pub(crate) mod testing {
 
     use serde_json::Value;
 
-    use crate::{CancelFlag, Input, Metrics, Op, OpError, Progress, RunContext};
+    use crate::{CancelFlag, Input, LegacyOp as Op, Metrics, OpError, Progress, RunContext};
 
     /// Runs `op` with `params` and `inputs` into `out`; returns the result, metrics and log.
     pub fn run_op(

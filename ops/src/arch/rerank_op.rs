@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::stats::kendall_tau_b;
 use super::write_json;
-use crate::{parse_params, Input, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, Input, LegacyOp as Op, OpError, ParamError, RunContext};
 
 /// The artifact this op writes.
 pub const RERANK_FILE: &str = "rerank.json";

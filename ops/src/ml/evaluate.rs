@@ -8,7 +8,7 @@ use super::train::{evaluate_split, loss_for, report_metrics};
 use super::{fail, nn, one_input, Device};
 use crate::nn::open_device;
 use crate::nn::train::{load_checkpoint, LossKind};
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 pub const METRICS_FILE: &str = "metrics.json";
 

@@ -107,7 +107,7 @@ pub(crate) mod testing {
     use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
 
-    use crate::{CancelFlag, Input, Metrics, Op, OpError, Progress, RunContext};
+    use crate::{CancelFlag, Input, LegacyOp as Op, Metrics, OpError, Progress, RunContext};
 
     pub fn run_op(
         op: &dyn Op,

@@ -15,7 +15,7 @@ use super::dataset::{
     SPLITS,
 };
 use super::{derive_seed, fail};
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 fn relative(field: &str, path: &str) -> Result<(), ParamError> {
     if path.is_empty() {

@@ -12,7 +12,7 @@ use super::dataset::{
     split_by_permutation, write_dataset, DatasetMeta, Fractions, Split, Targets, Task,
 };
 use super::{derive_seed, fail};
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 /// Generates `samples` images of `channels x size x size` in 10 balanced classes, each a line
 /// figure drawn at a random place and scale on Gaussian noise:

@@ -25,7 +25,7 @@ use crate::nn::train::{
 use crate::nn::{
     collect_params, open_device, Dev, Init, InitScheme, Model, ModelSpec, NnError, VarianceHook,
 };
-use crate::{parse_params, Metrics, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, Metrics, OpError, ParamError, RunContext};
 
 /// The input name under which a checkpoint to start from is found.
 pub const INIT_INPUT: &str = "init";

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -20,64 +21,32 @@ use super::indicators::Indicator;
 use super::rank::rank_sums;
 use super::space::Arch;
 use crate::arch::stats::kendall_tau_b;
-use crate::{parse_params, Input, Op, OpError, ParamError, RunContext};
+use crate::{read_json, Input, Label, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 pub const CORRELATE_FILE: &str = "correlate.json";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct CorrelateParams {
-    #[serde(default = "d_metric")]
+    /// The accuracy each run reports (in its `metrics.json`, else its last `history.json` row).
     pub metric: String,
-    #[serde(default = "d_key")]
+    /// The matrix key of the `runs` items that holds the cell (arch string or digits).
     pub arch_key: String,
 }
 
-fn d_metric() -> String {
-    "val_accuracy".into()
-}
-fn d_key() -> String {
-    "arch".into()
+impl Default for CorrelateParams {
+    fn default() -> Self {
+        Self {
+            metric: "val_accuracy".into(),
+            arch_key: "arch".into(),
+        }
+    }
 }
 
 pub struct CorrelateOp;
 
 fn fail(m: String) -> OpError {
     OpError::Failed(m)
-}
-
-fn read_json(path: &Path) -> Result<Option<Value>, OpError> {
-    match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| fail(format!("{} is not valid JSON: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(OpError::io(format!("cannot read {}", path.display()), e)),
-    }
-}
-
-/// The value of `key` in a matrix label `k=v,k=v` (values may contain commas: a segment
-/// without `name=` continues the previous value).
-fn label_value(label: &str, key: &str) -> Option<String> {
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for seg in label.split(',') {
-        match seg.split_once('=') {
-            Some((k, v))
-                if !k.is_empty()
-                    && k.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) =>
-            {
-                pairs.push((k.to_string(), v.to_string()))
-            }
-            _ => {
-                if let Some(last) = pairs.last_mut() {
-                    last.1.push(',');
-                    last.1.push_str(seg);
-                }
-            }
-        }
-    }
-    pairs.into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
 fn read_accuracy(dir: &Path, metric: &str) -> Result<Option<f64>, OpError> {
@@ -110,31 +79,28 @@ fn read_accuracy(dir: &Path, metric: &str) -> Result<Option<f64>, OpError> {
     }
 }
 
-impl Op for CorrelateOp {
-    fn name(&self) -> &'static str {
-        "indicators.correlate"
+impl TypedOp for CorrelateOp {
+    const NAME: &'static str = "indicators.correlate";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "Kendall tau of each training-free indicator and their rank-sum with trained accuracy";
+    type Params = CorrelateParams;
+    type Config = CorrelateParams;
+
+    fn resolve(p: CorrelateParams) -> Result<CorrelateParams, ParamError> {
+        Ok(p)
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "Kendall tau of each training-free indicator and their rank-sum with trained accuracy"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        parse_params::<CorrelateParams>(params).map(|_| ())
-    }
-    fn required_inputs(&self, _params: &Value) -> Vec<String> {
+    fn required_inputs(_: &CorrelateParams) -> Vec<String> {
         vec!["search".into(), "runs".into()]
     }
 
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p: CorrelateParams = parse_params(ctx.params)?;
-        let search_dir = match ctx.input("search")? {
-            Input::One(d) => d.clone(),
-            Input::Many { .. } => {
-                return Err(fail("input `search` must be one search result".into()))
-            }
-        };
+    fn run(
+        &self,
+        p: &CorrelateParams,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
+        let search_dir = ctx.one_input("search")?;
         let path = search_dir.join(super::SEARCH_FILE);
         let search = read_json(&path)?.ok_or_else(|| {
             fail(format!(
@@ -170,13 +136,14 @@ impl Op for CorrelateOp {
         let mut acc: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut excluded = Vec::new();
         for (label, dir) in &items {
-            let raw = label_value(label, &p.arch_key).ok_or_else(|| {
+            let label_pairs = Label::parse(label);
+            let raw = label_pairs.get(&p.arch_key).ok_or_else(|| {
                 fail(format!(
                     "run {label:?} has no matrix key `{}`; the train stage's matrix must name the cell",
                     p.arch_key
                 ))
             })?;
-            let arch = Arch::parse(&p.arch_key, &raw).map_err(|e| fail(e.to_string()))?;
+            let arch = Arch::parse(&p.arch_key, raw).map_err(|e| fail(e.to_string()))?;
             if !scored.contains_key(&arch.digits()) {
                 return Err(fail(format!(
                     "run {label:?}: cell {} was not scored by the search",
@@ -203,7 +170,7 @@ impl Op for CorrelateOp {
                 .unzip();
             let tau = kendall_tau_b(&x, &y);
             if let Some(t) = tau {
-                ctx.metrics.insert(format!("tau_{n}"), t);
+                out.metric(format!("tau_{n}"), t);
             }
             taus.insert(n.clone(), json!({ "tau": tau, "n": x.len() }));
         }
@@ -211,16 +178,16 @@ impl Op for CorrelateOp {
         let neg_sums: Vec<f64> = rank_sums(&table, &indicators).iter().map(|s| -s).collect();
         let combined = kendall_tau_b(&neg_sums, &accuracy);
         if let Some(t) = combined {
-            ctx.metrics.insert("tau_rank_sum".into(), t);
+            out.metric("tau_rank_sum", t);
         }
-        ctx.metrics.insert("num_archs".into(), cells.len() as f64);
+        out.metric("num_archs", cells.len() as f64);
         let rows: Vec<Value> = cells
             .iter()
             .zip(&accuracy)
             .zip(&neg_sums)
             .map(|((c, a), s)| json!({ "digits": c, "accuracy": a, "rank_sum": -s, "values": scored[c] }))
             .collect();
-        let out = json!({
+        let result = json!({
             "metric": p.metric,
             "indicators": names,
             "tau": taus,
@@ -228,9 +195,6 @@ impl Op for CorrelateOp {
             "excluded_runs": excluded,
             "rows": rows,
         });
-        let path = ctx.out_dir.join(CORRELATE_FILE);
-        let text = serde_json::to_vec_pretty(&out).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(&path, text)
-            .map_err(|e| OpError::io(format!("cannot write {}", path.display()), e))
+        out.write_json(CORRELATE_FILE, &result)
     }
 }

@@ -24,9 +24,9 @@ pub use search_op::{SearchOp, SearchParams, SEARCH_FILE};
 
 /// Adds this module's ops to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register(Arc::new(SearchOp));
+    registry.register(Arc::new(crate::Legacy(SearchOp)));
     registry.register(Arc::new(CorrelateOp));
-    registry.register(Arc::new(ScaleOp));
+    registry.register(Arc::new(crate::Legacy(ScaleOp)));
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use super::vit_space::{
 use crate::ml::derive_seed;
 use crate::nn::models::VitSpec;
 use crate::nn::ModelSpec;
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 pub const FAMILY_FILE: &str = "family.json";
 pub const SEED_INPUT: &str = "seed";

@@ -38,7 +38,7 @@ use super::space::{Arch, OpSets, Space};
 use crate::arch::filter::AcceptanceBox;
 use crate::ml::dataset::{read_meta, read_split, Targets, Task};
 use crate::ml::derive_seed;
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 pub const SEARCH_FILE: &str = "search.json";
 pub const DATA_INPUT: &str = "data";

@@ -219,7 +219,7 @@ fn search(params: Value, cpus: usize) -> (Vec<u8>, Value, crate::Metrics) {
 }
 
 fn run_op_cpus(
-    op: &dyn crate::Op,
+    op: &dyn crate::LegacyOp,
     params: Value,
     inputs: BTreeMap<String, Input>,
     out: &std::path::Path,
@@ -305,12 +305,14 @@ fn search_op_is_deterministic_across_thread_counts_and_feeds_correlate() {
             },
         ),
     ]);
-    let out = tempfile::tempdir().unwrap();
-    let (res, metrics, _) = run_op(&CorrelateOp, json!({}), inputs, out.path());
-    res.unwrap();
-    assert_eq!(metrics["num_archs"], 4.0);
+    let mut run = crate::testing::OpRun::new(json!({}));
+    for (name, input) in inputs {
+        run = run.input_as(&name, input);
+    }
+    let output = run.run(&CorrelateOp);
+    assert_eq!(output.metrics()["num_archs"], 4.0);
     let c: Value =
-        serde_json::from_slice(&std::fs::read(out.path().join(super::CORRELATE_FILE)).unwrap())
+        serde_json::from_slice(&std::fs::read(output.out_dir.join(super::CORRELATE_FILE)).unwrap())
             .unwrap();
     assert!(c["tau"]["ntk"].is_object());
 }
@@ -332,7 +334,7 @@ fn every_algorithm_writes_the_same_search_json_twice() {
 
 #[test]
 fn search_params_are_validated() {
-    use crate::Op;
+    use crate::LegacyOp;
     assert!(SearchOp.validate(&json!({"algorithm": "random"})).is_ok());
     assert!(SearchOp
         .validate(&json!({"algorithm": "annealing"}))

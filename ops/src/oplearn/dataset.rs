@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{fail, read_pde, scale_inputs};
 use crate::ml::dataset::{write_dataset, DatasetMeta, Split, Targets, Task};
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 /// The input holding the data to convert.
 pub const DATA_INPUT: &str = "data";

@@ -18,7 +18,7 @@ use crate::nn::train::{
     clip_grad_norm, save_checkpoint, Optimizer, OptimizerSpec, Schedule, ScheduleKind,
 };
 use crate::nn::{from_vec, open_device, Dev, Init, Model, ModelSpec, NnError};
-use crate::{parse_params, Op, OpError, ParamError, RunContext};
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 
 pub const HISTORY_FILE: &str = "history.json";
 /// Largest blur kernel (section 3, step 2).

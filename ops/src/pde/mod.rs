@@ -24,11 +24,11 @@ pub use generate::{generate, Dataset};
 pub use output::{read_meta, PdeMeta, DATA_FILE, META_FILE};
 pub use params::{Config, Equation, GenerateParams, Problem, Split};
 
-use crate::{Op, OpError, ParamError, Registry, RunContext};
+use crate::{LegacyOp as Op, OpError, ParamError, Registry, RunContext};
 
 /// Adds this module's ops to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register(Arc::new(PdeGenerateOp));
+    registry.register(Arc::new(crate::Legacy(PdeGenerateOp)));
 }
 
 /// `pde.generate`: draws PDE inputs (and solves them when `labeled`) into a dataset artifact.
@@ -291,7 +291,7 @@ mod tests {
         let registry = Registry::builtin();
         let op = registry.get("pde.generate").unwrap();
         let err = op
-            .validate(&json!({"equation": "poisson", "resolution": 2}))
+            .plan(&json!({"equation": "poisson", "resolution": 2}))
             .unwrap_err();
         assert_eq!(err.path, "resolution");
     }
