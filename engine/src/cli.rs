@@ -52,8 +52,8 @@ enum Command {
     Watch(WatchArgs),
     /// Regenerate the pipeline's `report:` tables and plots from the cache (runs nothing).
     Report(ReportArgs),
-    /// List the built-in ops.
-    Ops,
+    /// List the built-in ops, or print every param of one op (type, default, doc).
+    Ops(OpsArgs),
     /// Run one stage from a job file (what a Slurm job executes; not for direct use).
     #[command(hide = true)]
     ExecStage(ExecStageArgs),
@@ -79,6 +79,16 @@ struct ReportArgs {
     out: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = ReportFormat::Md)]
     format: ReportFormat,
+}
+
+#[derive(Args)]
+struct OpsArgs {
+    /// The op whose params to print (all ops when left out).
+    name: Option<String>,
+    /// Print Markdown: one op's params table, or with no NAME the whole op reference
+    /// (`docs/ops.md` is this output).
+    #[arg(long)]
+    markdown: bool,
 }
 
 #[derive(Args)]
@@ -302,15 +312,7 @@ pub fn main() -> i32 {
         Command::Report(args) => cmd_report(args),
         Command::ExecStage(args) => cmd_exec_stage(args),
         Command::Gc(args) => cmd_gc(args),
-        Command::Ops => {
-            let registry = Registry::builtin();
-            for name in registry.names() {
-                if let Some(op) = registry.get(name) {
-                    println!("{name:<24} v{:<3} {}", op.version(), op.summary());
-                }
-            }
-            Ok(EXIT_OK)
-        }
+        Command::Ops(args) => cmd_ops(args),
     };
     match result {
         Ok(code) => code,
@@ -319,6 +321,43 @@ pub fn main() -> i32 {
             exit.code
         }
     }
+}
+
+fn cmd_ops(args: OpsArgs) -> Result<i32, Exit> {
+    let registry = Registry::builtin();
+    let Some(name) = args.name else {
+        if args.markdown {
+            print!("{}", engine::ops_doc::reference(&registry));
+        } else {
+            for name in registry.names() {
+                if let Some(op) = registry.get(name) {
+                    println!("{name:<24} v{:<3} {}", op.version(), op.summary());
+                }
+            }
+        }
+        return Ok(EXIT_OK);
+    };
+    let Some(op) = registry.get(&name) else {
+        let mut message = format!("error: there is no op named '{name}'");
+        if let Some(close) = engine::spec::closest(&name, registry.names()) {
+            message.push_str(&format!("; did you mean '{close}'?"));
+        }
+        message.push_str("\n  fix: `engine ops` lists every op");
+        return Err(Exit {
+            code: EXIT_BAD_INPUT,
+            message,
+        });
+    };
+    if args.markdown {
+        print!(
+            "{}",
+            engine::ops_doc::op_section(name.as_str(), op.as_ref())
+        );
+    } else {
+        println!("{name} v{}: {}", op.version(), op.summary());
+        print!("{}", ops::params_doc::text(&op.params_doc()));
+    }
+    Ok(EXIT_OK)
 }
 
 fn init_tracing(verbose: u8) {

@@ -9,6 +9,7 @@ pub mod exec;
 pub mod executor;
 pub mod key;
 pub mod keys;
+pub mod ops_doc;
 pub mod plan;
 pub mod progress;
 pub mod report;

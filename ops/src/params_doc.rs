@@ -208,11 +208,11 @@ impl Walker {
                     let parts: Vec<String> = items.iter().map(|i| self.kind(i)).collect();
                     format!("[{}]", parts.join(", "))
                 }
-                Some(items) => format!("list of {}", self.kind(items)),
+                Some(items) => format!("list of {}", grouped(self.kind(items))),
                 None => "list".into(),
             },
             "object" => match schema.get("additionalProperties") {
-                Some(v @ Value::Object(_)) => format!("map of {}", self.kind(v)),
+                Some(v @ Value::Object(_)) => format!("map of {}", grouped(self.kind(v))),
                 _ if schema.get("properties").is_some() => "object".into(),
                 _ => "map".into(),
             },
@@ -222,6 +222,15 @@ impl Walker {
             },
             other => other.to_string(),
         }
+    }
+}
+
+/// A kind with alternatives in parentheses, so `list of (a | b)` does not read as `(list of a) | b`.
+fn grouped(kind: String) -> String {
+    if kind.contains(" | ") {
+        format!("({kind})")
+    } else {
+        kind
     }
 }
 
@@ -306,6 +315,30 @@ impl std::fmt::Display for Count {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// The params of one op as aligned text for a terminal (`engine ops NAME`).
+pub fn text(rows: &[ParamDoc]) -> String {
+    let width = rows.iter().map(|r| r.path.len()).max().unwrap_or(0).min(32);
+    let mut out = String::new();
+    for row in rows {
+        let default = match (&row.default, row.required) {
+            (Some(v), _) => format!("default {v}"),
+            (None, true) => "required".into(),
+            (None, false) => "optional".into(),
+        };
+        out.push_str(&format!(
+            "  {:<width$}  {}; {}\n",
+            row.path, row.kind, default
+        ));
+        if let Some(when) = &row.when {
+            out.push_str(&format!("  {:<width$}    with `{when}`\n", ""));
+        }
+        if !row.doc.is_empty() {
+            out.push_str(&format!("  {:<width$}    {}\n", "", row.doc));
+        }
+    }
+    out
 }
 
 /// The params table of one op as Markdown (`engine ops NAME --markdown`, the README reference).
