@@ -832,7 +832,7 @@ fn check_on_disk(
 }
 
 /// The folder an instance gets inside a list input (`ENGINE_IN_X/<folder>`): its label with
-/// '/' made '_', or its position when the stage has no matrix. `exec::input_trees` calls it.
+/// '/' made '_', or its position when the stage has no matrix. `scheduler::input_trees` calls it.
 pub fn list_item_folder(label: &str, position: usize) -> String {
     if label.is_empty() {
         position.to_string()

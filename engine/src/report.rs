@@ -14,7 +14,7 @@ use cache::Cache;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::exec::ExecError;
+use crate::error::ExecError;
 use crate::plan::Plan;
 use crate::spec::interpolate::render;
 use crate::spec::{suggestion, SpecError};
