@@ -532,8 +532,16 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    /// The summary: every stage not done with is reported as not started.
+    /// The summary: every stage not done with is reported as not started. The claims of
+    /// stages that never started (stopped by a failure or Ctrl-C, or refused by the executor)
+    /// are given up, so that no later run, in this process or another, waits for them.
     fn finish(self) -> RunSummary {
+        for key in self.in_flight.keys() {
+            self.heartbeat.drop_key(key);
+            if let Err(e) = self.cache.release(key, &self.owner) {
+                tracing::warn!("could not release the claim on {key}: {e}");
+            }
+        }
         let reason = if self.interrupted {
             "not started: interrupted"
         } else {
@@ -915,6 +923,16 @@ mod tests {
             );
             let started: &[&str] = if keep_going { &["a", "b"] } else { &["a"] };
             assert_eq!(executor.started, started);
+            // b was claimed and queued, then never started: its claim is given up.
+            let b = f.plan.nodes.iter().position(|n| n.name == "b").unwrap();
+            let trees = vec![None; f.plan.nodes.len()];
+            let key = node_key(&f.plan, b, &trees, &BTreeMap::new()).unwrap();
+            let later = ClaimOwner::this_process(unix_now() + 1.0);
+            let claim = f
+                .cache
+                .try_claim(&key, &later, CLAIM_STALE_S, false)
+                .unwrap();
+            assert_eq!(claim, ClaimState::Acquired, "keep_going: {keep_going}");
         }
     }
 
