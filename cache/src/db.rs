@@ -147,7 +147,8 @@ pub struct RunRef {
     pub log_blob: Option<Hash>,
 }
 
-pub(crate) fn unix_now() -> f64 {
+/// Now, in seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-pub use db::{ClaimOwner, ClaimState, Hit, NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
+pub use db::{unix_now, ClaimOwner, ClaimState, Hit, NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
 pub use hash::{hash_bytes, hash_file, Hash, HashParseError};
 pub use machine::{hostname, pid_space_id};
 pub use maintenance::{GcReport, Keep, VerifyReport};

@@ -1189,7 +1189,7 @@ fn cmd_exec_stage(args: ExecStageArgs) -> Result<i32, Exit> {
         engine::worker::hostname()
     );
     let result = engine::worker::execute(&job, op.as_ref(), &store, &cancel, &progress)?;
-    if matches!(result.outcome, engine::worker::Outcome::Cancelled) {
+    if matches!(result.outcome, engine::outcome::Outcome::Cancelled) {
         println!("engine exec-stage: stopped by a signal; no result written");
         return Ok(EXIT_INTERRUPTED);
     }

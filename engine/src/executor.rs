@@ -1,4 +1,4 @@
-//! Where stages run. The scheduler in `exec` decides *what* runs; an [`Executor`] runs it: in
+//! Where stages run. The scheduler decides *what* runs; an [`Executor`] runs it: in
 //! threads of this process ([`LocalExecutor`]) or as Slurm jobs (`slurm::SlurmExecutor`).
 //! Either way the finished result is recorded before the scheduler hears of it.
 
@@ -7,47 +7,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache::{Cache, Hash};
-use ops::{CancelFlag, Metrics, Op, Progress};
+use cache::Cache;
+use ops::{CancelFlag, Op, Progress};
 
-use crate::exec::ExecError;
+use crate::error::ExecError;
+use crate::outcome::StageResult;
 use crate::spec::Resources;
-use crate::worker::{self, Outcome, StageJob, StageResult};
-
-/// What became of a started stage.
-#[derive(Debug)]
-pub enum WorkerOutcome {
-    Ran {
-        tree: Hash,
-        metrics: Metrics,
-        duration_s: f64,
-    },
-    Failed {
-        message: String,
-        log_tail: String,
-        duration_s: f64,
-    },
-    Cancelled,
-}
-
-impl WorkerOutcome {
-    pub fn from_result(result: &StageResult) -> Self {
-        let duration_s = (result.ended_at - result.started_at).max(0.0);
-        match &result.outcome {
-            Outcome::Ok { tree, metrics } => WorkerOutcome::Ran {
-                tree: *tree,
-                metrics: metrics.clone(),
-                duration_s,
-            },
-            Outcome::Failed { error } => WorkerOutcome::Failed {
-                message: error.clone(),
-                log_tail: result.log_tail.clone(),
-                duration_s,
-            },
-            Outcome::Cancelled => WorkerOutcome::Cancelled,
-        }
-    }
-}
+use crate::worker::{self, StageJob};
 
 pub trait Executor {
     /// Total capacity, in the units of [`Executor::cost`].
@@ -62,8 +28,9 @@ pub trait Executor {
         op: Arc<dyn Op>,
         resources: &Resources,
     ) -> Result<(), ExecError>;
-    /// Waits up to `timeout` for stages to finish; returns those that did (already recorded).
-    fn wait(&mut self, timeout: Duration) -> Vec<(usize, WorkerOutcome)>;
+    /// Waits up to `timeout` for stages to finish; returns those that did, with their
+    /// results already recorded (a cancelled stage's is not).
+    fn wait(&mut self, timeout: Duration) -> Vec<(usize, StageResult)>;
     /// Stops every running stage; their outcomes still arrive through `wait`.
     fn cancel_all(&mut self);
     /// Op-reported progress of running stages.
@@ -80,8 +47,8 @@ pub trait Executor {
 pub struct LocalExecutor {
     cache: Arc<Cache>,
     jobs: usize,
-    tx: mpsc::Sender<(usize, WorkerOutcome)>,
-    rx: mpsc::Receiver<(usize, WorkerOutcome)>,
+    tx: mpsc::Sender<(usize, StageResult)>,
+    rx: mpsc::Receiver<(usize, StageResult)>,
     cancels: HashMap<usize, CancelFlag>,
     threads: HashMap<usize, std::thread::JoinHandle<()>>,
     progress: Arc<Mutex<HashMap<usize, String>>>,
@@ -134,28 +101,22 @@ impl Executor for LocalExecutor {
                         .insert(node, m.to_string());
                 })
             };
-            let outcome =
-                match worker::execute(&job, op.as_ref(), cache.store(), &cancel, &progress)
-                    .and_then(|result| worker::record(&cache, &job, &result).map(|()| result))
-                {
-                    Ok(result) => WorkerOutcome::from_result(&result),
-                    Err(e) => WorkerOutcome::Failed {
-                        message: format!("engine error: {e}"),
-                        log_tail: String::new(),
-                        duration_s: 0.0,
-                    },
-                };
+            let result = worker::execute(&job, op.as_ref(), cache.store(), &cancel, &progress)
+                .and_then(|result| worker::record(&cache, &job, &result).map(|()| result))
+                .unwrap_or_else(|e| {
+                    StageResult::failed_now(format!("engine error: {e}"), String::new(), None)
+                });
             texts
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&node);
-            let _ = tx.send((node, outcome));
+            let _ = tx.send((node, result));
         });
         self.threads.insert(node, handle);
         Ok(())
     }
 
-    fn wait(&mut self, timeout: Duration) -> Vec<(usize, WorkerOutcome)> {
+    fn wait(&mut self, timeout: Duration) -> Vec<(usize, StageResult)> {
         let mut done = Vec::new();
         if let Ok(first) = self.rx.recv_timeout(timeout) {
             done.push(first);

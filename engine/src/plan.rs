@@ -164,10 +164,56 @@ pub fn build(
         return Err(e);
     }
     let protected: Vec<PathBuf> = options.protected.iter().map(|p| resolved_path(p)).collect();
+    let Instances {
+        mut nodes,
+        by_stage,
+        raw_inputs,
+    } = instances(&pipeline, registry, options, &protected, max_stages)?;
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if seen.insert(&node.name, i).is_some() {
+            return Err(locate(
+                SpecError::new(
+                    format!("stages.{}.matrix", node.stage),
+                    format!("two matrix points are both named '{}'", node.name),
+                )
+                .fix("matrix values must differ in their text form (1 and \"1\" do not)"),
+            ));
+        }
+    }
+    check_outs_overlap(&pipeline, &nodes)?;
+    check_on_disk(&pipeline, &nodes, &protected)?;
+    resolve_inputs(&pipeline, &by_stage, raw_inputs, &mut nodes)?;
+    check_list_folders(&pipeline, &nodes)?;
+    link_produced_deps(&mut nodes);
+    let order = topological_order(&nodes).map_err(|cycle| locate(cycle_error(&nodes, &cycle)))?;
+    let nodes = reorder(nodes, &order);
+    Ok(Plan { pipeline, nodes })
+}
+
+/// Every stage's instances, in stage order then point order, with the index references are
+/// resolved against and each instance's inputs as written.
+struct Instances<'p> {
+    nodes: Vec<Node>,
+    by_stage: HashMap<&'p str, StageIndex<'p>>,
+    raw_inputs: Vec<RawInputs>,
+}
+
+/// Expands every stage into its instances, up to `max_stages` in all.
+fn instances<'p>(
+    pipeline: &'p Pipeline,
+    registry: &Registry,
+    options: &PlanOptions,
+    protected: &[PathBuf],
+    max_stages: usize,
+) -> Result<Instances<'p>, SpecError> {
+    let locate = |e: SpecError| pipeline.locate(e);
     let budget = Budget::starting_at(pipeline.expanded_bytes);
-    let mut nodes: Vec<Node> = Vec::new();
-    let mut by_stage: HashMap<&str, StageIndex> = HashMap::new();
-    let mut raw_inputs: Vec<Vec<(String, String, String)>> = Vec::new();
+    let mut out = Instances {
+        nodes: Vec::new(),
+        by_stage: HashMap::new(),
+        raw_inputs: Vec::new(),
+    };
     for spec in &pipeline.stages {
         let op = registry.get(&spec.op).cloned().ok_or_else(|| {
             locate(
@@ -181,38 +227,11 @@ pub fn build(
                 )),
             )
         })?;
-        let count = spec
-            .matrix
-            .iter()
-            .try_fold(1usize, |acc, (_, values)| acc.checked_mul(values.len()))
-            .filter(|n| nodes.len().saturating_add(*n) <= max_stages);
-        let Some(count) = count else {
-            return Err(locate(
-                SpecError::new(
-                    format!("stages.{}.matrix", spec.name),
-                    format!(
-                        "the matrix expands the pipeline past {max_stages} stages ({})",
-                        spec.matrix
-                            .iter()
-                            .map(|(k, v)| format!("{k}: {}", v.len()))
-                            .collect::<Vec<_>>()
-                            .join(" x ")
-                    ),
-                )
-                .fix("shrink the matrix, or raise the limit with `max_stages:` or --max-stages"),
-            ));
-        };
+        let count = instance_count(spec, out.nodes.len(), max_stages).map_err(locate)?;
         // Points expand independently: on all cores for big matrices, in point order.
         let expand_point = |point: usize| {
-            expand(
-                &pipeline,
-                spec,
-                &op,
-                matrix_point(&spec.matrix, point),
-                options,
-                &protected,
-                &budget,
-            )
+            let point = matrix_point(&spec.matrix, point);
+            expand(pipeline, spec, &op, point, options, protected, &budget)
         };
         let expanded: Vec<Result<(Node, RawInputs), SpecError>> = if count >= PARALLEL_FROM {
             (0..count).into_par_iter().map(expand_point).collect()
@@ -220,49 +239,68 @@ pub fn build(
             (0..count).map(expand_point).collect()
         };
         for node in expanded {
-            let node = node.map_err(locate)?;
-            let index = by_stage.entry(&spec.name).or_insert_with(|| StageIndex {
-                spec,
-                values: spec
-                    .matrix
-                    .iter()
-                    .map(|(k, vs)| (k.clone(), RenderedValues::new(vs)))
-                    .collect(),
-                instances: Vec::new(),
-            });
+            let (node, raw) = node.map_err(locate)?;
+            let index = out
+                .by_stage
+                .entry(&spec.name)
+                .or_insert_with(|| StageIndex {
+                    spec,
+                    values: spec
+                        .matrix
+                        .iter()
+                        .map(|(k, vs)| (k.clone(), RenderedValues::new(vs)))
+                        .collect(),
+                    instances: Vec::new(),
+                });
             let rendered = node
-                .0
                 .matrix
                 .iter()
                 .map(|(k, v)| (k.clone(), render(v)))
                 .collect();
-            index.instances.push((nodes.len(), rendered));
-            raw_inputs.push(node.1);
-            nodes.push(node.0);
+            index.instances.push((out.nodes.len(), rendered));
+            out.raw_inputs.push(raw);
+            out.nodes.push(node);
         }
     }
+    Ok(out)
+}
 
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (i, node) in nodes.iter().enumerate() {
-        if let Some(prev) = seen.insert(&node.name, i) {
-            let _ = prev;
-            return Err(locate(
-                SpecError::new(
-                    format!("stages.{}.matrix", node.stage),
-                    format!("two matrix points are both named '{}'", node.name),
-                )
-                .fix("matrix values must differ in their text form (1 and \"1\" do not)"),
-            ));
-        }
-    }
-    check_outs_overlap(&pipeline, &nodes)?;
-    check_on_disk(&pipeline, &nodes, &protected)?;
+/// How many instances `spec`'s matrix makes, if `planned` instances and these stay within
+/// `max_stages`.
+fn instance_count(spec: &StageSpec, planned: usize, max_stages: usize) -> Result<usize, SpecError> {
+    spec.matrix
+        .iter()
+        .try_fold(1usize, |acc, (_, values)| acc.checked_mul(values.len()))
+        .filter(|n| planned.saturating_add(*n) <= max_stages)
+        .ok_or_else(|| {
+            SpecError::new(
+                format!("stages.{}.matrix", spec.name),
+                format!(
+                    "the matrix expands the pipeline past {max_stages} stages ({})",
+                    spec.matrix
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {}", v.len()))
+                        .collect::<Vec<_>>()
+                        .join(" x ")
+                ),
+            )
+            .fix("shrink the matrix, or raise the limit with `max_stages:` or --max-stages")
+        })
+}
 
-    let resolve_inputs = |inputs: RawInputs| -> Result<Vec<NodeInput>, SpecError> {
+/// Resolves every node's input references (on all cores for big plans); the first error in
+/// plan order is the one returned, whatever order the threads finished in.
+fn resolve_inputs(
+    pipeline: &Pipeline,
+    by_stage: &HashMap<&str, StageIndex<'_>>,
+    raw_inputs: Vec<RawInputs>,
+    nodes: &mut [Node],
+) -> Result<(), SpecError> {
+    let resolve = |inputs: RawInputs| -> Result<Vec<NodeInput>, SpecError> {
         inputs
             .into_iter()
             .map(|(local, reference, field)| {
-                let sources = resolve_reference(&pipeline, &by_stage, &reference)
+                let sources = resolve_reference(pipeline, by_stage, &reference)
                     .map_err(|m| m.field_if_empty(&field))?;
                 Ok(NodeInput {
                     name: local,
@@ -273,44 +311,46 @@ pub fn build(
             .collect()
     };
     let resolved: Vec<Result<Vec<NodeInput>, SpecError>> = if raw_inputs.len() >= PARALLEL_FROM {
-        raw_inputs.into_par_iter().map(resolve_inputs).collect()
+        raw_inputs.into_par_iter().map(resolve).collect()
     } else {
-        raw_inputs.into_iter().map(resolve_inputs).collect()
+        raw_inputs.into_iter().map(resolve).collect()
     };
-    // The first error in plan order, whatever order the threads finished in.
     for (node, inputs) in nodes.iter_mut().zip(resolved) {
-        node.inputs = inputs.map_err(locate)?;
+        node.inputs = inputs.map_err(|e| pipeline.locate(e))?;
     }
-    check_list_folders(&pipeline, &nodes)?;
-    link_produced_deps(&mut nodes);
-    let order = topological_order(&nodes).map_err(|cycle| {
-        let first = &nodes[cycle[0]];
-        let from = cycle[cycle.len() - 1];
-        // Say which kind of edge closes the loop: an input, or a dep inside another's outs.
-        let via_input = first.inputs.iter().any(|inp| inp.sources.nodes().contains(&from));
-        let (field, fix) = if via_input {
-            ("inputs", "a stage cannot depend on its own output; remove one of these inputs")
-        } else {
-            ("params.deps", "a stage cannot read a file that it (through these stages) writes; remove the dep or the other stage's `outs:` entry")
-        };
-        locate(
-            SpecError::new(
-                format!("stages.{}.{field}", first.stage),
-                format!(
-                    "the stages form a cycle: {}",
-                    cycle
-                        .iter()
-                        .chain(std::iter::once(&cycle[0]))
-                        .map(|&i| nodes[i].name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" -> ")
-                ),
-            )
-            .fix(fix),
+    Ok(())
+}
+
+/// The error for a `cycle` of nodes, naming the kind of edge that closes it: an input, or a
+/// dep inside another stage's outs.
+fn cycle_error(nodes: &[Node], cycle: &[usize]) -> SpecError {
+    let first = &nodes[cycle[0]];
+    let from = cycle[cycle.len() - 1];
+    let via_input = first
+        .inputs
+        .iter()
+        .any(|inp| inp.sources.nodes().contains(&from));
+    let (field, fix) = if via_input {
+        (
+            "inputs",
+            "a stage cannot depend on its own output; remove one of these inputs",
         )
-    })?;
-    let nodes = reorder(nodes, &order);
-    Ok(Plan { pipeline, nodes })
+    } else {
+        ("params.deps", "a stage cannot read a file that it (through these stages) writes; remove the dep or the other stage's `outs:` entry")
+    };
+    SpecError::new(
+        format!("stages.{}.{field}", first.stage),
+        format!(
+            "the stages form a cycle: {}",
+            cycle
+                .iter()
+                .chain(std::iter::once(&cycle[0]))
+                .map(|&i| nodes[i].name.as_str())
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        ),
+    )
+    .fix(fix)
 }
 
 trait FieldIfEmpty {
@@ -828,7 +868,7 @@ fn check_on_disk(
 }
 
 /// The folder an instance gets inside a list input (`ENGINE_IN_X/<folder>`): its label with
-/// '/' made '_', or its position when the stage has no matrix. `exec::input_trees` calls it.
+/// '/' made '_', or its position when the stage has no matrix. `scheduler::input_trees` calls it.
 pub fn list_item_folder(label: &str, position: usize) -> String {
     if label.is_empty() {
         position.to_string()

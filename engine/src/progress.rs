@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::exec::{RunSummary, StageReport, StageStatus};
+use crate::outcome::{RunSummary, StageReport, StageStatus};
 use crate::plan::Plan;
 
 /// Receives scheduler events. Implementations write to stderr only: stdout is for `--json`.

@@ -13,13 +13,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache::Cache;
+use cache::{unix_now, Cache};
 use ops::Op;
 
-use crate::exec::ExecError;
-use crate::executor::{Executor, WorkerOutcome};
+use crate::error::ExecError;
+use crate::executor::Executor;
+use crate::outcome::StageResult;
 use crate::spec::{Resources, SpecError};
-use crate::worker::{self, Outcome, StageJob, StageResult};
+use crate::worker::{self, StageJob};
 
 const EXECUTOR: &str = "slurm";
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -114,7 +115,7 @@ impl SlurmExecutor {
         let marker = self.dir.join(format!(
             "probe-{}-{}",
             std::process::id(),
-            worker::unix_now() as u64
+            unix_now() as u64
         ));
         let script = format!("#!/bin/sh\ntouch '{}'\n", marker.display());
         let script_path = self.dir.join("probe.sh");
@@ -215,7 +216,7 @@ impl SlurmExecutor {
         Ok(id)
     }
 
-    fn finish(&mut self, node: usize) -> Option<WorkerOutcome> {
+    fn finish(&mut self, node: usize) -> Option<StageResult> {
         let sj = self.running.remove(&node)?;
         let (job_file, script, result_file, log) = job_paths(&self.dir, &sj.job.key);
         let _ = self.cache.forget_cluster_job(&sj.job.key, EXECUTOR);
@@ -225,7 +226,7 @@ impl SlurmExecutor {
             for f in [job_file, script, result_file] {
                 let _ = std::fs::remove_file(f);
             }
-            return Some(WorkerOutcome::Cancelled);
+            return Some(StageResult::cancelled_now());
         }
         let read = std::fs::read(&result_file)
             .ok()
@@ -233,16 +234,12 @@ impl SlurmExecutor {
         let outcome = match read {
             Some(result) => {
                 if let Err(e) = worker::record(&self.cache, &sj.job, &result) {
-                    WorkerOutcome::Failed {
-                        message: format!("engine error: {e}"),
-                        log_tail: result.log_tail.clone(),
-                        duration_s: 0.0,
-                    }
+                    StageResult::failed_now(format!("engine error: {e}"), result.log_tail, None)
                 } else {
-                    WorkerOutcome::from_result(&result)
+                    result
                 }
             }
-            None if sj.cancelled => WorkerOutcome::Cancelled,
+            None if sj.cancelled => StageResult::cancelled_now(),
             None => {
                 let log_bytes = std::fs::read(&log).unwrap_or_default();
                 if sj.retries_left > 0 {
@@ -267,11 +264,11 @@ impl SlurmExecutor {
                             return None;
                         }
                         Err(e) => {
-                            return Some(WorkerOutcome::Failed {
-                                message: format!("resubmission failed: {e}"),
-                                log_tail: String::new(),
-                                duration_s: 0.0,
-                            });
+                            return Some(StageResult::failed_now(
+                                format!("resubmission failed: {e}"),
+                                String::new(),
+                                None,
+                            ));
                         }
                     }
                 }
@@ -280,22 +277,13 @@ impl SlurmExecutor {
                     sj.job_id,
                     log.display()
                 );
-                let result = StageResult {
-                    outcome: Outcome::Failed {
-                        error: message.clone(),
-                    },
-                    log_blob: self.cache.store().put_bytes(&log_bytes).ok(),
-                    log_tail: worker::tail(&log_bytes, 20),
-                    started_at: worker::unix_now(),
-                    ended_at: worker::unix_now(),
-                    host: String::new(),
-                };
-                let _ = worker::record(&self.cache, &sj.job, &result);
-                WorkerOutcome::Failed {
+                let result = StageResult::failed_now(
                     message,
-                    log_tail: result.log_tail,
-                    duration_s: 0.0,
-                }
+                    worker::tail(&log_bytes, 20),
+                    self.cache.store().put_bytes(&log_bytes).ok(),
+                );
+                let _ = worker::record(&self.cache, &sj.job, &result);
+                result
             }
         };
         for f in [job_file, script, result_file] {
@@ -344,7 +332,7 @@ impl Executor for SlurmExecutor {
         Ok(())
     }
 
-    fn wait(&mut self, timeout: Duration) -> Vec<(usize, WorkerOutcome)> {
+    fn wait(&mut self, timeout: Duration) -> Vec<(usize, StageResult)> {
         let due = self
             .last_poll
             .map_or(Duration::ZERO, |t| POLL_EVERY.saturating_sub(t.elapsed()));
@@ -378,8 +366,8 @@ impl Executor for SlurmExecutor {
                     continue;
                 }
             }
-            if let Some(outcome) = self.finish(node) {
-                done.push((node, outcome));
+            if let Some(result) = self.finish(node) {
+                done.push((node, result));
             }
         }
         done

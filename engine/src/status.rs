@@ -3,9 +3,10 @@
 
 use cache::Cache;
 
-use crate::exec::{ExecError, RECENT_RUNS};
-use crate::keys::{closest_run, explain, node_doc, node_key, partial_doc, DepHashes};
+use crate::error::ExecError;
+use crate::node_keys::{node_doc, node_key, partial_doc, DepHashes};
 use crate::plan::Plan;
+use crate::staleness::{closest_run, explain, RECENT_RUNS};
 
 /// Cached or stale, with reasons, for every node; runs nothing.
 pub struct NodeStatus {

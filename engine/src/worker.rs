@@ -7,12 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use cache::{Cache, CacheError, Hash, NewRun, RunStatus, Store};
+use cache::{unix_now, Cache, CacheError, Hash, NewRun, RunStatus, Store};
 use ops::{CancelFlag, Input, Metrics, Op, OpError, Progress, RunContext};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::outcome::{Outcome, StageResult};
 
 /// Tree paths under this prefix hold a stage's workspace `outs`.
 pub const WORKSPACE_PREFIX: &str = "@workspace";
@@ -43,46 +45,6 @@ pub struct StageJob {
     pub timeout_s: Option<f64>,
     pub outs: Vec<String>,
     pub workspace: PathBuf,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Outcome {
-    Ok {
-        tree: Hash,
-        #[serde(with = "finite_or_text")]
-        metrics: Metrics,
-    },
-    Failed {
-        error: String,
-    },
-    Cancelled,
-}
-
-/// What all attempts of a stage produced.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StageResult {
-    pub outcome: Outcome,
-    pub log_blob: Option<Hash>,
-    pub log_tail: String,
-    pub started_at: f64,
-    pub ended_at: f64,
-    pub host: String,
-}
-
-impl StageResult {
-    pub fn metrics(&self) -> Metrics {
-        match &self.outcome {
-            Outcome::Ok { metrics, .. } => metrics.clone(),
-            _ => Metrics::new(),
-        }
-    }
-}
-
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// This machine's name, for run records.
@@ -524,41 +486,5 @@ impl Watchdog {
             let _ = t.join();
         }
         self.timed_out.load(Ordering::SeqCst)
-    }
-}
-
-/// JSON has no NaN or infinity; metrics (a diverged loss is a result) keep them as text.
-mod finite_or_text {
-    use ops::Metrics;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-    use serde_json::Value;
-
-    pub fn serialize<S: Serializer>(m: &Metrics, s: S) -> Result<S::Ok, S::Error> {
-        let v: serde_json::Map<String, Value> = m
-            .iter()
-            .map(|(k, x)| {
-                let v = serde_json::Number::from_f64(*x)
-                    .map(Value::Number)
-                    .unwrap_or_else(|| Value::String(x.to_string()));
-                (k.clone(), v)
-            })
-            .collect();
-        v.serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Metrics, D::Error> {
-        let v = serde_json::Map::<String, Value>::deserialize(d)?;
-        v.into_iter()
-            .map(|(k, x)| {
-                let f = match &x {
-                    Value::Number(n) => n.as_f64(),
-                    Value::String(s) => s.parse::<f64>().ok(),
-                    _ => None,
-                };
-                f.map(|f| (k.clone(), f)).ok_or_else(|| {
-                    serde::de::Error::custom(format!("metric {k}: {x} is not a number"))
-                })
-            })
-            .collect()
     }
 }

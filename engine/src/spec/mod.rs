@@ -150,67 +150,15 @@ impl Pipeline {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let source = SourceMap::build(text);
         let locate = |e: SpecError| locate_with(&source, file, &[], e);
-        let doc = parse_yaml(text, file)?;
-        let mut doc = match doc {
-            Value::Object(map) => map,
-            Value::Null => {
-                return Err(
-                    located(file, SpecError::new("", "the pipeline file is empty"))
-                        .fix("start with `name: my-pipeline` and a `stages:` mapping"),
-                )
-            }
-            other => {
-                return Err(locate(SpecError::new(
-                    "",
-                    format!("a pipeline must be a mapping, found {}", kind(&other)),
-                ))
-                .fix("start with `name: my-pipeline` and a `stages:` mapping"))
-            }
-        };
-        for key in doc.keys() {
-            if !TOP_LEVEL.contains(&key.as_str()) {
-                return Err(locate(
-                    SpecError::new(key.clone(), "unknown top-level key")
-                        .fix(suggestion(key, TOP_LEVEL.iter().copied())),
-                ));
-            }
-        }
-        let stages = match doc.get_mut("stages") {
-            Some(Value::Object(stages)) => stages,
-            Some(other) => {
-                return Err(locate(SpecError::new(
-                    "stages",
-                    format!("must be a mapping of stage name -> stage, found {}", kind(other)),
-                )))
-            }
-            None => {
-                return Err(locate(SpecError::new("stages", "the pipeline has no `stages:`"))
-                    .fix("add `stages:` with at least one stage, e.g. `hello: {op: shell, cmd: \"echo hi\"}`"))
-            }
-        };
-        for (name, stage) in stages.iter_mut() {
-            normalize_stage(name, stage).map_err(&locate)?;
-        }
+        let mut doc = top_level(parse_yaml(text, file)?, file, &locate)?;
+        normalize_stages(&mut doc).map_err(&locate)?;
         let mut overrides = Vec::new();
         for set in sets {
             let path = apply_set(&mut doc, set).map_err(|e| located(file, e))?;
             overrides.push((path, set.clone()));
         }
         let locate = |e: SpecError| locate_with(&source, file, &overrides, e);
-
-        let name = match doc.get("name") {
-            None => file
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "pipeline".into()),
-            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-            Some(other) => {
-                return Err(locate(SpecError::new(
-                    "name",
-                    format!("must be a non-empty string, found {}", kind(other)),
-                )))
-            }
-        };
+        let name = pipeline_name(&doc, file).map_err(&locate)?;
         let vars = match doc.get("vars") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(vars)) => vars.clone(),
@@ -221,25 +169,7 @@ impl Pipeline {
                 )))
             }
         };
-        let max_stages = match doc.get("max_stages") {
-            None => DEFAULT_MAX_STAGES,
-            Some(v) => v
-                .as_u64()
-                .filter(|n| *n > 0 && *n <= MAX_STAGES_CEILING as u64)
-                .ok_or_else(|| {
-                    locate(
-                        SpecError::new(
-                            "max_stages",
-                            format!(
-                                "must be a positive integer up to {MAX_STAGES_CEILING}, found {v}"
-                            ),
-                        )
-                        .fix(format!(
-                            "write a whole number of stages from 1 to {MAX_STAGES_CEILING}, e.g. `max_stages: 200000`"
-                        )),
-                    )
-                })? as usize,
-        };
+        let max_stages = max_stages(&doc).map_err(&locate)?;
         let budget = interpolate::Budget::default();
         let scope = interpolate::Scope {
             vars: Some(&vars),
@@ -251,43 +181,13 @@ impl Pipeline {
             Some(r) => Some(interpolate::resolve(r, &scope, "report").map_err(&locate)?),
         };
         let executor = parse_executor(doc.get("executor")).map_err(&locate)?;
-        let mut stage_specs = Vec::new();
-        if let Some(Value::Object(stages)) = doc.get("stages") {
-            if stages.is_empty() {
-                return Err(
-                    locate(SpecError::new("stages", "the pipeline has no stages"))
-                        .fix("add at least one stage under `stages:`"),
-                );
-            }
-            for (name, stage) in stages {
-                let path = format!("stages.{name}");
-                let stage = interpolate::resolve(stage, &scope, &path).map_err(&locate)?;
-                stage_specs.push(parse_stage(name, &stage).map_err(&locate)?);
-            }
-        }
-        let workspace = file
-            .parent()
-            .map(|p| {
-                if p.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    p
-                }
-            })
-            .unwrap_or(Path::new("."))
-            .canonicalize()
-            .map_err(|e| {
-                located(
-                    file,
-                    SpecError::new("", format!("cannot resolve the pipeline's folder: {e}")),
-                )
-            })?;
+        let stages = resolve_stages(&doc, &scope).map_err(&locate)?;
         Ok(Self {
             name,
             file: file.to_path_buf(),
-            workspace,
+            workspace: workspace_of(file)?,
             vars,
-            stages: stage_specs,
+            stages,
             max_stages,
             executor,
             report,
@@ -305,6 +205,133 @@ impl Pipeline {
     pub fn stage(&self, name: &str) -> Option<&StageSpec> {
         self.stages.iter().find(|s| s.name == name)
     }
+}
+
+/// The pipeline document as a mapping of known top-level keys.
+fn top_level(
+    doc: Value,
+    file: &Path,
+    locate: &dyn Fn(SpecError) -> SpecError,
+) -> Result<Map<String, Value>, SpecError> {
+    let doc = match doc {
+        Value::Object(map) => map,
+        Value::Null => {
+            return Err(
+                located(file, SpecError::new("", "the pipeline file is empty"))
+                    .fix("start with `name: my-pipeline` and a `stages:` mapping"),
+            )
+        }
+        other => {
+            return Err(locate(SpecError::new(
+                "",
+                format!("a pipeline must be a mapping, found {}", kind(&other)),
+            ))
+            .fix("start with `name: my-pipeline` and a `stages:` mapping"))
+        }
+    };
+    for key in doc.keys() {
+        if !TOP_LEVEL.contains(&key.as_str()) {
+            return Err(locate(
+                SpecError::new(key.clone(), "unknown top-level key")
+                    .fix(suggestion(key, TOP_LEVEL.iter().copied())),
+            ));
+        }
+    }
+    Ok(doc)
+}
+
+/// Every stage of the `stages:` mapping with its shorthand params moved under `params`.
+fn normalize_stages(doc: &mut Map<String, Value>) -> Result<(), SpecError> {
+    let stages = match doc.get_mut("stages") {
+        Some(Value::Object(stages)) => stages,
+        Some(other) => {
+            return Err(SpecError::new(
+                "stages",
+                format!("must be a mapping of stage name -> stage, found {}", kind(other)),
+            ))
+        }
+        None => {
+            return Err(SpecError::new("stages", "the pipeline has no `stages:`")
+                .fix("add `stages:` with at least one stage, e.g. `hello: {op: shell, cmd: \"echo hi\"}`"))
+        }
+    };
+    for (name, stage) in stages.iter_mut() {
+        normalize_stage(name, stage)?;
+    }
+    Ok(())
+}
+
+/// `name:`, or the file's stem without one.
+fn pipeline_name(doc: &Map<String, Value>, file: &Path) -> Result<String, SpecError> {
+    match doc.get("name") {
+        None => Ok(file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".into())),
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+        Some(other) => Err(SpecError::new(
+            "name",
+            format!("must be a non-empty string, found {}", kind(other)),
+        )),
+    }
+}
+
+fn max_stages(doc: &Map<String, Value>) -> Result<usize, SpecError> {
+    let Some(v) = doc.get("max_stages") else {
+        return Ok(DEFAULT_MAX_STAGES);
+    };
+    v.as_u64()
+        .filter(|n| *n > 0 && *n <= MAX_STAGES_CEILING as u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| {
+            SpecError::new(
+                "max_stages",
+                format!("must be a positive integer up to {MAX_STAGES_CEILING}, found {v}"),
+            )
+            .fix(format!(
+                "write a whole number of stages from 1 to {MAX_STAGES_CEILING}, e.g. `max_stages: 200000`"
+            ))
+        })
+}
+
+/// Every stage with `${vars.*}` resolved, parsed.
+fn resolve_stages(
+    doc: &Map<String, Value>,
+    scope: &interpolate::Scope<'_>,
+) -> Result<Vec<StageSpec>, SpecError> {
+    let mut specs = Vec::new();
+    if let Some(Value::Object(stages)) = doc.get("stages") {
+        if stages.is_empty() {
+            return Err(SpecError::new("stages", "the pipeline has no stages")
+                .fix("add at least one stage under `stages:`"));
+        }
+        for (name, stage) in stages {
+            let path = format!("stages.{name}");
+            let stage = interpolate::resolve(stage, scope, &path)?;
+            specs.push(parse_stage(name, &stage)?);
+        }
+    }
+    Ok(specs)
+}
+
+/// The pipeline file's folder, canonical: where relative paths of the pipeline start.
+fn workspace_of(file: &Path) -> Result<PathBuf, SpecError> {
+    file.parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."))
+        .canonicalize()
+        .map_err(|e| {
+            located(
+                file,
+                SpecError::new("", format!("cannot resolve the pipeline's folder: {e}")),
+            )
+        })
 }
 
 fn located(file: &Path, mut error: SpecError) -> SpecError {
@@ -623,7 +650,53 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
         Some(Value::Object(p)) => p.clone(),
         _ => Map::new(),
     };
-    let inputs = match map.get("inputs") {
+    let inputs = parse_inputs(map.get("inputs"), &path)?;
+    let matrix = parse_matrix(map.get("matrix"), &field("matrix"))?;
+    let retries = parse_retries(map.get("retries"), &field("retries"))?;
+    let timeout = parse_timeout(map.get("timeout"), &field("timeout"))?;
+    let resources = parse_resources(map.get("resources"), &field("resources"))?;
+    let cache = match map.get("cache") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(SpecError::new(
+                field("cache"),
+                format!("must be true or false, found {}", kind(other)),
+            ))
+        }
+    };
+    let seed = map.get("seed").filter(|v| !v.is_null()).cloned();
+    if let Some(s) = &seed {
+        if !s.is_u64() && !s.is_string() {
+            return Err(SpecError::new(
+                field("seed"),
+                format!("must be a non-negative integer, found {s}"),
+            ));
+        }
+    }
+    let description = map
+        .get("description")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok(StageSpec {
+        name: name.to_string(),
+        op,
+        params,
+        inputs,
+        matrix,
+        retries,
+        timeout,
+        resources,
+        cache,
+        seed,
+        description,
+    })
+}
+
+/// `inputs:`: (local name, stage reference) pairs, their `ENGINE_IN_` variables distinct.
+fn parse_inputs(value: Option<&Value>, path: &str) -> Result<Vec<(String, String)>, SpecError> {
+    let field = |f: &str| format!("{path}.{f}");
+    let inputs = match value {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Object(inputs)) => {
             let mut out = Vec::new();
@@ -668,11 +741,19 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
             )));
         }
     }
-    let matrix = match map.get("matrix") {
+    Ok(inputs)
+}
+
+/// `matrix:`: each variable with its (non-empty) list of values.
+fn parse_matrix(
+    value: Option<&Value>,
+    field: &str,
+) -> Result<Vec<(String, Vec<Value>)>, SpecError> {
+    let matrix = match value {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Object(m)) => {
             if m.is_empty() {
-                return Err(SpecError::new(field("matrix"), "the matrix is empty")
+                return Err(SpecError::new(field, "the matrix is empty")
                     .fix("give at least one variable with a list of values, or remove `matrix:`"));
             }
             let mut out = Vec::new();
@@ -681,14 +762,14 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
                     Value::Array(v) if !v.is_empty() => v.clone(),
                     Value::Array(_) => {
                         return Err(SpecError::new(
-                            field(&format!("matrix.{var}")),
+                            format!("{field}.{var}"),
                             "the matrix variable has no values",
                         )
                         .fix("list at least one value, e.g. `[1, 2]`"))
                     }
                     other => {
                         return Err(SpecError::new(
-                            field(&format!("matrix.{var}")),
+                            format!("{field}.{var}"),
                             format!("must be a list of values, found {}", kind(other)),
                         )
                         .fix(format!("write `{var}: [a, b]`")))
@@ -700,7 +781,7 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
         }
         Some(other) => {
             return Err(SpecError::new(
-                field("matrix"),
+                field,
                 format!(
                     "must be a mapping of variable -> list of values, found {}",
                     kind(other)
@@ -708,17 +789,23 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
             ))
         }
     };
-    let retries = match map.get("retries") {
+    Ok(matrix)
+}
+
+fn parse_retries(value: Option<&Value>, field: &str) -> Result<u32, SpecError> {
+    let retries = match value {
         None | Some(Value::Null) => 0,
         Some(v) => v.as_u64().filter(|n| *n <= 100).ok_or_else(|| {
-            SpecError::new(
-                field("retries"),
-                format!("must be an integer 0..=100, found {v}"),
-            )
-            .fix("write how many times to rerun a failed attempt, e.g. `retries: 2`")
+            SpecError::new(field, format!("must be an integer 0..=100, found {v}"))
+                .fix("write how many times to rerun a failed attempt, e.g. `retries: 2`")
         })? as u32,
     };
-    let timeout = match map.get("timeout") {
+    Ok(retries)
+}
+
+/// `timeout:`, in seconds or a humantime duration, up to [`MAX_TIMEOUT`].
+fn parse_timeout(value: Option<&Value>, field: &str) -> Result<Option<Duration>, SpecError> {
+    let timeout = match value {
         None | Some(Value::Null) => None,
         // `Duration::from_secs_f64` panics past u64 seconds; a year is already far past any
         // stage a timeout is meant for, so anything beyond it is refused as a typo.
@@ -728,7 +815,7 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
             }
             _ => {
                 return Err(SpecError::new(
-                    field("timeout"),
+                    field,
                     format!("must be more than 0 and at most 365 days (31536000 s), found {n}"),
                 )
                 .fix("e.g. `timeout: 10m` or `timeout: 30` (seconds); leave it out for no limit"))
@@ -736,12 +823,12 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
         },
         Some(Value::String(s)) => {
             let d = humantime::parse_duration(s).map_err(|e| {
-                SpecError::new(field("timeout"), format!("'{s}' is not a duration: {e}"))
+                SpecError::new(field, format!("'{s}' is not a duration: {e}"))
                     .fix("e.g. `timeout: 10m`, `90s` or `2h`")
             })?;
             if d.is_zero() || d > MAX_TIMEOUT {
                 return Err(SpecError::new(
-                    field("timeout"),
+                    field,
                     format!("'{s}' must be more than 0 and at most 365 days"),
                 )
                 .fix("e.g. `timeout: 10m`, `90s` or `2h`; leave it out for no limit"));
@@ -749,50 +836,13 @@ fn parse_stage(name: &str, stage: &Value) -> Result<StageSpec, SpecError> {
             Some(d)
         }
         Some(other) => {
-            return Err(SpecError::new(
-                field("timeout"),
-                format!("must be a duration, found {}", kind(other)),
+            return Err(
+                SpecError::new(field, format!("must be a duration, found {}", kind(other)))
+                    .fix("e.g. `timeout: 10m`"),
             )
-            .fix("e.g. `timeout: 10m`"))
         }
     };
-    let resources = parse_resources(map.get("resources"), &field("resources"))?;
-    let cache = match map.get("cache") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(SpecError::new(
-                field("cache"),
-                format!("must be true or false, found {}", kind(other)),
-            ))
-        }
-    };
-    let seed = map.get("seed").filter(|v| !v.is_null()).cloned();
-    if let Some(s) = &seed {
-        if !s.is_u64() && !s.is_string() {
-            return Err(SpecError::new(
-                field("seed"),
-                format!("must be a non-negative integer, found {s}"),
-            ));
-        }
-    }
-    let description = map
-        .get("description")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(StageSpec {
-        name: name.to_string(),
-        op,
-        params,
-        inputs,
-        matrix,
-        retries,
-        timeout,
-        resources,
-        cache,
-        seed,
-        description,
-    })
+    Ok(timeout)
 }
 
 fn parse_resources(value: Option<&Value>, path: &str) -> Result<Resources, SpecError> {

@@ -1,4 +1,5 @@
-//! Stage keys: blake3 over a canonical encoding of everything a result depends on.
+//! The key document and the stage key: blake3 over a canonical encoding of everything a
+//! result depends on.
 //!
 //! The key covers the op name and version, the params (keys sorted, numbers normalised so
 //! `1`, `1.0` and `1e0` agree), the *content* hash of every input (so an upstream rerun that
