@@ -32,3 +32,34 @@ pub fn reference(registry: &Registry) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docs_ops_md_is_the_generated_reference() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ops.md");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        let generated = reference(&Registry::builtin());
+        assert!(
+            committed == generated,
+            "{} is not the current op reference; regenerate it with \
+             `cargo run -p engine -- ops --markdown > docs/ops.md`",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn every_op_has_a_section_with_its_params() {
+        let registry = Registry::builtin();
+        let text = reference(&registry);
+        for name in registry.names() {
+            assert!(text.contains(&format!("## `{name}` (version")), "{name}");
+        }
+        assert!(
+            text.contains("| `cmd` |"),
+            "the shell op's params are listed"
+        );
+    }
+}

@@ -376,12 +376,9 @@ fn matrix_point(matrix: &[(String, Vec<Value>)], mut point: usize) -> Map<String
     matrix.iter().map(|(k, _)| k.clone()).zip(chosen).collect()
 }
 
+/// A matrix point as the label list inputs name their items by (`p=2,q=a`).
 pub fn label_of(matrix: &Map<String, Value>) -> String {
-    matrix
-        .iter()
-        .map(|(k, v)| format!("{k}={}", render(v)))
-        .collect::<Vec<_>>()
-        .join(",")
+    ops::Label::from_pairs(matrix.iter().map(|(k, v)| (k.clone(), render(v)))).to_string()
 }
 
 type RawInputs = Vec<(String, String, String)>;
