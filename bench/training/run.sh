@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training throughput and peak memory, engine's ops::nn vs PyTorch (CPU), side by side.
+# Training throughput and peak memory, the nn crate vs PyTorch (CPU), side by side.
 #
 #   bench/training/run.sh                 # REPS=5 repetitions, default step counts
 #   REPS=3 MLP_STEPS=20 bench/training/run.sh
@@ -39,7 +39,7 @@ fi
 
 # --- engine harness ------------------------------------------------------------------------
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
-(cd "$root" && cargo build --release -q -p ops --example train_bench)
+(cd "$root" && cargo build --release -q -p nn --example train_bench)
 engine_bin="$CARGO_TARGET_DIR/release/examples/train_bench"
 
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS

@@ -7,9 +7,9 @@ Prints one JSON object (steps/s, peak RSS from /proc/self/status VmHWM).
     python torch_bench.py <mlp|nb201|fno2d> <steps> [--warmup 3] [--threads 2]
 
 Definitions mirrored (Rust sources):
-- mlp: ops/src/nn/models/dag.rs `MlpDag` + `eval_cell`
-- nb201: ops/src/nn/models/nb201.rs (`Cell`, `ReductionBlock`, `Nb201`), layers/pool.rs
-- fno2d: ops/src/nn/models/fno.rs, layers/spectral.rs
+- mlp: nn/src/models/dag.rs `MlpDag` + `eval_cell`
+- nb201: nn/src/models/nb201.rs (`Cell`, `ReductionBlock`, `Nb201`), layers/pool.rs
+- fno2d: nn/src/models/fno.rs, layers/spectral.rs
 """
 
 import argparse

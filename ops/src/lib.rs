@@ -14,7 +14,6 @@ pub mod arch;
 mod children;
 pub mod ml;
 pub mod nas;
-pub mod nn;
 mod op;
 pub mod oplearn;
 mod outputs;

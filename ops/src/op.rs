@@ -344,7 +344,7 @@ pub enum OpError {
     },
     /// A layer, model or training error (a non-finite loss, a shape mismatch, a bad checkpoint).
     #[error(transparent)]
-    Nn(#[from] crate::nn::NnError),
+    Nn(#[from] nn::NnError),
     /// An architecture-analysis error (a malformed cell, a rank-deficient kernel).
     #[error(transparent)]
     Arch(#[from] crate::arch::ArchError),

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::paths::{Cell, CellKind, CellPath};
 use super::ArchError;
-use crate::nn::VarianceHook;
+use nn::VarianceHook;
 
 /// q_base: the kernel size of the base network's convolutions (§3).
 pub const Q_BASE: usize = 3;
@@ -216,7 +216,7 @@ pub fn init_variances(cell: &Cell, width: Option<usize>, kernel: usize) -> Vec<L
     out
 }
 
-/// The architecture-aware init as an [`crate::nn::Init`] hook: cell edges by source in-degree,
+/// The architecture-aware init as an [`nn::Init`] hook: cell edges by source in-degree,
 /// the stem by 2 / fan_in, the readout (`readout`, `classifier`) by 4 / fan_in^2; any other
 /// layer (NB201 reduction blocks) keeps the base scheme.
 #[derive(Clone, Debug)]

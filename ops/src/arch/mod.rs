@@ -3,7 +3,7 @@
 //! `../shared/papers/connectivity-convergence.md`).
 //!
 //! Everything here is training-free arithmetic on a cell's DAG (parsed by
-//! [`crate::nn::models::topology::Dag`]) or on finished `train` results:
+//! [`nn::models::topology::Dag`]) or on finished `train` results:
 //! - [`paths`]: the input->output paths of a cell, d_p, P, effective depth and width;
 //! - [`lr`]: the maximal-LR path formula and the per-layer init variances (plus an init hook);
 //! - [`nngp`]: the NNGP kernel through a cell and the bounds on its smallest eigenvalue;

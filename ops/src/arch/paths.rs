@@ -1,15 +1,15 @@
 //! Cells as DAGs and their input->output paths (`../shared/papers/arch-aware-hparams.md` §1, §3;
 //! `../shared/papers/connectivity-convergence.md` §3).
 //!
-//! The topology strings are parsed by [`crate::nn::models::topology::Dag`]; this file only adds
+//! The topology strings are parsed by [`nn::models::topology::Dag`]; this file only adds
 //! what the analysis needs on top: which op codes are parameterised for a cell kind, the path
 //! list, and the path statistics P, d_p, effective depth and width.
 
 use serde::{Deserialize, Serialize};
 
 use super::ArchError;
-use crate::nn::models::topology::{Dag, NB201_OPS};
-use crate::nn::NnError;
+use nn::models::topology::{Dag, NB201_OPS};
+use nn::NnError;
 
 /// Which family a topology string belongs to; it fixes the digit meaning and the fixed layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,9 +6,9 @@ use serde_json::Value;
 use super::dataset::{read_meta, read_split};
 use super::train::{evaluate_split, loss_for, report_metrics};
 use super::{fail, nn, one_input, Device};
-use crate::nn::open_device;
-use crate::nn::train::{load_checkpoint, LossKind};
 use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use nn::open_device;
+use nn::train::{load_checkpoint, LossKind};
 
 pub const METRICS_FILE: &str = "metrics.json";
 

@@ -1,9 +1,9 @@
 //! The ML ops: datasets (`data.*`), `train` and `evaluate`, on the layers, models and training
-//! library of [`crate::nn`].
+//! library of [`nn`].
 //!
 //! Datasets and checkpoints are ordinary stage outputs: a dataset is a folder of safetensors
 //! splits plus `meta.json` ([`dataset`]); a checkpoint is `weights.safetensors` + `model.json`
-//! ([`crate::nn::train::save_checkpoint`]). Files an op writes hold only deterministic content
+//! ([`nn::train::save_checkpoint`]). Files an op writes hold only deterministic content
 //! (no timings), so equal inputs and seed give byte-identical outputs and downstream early
 //! cutoff works; timings go to metrics and the log.
 
@@ -28,7 +28,7 @@ pub(crate) fn fail(message: impl Into<String>) -> OpError {
 }
 
 /// A layer or model error as a stage failure.
-pub(crate) fn nn(e: crate::nn::NnError) -> OpError {
+pub(crate) fn nn(e: nn::NnError) -> OpError {
     fail(e.to_string())
 }
 

@@ -15,17 +15,17 @@ use super::dataset::{read_meta, read_split, DatasetMeta, Split, Targets, Task};
 use super::{derive_seed, fail, nn, one_input, Device};
 use crate::arch::lr::{predict_lr, LrPrediction};
 use crate::arch::{ArchAwareInit, Cell, CellKind};
-use crate::nn::from_vec;
-use crate::nn::layers::ForwardCtx;
-use crate::nn::models::InputShape;
-use crate::nn::train::{
+use crate::{parse_params, LegacyOp as Op, Metrics, OpError, ParamError, RunContext};
+use nn::from_vec;
+use nn::layers::ForwardCtx;
+use nn::models::InputShape;
+use nn::train::{
     evaluate, load_weights, save_checkpoint, train_step, EvalReport, LossKind, Optimizer,
     OptimizerSpec, ParamGroup, Schedule, Target, WEIGHTS_FILE,
 };
-use crate::nn::{
+use nn::{
     collect_params, open_device, Dev, Init, InitScheme, Model, ModelSpec, NnError, VarianceHook,
 };
-use crate::{parse_params, LegacyOp as Op, Metrics, OpError, ParamError, RunContext};
 
 /// The input name under which a checkpoint to start from is found.
 pub const INIT_INPUT: &str = "init";
@@ -556,7 +556,7 @@ fn batch_tensors(
     dev: &Dev,
     split: Split,
     input: InputShape,
-) -> Result<(crate::nn::Tensor4<f32>, Target<f32>), NnError> {
+) -> Result<(nn::Tensor4<f32>, Target<f32>), NnError> {
     let n = split.n;
     let x = from_vec(dev, split.x, (n, input.channels, input.height, input.width))?;
     let target = match split.y {

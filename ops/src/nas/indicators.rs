@@ -12,8 +12,8 @@ use super::linalg::{cholesky, cholesky_logdet, cholesky_solve, cross, eigenvalue
 use super::net::{NetConfig, ParamSet, ProxyNet, SignRecorder};
 use super::space::OpSets;
 use crate::ml::derive_seed;
-use crate::nn::layers::ForwardCtx;
-use crate::nn::{open_device, Dev, NnError, Tensor4};
+use nn::layers::ForwardCtx;
+use nn::{open_device, Dev, NnError, Tensor4};
 
 /// The indicators a search can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -101,7 +101,7 @@ pub struct Images {
 
 impl Images {
     fn tensor(&self, dev: &Dev) -> Result<Tensor4<f64>, NnError> {
-        crate::nn::from_vec(dev, self.x.clone(), self.shape)
+        nn::from_vec(dev, self.x.clone(), self.shape)
     }
 }
 

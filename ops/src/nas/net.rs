@@ -14,11 +14,11 @@ use rand::SeedableRng;
 
 use super::space::{OpSets, EDGE_NODES, NUM_EDGES};
 use crate::ml::derive_seed;
-use crate::nn::layers::{
+use nn::layers::{
     global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };
-use crate::nn::models::ReluConvBn;
-use crate::nn::{Dev, HasParams, Init, NnError, Param, Tensor2, Tensor4};
+use nn::models::ReluConvBn;
+use nn::{Dev, HasParams, Init, NnError, Param, Tensor2, Tensor4};
 
 /// Shape of a proxy network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -445,9 +445,9 @@ impl ProxyNet {
 
     /// Number of scalars `set` covers.
     pub fn num_params(&self, set: ParamSet) -> usize {
-        crate::nn::collect_params(self)
+        nn::collect_params(self)
             .iter()
-            .filter(|(n, p)| p.kind == crate::nn::ParamKind::Trainable && set.selects(n))
+            .filter(|(n, p)| p.kind == nn::ParamKind::Trainable && set.selects(n))
             .map(|(_, p)| p.numel())
             .sum()
     }
@@ -474,8 +474,8 @@ impl ProxyNet {
             let l = y.try_mul(mask)?.try_sum::<Rank0, _>()?;
             let mut grads = l.try_backward()?;
             let mut row = Vec::new();
-            for (name, p) in crate::nn::collect_params(self) {
-                if p.kind == crate::nn::ParamKind::Trainable && set.selects(&name) {
+            for (name, p) in nn::collect_params(self) {
+                if p.kind == nn::ParamKind::Trainable && set.selects(&name) {
                     grads.try_alloc_for(&p.value)?;
                     row.extend(grads.get(&p.value).as_vec());
                 }

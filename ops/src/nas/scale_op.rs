@@ -24,9 +24,9 @@ use super::vit_space::{
     check_indicators, vit_probes, write_json, VitProxy, VitScorer, VitTopology, MODELS_FILE,
 };
 use crate::ml::derive_seed;
-use crate::nn::models::VitSpec;
-use crate::nn::ModelSpec;
 use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use nn::models::VitSpec;
+use nn::ModelSpec;
 
 pub const FAMILY_FILE: &str = "family.json";
 pub const SEED_INPUT: &str = "seed";

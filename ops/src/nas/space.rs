@@ -6,8 +6,8 @@ use rand::Rng;
 use crate::arch::filter::AcceptanceBox;
 use crate::arch::paths::path_proxies;
 use crate::arch::{Cell, CellKind};
-use crate::nn::models::topology::NB201_OPS;
-use crate::nn::models::Dag;
+use nn::models::topology::NB201_OPS;
+use nn::models::Dag;
 
 /// Edges of a cell, in arch-string order: (1<-0), (2<-0), (2<-1), (3<-0), (3<-1), (3<-2).
 pub const NUM_EDGES: usize = 6;
@@ -23,7 +23,7 @@ pub struct Arch(pub [u8; NUM_EDGES]);
 
 impl Arch {
     /// Parses an arch string, `"3_33_133"` or `"333133"`.
-    pub fn parse(field: &str, s: &str) -> Result<Self, crate::nn::NnError> {
+    pub fn parse(field: &str, s: &str) -> Result<Self, nn::NnError> {
         let dag = Dag::parse_nb201(field, s)?;
         let mut ops = [0u8; NUM_EDGES];
         for (pos, _, _, op) in dag.edges() {

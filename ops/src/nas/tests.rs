@@ -11,9 +11,9 @@ use super::net::{NetConfig, ParamSet, ProxyNet, SignRecorder};
 use super::space::{Arch, OpSets};
 use super::{CorrelateOp, SearchOp};
 use crate::arch::testing::run_op;
-use crate::nn::layers::ForwardCtx;
-use crate::nn::{collect_params_mut, from_vec, Dev, ParamKind};
 use crate::Input;
+use nn::layers::ForwardCtx;
+use nn::{collect_params_mut, from_vec, Dev, ParamKind};
 
 fn tiny() -> NetConfig {
     NetConfig {

@@ -24,9 +24,9 @@ use super::indicators::{condition_number, Failure, Images, Indicator};
 use super::rank::{best_by_rank_sum, ChangingRange};
 use super::search_op::{Algorithm, Probes, ProxyParams, SearchParams, DATA_INPUT};
 use crate::ml::derive_seed;
-use crate::nn::models::{InputShape, VitSpec};
-use crate::nn::{collect_params, open_device, Init, Model, ModelSpec, NnError, ParamKind};
 use crate::{OpError, ParamError, RunContext};
+use nn::models::{InputShape, VitSpec};
+use nn::{collect_params, open_device, Init, Model, ModelSpec, NnError, ParamKind};
 
 /// The file listing models a `train` stage can take with `model_from`.
 pub const MODELS_FILE: &str = "models.json";
@@ -351,7 +351,7 @@ impl VitScorer {
                 .vit_mut()
                 .ok_or_else(|| NnError::spec("model", "not a vit"))?;
             vit.set_identity_norms(true);
-            let x = crate::nn::from_vec(
+            let x = nn::from_vec(
                 &open_device()?,
                 circle,
                 (self.points, input.channels, input.height, input.width),
@@ -383,7 +383,7 @@ impl VitScorer {
                 .ok_or_else(|| net(NnError::spec("model", "not a vit")))?;
             let mut rows = Vec::with_capacity(b);
             for i in 0..b {
-                let xi = crate::nn::from_vec(
+                let xi = nn::from_vec(
                     &dev,
                     self.images.x[i * per..(i + 1) * per].to_vec(),
                     (1, c, h, w),

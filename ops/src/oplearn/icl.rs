@@ -11,9 +11,9 @@ use serde_json::Value;
 use super::fail;
 use crate::ml::dataset::{read_meta, read_split, Split, Targets};
 use crate::ml::{nn, one_input, write_metrics};
-use crate::nn::train::{load_checkpoint, predict};
-use crate::nn::{from_vec, open_device, Model};
 use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use nn::train::{load_checkpoint, predict};
+use nn::{from_vec, open_device, Model};
 
 fn default_chunk() -> usize {
     65_536

@@ -12,13 +12,13 @@ use serde_json::Value;
 
 use super::{fail, read_pde, scale_inputs};
 use crate::ml::{derive_seed, nn, one_input, write_metrics};
-use crate::nn::layers::ForwardCtx;
-use crate::nn::models::InputShape;
-use crate::nn::train::{
+use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use nn::layers::ForwardCtx;
+use nn::models::InputShape;
+use nn::train::{
     clip_grad_norm, save_checkpoint, Optimizer, OptimizerSpec, Schedule, ScheduleKind,
 };
-use crate::nn::{from_vec, open_device, Dev, Init, Model, ModelSpec, NnError};
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use nn::{from_vec, open_device, Dev, Init, Model, ModelSpec, NnError};
 
 pub const HISTORY_FILE: &str = "history.json";
 /// Largest blur kernel (section 3, step 2).
@@ -484,7 +484,7 @@ mod tests {
 
     #[test]
     fn r0_loss_is_nonzero_and_covers_all_pixels() {
-        use crate::nn::models::Fno2dMaeSpec;
+        use nn::models::Fno2dMaeSpec;
         let dev = Dev::default();
         let spec = ModelSpec::Fno2dMae(Fno2dMaeSpec {
             width: 4,
@@ -502,7 +502,7 @@ mod tests {
         let x: Vec<f32> = (0..c * n * n).map(|i| (i as f32 * 0.1).cos()).collect();
         let mut rng = StdRng::seed_from_u64(0);
         let (inp, weight) = corrupt_batch(&x, c, n, 0.0, None, &mut rng);
-        let out = crate::nn::train::predict(
+        let out = nn::train::predict(
             &mut model.clone(),
             from_vec(&dev, inp.clone(), (1, c, n, n)).unwrap(),
         )

@@ -270,22 +270,22 @@ impl<E: Float> HasParams<E> for Param<E> {
 /// Implements [`HasParams`] for a struct by listing its fields (parameters or sub-layers).
 macro_rules! impl_has_params {
     ($ty:ident { $($field:ident),* $(,)? }) => {
-        impl<E: $crate::nn::Float> $crate::nn::HasParams<E> for $ty<E> {
+        impl<E: $crate::Float> $crate::HasParams<E> for $ty<E> {
             fn visit_params<'a>(
                 &'a self,
                 prefix: &str,
-                out: &mut Vec<(String, &'a $crate::nn::Param<E>)>,
+                out: &mut Vec<(String, &'a $crate::Param<E>)>,
             ) {
-                $( $crate::nn::HasParams::visit_params(
-                    &self.$field, &$crate::nn::tensor::join(prefix, stringify!($field)), out); )*
+                $( $crate::HasParams::visit_params(
+                    &self.$field, &$crate::tensor::join(prefix, stringify!($field)), out); )*
             }
             fn visit_params_mut<'a>(
                 &'a mut self,
                 prefix: &str,
-                out: &mut Vec<(String, &'a mut $crate::nn::Param<E>)>,
+                out: &mut Vec<(String, &'a mut $crate::Param<E>)>,
             ) {
-                $( $crate::nn::HasParams::visit_params_mut(
-                    &mut self.$field, &$crate::nn::tensor::join(prefix, stringify!($field)), out); )*
+                $( $crate::HasParams::visit_params_mut(
+                    &mut self.$field, &$crate::tensor::join(prefix, stringify!($field)), out); )*
             }
         }
     };

@@ -5,10 +5,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::*;
-use crate::nn::layers::ForwardCtx;
-use crate::nn::models::InputShape;
-use crate::nn::tensor::from_vec;
-use crate::nn::{collect_params, Dev, Init, Model, ModelSpec, NnError, Tensor4};
+use crate::layers::ForwardCtx;
+use crate::models::InputShape;
+use crate::tensor::from_vec;
+use crate::{collect_params, Dev, Init, Model, ModelSpec, NnError, Tensor4};
 
 /// 1 x 4 x 4 images: noise plus one bright pixel, in the top half for class 0 and the bottom
 /// half for class 1. A model must look at where the pixel is.

@@ -3,9 +3,9 @@
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
 
-use crate::nn::init::unit_uniform;
-use crate::nn::tensor::{from_vec, impl_has_params};
-use crate::nn::{Dev, Float, NnError, Param, ParamKind, Tensor2, Tensor3, Tensor4};
+use crate::init::unit_uniform;
+use crate::tensor::{from_vec, impl_has_params};
+use crate::{Dev, Float, NnError, Param, ParamKind, Tensor2, Tensor3, Tensor4};
 
 /// y = irfft2(W . rfft2(x)) (both "ortho"), keeping modes kx in [0, m1) and [H - m1, H) of the
 /// first spatial axis and ky in [0, m2) of the second (rfft) axis, zero elsewhere.
@@ -249,7 +249,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
+    use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
     use rand::SeedableRng;
 
     fn layer(c_in: usize, c_out: usize, modes: (usize, usize), seed: u64) -> SpectralConv2d<f64> {

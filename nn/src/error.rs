@@ -1,4 +1,4 @@
-//! The error type of the nn module.
+//! The error type of the nn crate.
 
 use super::tensor::DevError;
 
@@ -43,21 +43,24 @@ impl From<DevError> for NnError {
 }
 
 impl NnError {
-    pub(crate) fn spec(field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// An [`NnError::InvalidSpec`] naming `field`.
+    pub fn spec(field: impl Into<String>, message: impl Into<String>) -> Self {
         NnError::InvalidSpec {
             field: field.into(),
             message: message.into(),
         }
     }
 
-    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+    /// An [`NnError::InvalidConfig`] naming `field`.
+    pub fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
         NnError::InvalidConfig {
             field: field.into(),
             message: message.into(),
         }
     }
 
-    pub(crate) fn shape(
+    /// An [`NnError::Shape`] for `what`, with the expected and actual shapes in `Debug` form.
+    pub fn shape(
         what: impl Into<String>,
         expected: impl std::fmt::Debug,
         got: impl std::fmt::Debug,

@@ -7,9 +7,9 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::dag::positive;
-use crate::nn::layers::{gelu, Conv2d, ConvGeometry, SpectralConv2d};
-use crate::nn::tensor::{impl_has_params, join};
-use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor4};
+use crate::layers::{gelu, Conv2d, ConvGeometry, SpectralConv2d};
+use crate::tensor::{impl_has_params, join};
+use crate::{Dev, Float, Init, NnError, Tensor2, Tensor4};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

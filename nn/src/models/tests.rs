@@ -1,6 +1,6 @@
 use super::*;
-use crate::nn::gradcheck::{check_param_grads, rand_tensor};
-use crate::nn::{collect_params, InitScheme};
+use crate::gradcheck::{check_param_grads, rand_tensor};
+use crate::{collect_params, InitScheme};
 use serde_json::json;
 
 fn build(

@@ -197,7 +197,7 @@ impl Dropout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, rand_tensor};
+    use crate::gradcheck::{check_input_grad, rand_tensor};
 
     #[test]
     fn relu_and_gelu_gradients_match_finite_differences() {

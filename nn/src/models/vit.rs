@@ -12,10 +12,10 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::dag::positive;
-use crate::nn::layers::MultiHeadSelfAttention;
-use crate::nn::layers::{gelu, unfold, Conv2d, ConvGeometry, LayerNorm, Linear};
-use crate::nn::tensor::{host_read, impl_has_params, join, take_grad, with_grad_mut};
-use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor3, Tensor4};
+use crate::layers::MultiHeadSelfAttention;
+use crate::layers::{gelu, unfold, Conv2d, ConvGeometry, LayerNorm, Linear};
+use crate::tensor::{host_read, impl_has_params, join, take_grad, with_grad_mut};
+use crate::{Dev, Float, Init, NnError, Tensor2, Tensor3, Tensor4};
 
 /// Stride of the stage-1 tokenizer at factor 1 (asvit.md §1).
 pub const TOKENIZER_STRIDE: usize = 4;
@@ -546,10 +546,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
-    use crate::nn::layers::ForwardCtx;
-    use crate::nn::models::InputShape;
-    use crate::nn::{collect_params, Model, ModelSpec};
+    use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
+    use crate::layers::ForwardCtx;
+    use crate::models::InputShape;
+    use crate::{collect_params, Model, ModelSpec};
     use serde_json::json;
 
     fn spec(v: serde_json::Value) -> VitSpec {

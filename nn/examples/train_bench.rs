@@ -1,9 +1,9 @@
-//! Training throughput of `ops::nn`: one model trained for a fixed number of steps on one fixed
+//! Training throughput of `nn`: one model trained for a fixed number of steps on one fixed
 //! random batch, through the same `train_step` the `train` op runs. Run by
 //! `bench/training/run.sh` next to the PyTorch equivalents in `bench/training/torch_bench.py`;
 //! prints one JSON object (steps/s, peak RSS).
 //!
-//! cargo run --release -p ops --example train_bench -- <mlp|nb201|fno2d> <steps> [--warmup 3]
+//! cargo run --release -p nn --example train_bench -- <mlp|nb201|fno2d> <steps> [--warmup 3]
 //!     [--dfdx-cache]
 //!
 //! `--dfdx-cache` turns on dfdx's allocation cache (off in `engine` today): a what-if for the
@@ -13,10 +13,10 @@
 
 use std::time::Instant;
 
-use ops::nn::layers::ForwardCtx;
-use ops::nn::models::InputShape;
-use ops::nn::train::{train_step, LossKind, Optimizer, OptimizerSpec, Target};
-use ops::nn::{from_vec, Dev, Init, Model, ModelSpec};
+use nn::layers::ForwardCtx;
+use nn::models::InputShape;
+use nn::train::{train_step, LossKind, Optimizer, OptimizerSpec, Target};
+use nn::{from_vec, Dev, Init, Model, ModelSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;

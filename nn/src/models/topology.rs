@@ -1,7 +1,7 @@
 //! Cell topologies: DAGs over nodes 0..=n, one op code per (target, source) edge
 //! (`../shared/papers/arch-aware-hparams.md` section 1).
 
-use crate::nn::NnError;
+use crate::NnError;
 
 /// A cell DAG. Node 0 is the input, node `n` the output; `ops[t - 1][s]` is the op code of the
 /// edge from node `s` to node `t` (s < t), 0 meaning the edge does not exist.

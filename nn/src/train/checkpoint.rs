@@ -6,8 +6,8 @@ use std::path::Path;
 use dfdx::tensor_ops::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::nn::models::InputShape;
-use crate::nn::{
+use crate::models::InputShape;
+use crate::{
     collect_params, collect_params_mut, Dev, Float, HasParams, Init, Model, ModelSpec, NnError,
 };
 

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::nn::NnError;
+use crate::NnError;
 
 /// The shape of the learning rate over training, after the warmup.
 #[derive(Clone, Debug, PartialEq)]

@@ -3,11 +3,11 @@
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rayon::prelude::*;
 
-use crate::nn::layers::ForwardCtx;
-use crate::nn::tensor::{
+use crate::layers::ForwardCtx;
+use crate::tensor::{
     grad_buffer_apply, grad_buffer_to_host, host_read, impl_has_params, with_grad_mut,
 };
-use crate::nn::{Dev, Float, NnError, Param, ParamKind, Tensor3, Tensor4};
+use crate::{Dev, Float, NnError, Param, ParamKind, Tensor3, Tensor4};
 
 /// Batch normalisation over `(batch, h, w)` per channel (Ioffe & Szegedy 2015, Alg. 1):
 /// y = (x - mu) / sqrt(var + eps) * gamma + beta, with the batch's mean and biased variance in
@@ -325,7 +325,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
+    use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
 
     #[test]
     fn batchnorm_training_normalises_and_tracks_running_stats() {

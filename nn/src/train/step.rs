@@ -4,8 +4,8 @@ use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 
 use super::loss::{accuracy, loss, relative_l2, LossKind, Target};
 use super::optim::{clip_grad_norm, Optimizer};
-use crate::nn::layers::ForwardCtx;
-use crate::nn::{Dev, Float, Model, NnError, Tensor2, Tensor4};
+use crate::layers::ForwardCtx;
+use crate::{Dev, Float, Model, NnError, Tensor2, Tensor4};
 
 /// What one optimisation step measured.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -5,10 +5,10 @@ use rand::rngs::StdRng;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use crate::nn::tensor::{
+use crate::tensor::{
     grad_buffer_apply, grad_buffer_to_host, host_read, impl_has_params, take_grad, with_grad_mut,
 };
-use crate::nn::{Dev, Float, Init, NnError, Param, ParamKind, Tensor3, Tensor4};
+use crate::{Dev, Float, Init, NnError, Param, ParamKind, Tensor3, Tensor4};
 
 /// Cross-correlation of `(batch, in, h, w)` with W: `(out, in, k, k)`, plus b: `(out,)`;
 /// out size = (h + 2 padding - dilation (k - 1) - 1) / stride + 1 (groups = 1).
@@ -780,7 +780,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
+    use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
     use rand::SeedableRng;
 
     fn conv(geom: ConvGeometry, bias: bool) -> Conv2d<f64> {

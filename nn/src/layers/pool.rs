@@ -5,8 +5,8 @@ use rayon::prelude::*;
 
 use super::conv::Im2col;
 use super::ConvGeometry;
-use crate::nn::tensor::{grad_buffer_apply, grad_buffer_to_host, host_read};
-use crate::nn::{Dev, Float, NnError, Tensor2, Tensor4};
+use crate::tensor::{grad_buffer_apply, grad_buffer_to_host, host_read};
+use crate::{Dev, Float, NnError, Tensor2, Tensor4};
 
 /// Average over `kernel x kernel` windows. With `count_include_pad = false` the padded border
 /// windows average only the real pixels (PyTorch's `count_include_pad=False`, used by
@@ -176,7 +176,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, rand_tensor};
+    use crate::gradcheck::{check_input_grad, rand_tensor};
 
     #[test]
     fn avg_pool_excluding_padding_averages_real_pixels() {

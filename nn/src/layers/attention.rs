@@ -5,8 +5,8 @@ use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
 
 use super::Linear;
-use crate::nn::tensor::{impl_has_params, join};
-use crate::nn::{Dev, Float, Init, NnError, Tensor3};
+use crate::tensor::{impl_has_params, join};
+use crate::{Dev, Float, Init, NnError, Tensor3};
 
 /// y = Proj(concat_h softmax(Q_h K_h^T / sqrt(d_h)) V_h) on `(batch, tokens, dim)`.
 #[derive(Clone, Debug)]
@@ -111,7 +111,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
+    use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
     use rand::SeedableRng;
 
     fn attn(dim: usize, heads: usize) -> MultiHeadSelfAttention<f64> {

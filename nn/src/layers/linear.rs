@@ -3,8 +3,8 @@
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
 
-use crate::nn::tensor::impl_has_params;
-use crate::nn::{Dev, Float, Init, NnError, Param, ParamKind, Tensor2, Tensor3};
+use crate::tensor::impl_has_params;
+use crate::{Dev, Float, Init, NnError, Param, ParamKind, Tensor2, Tensor3};
 
 /// y = x W^T + b, W: `(out, in)` (PyTorch's layout), b: `(out,)`.
 #[derive(Clone, Debug)]
@@ -101,8 +101,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
-    use crate::nn::{collect_params, InitScheme};
+    use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
+    use crate::{collect_params, InitScheme};
     use rand::SeedableRng;
 
     fn layer(bias: bool) -> Linear<f64> {

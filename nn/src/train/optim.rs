@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{
+use crate::{
     collect_params, collect_params_mut, Dev, Float, HasParams, NnError, ParamKind, Tensor1,
 };
 
@@ -294,8 +294,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::tensor::from_vec;
-    use crate::nn::Param;
+    use crate::tensor::from_vec;
+    use crate::Param;
 
     struct Two {
         a: Param<f64>,
@@ -303,10 +303,8 @@ mod tests {
     }
     impl HasParams<f64> for Two {
         fn visit_params<'a>(&'a self, p: &str, out: &mut Vec<(String, &'a Param<f64>)>) {
-            self.a
-                .visit_params(&crate::nn::tensor::join(p, "enc.a"), out);
-            self.b
-                .visit_params(&crate::nn::tensor::join(p, "head.b"), out);
+            self.a.visit_params(&crate::tensor::join(p, "enc.a"), out);
+            self.b.visit_params(&crate::tensor::join(p, "head.b"), out);
         }
         fn visit_params_mut<'a>(
             &'a mut self,
@@ -314,9 +312,9 @@ mod tests {
             out: &mut Vec<(String, &'a mut Param<f64>)>,
         ) {
             self.a
-                .visit_params_mut(&crate::nn::tensor::join(p, "enc.a"), out);
+                .visit_params_mut(&crate::tensor::join(p, "enc.a"), out);
             self.b
-                .visit_params_mut(&crate::nn::tensor::join(p, "head.b"), out);
+                .visit_params_mut(&crate::tensor::join(p, "head.b"), out);
         }
     }
 

@@ -3,8 +3,8 @@
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::tensor::from_vec;
-use crate::nn::{Dev, Float, NnError, Tensor2};
+use crate::tensor::from_vec;
+use crate::{Dev, Float, NnError, Tensor2};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -159,7 +159,7 @@ pub fn relative_l2<E: Float>(pred: &[E], target: &[E], per_sample: usize) -> f64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{check_input_grad, rand_tensor};
+    use crate::gradcheck::{check_input_grad, rand_tensor};
 
     #[test]
     fn cross_entropy_matches_formula_and_gradient() {

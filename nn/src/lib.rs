@@ -1,5 +1,8 @@
 //! Runtime-shaped neural-network layers, models and training on dfdx.
 //!
+//! A library of its own: it knows nothing of the engine (no ops, stages, cache or params of a
+//! pipeline). `ops`' `train`, `evaluate`, NAS and operator-learning ops build on it.
+//!
 //! dfdx's own `nn` modules fix their sizes in const generics; the models here are chosen at run
 //! time from a `model:` block, so every layer is built from dfdx tensor ops on `usize` shapes.
 //!

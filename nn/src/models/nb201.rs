@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::dag::{eval_cell, positive, ReluConvBn};
 use super::topology::Dag;
-use crate::nn::layers::{
+use crate::layers::{
     add_n, global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };
-use crate::nn::tensor::{impl_has_params, join};
-use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor4};
+use crate::tensor::{impl_has_params, join};
+use crate::{Dev, Float, Init, NnError, Tensor2, Tensor4};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,8 +50,8 @@ pub struct Cell<E: Float> {
     pub edges: Vec<Option<CellOp<E>>>,
 }
 
-impl<E: Float> crate::nn::HasParams<E> for Cell<E> {
-    fn visit_params<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a crate::nn::Param<E>)>) {
+impl<E: Float> crate::HasParams<E> for Cell<E> {
+    fn visit_params<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a crate::Param<E>)>) {
         for (i, e) in self.edges.iter().enumerate() {
             if let Some(CellOp::Conv(c)) = e {
                 c.visit_params(&join(&join(prefix, "edges"), &i.to_string()), out);
@@ -61,7 +61,7 @@ impl<E: Float> crate::nn::HasParams<E> for Cell<E> {
     fn visit_params_mut<'a>(
         &'a mut self,
         prefix: &str,
-        out: &mut Vec<(String, &'a mut crate::nn::Param<E>)>,
+        out: &mut Vec<(String, &'a mut crate::Param<E>)>,
     ) {
         for (i, e) in self.edges.iter_mut().enumerate() {
             if let Some(CellOp::Conv(c)) = e {
@@ -214,8 +214,8 @@ pub enum Nb201Block<E: Float> {
     Reduction(Box<ReductionBlock<E>>),
 }
 
-impl<E: Float> crate::nn::HasParams<E> for Nb201Block<E> {
-    fn visit_params<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a crate::nn::Param<E>)>) {
+impl<E: Float> crate::HasParams<E> for Nb201Block<E> {
+    fn visit_params<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a crate::Param<E>)>) {
         match self {
             Nb201Block::Cell(c) => c.visit_params(prefix, out),
             Nb201Block::Reduction(r) => r.visit_params(prefix, out),
@@ -224,7 +224,7 @@ impl<E: Float> crate::nn::HasParams<E> for Nb201Block<E> {
     fn visit_params_mut<'a>(
         &'a mut self,
         prefix: &str,
-        out: &mut Vec<(String, &'a mut crate::nn::Param<E>)>,
+        out: &mut Vec<(String, &'a mut crate::Param<E>)>,
     ) {
         match self {
             Nb201Block::Cell(c) => c.visit_params_mut(prefix, out),

@@ -22,8 +22,8 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::nn::layers::ForwardCtx;
-use crate::nn::{Dev, Float, HasParams, Init, NnError, Param, Tensor2, Tensor4};
+use crate::layers::ForwardCtx;
+use crate::{Dev, Float, HasParams, Init, NnError, Param, Tensor2, Tensor4};
 
 /// The `model:` block of a stage, tagged by `kind`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -279,9 +279,9 @@ where
 
     /// Number of trainable scalars.
     pub fn num_trainable(&self) -> usize {
-        crate::nn::collect_params(self)
+        crate::collect_params(self)
             .iter()
-            .filter(|(_, p)| p.kind == crate::nn::ParamKind::Trainable)
+            .filter(|(_, p)| p.kind == crate::ParamKind::Trainable)
             .map(|(_, p)| p.numel())
             .sum()
     }

@@ -6,11 +6,11 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::topology::Dag;
-use crate::nn::layers::{
+use crate::layers::{
     add_n, global_avg_pool, relu, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };
-use crate::nn::tensor::{impl_has_params, join};
-use crate::nn::{Dev, Float, Init, NnError, Tensor2, Tensor4};
+use crate::tensor::{impl_has_params, join};
+use crate::{Dev, Float, Init, NnError, Tensor2, Tensor4};
 
 /// Evaluates a cell: z(0) = input, z(t) = sum over existing edges (s, t) of edge(z(s)).
 ///
