@@ -23,12 +23,12 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut registry = Self::empty();
         registry.register(Arc::new(ShellOp));
-        registry.register(Arc::new(crate::Legacy(crate::ml::SyntheticImagesOp)));
-        registry.register(Arc::new(crate::Legacy(crate::ml::Cifar10Op)));
-        registry.register(Arc::new(crate::Legacy(crate::ml::MnistOp)));
-        registry.register(Arc::new(crate::Legacy(crate::ml::ImportOp)));
-        registry.register(Arc::new(crate::Legacy(crate::ml::TrainOp)));
-        registry.register(Arc::new(crate::Legacy(crate::ml::EvaluateOp)));
+        registry.register(Arc::new(crate::ml::SyntheticImagesOp));
+        registry.register(Arc::new(crate::ml::Cifar10Op));
+        registry.register(Arc::new(crate::ml::MnistOp));
+        registry.register(Arc::new(crate::ml::ImportOp));
+        registry.register(Arc::new(crate::ml::TrainOp));
+        registry.register(Arc::new(crate::ml::EvaluateOp));
         crate::pde::register(&mut registry);
         crate::arch::register(&mut registry);
         crate::nas::register(&mut registry);

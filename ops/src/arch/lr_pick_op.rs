@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::write_json;
-use crate::ml::{write_metrics, METRICS_FILE};
 use crate::{parse_params, Input, LegacyOp as Op, OpError, ParamError, RunContext};
+use crate::{write_metrics, METRICS_FILE};
 
 /// The artifact listing every grid point.
 pub const GRID_FILE: &str = "grid.json";

@@ -44,7 +44,7 @@ pub fn register(registry: &mut Registry) {
     registry.register(Arc::new(crate::Legacy(ArchAwareHparamsOp)));
     registry.register(Arc::new(crate::Legacy(NngpConnectivityOp)));
     registry.register(Arc::new(crate::Legacy(RerankOp)));
-    registry.register(Arc::new(crate::Legacy(crate::ml::LrProbeOp)));
+    registry.register(Arc::new(crate::ml::LrProbeOp));
     registry.register(Arc::new(crate::Legacy(LrPickOp)));
 }
 

@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::fail;
-use crate::OpError;
+use crate::{OpError, Outputs};
 
 pub const META_FILE: &str = "meta.json";
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
@@ -259,6 +259,20 @@ pub fn write_dataset(
     let path = dir.join(META_FILE);
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| io(&path, e))?;
     std::fs::write(&path, json).map_err(|e| OpError::io(path.display().to_string(), e))
+}
+
+/// Writes the dataset as the stage's result and reports `train_samples`, `val_samples` and
+/// `test_samples`.
+pub fn write_splits(
+    out: &mut Outputs<'_>,
+    meta: DatasetMeta,
+    splits: &[Split; 3],
+) -> Result<(), OpError> {
+    write_dataset(out.dir(), meta, splits)?;
+    for (name, s) in SPLITS.iter().zip(splits) {
+        out.metric(format!("{name}_samples"), s.n as f64);
+    }
+    Ok(())
 }
 
 /// Reads `meta.json` of the dataset in `dir`.

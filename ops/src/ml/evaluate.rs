@@ -1,57 +1,61 @@
 //! `evaluate`: a checkpoint's metrics on one split of a dataset.
 
-use serde::Deserialize;
-use serde_json::Value;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::dataset::{read_meta, read_split};
 use super::train::{evaluate_split, loss_for, report_metrics};
-use super::{fail, nn, one_input, Device};
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use super::{fail, nn_schema, Device};
 use nn::open_device;
 use nn::train::{load_checkpoint, LossKind};
-
-pub const METRICS_FILE: &str = "metrics.json";
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp, METRICS_FILE};
 
 /// Loads the checkpoint input, evaluates it in eval mode (running BatchNorm statistics) on a
 /// split of the dataset input, reports `loss` and `accuracy` or `rel_l2` (plus `samples`), and
 /// writes them to `metrics.json`.
 pub struct EvaluateOp;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluateParams {
     /// Name of the checkpoint input (a `train` stage's output).
-    #[serde(default = "default_checkpoint")]
-    checkpoint: String,
+    pub checkpoint: String,
     /// Name of the dataset input.
-    #[serde(default = "default_data")]
-    data: String,
-    #[serde(default = "default_split")]
-    split: String,
-    #[serde(default = "default_batch")]
-    batch_size: usize,
-    #[serde(default)]
-    loss: Option<LossKind>,
-    #[serde(default)]
-    device: Device,
+    pub data: String,
+    /// The split to evaluate on: `train`, `val` or `test`.
+    pub split: String,
+    /// Samples per forward pass.
+    pub batch_size: Count,
+    /// `cross_entropy`, `mse` or `sum_of_squares`; default: cross_entropy for classification,
+    /// mse for regression.
+    #[schemars(schema_with = "nn_schema::optional_name")]
+    pub loss: Option<LossKind>,
+    /// Where to compute: `cpu`, or `cuda` in a build with the `cuda` feature (default: the
+    /// build's device).
+    pub device: Device,
 }
 
-fn default_checkpoint() -> String {
-    "model".into()
-}
-fn default_data() -> String {
-    "data".into()
-}
-fn default_split() -> String {
-    "test".into()
-}
-fn default_batch() -> usize {
-    256
+impl Default for EvaluateParams {
+    fn default() -> Self {
+        Self {
+            checkpoint: "model".into(),
+            data: "data".into(),
+            split: "test".into(),
+            batch_size: Count(256),
+            loss: None,
+            device: Device::default(),
+        }
+    }
 }
 
-impl Params {
-    fn parse(params: &Value) -> Result<Self, ParamError> {
-        let p: Params = parse_params(params)?;
+impl TypedOp for EvaluateOp {
+    const NAME: &'static str = "evaluate";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "evaluates a checkpoint input on a split of a dataset input";
+    type Params = EvaluateParams;
+    type Config = EvaluateParams;
+
+    fn resolve(p: EvaluateParams) -> Result<EvaluateParams, ParamError> {
         p.device.check()?;
         if !super::dataset::SPLITS.contains(&p.split.as_str()) {
             return Err(
@@ -59,36 +63,20 @@ impl Params {
                     .with_fix("use train, val or test"),
             );
         }
-        if p.batch_size == 0 {
-            return Err(ParamError::new("batch_size", "must be at least 1"));
-        }
         Ok(p)
     }
-}
-
-impl Op for EvaluateOp {
-    fn name(&self) -> &'static str {
-        "evaluate"
+    fn required_inputs(p: &EvaluateParams) -> Vec<String> {
+        vec![p.checkpoint.clone(), p.data.clone()]
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "evaluates a checkpoint input on a split of a dataset input"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        Params::parse(params).map(|_| ())
-    }
-    fn required_inputs(&self, params: &Value) -> Vec<String> {
-        Params::parse(params)
-            .map(|p| vec![p.checkpoint, p.data])
-            .unwrap_or_default()
-    }
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = Params::parse(ctx.params)?;
-        let ck = one_input(ctx, &p.checkpoint)?.to_path_buf();
-        let data = one_input(ctx, &p.data)?.to_path_buf();
-        let mut model = load_checkpoint::<f32>(&open_device().map_err(nn)?, &ck).map_err(nn)?;
+    fn run(
+        &self,
+        p: &EvaluateParams,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
+        let ck = ctx.one_input(&p.checkpoint)?.to_path_buf();
+        let data = ctx.one_input(&p.data)?.to_path_buf();
+        let mut model = load_checkpoint::<f32>(&open_device()?, &ck)?;
         let meta = read_meta(&data)?;
         if model.input_shape() != super::train::input_shape(&meta) {
             return Err(fail(format!(
@@ -103,20 +91,20 @@ impl Op for EvaluateOp {
             return Err(fail(format!("split '{}' of the dataset is empty", p.split)));
         }
         ctx.check_cancelled()?;
-        let report = evaluate_split(&mut model, &split, kind, p.batch_size)?;
-        let mut metrics = report_metrics("", &report);
-        metrics.insert("samples".into(), split.n as f64);
-        let path = ctx.out_dir.join(METRICS_FILE);
-        let json = serde_json::to_vec_pretty(&metrics).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(&path, json).map_err(|e| OpError::io(path.display().to_string(), e))?;
+        let report = evaluate_split(&mut model, &split, kind, p.batch_size.get())?;
+        out.metrics_from(report_metrics("", &report));
+        out.metric("samples", split.n as f64);
+        // Every value as it came (a NaN loss is written as null, not left out), unlike the
+        // filtered metrics file of `train`: readers tell a diverged model from a missing metric.
+        out.write_json(METRICS_FILE, out.metrics())?;
         let _ = writeln!(
             ctx.log,
-            "{} on {} samples of '{}': {metrics:?}",
+            "{} on {} samples of '{}': {:?}",
             model.spec().kind(),
             split.n,
-            p.split
+            p.split,
+            out.metrics()
         );
-        ctx.metrics.extend(metrics);
         Ok(())
     }
 }

@@ -16,10 +16,10 @@ mod train;
 pub use evaluate::EvaluateOp;
 pub use readers::{Cifar10Op, ImportOp, MnistOp};
 pub use synthetic::{render_shape, SyntheticImagesOp};
-pub(crate) use train::write_metrics;
-pub use train::{LrProbeOp, TrainOp, METRICS_FILE};
+pub use train::{LrProbeOp, TrainOp};
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::{OpError, ParamError};
 
@@ -27,19 +27,50 @@ pub(crate) fn fail(message: impl Into<String>) -> OpError {
     OpError::Failed(message.into())
 }
 
-/// A layer or model error as a stage failure.
-pub(crate) fn nn(e: nn::NnError) -> OpError {
-    fail(e.to_string())
+/// A param without a default, refused in serde's own words when it is left out. Params types
+/// take every default from one `Default` impl (container `#[serde(default)]`, so the defaults
+/// are listed by `engine ops`); the few params that must be given are `Option`s checked here.
+pub(crate) fn required<T>(value: Option<T>, field: &str) -> Result<T, ParamError> {
+    value.ok_or_else(|| ParamError::new("", format!("missing field `{field}`")))
+}
+
+/// Schemas for the [`nn`] types that params embed (`model:`, `optimizer:`, `schedule:`,
+/// `loss:` ...). nn documents their fields itself and does not derive `JsonSchema`; the
+/// embedding param's doc comment names the choices.
+pub(crate) mod nn_schema {
+    use schemars::{json_schema, Schema, SchemaGenerator};
+
+    /// A block of named fields (`optimizer: {kind: sgd, momentum: 0.9}`).
+    pub fn object(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "object", "properties": {}})
+    }
+
+    /// A list of such blocks.
+    pub fn objects(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "array", "items": {"type": "object", "properties": {}}})
+    }
+
+    /// A name (`init_scheme: kaiming_normal`).
+    pub fn name(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "string"})
+    }
+
+    /// A name that may be left out (`loss:`).
+    pub fn optional_name(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": ["string", "null"]})
+    }
 }
 
 /// Where a stage computes (`device:` param of `train` and `evaluate`). A build computes on one
 /// device: the CPU, or with the `cuda` feature GPU 0; the other value is refused with a fix.
 /// Left out, it is the build's device (so the same pipeline runs on either build; set it, or
 /// `engine run --device`, to make the device part of the stage's key).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Device {
+    /// The host CPU (a build without the `cuda` feature).
     Cpu,
+    /// GPU 0 (a build with the `cuda` feature).
     Cuda,
 }
 
@@ -87,58 +118,57 @@ pub(crate) fn derive_seed(seed: u64, stream: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The one folder of input `name` (a list input is refused).
-pub(crate) fn one_input<'a>(
-    ctx: &'a crate::RunContext<'_>,
-    name: &str,
-) -> Result<&'a std::path::Path, OpError> {
-    match ctx.input(name)? {
-        crate::Input::One(p) => Ok(p),
-        crate::Input::Many { .. } => Err(fail(format!(
-            "input '{name}' selects several stages; point it at one (`stage` or `stage[k=v]`)"
-        ))),
-    }
-}
-
 #[cfg(test)]
-pub(crate) mod testing {
-    //! Running an op in a temporary folder, as the engine would.
+mod tests {
+    use super::*;
+    use crate::oplearn::{dataset::PdeDatasetOp, icl::InContextOp, pretrain::PretrainMaskOp};
+    use crate::Op;
 
-    use std::collections::BTreeMap;
-    use std::path::{Path, PathBuf};
-
-    use crate::{CancelFlag, Input, LegacyOp as Op, Metrics, OpError, Progress, RunContext};
-
-    pub fn run_op(
-        op: &dyn Op,
-        params: serde_json::Value,
-        inputs: &[(&str, &Path)],
-        workspace: &Path,
-        out: &Path,
-        seed: u64,
-    ) -> Result<Metrics, OpError> {
-        op.validate(&params)?;
-        let inputs: BTreeMap<String, Input> = inputs
-            .iter()
-            .map(|(n, p)| (n.to_string(), Input::One(PathBuf::from(p))))
-            .collect();
-        std::fs::create_dir_all(out).map_err(|e| OpError::io("out", e))?;
-        let cancel = CancelFlag::new();
-        let progress = Progress::silent();
-        let mut log = Vec::new();
-        let mut ctx = RunContext {
-            params: &params,
-            inputs: &inputs,
-            out_dir: out,
-            workspace,
-            seed,
-            cpus: 1,
-            cancel: &cancel,
-            progress: &progress,
-            log: &mut log,
-            metrics: Metrics::new(),
-        };
-        op.run(&mut ctx)?;
-        Ok(ctx.metrics)
+    #[test]
+    fn every_param_is_documented_and_the_training_ops_take_a_device() {
+        let ops: [(&dyn Op, bool); 10] = [
+            (&TrainOp, true),
+            (&LrProbeOp, true),
+            (&EvaluateOp, true),
+            (&SyntheticImagesOp, false),
+            (&Cifar10Op, false),
+            (&MnistOp, false),
+            (&ImportOp, false),
+            (&PdeDatasetOp, false),
+            (&PretrainMaskOp, false),
+            (&InContextOp, false),
+        ];
+        for (op, device) in ops {
+            let rows = op.params_doc();
+            assert!(!rows.is_empty(), "{}", op.name());
+            for row in &rows {
+                assert!(
+                    !row.doc.is_empty(),
+                    "{}: `{}` has no doc",
+                    op.name(),
+                    row.path
+                );
+            }
+            assert_eq!(op.takes_device(), device, "{}", op.name());
+        }
+        let train = TrainOp.params_doc();
+        let row = |path: &str| train.iter().find(|r| r.path == path).unwrap();
+        assert_eq!(row("lr").kind, "number | \"arch_aware\" (optional)");
+        assert_eq!(row("batch_size").default, Some(serde_json::json!(64)));
+        assert_eq!(row("data").default, Some(serde_json::json!("data")));
+        // An optional block's own fields (params_doc lists them only for a required block).
+        let from = crate::params_doc::of::<train::ModelFrom>();
+        assert_eq!(from.len(), 2);
+        assert!(
+            from.iter().all(|r| !r.doc.is_empty() && r.required),
+            "{from:?}"
+        );
+        assert_eq!(
+            row("optimizer").default,
+            Some(
+                serde_json::json!({"kind": "sgd", "momentum": 0.9, "nesterov": false,
+                                    "weight_decay": 0.0})
+            )
+        );
     }
 }

@@ -7,15 +7,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use serde_json::Value;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::dataset::{
-    split_by_permutation, standardize, write_dataset, DatasetMeta, Fractions, Split, Targets, Task,
-    SPLITS,
+    split_by_permutation, standardize, write_splits, DatasetMeta, Fractions, Split, Targets, Task,
 };
-use super::{derive_seed, fail};
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use super::{derive_seed, fail, required};
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 fn relative(field: &str, path: &str) -> Result<(), ParamError> {
     if path.is_empty() {
@@ -35,49 +34,37 @@ fn read(path: &Path) -> Result<Vec<u8>, OpError> {
     std::fs::read(path).map_err(|e| OpError::io(path.display().to_string(), e))
 }
 
-fn default_val() -> f64 {
-    0.1
-}
-fn yes() -> bool {
-    true
-}
-
 /// Writes an official train/test pair: val is carved from the training part by a seeded
 /// permutation, test is the official test set; then optional standardisation.
-#[allow(clippy::too_many_arguments)]
 fn write_official(
     ctx: &mut RunContext<'_>,
+    out: &mut Outputs<'_>,
     source: &str,
-    train_all: Split,
-    test: Split,
+    [train_all, test]: [Split; 2],
     shape: [usize; 3],
-    classes: usize,
-    val_fraction: f64,
-    standardize_x: bool,
+    p: &OfficialConfig,
 ) -> Result<(), OpError> {
     let [train, val, _] = split_by_permutation(
         &train_all,
         Fractions {
-            val: val_fraction,
+            val: p.val_fraction,
             test: 0.0,
         },
         derive_seed(ctx.seed, 2),
     );
     let mut splits = [train, val, test];
-    let normalization = standardize_x.then(|| standardize(&mut splits, shape[0]));
+    let normalization = p.standardize.then(|| standardize(&mut splits, shape[0]));
     let meta = DatasetMeta {
         task: Task::Classification,
-        classes: Some(classes),
+        // CIFAR-10 and MNIST both have ten classes.
+        classes: Some(10),
         shape,
         target_shape: None,
         samples: BTreeMap::new(),
         source: source.to_string(),
         normalization,
     };
-    write_dataset(ctx.out_dir, meta, &splits)?;
-    for (name, s) in SPLITS.iter().zip(&splits) {
-        ctx.metrics.insert(format!("{name}_samples"), s.n as f64);
-    }
+    write_splits(out, meta, &splits)?;
     let _ = writeln!(
         ctx.log,
         "{source}: train {}, val {}, test {}",
@@ -95,26 +82,51 @@ fn write_official(
 /// Whichever training batches are present are read, in order.
 pub struct Cifar10Op;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OfficialParams {
+/// The params of `data.cifar10` and `data.mnist`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfficialParams {
+    /// The folder holding the official files, relative to the pipeline's folder (a dep, so
+    /// their content is part of the key). Required.
+    pub path: Option<String>,
+    /// Fraction of the official training set held out as the val split (seeded permutation).
+    pub val_fraction: f64,
+    /// Standardise every channel with the training split's mean and std.
+    pub standardize: bool,
+}
+
+impl Default for OfficialParams {
+    fn default() -> Self {
+        Self {
+            path: None,
+            val_fraction: 0.1,
+            standardize: true,
+        }
+    }
+}
+
+/// Checked [`OfficialParams`].
+#[derive(Debug, Clone)]
+pub struct OfficialConfig {
     path: String,
-    #[serde(default = "default_val")]
     val_fraction: f64,
-    #[serde(default = "yes")]
     standardize: bool,
 }
 
-impl OfficialParams {
-    fn parse(params: &Value) -> Result<Self, ParamError> {
-        let p: Self = parse_params(params)?;
-        relative("path", &p.path)?;
+impl OfficialConfig {
+    fn resolve(p: OfficialParams) -> Result<Self, ParamError> {
+        let path = required(p.path, "path")?;
+        relative("path", &path)?;
         Fractions {
             val: p.val_fraction,
             test: 0.0,
         }
         .check()?;
-        Ok(p)
+        Ok(Self {
+            path,
+            val_fraction: p.val_fraction,
+            standardize: p.standardize,
+        })
     }
 }
 
@@ -149,66 +161,73 @@ pub(crate) fn read_cifar_batch(
     Ok(())
 }
 
-impl Op for Cifar10Op {
-    fn name(&self) -> &'static str {
-        "data.cifar10"
+/// The official training batches present and the test batch in `dir`.
+fn read_cifar10(ctx: &RunContext<'_>, dir: &Path) -> Result<([Split; 2], [usize; 3]), OpError> {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for i in 1..=5 {
+        let f = dir.join(format!("data_batch_{i}.bin"));
+        if f.exists() {
+            ctx.check_cancelled()?;
+            read_cifar_batch(&f, &mut x, &mut y)?;
+        }
     }
-    fn version(&self) -> u32 {
-        1
+    if y.is_empty() {
+        return Err(fail(format!(
+            "{}: no data_batch_1.bin .. data_batch_5.bin; point `path` at the extracted \
+             cifar-10-batches-bin folder",
+            dir.display()
+        )));
     }
-    fn summary(&self) -> &'static str {
-        "reads the official CIFAR-10 binary batches from `path` into a dataset"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        OfficialParams::parse(params).map(|_| ())
-    }
-    fn deps(&self, params: &Value) -> Vec<String> {
-        OfficialParams::parse(params)
-            .map(|p| vec![p.path])
-            .unwrap_or_default()
-    }
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = OfficialParams::parse(ctx.params)?;
-        let dir = ctx.workspace.join(&p.path);
-        let (mut x, mut y) = (Vec::new(), Vec::new());
-        for i in 1..=5 {
-            let f = dir.join(format!("data_batch_{i}.bin"));
-            if f.exists() {
-                ctx.check_cancelled()?;
-                read_cifar_batch(&f, &mut x, &mut y)?;
+    let train = Split {
+        n: y.len(),
+        x,
+        y: Targets::Labels(y),
+    };
+    let (mut tx, mut ty) = (Vec::new(), Vec::new());
+    read_cifar_batch(&dir.join("test_batch.bin"), &mut tx, &mut ty)?;
+    let test = Split {
+        n: ty.len(),
+        x: tx,
+        y: Targets::Labels(ty),
+    };
+    Ok(([train, test], [3, 32, 32]))
+}
+
+/// `data.cifar10` and `data.mnist`: the same params, each with its reader of the files.
+macro_rules! official_reader {
+    ($op:ty, $name:literal, $summary:literal, $read:expr) => {
+        impl TypedOp for $op {
+            const NAME: &'static str = $name;
+            const VERSION: u32 = 1;
+            const SUMMARY: &'static str = $summary;
+            type Params = OfficialParams;
+            type Config = OfficialConfig;
+
+            fn resolve(p: OfficialParams) -> Result<OfficialConfig, ParamError> {
+                OfficialConfig::resolve(p)
+            }
+            fn deps(p: &OfficialConfig) -> Vec<String> {
+                vec![p.path.clone()]
+            }
+            fn run(
+                &self,
+                p: &OfficialConfig,
+                ctx: &mut RunContext<'_>,
+                out: &mut Outputs<'_>,
+            ) -> Result<(), OpError> {
+                let (splits, shape) = $read(ctx, &ctx.workspace.join(&p.path))?;
+                write_official(ctx, out, Self::NAME, splits, shape, p)
             }
         }
-        if y.is_empty() {
-            return Err(fail(format!(
-                "{}: no data_batch_1.bin .. data_batch_5.bin; point `path` at the extracted \
-                 cifar-10-batches-bin folder",
-                dir.display()
-            )));
-        }
-        let train = Split {
-            n: y.len(),
-            x,
-            y: Targets::Labels(y),
-        };
-        let (mut tx, mut ty) = (Vec::new(), Vec::new());
-        read_cifar_batch(&dir.join("test_batch.bin"), &mut tx, &mut ty)?;
-        let test = Split {
-            n: ty.len(),
-            x: tx,
-            y: Targets::Labels(ty),
-        };
-        write_official(
-            ctx,
-            self.name(),
-            train,
-            test,
-            [3, 32, 32],
-            10,
-            p.val_fraction,
-            p.standardize,
-        )
-    }
+    };
 }
+
+official_reader!(
+    Cifar10Op,
+    "data.cifar10",
+    "reads the official CIFAR-10 binary batches from `path` into a dataset",
+    read_cifar10
+);
 
 // ---------------------------------------------------------------------------------------------
 
@@ -296,46 +315,24 @@ fn read_mnist(dir: &Path, prefix: &str) -> Result<(Split, usize, usize), OpError
     Ok((split, dims[1], dims[2]))
 }
 
-impl Op for MnistOp {
-    fn name(&self) -> &'static str {
-        "data.mnist"
+/// The official training and test IDX files in `dir`.
+fn read_mnist_files(_: &RunContext<'_>, dir: &Path) -> Result<([Split; 2], [usize; 3]), OpError> {
+    let (train, h, w) = read_mnist(dir, "train")?;
+    let (test, th, tw) = read_mnist(dir, "t10k")?;
+    if (h, w) != (th, tw) {
+        return Err(fail(format!(
+            "training images are {h}x{w} but test images {th}x{tw}"
+        )));
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "reads the MNIST IDX files from `path` into a dataset"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        OfficialParams::parse(params).map(|_| ())
-    }
-    fn deps(&self, params: &Value) -> Vec<String> {
-        OfficialParams::parse(params)
-            .map(|p| vec![p.path])
-            .unwrap_or_default()
-    }
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = OfficialParams::parse(ctx.params)?;
-        let dir = ctx.workspace.join(&p.path);
-        let (train, h, w) = read_mnist(&dir, "train")?;
-        let (test, th, tw) = read_mnist(&dir, "t10k")?;
-        if (h, w) != (th, tw) {
-            return Err(fail(format!(
-                "training images are {h}x{w} but test images {th}x{tw}"
-            )));
-        }
-        write_official(
-            ctx,
-            self.name(),
-            train,
-            test,
-            [1, h, w],
-            10,
-            p.val_fraction,
-            p.standardize,
-        )
-    }
+    Ok(([train, test], [1, h, w]))
 }
+
+official_reader!(
+    MnistOp,
+    "data.mnist",
+    "reads the MNIST IDX files from `path` into a dataset",
+    read_mnist_files
+);
 
 // ---------------------------------------------------------------------------------------------
 
@@ -347,48 +344,45 @@ impl Op for MnistOp {
 /// regression task with the same rank rules as `x`. Split by seeded permutation.
 pub struct ImportOp;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportParams {
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportParams {
+    /// The inputs: a `.npy` file, or a `.safetensors` file (its tensor `x`, or its only
+    /// tensor), relative to the pipeline's folder. Required.
+    pub x: Option<String>,
+    /// The targets, likewise (tensor `y`); may be the same file as `x`. Required.
+    pub y: Option<String>,
+    /// Number of classes of integer labels (default: the largest label + 1).
+    pub classes: Option<Count>,
+    /// Fraction of the samples held out as the val split.
+    pub val_fraction: f64,
+    /// Fraction of the samples held out as the test split.
+    pub test_fraction: f64,
+    /// Standardise every channel of `x` with the training split's mean and std.
+    pub standardize: bool,
+}
+
+impl Default for ImportParams {
+    fn default() -> Self {
+        Self {
+            x: None,
+            y: None,
+            classes: None,
+            val_fraction: 0.1,
+            test_fraction: 0.2,
+            standardize: false,
+        }
+    }
+}
+
+/// Checked [`ImportParams`].
+#[derive(Debug, Clone)]
+pub struct ImportConfig {
     x: String,
     y: String,
-    #[serde(default)]
     classes: Option<usize>,
-    #[serde(default = "default_val")]
-    val_fraction: f64,
-    #[serde(default = "default_import_test")]
-    test_fraction: f64,
-    #[serde(default)]
+    fractions: Fractions,
     standardize: bool,
-}
-
-fn default_import_test() -> f64 {
-    0.2
-}
-
-impl ImportParams {
-    fn parse(params: &Value) -> Result<Self, ParamError> {
-        let p: Self = parse_params(params)?;
-        relative("x", &p.x)?;
-        relative("y", &p.y)?;
-        for (field, path) in [("x", &p.x), ("y", &p.y)] {
-            if !(path.ends_with(".npy") || path.ends_with(".safetensors")) {
-                return Err(ParamError::new(
-                    field,
-                    format!("'{path}' is neither a .npy nor a .safetensors file"),
-                ));
-            }
-        }
-        if p.classes == Some(0) {
-            return Err(ParamError::new("classes", "must be at least 1"));
-        }
-        Fractions {
-            val: p.val_fraction,
-            test: p.test_fraction,
-        }
-        .check()?;
-        Ok(p)
-    }
 }
 
 /// An array read from a file, as f64 values with a flag for integer dtypes.
@@ -540,28 +534,52 @@ fn sample_shape(shape: &[usize], what: &str) -> Result<[usize; 3], OpError> {
     }
 }
 
-impl Op for ImportOp {
-    fn name(&self) -> &'static str {
-        "data.import"
+impl TypedOp for ImportOp {
+    const NAME: &'static str = "data.import";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "imports .npy / .safetensors arrays x, y into a dataset";
+    type Params = ImportParams;
+    type Config = ImportConfig;
+
+    fn resolve(p: ImportParams) -> Result<ImportConfig, ParamError> {
+        let x = required(p.x, "x")?;
+        let y = required(p.y, "y")?;
+        relative("x", &x)?;
+        relative("y", &y)?;
+        for (field, path) in [("x", &x), ("y", &y)] {
+            if !(path.ends_with(".npy") || path.ends_with(".safetensors")) {
+                return Err(ParamError::new(
+                    field,
+                    format!("'{path}' is neither a .npy nor a .safetensors file"),
+                ));
+            }
+        }
+        let fractions = Fractions {
+            val: p.val_fraction,
+            test: p.test_fraction,
+        };
+        fractions.check()?;
+        Ok(ImportConfig {
+            x,
+            y,
+            classes: p.classes.map(Count::get),
+            fractions,
+            standardize: p.standardize,
+        })
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "imports .npy / .safetensors arrays x, y into a dataset"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        ImportParams::parse(params).map(|_| ())
-    }
-    fn deps(&self, params: &Value) -> Vec<String> {
-        match ImportParams::parse(params) {
-            Ok(p) if p.x == p.y => vec![p.x],
-            Ok(p) => vec![p.x, p.y],
-            Err(_) => Vec::new(),
+    fn deps(p: &ImportConfig) -> Vec<String> {
+        if p.x == p.y {
+            vec![p.x.clone()]
+        } else {
+            vec![p.x.clone(), p.y.clone()]
         }
     }
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = ImportParams::parse(ctx.params)?;
+    fn run(
+        &self,
+        p: &ImportConfig,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let x = read_array(ctx.workspace, &p.x, "x")?;
         let y = read_array(ctx.workspace, &p.y, "y")?;
         let n = x.shape.first().copied().unwrap_or(0);
@@ -616,11 +634,7 @@ impl Op for ImportOp {
             x: xs,
             y: targets,
         };
-        let fractions = Fractions {
-            val: p.val_fraction,
-            test: p.test_fraction,
-        };
-        let mut splits = split_by_permutation(&all, fractions, derive_seed(ctx.seed, 2));
+        let mut splits = split_by_permutation(&all, p.fractions, derive_seed(ctx.seed, 2));
         let normalization = p.standardize.then(|| standardize(&mut splits, shape[0]));
         let meta = DatasetMeta {
             task,
@@ -628,13 +642,10 @@ impl Op for ImportOp {
             shape,
             target_shape,
             samples: BTreeMap::new(),
-            source: self.name().to_string(),
+            source: Self::NAME.to_string(),
             normalization,
         };
-        write_dataset(ctx.out_dir, meta, &splits)?;
-        for (name, s) in SPLITS.iter().zip(&splits) {
-            ctx.metrics.insert(format!("{name}_samples"), s.n as f64);
-        }
+        write_splits(out, meta, &splits)?;
         let _ = writeln!(
             ctx.log,
             "imported {n} samples of {shape:?}: train {}, val {}, test {}",
@@ -648,7 +659,8 @@ impl Op for ImportOp {
 mod tests {
     use super::*;
     use crate::ml::dataset::{read_meta, read_split};
-    use crate::ml::testing::run_op;
+    use crate::testing::OpRun;
+    use crate::Op;
     use serde_json::json;
 
     #[test]
@@ -670,22 +682,25 @@ mod tests {
         std::fs::write(dir.join("data_batch_1.bin"), batch(6, 0)).unwrap();
         std::fs::write(dir.join("data_batch_2.bin"), batch(4, 6)).unwrap();
         std::fs::write(dir.join("test_batch.bin"), batch(3, 20)).unwrap();
-        let out = ws.path().join("out");
         let params = json!({"path": "cifar", "val_fraction": 0.2, "standardize": false});
-        assert_eq!(Cifar10Op.deps(&params), ["cifar"]);
-        let m = run_op(&Cifar10Op, params, &[], ws.path(), &out, 1).unwrap();
+        assert_eq!(Cifar10Op.plan(&params).unwrap().deps, ["cifar"]);
+        let run = OpRun::new(params)
+            .workspace(ws.path())
+            .seed(1)
+            .run(&Cifar10Op);
+        let (m, out) = (run.metrics(), &run.out_dir);
         assert_eq!(
             (m["train_samples"], m["val_samples"], m["test_samples"]),
             (8.0, 2.0, 3.0)
         );
-        let meta = read_meta(&out).unwrap();
+        let meta = read_meta(out).unwrap();
         assert_eq!(meta.shape, [3, 32, 32]);
-        let test = read_split(&out, &meta, "test").unwrap();
+        let test = read_split(out, &meta, "test").unwrap();
         assert_eq!(test.y, Targets::Labels(vec![0, 1, 2]));
         // Sample 1 of the test set is record 21: green plane = 211 / 255.
         assert!((test.x[3072 + 1024] - 211.0 / 255.0).abs() < 1e-6);
-        let train = read_split(&out, &meta, "train").unwrap();
-        let val = read_split(&out, &meta, "val").unwrap();
+        let train = read_split(out, &meta, "train").unwrap();
+        let val = read_split(out, &meta, "val").unwrap();
         let Targets::Labels(mut labels) = train.y else {
             panic!()
         };
@@ -695,17 +710,19 @@ mod tests {
         assert_eq!(labels, (0..10).collect::<Vec<_>>());
 
         std::fs::write(dir.join("data_batch_1.bin"), vec![0u8; 100]).unwrap();
-        let err = run_op(
-            &Cifar10Op,
-            json!({"path": "cifar"}),
-            &[],
-            ws.path(),
-            &ws.path().join("o2"),
-            1,
-        )
-        .unwrap_err();
+        let err = OpRun::new(json!({"path": "cifar"}))
+            .workspace(ws.path())
+            .run(&Cifar10Op)
+            .result
+            .unwrap_err();
         assert!(err.to_string().contains("CIFAR-10 records"), "{err}");
-        assert!(Cifar10Op.validate(&json!({"path": "/abs/cifar"})).is_err());
+        assert_eq!(
+            Cifar10Op
+                .plan(&json!({"path": "/abs/cifar"}))
+                .unwrap_err()
+                .path,
+            "path"
+        );
     }
 
     fn idx(kind_rank: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -740,15 +757,21 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("t10k-labels.idx1-ubyte"), idx(1, &[2], &[9, 2])).unwrap();
-        let out = ws.path().join("out");
-        let params = json!({"path": "mnist", "val_fraction": 0.0, "standardize": false});
-        run_op(&MnistOp, params, &[], ws.path(), &out, 0).unwrap();
-        let meta = read_meta(&out).unwrap();
+        let mnist = |params: serde_json::Value| {
+            OpRun::new(params)
+                .workspace(ws.path())
+                .seed(0)
+                .run(&MnistOp)
+        };
+        let run = mnist(json!({"path": "mnist", "val_fraction": 0.0, "standardize": false}));
+        run.metrics();
+        let out = &run.out_dir;
+        let meta = read_meta(out).unwrap();
         assert_eq!(meta.shape, [1, 4, 3]);
-        let test = read_split(&out, &meta, "test").unwrap();
+        let test = read_split(out, &meta, "test").unwrap();
         assert_eq!(test.y, Targets::Labels(vec![9, 2]));
         assert!((test.x[13] - 13.0 / 255.0).abs() < 1e-6);
-        let train = read_split(&out, &meta, "train").unwrap();
+        let train = read_split(out, &meta, "train").unwrap();
         assert_eq!(train.n, 5);
 
         // A label file that disagrees with its images.
@@ -757,15 +780,7 @@ mod tests {
             idx(1, &[4], &[3, 1, 4, 1]),
         )
         .unwrap();
-        let err = run_op(
-            &MnistOp,
-            json!({"path": "mnist"}),
-            &[],
-            ws.path(),
-            &ws.path().join("o2"),
-            0,
-        )
-        .unwrap_err();
+        let err = mnist(json!({"path": "mnist"})).result.unwrap_err();
         assert!(err.to_string().contains("labels"), "{err}");
         // Standardised training pixels have mean 0.
         std::fs::write(
@@ -773,18 +788,10 @@ mod tests {
             idx(1, &[5], &[3, 1, 4, 1, 5]),
         )
         .unwrap();
-        let out3 = ws.path().join("o3");
-        run_op(
-            &MnistOp,
-            json!({"path": "mnist", "val_fraction": 0.0}),
-            &[],
-            ws.path(),
-            &out3,
-            0,
-        )
-        .unwrap();
-        let meta = read_meta(&out3).unwrap();
-        let train = read_split(&out3, &meta, "train").unwrap();
+        let run = mnist(json!({"path": "mnist", "val_fraction": 0.0}));
+        run.metrics();
+        let meta = read_meta(&run.out_dir).unwrap();
+        let train = read_split(&run.out_dir, &meta, "train").unwrap();
         let mean: f64 = train.x.iter().map(|v| *v as f64).sum::<f64>() / train.x.len() as f64;
         assert!(mean.abs() < 1e-5 && meta.normalization.is_some());
     }
@@ -810,17 +817,24 @@ mod tests {
         std::fs::write(ws.path().join("x.npy"), npy("<f4", "(10, 2, 3)", &x)).unwrap();
         let y: Vec<u8> = (0..10i64).flat_map(|v| (v % 4).to_le_bytes()).collect();
         std::fs::write(ws.path().join("y.npy"), npy("<i8", "(10,)", &y)).unwrap();
-        let out = ws.path().join("out");
+        let import = |params: serde_json::Value| {
+            OpRun::new(params)
+                .workspace(ws.path())
+                .seed(5)
+                .run(&ImportOp)
+        };
         let params = json!({"x": "x.npy", "y": "y.npy", "val_fraction": 0.2, "test_fraction": 0.2});
-        assert_eq!(ImportOp.deps(&params), ["x.npy", "y.npy"]);
-        run_op(&ImportOp, params, &[], ws.path(), &out, 5).unwrap();
-        let meta = read_meta(&out).unwrap();
+        assert_eq!(ImportOp.plan(&params).unwrap().deps, ["x.npy", "y.npy"]);
+        let run = import(params);
+        run.metrics();
+        let out = &run.out_dir;
+        let meta = read_meta(out).unwrap();
         assert_eq!(
             (meta.task, meta.classes, meta.shape),
             (Task::Classification, Some(4), [1, 2, 3])
         );
         assert_eq!(meta.samples["train"], 6);
-        let train = read_split(&out, &meta, "train").unwrap();
+        let train = read_split(out, &meta, "train").unwrap();
         // Each sample's pixels are 6k .. 6k + 5 and its label k % 4.
         let Targets::Labels(labels) = &train.y else {
             panic!()
@@ -853,22 +867,34 @@ mod tests {
             safetensors::serialize(views, &None).unwrap(),
         )
         .unwrap();
-        let out = ws.path().join("out2");
         let params = json!({"x": "d.safetensors", "y": "d.safetensors", "val_fraction": 0.0, "test_fraction": 0.0});
-        assert_eq!(ImportOp.deps(&params), ["d.safetensors"]);
-        run_op(&ImportOp, params, &[], ws.path(), &out, 5).unwrap();
-        let meta = read_meta(&out).unwrap();
+        assert_eq!(ImportOp.plan(&params).unwrap().deps, ["d.safetensors"]);
+        let run = import(params);
+        run.metrics();
+        let out = &run.out_dir;
+        let meta = read_meta(out).unwrap();
         assert_eq!(
             (meta.task, meta.shape, meta.target_shape),
             (Task::Regression, [1, 1, 4], Some([1, 2, 2]))
         );
-        let train = read_split(&out, &meta, "train").unwrap();
+        let train = read_split(out, &meta, "train").unwrap();
         assert!(train.x.iter().all(|v| (0.0..=1.0).contains(v)));
 
         assert!(parse_npy(&npy(">f4", "(1,)", &[0; 4]), "t").is_err());
         assert!(parse_npy(b"not npy at all", "t").is_err());
-        assert!(ImportOp
-            .validate(&json!({"x": "x.csv", "y": "y.npy"}))
-            .is_err());
+        assert_eq!(
+            ImportOp
+                .plan(&json!({"x": "x.csv", "y": "y.npy"}))
+                .unwrap_err()
+                .path,
+            "x"
+        );
+        let zero = ImportOp
+            .plan(&json!({"x": "x.npy", "y": "y.npy", "classes": 0}))
+            .unwrap_err();
+        assert_eq!(
+            (zero.path.as_str(), zero.message.as_str()),
+            ("classes", "must be at least 1")
+        );
     }
 }

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
-use serde::Deserialize;
-use serde_json::Value;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::dataset::{
-    split_by_permutation, write_dataset, DatasetMeta, Fractions, Split, Targets, Task,
+    split_by_permutation, write_splits, DatasetMeta, Fractions, Split, Targets, Task,
 };
-use super::{derive_seed, fail};
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use super::{derive_seed, fail, required};
+use crate::{OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// Generates `samples` images of `channels x size x size` in 10 balanced classes, each a line
 /// figure drawn at a random place and scale on Gaussian noise:
@@ -41,78 +41,51 @@ use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
 /// seeded train/val/test permutation.
 pub struct SyntheticImagesOp;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    samples: usize,
-    #[serde(default = "default_size")]
-    size: usize,
-    #[serde(default = "default_channels")]
-    channels: usize,
-    #[serde(default = "default_noise")]
-    noise: f64,
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticParams {
+    /// Images to generate, at least one per class. Required.
+    pub samples: Option<usize>,
+    /// Side of the square images, in pixels (8..=256).
+    pub size: usize,
+    /// Channels per image (1..=16); each gets its own colour of the figure.
+    pub channels: usize,
+    /// Standard deviation of the Gaussian pixel noise, before standardisation.
+    pub noise: f64,
     /// Added to the stage seed: a different data set under the same stage seed.
-    #[serde(default)]
-    seed_offset: u64,
-    #[serde(default = "default_val")]
-    val_fraction: f64,
-    #[serde(default = "default_test")]
-    test_fraction: f64,
+    pub seed_offset: u64,
+    /// Fraction of the images held out as the val split.
+    pub val_fraction: f64,
+    /// Fraction of the images held out as the test split.
+    pub test_fraction: f64,
 }
 
-fn default_size() -> usize {
-    16
+impl Default for SyntheticParams {
+    fn default() -> Self {
+        Self {
+            samples: None,
+            size: 16,
+            channels: 1,
+            noise: 0.15,
+            seed_offset: 0,
+            val_fraction: 0.1,
+            test_fraction: 0.2,
+        }
+    }
 }
-fn default_channels() -> usize {
-    1
-}
-fn default_noise() -> f64 {
-    0.15
-}
-fn default_val() -> f64 {
-    0.1
-}
-fn default_test() -> f64 {
-    0.2
+
+/// Checked [`SyntheticParams`].
+#[derive(Debug, Clone)]
+pub struct SyntheticConfig {
+    samples: usize,
+    size: usize,
+    channels: usize,
+    noise: f64,
+    seed_offset: u64,
+    fractions: Fractions,
 }
 
 pub const CLASSES: usize = 10;
-
-impl Params {
-    fn parse(params: &Value) -> Result<Self, ParamError> {
-        let p: Params = parse_params(params)?;
-        if !(8..=256).contains(&p.size) {
-            return Err(ParamError::new(
-                "size",
-                format!("{} must be in 8..=256", p.size),
-            ));
-        }
-        if !(1..=16).contains(&p.channels) {
-            return Err(ParamError::new(
-                "channels",
-                format!("{} must be in 1..=16", p.channels),
-            ));
-        }
-        if p.samples < CLASSES {
-            return Err(ParamError::new(
-                "samples",
-                format!("{} is fewer than the {CLASSES} classes", p.samples),
-            ));
-        }
-        if !(p.noise >= 0.0 && p.noise.is_finite()) {
-            return Err(ParamError::new(
-                "noise",
-                format!("{} must be >= 0", p.noise),
-            ));
-        }
-        Fractions {
-            val: p.val_fraction,
-            test: p.test_fraction,
-        }
-        .check()?;
-        Ok(p)
-    }
-}
 
 /// The figure of `class` in an `l x l` box: `true` where the figure is.
 pub fn render_shape(class: usize, l: usize) -> Vec<bool> {
@@ -137,7 +110,7 @@ pub fn render_shape(class: usize, l: usize) -> Vec<bool> {
     m
 }
 
-fn image(class: usize, p: &Params, rng: &mut StdRng, noise: &Normal<f64>) -> Vec<f32> {
+fn image(class: usize, p: &SyntheticConfig, rng: &mut StdRng, noise: &Normal<f64>) -> Vec<f32> {
     let s = p.size;
     let l = rng.gen_range((s / 4).max(3)..=s / 2);
     let (r0, c0) = (rng.gen_range(0..=s - l), rng.gen_range(0..=s - l));
@@ -162,21 +135,61 @@ fn image(class: usize, p: &Params, rng: &mut StdRng, noise: &Normal<f64>) -> Vec
     img.into_iter().map(|v| ((v - mean) / sd) as f32).collect()
 }
 
-impl Op for SyntheticImagesOp {
-    fn name(&self) -> &'static str {
-        "data.synthetic_images"
+impl TypedOp for SyntheticImagesOp {
+    const NAME: &'static str = "data.synthetic_images";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "seeded 10-class line-figure images (a CNN beats a linear model) as a dataset";
+    type Params = SyntheticParams;
+    type Config = SyntheticConfig;
+
+    fn resolve(p: SyntheticParams) -> Result<SyntheticConfig, ParamError> {
+        let samples = required(p.samples, "samples")?;
+        if !(8..=256).contains(&p.size) {
+            return Err(ParamError::new(
+                "size",
+                format!("{} must be in 8..=256", p.size),
+            ));
+        }
+        if !(1..=16).contains(&p.channels) {
+            return Err(ParamError::new(
+                "channels",
+                format!("{} must be in 1..=16", p.channels),
+            ));
+        }
+        if samples < CLASSES {
+            return Err(ParamError::new(
+                "samples",
+                format!("{samples} is fewer than the {CLASSES} classes"),
+            ));
+        }
+        if !(p.noise >= 0.0 && p.noise.is_finite()) {
+            return Err(ParamError::new(
+                "noise",
+                format!("{} must be >= 0", p.noise),
+            ));
+        }
+        let fractions = Fractions {
+            val: p.val_fraction,
+            test: p.test_fraction,
+        };
+        fractions.check()?;
+        Ok(SyntheticConfig {
+            samples,
+            size: p.size,
+            channels: p.channels,
+            noise: p.noise,
+            seed_offset: p.seed_offset,
+            fractions,
+        })
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "seeded 10-class line-figure images (a CNN beats a linear model) as a dataset"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        Params::parse(params).map(|_| ())
-    }
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = Params::parse(ctx.params)?;
+
+    fn run(
+        &self,
+        p: &SyntheticConfig,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let seed = ctx.seed.wrapping_add(p.seed_offset);
         let mut rng = StdRng::seed_from_u64(derive_seed(seed, 1));
         let noise = Normal::new(0.0, p.noise).map_err(|e| fail(format!("noise: {e}")))?;
@@ -188,7 +201,7 @@ impl Op for SyntheticImagesOp {
                 ctx.check_cancelled()?;
             }
             let class = i % CLASSES;
-            x.extend(image(class, &p, &mut rng, &noise));
+            x.extend(image(class, p, &mut rng, &noise));
             y.push(class);
         }
         let all = Split {
@@ -196,24 +209,17 @@ impl Op for SyntheticImagesOp {
             x,
             y: Targets::Labels(y),
         };
-        let fractions = Fractions {
-            val: p.val_fraction,
-            test: p.test_fraction,
-        };
-        let splits = split_by_permutation(&all, fractions, derive_seed(seed, 2));
+        let splits = split_by_permutation(&all, p.fractions, derive_seed(seed, 2));
         let meta = DatasetMeta {
             task: Task::Classification,
             classes: Some(CLASSES),
             shape: [p.channels, p.size, p.size],
             target_shape: None,
             samples: BTreeMap::new(),
-            source: self.name().to_string(),
+            source: Self::NAME.to_string(),
             normalization: None,
         };
-        write_dataset(ctx.out_dir, meta, &splits)?;
-        for (name, s) in super::dataset::SPLITS.iter().zip(&splits) {
-            ctx.metrics.insert(format!("{name}_samples"), s.n as f64);
-        }
+        write_splits(out, meta, &splits)?;
         let _ = writeln!(
             ctx.log,
             "{} images {}x{}x{}: train {}, val {}, test {}",
@@ -227,7 +233,8 @@ impl Op for SyntheticImagesOp {
 mod tests {
     use super::*;
     use crate::ml::dataset::{read_meta, read_split};
-    use crate::ml::testing::run_op;
+    use crate::testing::OpRun;
+    use crate::Op;
 
     #[test]
     fn figures_differ_and_generation_is_seeded() {
@@ -237,32 +244,36 @@ mod tests {
                 assert_ne!(figures[a], figures[b], "classes {a} and {b}");
             }
         }
-        let ws = tempfile::tempdir().unwrap();
         let params = serde_json::json!({"samples": 50, "size": 8, "channels": 2});
-        let (a, b, c) = (
-            ws.path().join("a"),
-            ws.path().join("b"),
-            ws.path().join("c"),
-        );
-        run_op(&SyntheticImagesOp, params.clone(), &[], ws.path(), &a, 3).unwrap();
-        run_op(&SyntheticImagesOp, params.clone(), &[], ws.path(), &b, 3).unwrap();
-        let m = run_op(&SyntheticImagesOp, params, &[], ws.path(), &c, 4).unwrap();
-        assert_eq!(m["train_samples"], 35.0);
+        let run = |seed: u64| {
+            OpRun::new(params.clone())
+                .seed(seed)
+                .run(&SyntheticImagesOp)
+        };
+        let (a, b, c) = (run(3), run(3), run(4));
+        assert_eq!(c.metrics()["train_samples"], 35.0);
         let read = |d: &std::path::Path| std::fs::read(d.join("train.safetensors")).unwrap();
-        assert_eq!(read(&a), read(&b));
-        assert_ne!(read(&a), read(&c));
-        let meta = read_meta(&a).unwrap();
+        assert_eq!(read(&a.out_dir), read(&b.out_dir));
+        assert_ne!(read(&a.out_dir), read(&c.out_dir));
+        let meta = read_meta(&a.out_dir).unwrap();
         assert_eq!(meta.shape, [2, 8, 8]);
-        let train = read_split(&a, &meta, "train").unwrap();
+        let train = read_split(&a.out_dir, &meta, "train").unwrap();
         // Each image is standardised.
         let img = &train.x[..128];
         let mean = img.iter().map(|v| *v as f64).sum::<f64>() / 128.0;
         assert!(mean.abs() < 1e-5, "{mean}");
-        assert!(SyntheticImagesOp
-            .validate(&serde_json::json!({"samples": 50, "size": 4}))
-            .is_err());
-        assert!(SyntheticImagesOp
-            .validate(&serde_json::json!({"samples": 50, "colour": 1}))
-            .is_err());
+        let err = |v: serde_json::Value| SyntheticImagesOp.plan(&v).unwrap_err();
+        assert_eq!(
+            err(serde_json::json!({"samples": 50, "size": 4})).path,
+            "size"
+        );
+        assert!(err(serde_json::json!({"samples": 50, "colour": 1}))
+            .message
+            .starts_with("unknown field `colour`"));
+        let missing = err(serde_json::json!({"size": 8}));
+        assert_eq!(
+            (missing.path.as_str(), missing.message.as_str()),
+            ("", "missing field `samples`")
+        );
     }
 }

@@ -441,7 +441,7 @@ impl Op for ScaleOp {
 
 /// The seed topology: the `choice` of the `search` (space: vit) behind input `seed`.
 fn read_seed(ctx: &RunContext<'_>) -> Result<VitTopology, OpError> {
-    let dir = crate::ml::one_input(ctx, SEED_INPUT)?;
+    let dir = ctx.one_input(SEED_INPUT)?;
     let path = dir.join(super::search_op::SEARCH_FILE);
     let bytes = std::fs::read(&path).map_err(|e| {
         OpError::io(

@@ -3,30 +3,27 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-use serde_json::Value;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::{fail, read_pde, scale_inputs};
-use crate::ml::dataset::{write_dataset, DatasetMeta, Split, Targets, Task};
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use crate::ml::dataset::{write_splits, DatasetMeta, Split, Targets, Task};
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// The input holding the data to convert.
 pub const DATA_INPUT: &str = "data";
 /// Optional input: the training pool whose medians scale this data (default: the data itself).
 pub const SCALES_INPUT: &str = "scales";
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PdeDatasetParams {
     /// Keep only the first N samples of the pool (deterministic: the pool's own order).
-    #[serde(default)]
-    samples: Option<usize>,
+    pub samples: Option<Count>,
     /// Samples for the val split (taken after the training samples).
-    #[serde(default)]
-    val: usize,
+    pub val: usize,
     /// Samples for the test split (the last ones).
-    #[serde(default)]
-    test: usize,
+    pub test: usize,
 }
 
 /// Splits in pool order: train = the first `kept - val - test`, then val, then test, so that
@@ -39,41 +36,39 @@ fn split_ranges(kept: usize, val: usize, test: usize) -> Option<[std::ops::Range
 
 pub struct PdeDatasetOp;
 
-impl Op for PdeDatasetOp {
-    fn name(&self) -> &'static str {
-        "pde.dataset"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "scale a labeled pde.generate pool (note section 1) into train/val/test dataset splits"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        let p: Params = parse_params(params)?;
-        if p.samples == Some(0) {
-            return Err(ParamError::new("samples", "must be at least 1"));
-        }
+impl TypedOp for PdeDatasetOp {
+    const NAME: &'static str = "pde.dataset";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "scale a labeled pde.generate pool (note section 1) into train/val/test dataset splits";
+    type Params = PdeDatasetParams;
+    type Config = PdeDatasetParams;
+
+    fn resolve(p: PdeDatasetParams) -> Result<PdeDatasetParams, ParamError> {
         if let Some(n) = p.samples {
-            if p.val + p.test > n {
+            if p.val + p.test > n.get() {
                 return Err(ParamError::new(
                     "val",
                     format!("val {} + test {} exceed samples {n}", p.val, p.test),
                 ));
             }
         }
-        Ok(())
+        Ok(p)
     }
-    fn required_inputs(&self, _params: &Value) -> Vec<String> {
+    fn required_inputs(_: &PdeDatasetParams) -> Vec<String> {
         vec![DATA_INPUT.to_string()]
     }
 
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p: Params = parse_params(ctx.params)?;
-        let dir = crate::ml::one_input(ctx, DATA_INPUT)?.to_path_buf();
+    fn run(
+        &self,
+        p: &PdeDatasetParams,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
+        let dir = ctx.one_input(DATA_INPUT)?.to_path_buf();
         let data = read_pde(&dir)?;
         let reference = if ctx.inputs.contains_key(SCALES_INPUT) {
-            crate::pde::read_meta(crate::ml::one_input(ctx, SCALES_INPUT)?)?
+            crate::pde::read_meta(ctx.one_input(SCALES_INPUT)?)?
         } else {
             data.meta.clone()
         };
@@ -83,7 +78,7 @@ impl Op for PdeDatasetOp {
             ));
         };
         let x = scale_inputs(&data, &reference)?;
-        let kept = p.samples.unwrap_or(data.samples).min(data.samples);
+        let kept = p.samples.map_or(data.samples, Count::get).min(data.samples);
         let Some(ranges) = split_ranges(kept, p.val, p.test) else {
             return Err(fail(format!(
                 "val {} + test {} exceed the {kept} samples kept",
@@ -103,10 +98,10 @@ impl Op for PdeDatasetOp {
             shape: [c, n, n],
             target_shape: Some([c_y, n, n]),
             samples: BTreeMap::new(),
-            source: "pde.dataset".into(),
+            source: Self::NAME.into(),
             normalization: None,
         };
-        write_dataset(ctx.out_dir, meta, &splits)?;
+        write_splits(out, meta, &splits)?;
         let scales = reference.scaling.as_ref().map(|s| s.f_norm_median);
         let _ = writeln!(
             ctx.log,
@@ -116,9 +111,6 @@ impl Op for PdeDatasetOp {
             splits[1].n,
             splits[2].n
         );
-        for (name, s) in ["train", "val", "test"].iter().zip(&splits) {
-            ctx.metrics.insert(format!("{name}_samples"), s.n as f64);
-        }
         Ok(())
     }
 }

@@ -5,32 +5,43 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
-use serde::Deserialize;
-use serde_json::Value;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::fail;
 use crate::ml::dataset::{read_meta, read_split, Split, Targets};
-use crate::ml::{nn, one_input, write_metrics};
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use crate::ml::required;
 use nn::train::{load_checkpoint, predict};
 use nn::{from_vec, open_device, Model};
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
-fn default_chunk() -> usize {
-    65_536
-}
-fn default_batch() -> usize {
-    64
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    /// J: demos taken from the head of the demo pool's training split; 0 = no ICL.
-    j: usize,
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct InContextParams {
+    /// J: demos taken from the head of the demo pool's training split (the `demos` input); 0 =
+    /// no ICL. Required.
+    pub j: Option<usize>,
     /// Pool points per chunk of the gap computation (memory: pixels x K heap + one chunk).
-    #[serde(default = "default_chunk")]
+    pub chunk: Count,
+    /// Samples per forward pass.
+    pub batch_size: Count,
+}
+
+impl Default for InContextParams {
+    fn default() -> Self {
+        Self {
+            j: None,
+            chunk: Count(65_536),
+            batch_size: Count(64),
+        }
+    }
+}
+
+/// Checked [`InContextParams`].
+#[derive(Debug, Clone)]
+pub struct InContextConfig {
+    j: usize,
     chunk: usize,
-    #[serde(default = "default_batch")]
     batch_size: usize,
 }
 
@@ -171,7 +182,7 @@ pub fn field_metrics(pred: &[f32], truth: &[f32]) -> [f64; 4] {
 }
 
 fn predict_all(model: &mut Model<f32>, split: &Split, bs: usize) -> Result<Vec<f32>, OpError> {
-    let dev = open_device().map_err(nn)?;
+    let dev = open_device()?;
     let shape = model.input_shape();
     let per = shape.channels * shape.height * shape.width;
     let mut out = Vec::with_capacity(split.n * shape.height * shape.width);
@@ -181,9 +192,8 @@ fn predict_all(model: &mut Model<f32>, split: &Split, bs: usize) -> Result<Vec<f
             &dev,
             split.x[start * per..end * per].to_vec(),
             (end - start, shape.channels, shape.height, shape.width),
-        )
-        .map_err(|e| fail(e.to_string()))?;
-        out.extend(predict(model, x).map_err(|e| fail(e.to_string()))?.as_vec());
+        )?;
+        out.extend(predict(model, x)?.as_vec());
     }
     Ok(out)
 }
@@ -197,41 +207,38 @@ fn values(split: &Split) -> Result<&[f32], OpError> {
 
 pub struct InContextOp;
 
-impl Op for InContextOp {
-    fn name(&self) -> &'static str {
-        "eval.in_context"
+impl TypedOp for InContextOp {
+    const NAME: &'static str = "eval.in_context";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "in-context learning at inference (prediction-similarity demos, cv gate) on an OOD test set";
+    type Params = InContextParams;
+    type Config = InContextConfig;
+
+    fn resolve(p: InContextParams) -> Result<InContextConfig, ParamError> {
+        Ok(InContextConfig {
+            j: required(p.j, "j")?,
+            chunk: p.chunk.get(),
+            batch_size: p.batch_size.get(),
+        })
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "in-context learning at inference (prediction-similarity demos, cv gate) on an OOD test set"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        let p: Params = parse_params(params)?;
-        if p.chunk == 0 {
-            return Err(ParamError::new("chunk", "must be at least 1"));
-        }
-        if p.batch_size == 0 {
-            return Err(ParamError::new("batch_size", "must be at least 1"));
-        }
-        Ok(())
-    }
-    fn required_inputs(&self, params: &Value) -> Vec<String> {
+    fn required_inputs(p: &InContextConfig) -> Vec<String> {
         let mut names = vec!["model".to_string(), "test".to_string()];
-        if params.get("j").and_then(Value::as_u64).unwrap_or(0) > 0 {
+        if p.j > 0 {
             names.push("demos".to_string());
         }
         names
     }
 
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p: Params = parse_params(ctx.params)?;
+    fn run(
+        &self,
+        p: &InContextConfig,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let started = Instant::now();
-        let mut model =
-            load_checkpoint::<f32>(&open_device().map_err(nn)?, one_input(ctx, "model")?)
-                .map_err(|e| fail(e.to_string()))?;
-        let test_dir = one_input(ctx, "test")?.to_path_buf();
+        let mut model = load_checkpoint::<f32>(&open_device()?, ctx.one_input("model")?)?;
+        let test_dir = ctx.one_input("test")?.to_path_buf();
         let test = read_split(&test_dir, &read_meta(&test_dir)?, "test")?;
         if test.n == 0 {
             return Err(fail("the `test` input's test split is empty"));
@@ -246,7 +253,7 @@ impl Op for InContextOp {
             )));
         }
         let (demo_pred, demo_true) = if p.j > 0 {
-            let dir = one_input(ctx, "demos")?.to_path_buf();
+            let dir = ctx.one_input("demos")?.to_path_buf();
             let pool = read_split(&dir, &read_meta(&dir)?, "train")?;
             if pool.n < p.j {
                 return Err(fail(format!(
@@ -281,23 +288,21 @@ impl Op for InContextOp {
                 *acc += v / test.n as f64;
             }
         }
-        let m = &mut ctx.metrics;
         for (i, name) in names.iter().enumerate() {
-            m.insert((*name).to_string(), base[i]);
-            m.insert(format!("{name}_icl"), icl[i]);
+            out.metric(*name, base[i]);
+            out.metric(format!("{name}_icl"), icl[i]);
         }
-        m.insert("j".into(), p.j as f64);
-        m.insert("k".into(), k.min(demo_pred.len()) as f64);
-        m.insert("icl_pixel_fraction".into(), used / test.n as f64);
-        m.insert("test_samples".into(), test.n as f64);
+        out.metric("j", p.j as f64);
+        out.metric("k", k.min(demo_pred.len()) as f64);
+        out.metric("icl_pixel_fraction", used / test.n as f64);
+        out.metric("test_samples", test.n as f64);
         let _ = writeln!(
             ctx.log,
             "eval.in_context: J {} K {k} on {} OOD samples: rel_l2 {:.4} -> {:.4} with ICL",
             p.j, test.n, base[0], icl[0]
         );
-        write_metrics(ctx.out_dir, &ctx.metrics)?;
-        ctx.metrics
-            .insert("wall_time_s".into(), started.elapsed().as_secs_f64());
+        out.write_metrics_file()?;
+        out.metric("wall_time_s", started.elapsed().as_secs_f64());
         Ok(())
     }
 }

@@ -19,9 +19,9 @@ use crate::{OpError, Registry};
 
 /// Adds this module's ops to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register(Arc::new(crate::Legacy(dataset::PdeDatasetOp)));
-    registry.register(Arc::new(crate::Legacy(pretrain::PretrainMaskOp)));
-    registry.register(Arc::new(crate::Legacy(icl::InContextOp)));
+    registry.register(Arc::new(dataset::PdeDatasetOp));
+    registry.register(Arc::new(pretrain::PretrainMaskOp));
+    registry.register(Arc::new(icl::InContextOp));
 }
 
 pub(crate) use crate::ml::fail;

@@ -7,18 +7,18 @@ use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::{fail, read_pde, scale_inputs};
-use crate::ml::{derive_seed, nn, one_input, write_metrics};
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use crate::ml::{derive_seed, nn_schema, required};
 use nn::layers::ForwardCtx;
 use nn::models::InputShape;
 use nn::train::{
     clip_grad_norm, save_checkpoint, Optimizer, OptimizerSpec, Schedule, ScheduleKind,
 };
 use nn::{from_vec, open_device, Dev, Init, Model, ModelSpec, NnError};
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 pub const HISTORY_FILE: &str = "history.json";
 /// Largest blur kernel (section 3, step 2).
@@ -28,66 +28,93 @@ pub const MIN_SIGMA: f64 = 0.25;
 
 /// `init: pretrained` trains; `init: scratch` writes the untrained initialisation, the
 /// random-init baseline that fine-tuning then loads through the very same `init` path.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
-enum InitMode {
+pub enum InitMode {
+    /// Pretrain for `epochs`.
     #[default]
     Pretrained,
+    /// Write the initialisation untrained.
     Scratch,
 }
 
-fn default_batch() -> usize {
-    16
-}
-fn default_lr() -> f64 {
-    1e-3
-}
-fn default_clip() -> f64 {
-    1.0
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainParams {
+    /// The model: an `fno2d_mae` spec (`{kind: fno2d_mae, width, modes, layers, head_width}`).
+    /// Required.
+    #[schemars(schema_with = "nn_schema::object")]
+    pub model: Option<ModelSpec>,
+    /// r: floor(r n^2) pixels masked per sample, in [0, 1). Required.
+    pub mask_ratio: Option<f64>,
+    /// [a, b]: sigma ~ U[a, b] per batch; absent or null: no blur.
+    pub blur: Option<[f64; 2]>,
+    /// Passes over the unlabeled samples (0 only with `init: scratch`). Required.
+    pub epochs: Option<usize>,
+    /// Samples per optimisation step.
+    pub batch_size: Count,
+    /// Peak AdamW learning rate of the cosine schedule.
+    pub lr: f64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Maximum global gradient norm.
+    pub clip: f64,
+    /// Use only the first N unlabeled samples.
+    pub samples: Option<Count>,
+    /// `pretrained` (train) or `scratch` (write the untrained initialisation).
+    pub init: InitMode,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    /// Must be `fno2d_mae`.
+impl Default for PretrainParams {
+    fn default() -> Self {
+        Self {
+            model: None,
+            mask_ratio: None,
+            blur: None,
+            epochs: None,
+            batch_size: Count(16),
+            lr: 1e-3,
+            weight_decay: 0.0,
+            clip: 1.0,
+            samples: None,
+            init: InitMode::Pretrained,
+        }
+    }
+}
+
+/// Checked [`PretrainParams`].
+#[derive(Debug, Clone)]
+pub struct PretrainConfig {
     model: ModelSpec,
-    /// r: floor(r n^2) pixels masked per sample.
     mask_ratio: f64,
-    /// [a, b]: sigma ~ U[a, b] per batch; absent or null: no blur.
-    #[serde(default)]
     blur: Option<[f64; 2]>,
     epochs: usize,
-    #[serde(default = "default_batch")]
     batch_size: usize,
-    #[serde(default = "default_lr")]
     lr: f64,
-    #[serde(default)]
     weight_decay: f64,
-    #[serde(default = "default_clip")]
     clip: f64,
-    /// Use only the first N unlabeled samples.
-    #[serde(default)]
     samples: Option<usize>,
-    #[serde(default)]
     init: InitMode,
 }
 
-impl Params {
-    fn parse(v: &Value) -> Result<Self, ParamError> {
-        let p: Params = parse_params(v)?;
-        if !matches!(p.model, ModelSpec::Fno2dMae(_)) {
+impl PretrainConfig {
+    fn resolve(p: PretrainParams) -> Result<Self, ParamError> {
+        let model = required(p.model, "model")?;
+        let mask_ratio = required(p.mask_ratio, "mask_ratio")?;
+        let epochs = required(p.epochs, "epochs")?;
+        if !matches!(model, ModelSpec::Fno2dMae(_)) {
             return Err(ParamError::new(
                 "model.kind",
-                format!("pretrain.mask needs `fno2d_mae`, not {}", p.model.kind()),
+                format!("pretrain.mask needs `fno2d_mae`, not {}", model.kind()),
             ));
         }
-        p.model
+        model
             .check()
             .map_err(|e| ParamError::new("model", e.to_string()))?;
-        if !(0.0..1.0).contains(&p.mask_ratio) {
+        if !(0.0..1.0).contains(&mask_ratio) {
             return Err(ParamError::new(
                 "mask_ratio",
-                format!("{} must be in [0, 1)", p.mask_ratio),
+                format!("{mask_ratio} must be in [0, 1)"),
             ));
         }
         if let Some([a, b]) = p.blur {
@@ -98,23 +125,28 @@ impl Params {
                 ));
             }
         }
-        if p.batch_size == 0 {
-            return Err(ParamError::new("batch_size", "must be at least 1"));
-        }
         if !(p.lr > 0.0 && p.lr.is_finite()) {
             return Err(ParamError::new("lr", "must be positive"));
         }
         if !(p.clip > 0.0 && p.clip.is_finite()) {
             return Err(ParamError::new("clip", "must be positive"));
         }
-        if p.samples == Some(0) {
-            return Err(ParamError::new("samples", "must be at least 1"));
-        }
-        if p.init == InitMode::Pretrained && p.epochs == 0 {
+        if p.init == InitMode::Pretrained && epochs == 0 {
             return Err(ParamError::new("epochs", "must be at least 1")
                 .with_fix("use `init: scratch` for an untrained checkpoint"));
         }
-        Ok(p)
+        Ok(Self {
+            model,
+            mask_ratio,
+            blur: p.blur,
+            epochs,
+            batch_size: p.batch_size.get(),
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            clip: p.clip,
+            samples: p.samples.map(Count::get),
+            init: p.init,
+        })
     }
 }
 
@@ -269,35 +301,127 @@ fn masked_step(
 
 pub struct PretrainMaskOp;
 
-impl Op for PretrainMaskOp {
-    fn name(&self) -> &'static str {
-        "pretrain.mask"
+/// The scaled unlabeled inputs `x` `[samples, channels, n, n]` a pretraining run fits.
+struct Pool {
+    x: Vec<f32>,
+    samples: usize,
+    channels: usize,
+    n: usize,
+}
+
+/// Section 3, step 5: AdamW with one cosine decay over all steps (no restarts), on batches
+/// corrupted per [`corrupt_batch`]. Returns the epochs' records and the steps taken.
+fn pretrain(
+    p: &PretrainConfig,
+    model: &mut Model<f32>,
+    dev: &Dev,
+    pool: &Pool,
+    ctx: &mut RunContext<'_>,
+) -> Result<(Vec<EpochRecord>, u64), OpError> {
+    let (c, n, samples) = (pool.channels, pool.n, pool.samples);
+    let per = c * n * n;
+    let spec = OptimizerSpec::Adamw {
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        weight_decay: p.weight_decay,
+    };
+    let mut opt = Optimizer::new(spec, Vec::new())?;
+    let schedule = Schedule {
+        kind: ScheduleKind::Cosine { min_lr: 0.0 },
+        warmup_steps: 0,
+    };
+    let bs = p.batch_size;
+    let total_steps = (samples.div_ceil(bs) * p.epochs) as u64;
+    let mut shuffle = StdRng::seed_from_u64(derive_seed(ctx.seed, 11));
+    let mut masks = StdRng::seed_from_u64(derive_seed(ctx.seed, 13));
+    let mut fctx = ForwardCtx::train(derive_seed(ctx.seed, 12));
+    let mut last_report = Instant::now();
+    let (mut history, mut step) = (Vec::new(), 0u64);
+    for epoch in 1..=p.epochs {
+        let mut order: Vec<usize> = (0..samples).collect();
+        order.shuffle(&mut shuffle);
+        let (mut loss_sum, mut lr) = (0.0, p.lr);
+        for chunk in order.chunks(bs) {
+            ctx.check_cancelled()?;
+            let mut target = Vec::with_capacity(chunk.len() * per);
+            for &i in chunk {
+                target.extend_from_slice(&pool.x[i * per..(i + 1) * per]);
+            }
+            let sigma = p
+                .blur
+                .map(|[a, b]| if b > a { masks.gen_range(a..b) } else { a });
+            let (input, weight) = corrupt_batch(&target, c, n, p.mask_ratio, sigma, &mut masks);
+            lr = schedule.lr_at(p.lr, step, total_steps);
+            let loss = masked_step(
+                model,
+                &mut opt,
+                dev,
+                (chunk.len(), c, n, n),
+                (input, target, weight),
+                lr,
+                p.clip,
+                &mut fctx,
+            )
+            .map_err(|e| match e {
+                NnError::NonFiniteLoss { value, .. } => fail(format!(
+                    "pretraining loss became {value} at step {step} (epoch {epoch}); lower `lr`"
+                )),
+                other => other.into(),
+            })?;
+            loss_sum += loss * chunk.len() as f64;
+            step += 1;
+            if last_report.elapsed() > Duration::from_secs(1) {
+                ctx.progress
+                    .report(&format!("epoch {epoch}/{} step {step}", p.epochs));
+                last_report = Instant::now();
+            }
+        }
+        let loss = loss_sum / samples.max(1) as f64;
+        let _ = writeln!(
+            ctx.log,
+            "epoch {epoch}/{} loss {loss:.5} lr {lr:.3e}",
+            p.epochs
+        );
+        history.push(EpochRecord {
+            epoch,
+            steps: step,
+            lr,
+            loss,
+        });
     }
-    fn version(&self) -> u32 {
-        1
+    Ok((history, step))
+}
+
+impl TypedOp for PretrainMaskOp {
+    const NAME: &'static str = "pretrain.mask";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "masked (and blurred) reconstruction pretraining of fno2d_mae on unlabeled PDE inputs";
+    type Params = PretrainParams;
+    type Config = PretrainConfig;
+
+    fn resolve(p: PretrainParams) -> Result<PretrainConfig, ParamError> {
+        PretrainConfig::resolve(p)
     }
-    fn summary(&self) -> &'static str {
-        "masked (and blurred) reconstruction pretraining of fno2d_mae on unlabeled PDE inputs"
-    }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        Params::parse(params).map(|_| ())
-    }
-    fn required_inputs(&self, _params: &Value) -> Vec<String> {
+    fn required_inputs(_: &PretrainConfig) -> Vec<String> {
         vec!["data".to_string()]
     }
 
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = Params::parse(ctx.params)?;
+    fn run(
+        &self,
+        p: &PretrainConfig,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let started = Instant::now();
-        let data = read_pde(one_input(ctx, "data")?)?;
+        let data = read_pde(ctx.one_input("data")?)?;
         let mut x = scale_inputs(&data, &data.meta)?;
         let (c, n) = (data.channels, data.resolution);
-        let per = c * n * n;
         let samples = p.samples.unwrap_or(data.samples).min(data.samples);
-        x.truncate(samples * per);
+        x.truncate(samples * c * n * n);
         let _span =
             tracing::info_span!("pretrain.mask", samples, mask_ratio = p.mask_ratio).entered();
-        let dev = open_device().map_err(nn)?;
+        let dev = open_device()?;
         let input = InputShape {
             channels: c,
             height: n,
@@ -309,103 +433,32 @@ impl Op for PretrainMaskOp {
             input,
             &Init::default(),
             derive_seed(ctx.seed, 10),
-        )
-        .map_err(nn)?;
-        let mut history = Vec::new();
-        let mut step = 0u64;
-        if p.init == InitMode::Pretrained {
-            let spec = OptimizerSpec::Adamw {
-                betas: (0.9, 0.999),
-                eps: 1e-8,
-                weight_decay: p.weight_decay,
-            };
-            let mut opt = Optimizer::new(spec, Vec::new()).map_err(nn)?;
-            // Section 3, step 5: one cosine decay over all steps (no restarts).
-            let schedule = Schedule {
-                kind: ScheduleKind::Cosine { min_lr: 0.0 },
-                warmup_steps: 0,
-            };
-            let bs = p.batch_size;
-            let total_steps = (samples.div_ceil(bs) * p.epochs) as u64;
-            let mut shuffle = StdRng::seed_from_u64(derive_seed(ctx.seed, 11));
-            let mut masks = StdRng::seed_from_u64(derive_seed(ctx.seed, 13));
-            let mut fctx = ForwardCtx::train(derive_seed(ctx.seed, 12));
-            let mut last_report = Instant::now();
-            for epoch in 1..=p.epochs {
-                let mut order: Vec<usize> = (0..samples).collect();
-                order.shuffle(&mut shuffle);
-                let (mut loss_sum, mut lr) = (0.0, p.lr);
-                for chunk in order.chunks(bs) {
-                    ctx.check_cancelled()?;
-                    let mut target = Vec::with_capacity(chunk.len() * per);
-                    for &i in chunk {
-                        target.extend_from_slice(&x[i * per..(i + 1) * per]);
-                    }
-                    let sigma = p
-                        .blur
-                        .map(|[a, b]| if b > a { masks.gen_range(a..b) } else { a });
-                    let (input, weight) =
-                        corrupt_batch(&target, c, n, p.mask_ratio, sigma, &mut masks);
-                    lr = schedule.lr_at(p.lr, step, total_steps);
-                    let loss = masked_step(
-                        &mut model,
-                        &mut opt,
-                        &dev,
-                        (chunk.len(), c, n, n),
-                        (input, target, weight),
-                        lr,
-                        p.clip,
-                        &mut fctx,
-                    )
-                    .map_err(|e| match e {
-                        NnError::NonFiniteLoss { value, .. } => fail(format!(
-                            "pretraining loss became {value} at step {step} (epoch {epoch}); \
-                             lower `lr`"
-                        )),
-                        other => nn(other),
-                    })?;
-                    loss_sum += loss * chunk.len() as f64;
-                    step += 1;
-                    if last_report.elapsed() > Duration::from_secs(1) {
-                        ctx.progress
-                            .report(&format!("epoch {epoch}/{} step {step}", p.epochs));
-                        last_report = Instant::now();
-                    }
-                }
-                let loss = loss_sum / samples.max(1) as f64;
-                let _ = writeln!(
-                    ctx.log,
-                    "epoch {epoch}/{} loss {loss:.5} lr {lr:.3e}",
-                    p.epochs
-                );
-                history.push(EpochRecord {
-                    epoch,
-                    steps: step,
-                    lr,
-                    loss,
-                });
+        )?;
+        let (history, step) = match p.init {
+            InitMode::Pretrained => {
+                let pool = Pool {
+                    x,
+                    samples,
+                    channels: c,
+                    n,
+                };
+                pretrain(p, &mut model, &dev, &pool, ctx)?
             }
-        }
-        save_checkpoint(&model, ctx.out_dir).map_err(nn)?;
-        let path = ctx.out_dir.join(HISTORY_FILE);
-        let json = serde_json::to_vec_pretty(&history).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(&path, json).map_err(|e| OpError::io(path.display().to_string(), e))?;
-        let m = &mut ctx.metrics;
+            InitMode::Scratch => (Vec::new(), 0),
+        };
+        save_checkpoint(&model, out.dir())?;
+        out.write_json(HISTORY_FILE, &history)?;
         if let Some(last) = history.last() {
-            m.insert("loss".into(), last.loss);
+            out.metric("loss", last.loss);
         }
         if let Some(first) = history.first() {
-            m.insert("first_epoch_loss".into(), first.loss);
+            out.metric("first_epoch_loss", first.loss);
         }
-        m.insert("steps".into(), step as f64);
-        m.insert("params".into(), model.num_trainable() as f64);
-        m.insert(
-            "masked_pixels".into(),
-            mask_count(p.mask_ratio, n * n) as f64,
-        );
-        write_metrics(ctx.out_dir, &ctx.metrics)?;
-        ctx.metrics
-            .insert("wall_time_s".into(), started.elapsed().as_secs_f64());
+        out.metric("steps", step as f64);
+        out.metric("params", model.num_trainable() as f64);
+        out.metric("masked_pixels", mask_count(p.mask_ratio, n * n) as f64);
+        out.write_metrics_file()?;
+        out.metric("wall_time_s", started.elapsed().as_secs_f64());
         Ok(())
     }
 }
