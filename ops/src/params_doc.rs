@@ -113,7 +113,7 @@ impl Walker {
                 when: when.map(String::from),
             });
             if self.is_struct(prop) {
-                self.object(prop, &format!("{path}."), when, rows);
+                self.object(self.nullable_inner(prop), &format!("{path}."), when, rows);
             }
         }
     }
