@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use cache::{unix_now, Cache, CacheError, Hash, NewRun, RunStatus, Store};
-use ops::{CancelFlag, Input, Metrics, Op, OpError, Progress, RunContext};
+use ops::{CancelFlag, Input, Op, OpError, Progress, RunContext};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -103,7 +103,6 @@ pub fn execute(
         }
         let watchdog = Watchdog::start(interrupt.clone(), timeout);
         let mut ctx = RunContext {
-            params: &job.params,
             inputs: &inputs,
             out_dir: &out_dir,
             workspace: &job.workspace,
@@ -112,7 +111,6 @@ pub fn execute(
             cancel: &watchdog.cancel,
             progress,
             log: &mut log,
-            metrics: Metrics::new(),
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             op.run(&job.params, &mut ctx)

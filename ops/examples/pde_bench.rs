@@ -7,8 +7,8 @@
 
 use std::time::Instant;
 
-use ops::pde::{generate, Config};
-use ops::CancelFlag;
+use ops::pde::{generate, PdeGenerateOp};
+use ops::{CancelFlag, TypedOp};
 use serde_json::{json, Value};
 
 fn arg(args: &[String], name: &str, default: usize) -> Result<usize, String> {
@@ -23,7 +23,8 @@ fn arg(args: &[String], name: &str, default: usize) -> Result<usize, String> {
 
 /// Best of `repeats` wall times of one generation, in seconds.
 fn time(params: Value, threads: usize, repeats: usize) -> Result<f64, String> {
-    let config = Config::from_value(&params).map_err(|e| format!("{}: {}", e.path, e.message))?;
+    let config =
+        PdeGenerateOp::config(&params).map_err(|e| format!("{}: {}", e.path, e.message))?;
     let cancel = CancelFlag::new();
     let mut best = f64::INFINITY;
     for _ in 0..repeats {

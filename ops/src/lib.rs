@@ -26,8 +26,8 @@ pub mod testing;
 
 pub use children::kill_all_children;
 pub use op::{
-    parse_params, CancelFlag, Input, Legacy, LegacyOp, Metrics, Op, OpError, OpPlan, ParamError,
-    Progress, RunContext, TypedOp,
+    parse_params, CancelFlag, Input, Metrics, Op, OpError, OpPlan, ParamError, Progress,
+    RunContext, TypedOp,
 };
 pub use outputs::{read_json, write_json, write_metrics, Label, Outputs, METRICS_FILE};
 pub use params_doc::{Count, ParamDoc};

@@ -121,58 +121,6 @@ impl<T: TypedOp> Op for T {
     }
 }
 
-/// Transitional: the untyped contract ops had before [`TypedOp`]; wrapped in [`Legacy`] to
-/// register. Removed once every op is typed.
-pub trait LegacyOp: Send + Sync {
-    fn name(&self) -> &'static str;
-    fn version(&self) -> u32;
-    fn summary(&self) -> &'static str;
-    fn validate(&self, params: &Value) -> Result<(), ParamError>;
-    fn deps(&self, _params: &Value) -> Vec<String> {
-        Vec::new()
-    }
-    fn outs(&self, _params: &Value) -> Vec<String> {
-        Vec::new()
-    }
-    fn required_inputs(&self, _params: &Value) -> Vec<String> {
-        Vec::new()
-    }
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError>;
-}
-
-/// A [`LegacyOp`] as an [`Op`].
-pub struct Legacy<T>(pub T);
-
-impl<T: LegacyOp> Op for Legacy<T> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn version(&self) -> u32 {
-        self.0.version()
-    }
-    fn summary(&self) -> &'static str {
-        self.0.summary()
-    }
-    fn params_doc(&self) -> Vec<ParamDoc> {
-        Vec::new()
-    }
-    fn takes_device(&self) -> bool {
-        matches!(self.0.name(), "train" | "evaluate" | "lr.probe")
-    }
-    fn plan(&self, params: &Value) -> Result<OpPlan, ParamError> {
-        self.0.validate(params)?;
-        Ok(OpPlan {
-            deps: self.0.deps(params),
-            outs: self.0.outs(params),
-            required_inputs: self.0.required_inputs(params),
-        })
-    }
-    fn run(&self, _params: &Value, ctx: &mut RunContext<'_>) -> Result<Metrics, OpError> {
-        self.0.run(ctx)?;
-        Ok(std::mem::take(&mut ctx.metrics))
-    }
-}
-
 /// An upstream result handed to a stage, as read-only directories.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -249,8 +197,6 @@ impl std::fmt::Debug for Progress {
 
 /// Everything one run of one stage gets.
 pub struct RunContext<'a> {
-    /// Transitional, for [`LegacyOp`]s only: the raw params. Typed ops get their config.
-    pub params: &'a Value,
     /// Upstream results by the local names of the stage's `inputs:`.
     pub inputs: &'a BTreeMap<String, Input>,
     /// A fresh, empty directory; everything in it becomes the stage's output.
@@ -265,8 +211,6 @@ pub struct RunContext<'a> {
     pub progress: &'a Progress,
     /// The stage log; stored with the result.
     pub log: &'a mut dyn Write,
-    /// Transitional, for [`LegacyOp`]s only: their metrics sink. Typed ops use [`Outputs`].
-    pub metrics: Metrics,
 }
 
 impl RunContext<'_> {

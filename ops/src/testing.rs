@@ -120,8 +120,6 @@ impl OpRun {
             Err(e) => Err(OpError::Params(e)),
             Ok(_) => {
                 let mut ctx = RunContext {
-                    params: &self.params,
-                    metrics: Metrics::new(),
                     inputs: &self.inputs,
                     out_dir: &out_dir,
                     workspace: &workspace,

@@ -1,14 +1,15 @@
 //! `nngp.connectivity`: the NNGP kernel of a cell and its eigenvalue bounds, or the
 //! effective-depth/width filter over a search space (`../shared/papers/connectivity-convergence.md`).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::filter::{filter_space, nb201_space, AcceptanceBox};
 use super::nngp::{check_input_shape, kernel_stats, normalised_inputs, Gram};
 use super::paths::{path_proxies, Cell, CellKind};
-use super::{write_json, ArchError};
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use super::ArchError;
+use crate::{OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// Artifact of `mode: kernel`.
 pub const NNGP_FILE: &str = "nngp.json";
@@ -17,7 +18,8 @@ pub const FILTER_FILE: &str = "filter.json";
 
 pub struct NngpConnectivityOp;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What the op computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Kernel and bounds of one `topology` on a batch of random unit-norm inputs.
@@ -28,55 +30,57 @@ pub enum Mode {
 }
 
 /// `space: nb201` (all 15,625 cells) or a list of topology strings of `kind`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged, expecting = "`nb201` or a list of topology strings")]
 pub enum SpaceSpec {
+    /// A named space: `nb201`.
     Named(String),
+    /// Topology strings of `kind`.
     List(Vec<String>),
 }
 
 /// `box: [centre_d, centre_m, r_d, r_m]` (keep |d_bar - c_d| <= r_d / 2, |m_bar - c_m| <= r_m / 2),
 /// or a preset: `paper_nb201` (centre (1.6, 2.2), half-radius (0.7, 0.9)), `reference_nb201`
 /// (d_bar in [0.99, 2.51], m_bar in [0.99, 3.01]), `space` (computed from the space; the default).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(
     untagged,
     expecting = "[centre_d, centre_m, r_d, r_m] or one of paper_nb201, reference_nb201, space"
 )]
 pub enum BoxSpec {
+    /// `paper_nb201`, `reference_nb201` or `space`.
     Preset(String),
+    /// `[centre_d, centre_m, r_d, r_m]`.
     Values([f64; 4]),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The params of `nngp.connectivity`. `mode: kernel` reads `topology`, `batch`, `dim` and
+/// `seed`; `mode: filter` reads `space`; each refuses the other's fields by name.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct ConnectivityParams {
-    #[serde(default)]
+    /// Kernel and bounds of one cell, or the filter over a space.
     pub mode: Mode,
     /// Digit alphabet of `topology` / a listed `space` (default mlp; nb201 for `space: nb201`).
-    #[serde(default)]
     pub kind: Option<CellKind>,
     /// `mode: kernel`: the cell.
-    #[serde(default)]
     pub topology: Option<String>,
     /// `mode: kernel`: samples (default 16, at most 256).
-    #[serde(default)]
     pub batch: Option<usize>,
     /// `mode: kernel`: input dimension (default 32).
-    #[serde(default)]
     pub dim: Option<usize>,
     /// `mode: kernel`: seed of the input draw (default: the stage seed).
-    #[serde(default)]
     pub seed: Option<u64>,
     /// `mode: filter`: the search space.
-    #[serde(default)]
     pub space: Option<SpaceSpec>,
-    #[serde(default, rename = "box")]
+    /// The acceptance box on (d_bar, m_bar); with `mode: kernel` it says whether the cell is
+    /// accepted.
+    #[serde(rename = "box")]
     pub acceptance: Option<BoxSpec>,
 }
 
 /// The validated form.
-enum Plan {
+pub enum Plan {
     Kernel {
         cell: Cell,
         topology: String,
@@ -110,9 +114,8 @@ fn resolve_box(spec: &Option<BoxSpec>) -> Result<Option<AcceptanceBox>, ParamErr
     }
 }
 
-impl ConnectivityParams {
-    fn plan(params: &Value) -> Result<Plan, ParamError> {
-        let p: Self = parse_params(params)?;
+impl Plan {
+    fn resolve(p: ConnectivityParams) -> Result<Plan, ParamError> {
         let acceptance = resolve_box(&p.acceptance)?;
         match p.mode {
             Mode::Kernel => {
@@ -194,26 +197,26 @@ impl ConnectivityParams {
     }
 }
 
-impl Op for NngpConnectivityOp {
-    fn name(&self) -> &'static str {
-        "nngp.connectivity"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
+impl TypedOp for NngpConnectivityOp {
+    const NAME: &'static str = "nngp.connectivity";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
         "NNGP kernel of a DAG cell, lambda_min bounds, P, effective depth/width; or the \
-         connectivity filter over a search space"
+         connectivity filter over a search space";
+    type Params = ConnectivityParams;
+    type Config = Plan;
+
+    fn resolve(p: ConnectivityParams) -> Result<Plan, ParamError> {
+        Plan::resolve(p)
     }
 
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        ConnectivityParams::plan(params).map(|_| ())
-    }
-
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        match ConnectivityParams::plan(ctx.params)? {
+    fn run(
+        &self,
+        plan: &Plan,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
+        match plan {
             Plan::Kernel {
                 cell,
                 topology,
@@ -221,14 +224,15 @@ impl Op for NngpConnectivityOp {
                 dim,
                 seed,
                 acceptance,
-            } => run_kernel(ctx, &cell, &topology, (batch, dim, seed), acceptance),
-            Plan::Filter { cells, acceptance } => run_filter(ctx, &cells, acceptance),
+            } => run_kernel(ctx, out, cell, topology, (*batch, *dim, *seed), *acceptance),
+            Plan::Filter { cells, acceptance } => run_filter(ctx, out, cells, *acceptance),
         }
     }
 }
 
 fn run_kernel(
     ctx: &mut RunContext<'_>,
+    out: &mut Outputs<'_>,
     cell: &Cell,
     topology: &str,
     (batch, dim, seed): (usize, usize, Option<u64>),
@@ -242,7 +246,7 @@ fn run_kernel(
     })?;
     let xs = normalised_inputs(batch, dim, seed)?;
     let input = Gram::of_rows(&xs);
-    let (out, stats) = kernel_stats(cell, &paths, &input)?;
+    let (kernel_out, stats) = kernel_stats(cell, &paths, &input)?;
     let accepted = acceptance.map(|b| b.accepts(&proxies));
     let artifact = json!({
         "topology": topology,
@@ -259,35 +263,37 @@ fn run_kernel(
         "box": acceptance,
         "accepted": accepted,
         "kernel_in": input.rows(),
-        "kernel_out": out.rows(),
+        "kernel_out": kernel_out.rows(),
     });
-    write_json(ctx.out_dir, NNGP_FILE, &artifact)?;
+    out.write_json(NNGP_FILE, &artifact)?;
     let _ = writeln!(
         ctx.log,
         "{topology}: P = {}, d_bar = {:.4}, lambda_min = {:.6}, path bound = {:.6}",
         proxies.num_paths, proxies.d_bar, stats.lambda_min, stats.lambda_min_bound
     );
-    let m = &mut ctx.metrics;
-    m.insert("num_paths".into(), proxies.num_paths as f64);
-    m.insert("d_bar".into(), proxies.d_bar);
+    out.metric("num_paths", proxies.num_paths as f64);
+    out.metric("d_bar", proxies.d_bar);
     if let Some(mb) = proxies.m_bar {
-        m.insert("m_bar".into(), mb);
+        out.metric("m_bar", mb);
     }
-    m.insert("lambda_min".into(), stats.lambda_min);
-    m.insert("lambda_min_pairwise".into(), stats.lambda_min_pairwise);
-    m.insert("lambda_min_bound".into(), stats.lambda_min_bound);
-    m.insert("k_diag_mean".into(), stats.diag_mean);
-    m.insert("k_offdiag_mean".into(), stats.offdiag_mean);
-    m.insert("k_offdiag_min".into(), stats.offdiag_min);
-    m.insert("k_offdiag_max".into(), stats.offdiag_max);
+    out.metrics_from([
+        ("lambda_min", stats.lambda_min),
+        ("lambda_min_pairwise", stats.lambda_min_pairwise),
+        ("lambda_min_bound", stats.lambda_min_bound),
+        ("k_diag_mean", stats.diag_mean),
+        ("k_offdiag_mean", stats.offdiag_mean),
+        ("k_offdiag_min", stats.offdiag_min),
+        ("k_offdiag_max", stats.offdiag_max),
+    ]);
     if let Some(a) = accepted {
-        m.insert("accepted".into(), if a { 1.0 } else { 0.0 });
+        out.metric("accepted", if a { 1.0 } else { 0.0 });
     }
     Ok(())
 }
 
 fn run_filter(
     ctx: &mut RunContext<'_>,
+    out: &mut Outputs<'_>,
     cells: &[Cell],
     acceptance: Option<AcceptanceBox>,
 ) -> Result<(), OpError> {
@@ -295,7 +301,7 @@ fn run_filter(
         .report(&format!("filtering {} architectures", cells.len()));
     ctx.check_cancelled()?;
     let report = filter_space(cells, acceptance)?;
-    write_json(ctx.out_dir, FILTER_FILE, &report)?;
+    out.write_json(FILTER_FILE, &report)?;
     let (dl, dh) = report.d_interval;
     let (ml, mh) = report.m_interval;
     let _ =
@@ -308,15 +314,16 @@ fn run_filter(
         100.0 * report.fraction_kept
     );
     let b = report.acceptance;
-    let m = &mut ctx.metrics;
-    m.insert("space_size".into(), report.space_size as f64);
-    m.insert("num_scorable".into(), report.num_scorable as f64);
-    m.insert("num_accepted".into(), report.num_accepted as f64);
-    m.insert("fraction_kept".into(), report.fraction_kept);
-    m.insert("box_centre_d".into(), b.centre_d);
-    m.insert("box_centre_m".into(), b.centre_m);
-    m.insert("box_r_d".into(), b.r_d);
-    m.insert("box_r_m".into(), b.r_m);
+    out.metrics_from([
+        ("space_size", report.space_size as f64),
+        ("num_scorable", report.num_scorable as f64),
+        ("num_accepted", report.num_accepted as f64),
+        ("fraction_kept", report.fraction_kept),
+        ("box_centre_d", b.centre_d),
+        ("box_centre_m", b.centre_m),
+        ("box_r_d", b.r_d),
+        ("box_r_m", b.r_m),
+    ]);
     Ok(())
 }
 
@@ -324,28 +331,28 @@ fn run_filter(
 mod tests {
     use super::*;
     use crate::arch::nngp::relu_arccos;
-    use crate::arch::testing::run_op;
-    use std::collections::BTreeMap;
+    use crate::testing::{OpRun, RunOutput};
+    use crate::Op;
+    use serde_json::Value;
 
     fn read(out: &std::path::Path, name: &str) -> Value {
         serde_json::from_slice(&std::fs::read(out.join(name)).unwrap()).unwrap()
     }
 
+    fn run(params: Value) -> RunOutput {
+        OpRun::new(params).run(&NngpConnectivityOp)
+    }
+
     #[test]
     fn kernel_mode_end_to_end() {
-        let out = tempfile::tempdir().unwrap();
-        let (r, m, log) = run_op(
-            &NngpConnectivityOp,
-            json!({"topology": "2_02_002", "batch": 6, "dim": 4, "box": [2.0, 1.0, 4.0, 4.0]}),
-            BTreeMap::new(),
-            out.path(),
-        );
-        r.unwrap();
+        let output =
+            run(json!({"topology": "2_02_002", "batch": 6, "dim": 4, "box": [2.0, 1.0, 4.0, 4.0]}));
+        let (m, log) = (output.metrics(), &output.log);
         assert!(log.contains("P = 1"), "{log}");
         assert_eq!(m["num_paths"], 1.0);
         assert_eq!(m["d_bar"], 3.0);
         assert_eq!(m["accepted"], 1.0);
-        let v = read(out.path(), NNGP_FILE);
+        let v = read(&output.out_dir, NNGP_FILE);
         assert_eq!(v["seed"], 3);
         // Chain: K_out = f^3(K_in) entrywise, diagonal 1; the bound is 1 - max f^3(K_ij).
         let kin = &v["kernel_in"];
@@ -364,36 +371,26 @@ mod tests {
 
     #[test]
     fn filter_mode_end_to_end() {
-        let out = tempfile::tempdir().unwrap();
-        let (r, m, _) = run_op(
-            &NngpConnectivityOp,
+        let output = run(
             json!({"mode": "filter", "space": ["2_02_002", "1_10_222", "2_21_112", "2_22_222"]}),
-            BTreeMap::new(),
-            out.path(),
         );
-        r.unwrap();
+        let m = output.metrics();
         assert_eq!(m["space_size"], 4.0);
         assert_eq!(m["num_accepted"], 1.0);
         assert_eq!(m["fraction_kept"], 0.25);
-        let v = read(out.path(), FILTER_FILE);
+        let v = read(&output.out_dir, FILTER_FILE);
         assert_eq!(v["accepted"][0]["topology"], "2_22_222");
         assert_eq!(v["from_space"], true);
     }
 
     #[test]
     fn nb201_filter_with_preset_box() {
-        let out = tempfile::tempdir().unwrap();
-        let (r, m, _) = run_op(
-            &NngpConnectivityOp,
-            json!({"mode": "filter", "space": "nb201", "box": "reference_nb201"}),
-            BTreeMap::new(),
-            out.path(),
-        );
-        r.unwrap();
+        let output = run(json!({"mode": "filter", "space": "nb201", "box": "reference_nb201"}));
+        let m = output.metrics();
         assert_eq!(m["space_size"], 15_625.0);
         assert!(m["fraction_kept"] > 0.0 && m["fraction_kept"] < 1.0);
         assert!((m["box_centre_d"] - 1.75).abs() < 1e-12);
-        let v = read(out.path(), FILTER_FILE);
+        let v = read(&output.out_dir, FILTER_FILE);
         assert!(v["accepted"][0]["arch"].as_str().unwrap().starts_with('|'));
     }
 
@@ -426,12 +423,10 @@ mod tests {
             (json!({"topology": "2", "space": "nb201"}), "space"),
         ];
         for (params, field) in cases {
-            let err = op.validate(&params).unwrap_err();
+            let err = op.plan(&params).unwrap_err();
             assert_eq!(err.path, field, "{params}: {err:?}");
         }
-        let err = op
-            .validate(&json!({"topology": "2", "extra": 1}))
-            .unwrap_err();
+        let err = op.plan(&json!({"topology": "2", "extra": 1})).unwrap_err();
         assert!(err.message.contains("extra"), "{err:?}");
     }
 }

@@ -1,24 +1,25 @@
 //! `hparams.arch_aware`: the maximal LR and init variances of one topology
 //! (`../shared/papers/arch-aware-hparams.md` §2, §3).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::lr::{init_variances, predict_lr, Q_BASE};
+use super::lr::{init_variances, predict_lr, LrPrediction, Q_BASE};
 use super::paths::{Cell, CellKind, CellPath};
-use super::write_json;
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// The artifact this op writes.
 pub const PATHS_FILE: &str = "paths.json";
 
 pub struct ArchAwareHparamsOp;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArchAwareParams {
     /// The cell: `"2_02_002"` digits (mlp, cnn) or a NAS-Bench-201 arch string / digits.
     pub topology: String,
+    /// Which family the topology belongs to (fixes the digit meaning and the fixed layers).
     pub kind: CellKind,
     /// q, the convolution kernel size (cnn, nb201; default 3). MLPs take none.
     #[serde(default)]
@@ -30,25 +31,19 @@ pub struct ArchAwareParams {
     pub base_topology: Option<String>,
     /// Hidden width (mlp) or channels (cnn): turns the init multipliers into variances.
     #[serde(default)]
-    pub width: Option<usize>,
+    pub width: Option<Count>,
 }
 
-impl ArchAwareParams {
-    fn parse(params: &Value) -> Result<Self, ParamError> {
-        let p: Self = parse_params(params)?;
-        if p.width == Some(0) {
-            return Err(ParamError::new("width", "must be at least 1"));
-        }
-        predict_lr(
-            p.kind,
-            &p.topology,
-            p.base_topology.as_deref(),
-            p.base_lr,
-            p.kernel,
-        )
-        .map_err(|e| with_fix(e.into()))?;
-        Ok(p)
-    }
+/// Checked params and the prediction they give.
+pub struct ArchAwareConfig {
+    pub params: ArchAwareParams,
+    /// `base_topology`, or the kind's default.
+    pub base_topology: String,
+    pub cell: Cell,
+    pub prediction: LrPrediction,
+    /// The input->output paths of the cell and of the base cell.
+    pub paths: Vec<CellPath>,
+    pub base_paths: Vec<CellPath>,
 }
 
 fn with_fix(e: ParamError) -> ParamError {
@@ -84,45 +79,54 @@ fn path_records<'a>(kind: CellKind, paths: &'a [CellPath]) -> Vec<PathRecord<'a>
         .collect()
 }
 
-impl Op for ArchAwareHparamsOp {
-    fn name(&self) -> &'static str {
-        "hparams.arch_aware"
-    }
+impl TypedOp for ArchAwareHparamsOp {
+    const NAME: &'static str = "hparams.arch_aware";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "maximal LR (path formula) and per-layer init variances of a cell topology; writes paths.json";
+    type Params = ArchAwareParams;
+    type Config = ArchAwareConfig;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "maximal LR (path formula) and per-layer init variances of a cell topology; writes paths.json"
-    }
-
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        ArchAwareParams::parse(params).map(|_| ())
-    }
-
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = ArchAwareParams::parse(ctx.params)?;
+    fn resolve(p: ArchAwareParams) -> Result<ArchAwareConfig, ParamError> {
         let base_topology = p
             .base_topology
             .clone()
             .unwrap_or_else(|| p.kind.default_base_topology().to_string());
-        let (pred, target, base) = predict_lr(
+        let (prediction, paths, base_paths) = predict_lr(
             p.kind,
             &p.topology,
-            Some(&base_topology),
+            p.base_topology.as_deref(),
             p.base_lr,
             p.kernel,
-        )?;
+        )
+        .map_err(|e| with_fix(e.into()))?;
         let cell = Cell::parse(p.kind, "topology", &p.topology)?;
+        Ok(ArchAwareConfig {
+            params: p,
+            base_topology,
+            cell,
+            prediction,
+            paths,
+            base_paths,
+        })
+    }
+
+    fn run(
+        &self,
+        c: &ArchAwareConfig,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
+        let (p, pred) = (&c.params, &c.prediction);
         let kernel = p.kernel.unwrap_or(Q_BASE);
-        let layers = init_variances(&cell, p.width, kernel);
+        let width = p.width.map(Count::get);
+        let layers = init_variances(&c.cell, width, kernel);
         let artifact = json!({
             "topology": p.topology,
-            "digits": cell.digits(),
+            "digits": c.cell.digits(),
             "kind": p.kind,
             "kernel": p.kind.has_kernel().then_some(kernel),
-            "base_topology": base_topology,
+            "base_topology": c.base_topology,
             "base_lr": p.base_lr,
             "formula": "eta* = eta_base * sqrt(sum_base L^3 / sum_target L_p^3) * (q_base / q); \
                         L_p = d_p + fixed layers; eta_base when no path has a layer",
@@ -134,18 +138,18 @@ impl Op for ArchAwareHparamsOp {
             "base_sum_L3": pred.base_sum_l3,
             "q_factor": pred.q_factor,
             "has_parameterised_path": pred.has_parameterised_path,
-            "paths": path_records(p.kind, &target),
-            "base_paths": path_records(p.kind, &base),
+            "paths": path_records(p.kind, &c.paths),
+            "base_paths": path_records(p.kind, &c.base_paths),
             "init": {
                 "reading": "cell edge s->t: Var(W) = 2 / (d_in(s) * fan_in) with d_in the \
                             in-degree of the SOURCE node (the reference code's reading; the \
                             paper prints the target's), input node d_in = 1; stem 2 / fan_in; \
                             readout std 2 / fan_in (Var 4 / fan_in^2); biases 0, BatchNorm 1/0",
-                "width": p.width,
+                "width": width,
                 "layers": layers,
             },
         });
-        write_json(ctx.out_dir, PATHS_FILE, &artifact)?;
+        out.write_json(PATHS_FILE, &artifact)?;
         let _ = writeln!(
             ctx.log,
             "{} ({}): {} path(s), sum L^3 = {} vs base {} -> lr = {:.6} ({:.4} x base)",
@@ -157,16 +161,15 @@ impl Op for ArchAwareHparamsOp {
             pred.lr,
             pred.lr_ratio
         );
-        let m = &mut ctx.metrics;
-        m.insert("lr".into(), pred.lr);
-        m.insert("lr_ratio".into(), pred.lr_ratio);
-        m.insert("num_paths".into(), pred.num_paths as f64);
-        m.insert("sum_L3".into(), pred.sum_l3);
-        m.insert("base_sum_L3".into(), pred.base_sum_l3);
-        m.insert("q_factor".into(), pred.q_factor);
-        m.insert(
-            "max_path_layers".into(),
-            target.iter().map(|q| q.depth).max().unwrap_or(0) as f64,
+        out.metric("lr", pred.lr);
+        out.metric("lr_ratio", pred.lr_ratio);
+        out.metric("num_paths", pred.num_paths as f64);
+        out.metric("sum_L3", pred.sum_l3);
+        out.metric("base_sum_L3", pred.base_sum_l3);
+        out.metric("q_factor", pred.q_factor);
+        out.metric(
+            "max_path_layers",
+            c.paths.iter().map(|q| q.depth).max().unwrap_or(0) as f64,
         );
         Ok(())
     }
@@ -175,25 +178,23 @@ impl Op for ArchAwareHparamsOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::testing::run_op;
-    use std::collections::BTreeMap;
+    use crate::testing::OpRun;
+    use crate::Op;
+    use serde_json::Value;
 
     #[test]
     fn run_writes_paths_and_metrics() {
-        let out = tempfile::tempdir().unwrap();
-        let (r, m, log) = run_op(
-            &ArchAwareHparamsOp,
-            json!({"topology": "2_21_112", "kind": "mlp", "base_lr": 0.1, "width": 64}),
-            BTreeMap::new(),
-            out.path(),
-        );
-        r.unwrap();
+        let output =
+            OpRun::new(json!({"topology": "2_21_112", "kind": "mlp", "base_lr": 0.1, "width": 64}))
+                .run(&ArchAwareHparamsOp);
+        let (m, log) = (output.metrics(), &output.log);
         assert!((m["lr"] - 0.1 * (27.0f64 / 341.0).sqrt()).abs() < 1e-12);
         assert_eq!(m["num_paths"], 4.0);
         assert_eq!(m["sum_L3"], 341.0);
         assert!(log.contains("4 path(s)"), "{log}");
         let v: Value =
-            serde_json::from_slice(&std::fs::read(out.path().join(PATHS_FILE)).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(output.out_dir.join(PATHS_FILE)).unwrap())
+                .unwrap();
         assert_eq!(v["paths"][0]["nodes"], json!([0, 1, 2, 3]));
         assert_eq!(v["paths"][0]["L"], 5);
         assert_eq!(
@@ -209,29 +210,36 @@ mod tests {
     fn validation_names_the_field() {
         let op = ArchAwareHparamsOp;
         let err = op
-            .validate(&json!({"topology": "2_00_000", "kind": "mlp", "base_lr": 0.1}))
+            .plan(&json!({"topology": "2_00_000", "kind": "mlp", "base_lr": 0.1}))
             .unwrap_err();
         assert_eq!(err.path, "topology");
         assert!(err.message.contains("no input->output path"), "{err:?}");
         let err = op
-            .validate(&json!({"topology": "2_02_002", "kind": "mlp", "base_lr": 0.1, "kernel": 5}))
+            .plan(&json!({"topology": "2_02_002", "kind": "mlp", "base_lr": 0.1, "kernel": 5}))
             .unwrap_err();
         assert_eq!(err.path, "kernel");
         let err = op
-            .validate(&json!({"topology": "2_0x_002", "kind": "cnn", "base_lr": 0.1}))
+            .plan(&json!({"topology": "2_0x_002", "kind": "cnn", "base_lr": 0.1}))
             .unwrap_err();
         assert_eq!(err.path, "topology");
         assert!(err.fix.is_some());
         let err = op
-            .validate(&json!({"topology": "2", "kind": "mlp", "base_lr": 0.1, "lr": 1}))
+            .plan(&json!({"topology": "2", "kind": "mlp", "base_lr": 0.1, "lr": 1}))
             .unwrap_err();
         assert!(err.message.contains("lr"), "{err:?}");
         let err = op
-            .validate(&json!({"topology": "2", "kind": "rnn", "base_lr": 0.1}))
+            .plan(&json!({"topology": "2", "kind": "rnn", "base_lr": 0.1}))
             .unwrap_err();
         assert_eq!(err.path, "kind");
+        let err = op
+            .plan(&json!({"topology": "2", "kind": "mlp", "base_lr": 0.1, "width": 0}))
+            .unwrap_err();
+        assert_eq!(
+            (err.path.as_str(), err.message.as_str()),
+            ("width", "must be at least 1")
+        );
         // A NAS-Bench-201 arch string with k = 3.
-        op.validate(&json!({
+        op.plan(&json!({
             "topology": "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|",
             "kind": "nb201", "base_lr": 0.46
         }))

@@ -15,12 +15,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::write_json;
-use crate::{parse_params, Input, LegacyOp as Op, OpError, ParamError, RunContext};
-use crate::{write_metrics, METRICS_FILE};
+use crate::{read_json, Input, OpError, Outputs, ParamError, RunContext, TypedOp, METRICS_FILE};
 
 /// The artifact listing every grid point.
 pub const GRID_FILE: &str = "grid.json";
@@ -30,7 +29,8 @@ pub const BASE_INPUT: &str = "base";
 
 pub struct LrPickOp;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `lr.pick` takes no params: everything comes from its inputs.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LrPickParams {}
 
@@ -65,14 +65,16 @@ fn read_probe(dir: &Path) -> Result<(f64, Option<f64>), OpError> {
     }
 }
 
+/// A file that must be there: its JSON.
+fn read_required(path: &Path) -> Result<Value, OpError> {
+    read_json(path)?
+        .ok_or_else(|| OpError::Failed(format!("cannot read {}: no such file", path.display())))
+}
+
 /// A flat `metrics.json` of name -> number.
 fn read_metrics(dir: &Path) -> Result<BTreeMap<String, f64>, OpError> {
     let path = dir.join(METRICS_FILE);
-    let bytes = std::fs::read(&path)
-        .map_err(|e| OpError::io(format!("cannot read {}", path.display()), e))?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| OpError::Failed(format!("{} is not valid JSON: {e}", path.display())))?;
-    let Value::Object(m) = v else {
+    let Value::Object(m) = read_required(&path)? else {
         return Err(OpError::Failed(format!(
             "{} is not an object of name -> number",
             path.display()
@@ -131,29 +133,29 @@ fn one_dir<'a>(ctx: &'a RunContext<'_>, name: &str) -> Result<Option<&'a Path>, 
     }
 }
 
-impl Op for LrPickOp {
-    fn name(&self) -> &'static str {
-        "lr.pick"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
+impl TypedOp for LrPickOp {
+    const NAME: &'static str = "lr.pick";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
         "the empirical maximal LR of a grid of lr.probe results (smallest training loss, \
-         diverged = infinite); optional `prediction` + `base` add the formula's LR beside it"
+         diverged = infinite); optional `prediction` + `base` add the formula's LR beside it";
+    type Params = LrPickParams;
+    type Config = LrPickParams;
+
+    fn resolve(p: LrPickParams) -> Result<LrPickParams, ParamError> {
+        Ok(p)
     }
 
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        parse_params::<LrPickParams>(params).map(|_| ())
-    }
-
-    fn required_inputs(&self, _params: &Value) -> Vec<String> {
+    fn required_inputs(_: &LrPickParams) -> Vec<String> {
         vec![PROBES_INPUT.to_string()]
     }
 
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
+    fn run(
+        &self,
+        _: &LrPickParams,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let items = match ctx.input(PROBES_INPUT)? {
             Input::Many { items, .. } => items.clone(),
             Input::One(p) => vec![(String::new(), p.clone())],
@@ -164,7 +166,7 @@ impl Op for LrPickOp {
             probes.push(read_probe(dir)?);
         }
         let points = grid(&probes);
-        write_json(ctx.out_dir, GRID_FILE, &points)?;
+        out.write_json(GRID_FILE, &points)?;
         let best = pick(&points).cloned().ok_or_else(|| {
             OpError::Failed(format!(
                 "all {} grid LRs diverged (smallest {:.3e}); extend the grid downwards",
@@ -187,67 +189,66 @@ impl Op for LrPickOp {
                 ""
             }
         );
-        let m = &mut ctx.metrics;
-        m.insert("lr_star".into(), best.lr);
-        m.insert("log10_lr_star".into(), best.lr.log10());
-        m.insert("loss_star".into(), best.loss.unwrap_or(f64::NAN));
-        m.insert("grid_size".into(), points.len() as f64);
-        m.insert(
-            "grid_diverged".into(),
+        out.metric("lr_star", best.lr);
+        out.metric("log10_lr_star", best.lr.log10());
+        out.metric("loss_star", best.loss.unwrap_or(f64::NAN));
+        out.metric("grid_size", points.len() as f64);
+        out.metric(
+            "grid_diverged",
             points.iter().filter(|p| p.loss.is_none()).count() as f64,
         );
-        m.insert("at_grid_edge".into(), if at_edge { 1.0 } else { 0.0 });
-
-        if let Some(dir) = one_dir(ctx, PREDICTION_INPUT)?.map(Path::to_path_buf) {
-            let path = dir.join(super::hparams_op::PATHS_FILE);
-            let bytes = std::fs::read(&path)
-                .map_err(|e| OpError::io(format!("cannot read {}", path.display()), e))?;
-            let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                OpError::Failed(format!("{} is not valid JSON: {e}", path.display()))
-            })?;
-            let field = |k: &str| {
-                v.get(k).and_then(Value::as_f64).ok_or_else(|| {
-                    OpError::Failed(format!(
-                        "{}: no `{k}`; `prediction` must be a hparams.arch_aware result",
-                        path.display()
-                    ))
-                })
-            };
-            let (ratio, formula_lr) = (field("lr_ratio")?, field("lr")?);
-            let predicted = match one_dir(ctx, BASE_INPUT)?.map(Path::to_path_buf) {
-                Some(base) => {
-                    let base_star =
-                        read_metrics(&base)?
-                            .get("lr_star")
-                            .copied()
-                            .ok_or_else(|| {
-                                OpError::Failed(format!(
-                                    "{}: no `lr_star`; `base` must be an lr.pick result",
-                                    base.display()
-                                ))
-                            })?;
-                    ctx.metrics.insert("base_lr_star".into(), base_star);
-                    base_star * ratio
-                }
-                None => formula_lr,
-            };
-            let m = &mut ctx.metrics;
-            m.insert("lr_ratio".into(), ratio);
-            m.insert("lr_predicted".into(), predicted);
-            m.insert("log10_lr_predicted".into(), predicted.log10());
-            m.insert(
-                "log10_probed_over_predicted".into(),
-                (best.lr / predicted).log10(),
-            );
+        out.metric("at_grid_edge", if at_edge { 1.0 } else { 0.0 });
+        if let Some(dir) = one_dir(ctx, PREDICTION_INPUT)? {
+            let base = one_dir(ctx, BASE_INPUT)?;
+            add_prediction(dir, base, best.lr, out)?;
         }
-        write_metrics(ctx.out_dir, &ctx.metrics)
+        out.write_metrics_file()
     }
+}
+
+/// `lr_predicted` beside the probed LR: the formula's ratio (from `prediction`, a
+/// hparams.arch_aware result) times `base`'s measured `lr_star`, or the formula's own LR.
+fn add_prediction(
+    prediction: &Path,
+    base: Option<&Path>,
+    lr_star: f64,
+    out: &mut Outputs<'_>,
+) -> Result<(), OpError> {
+    let path = prediction.join(super::hparams_op::PATHS_FILE);
+    let v = read_required(&path)?;
+    let field = |k: &str| {
+        v.get(k).and_then(Value::as_f64).ok_or_else(|| {
+            OpError::Failed(format!(
+                "{}: no `{k}`; `prediction` must be a hparams.arch_aware result",
+                path.display()
+            ))
+        })
+    };
+    let (ratio, formula_lr) = (field("lr_ratio")?, field("lr")?);
+    let predicted = match base {
+        Some(base) => {
+            let base_star = read_metrics(base)?.get("lr_star").copied().ok_or_else(|| {
+                OpError::Failed(format!(
+                    "{}: no `lr_star`; `base` must be an lr.pick result",
+                    base.display()
+                ))
+            })?;
+            out.metric("base_lr_star", base_star);
+            base_star * ratio
+        }
+        None => formula_lr,
+    };
+    out.metric("lr_ratio", ratio);
+    out.metric("lr_predicted", predicted);
+    out.metric("log10_lr_predicted", predicted.log10());
+    out.metric("log10_probed_over_predicted", (lr_star / predicted).log10());
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::testing::run_op;
+    use crate::testing::OpRun;
     use serde_json::json;
 
     fn probe_dir(root: &Path, name: &str, metrics: Value) -> std::path::PathBuf {
@@ -305,23 +306,16 @@ mod tests {
             json!({"lr": 0.05, "lr_ratio": 0.25}).to_string(),
         )
         .unwrap();
-        let inputs = [
-            (
-                PROBES_INPUT.to_string(),
-                Input::Many {
-                    dir: root.to_path_buf(),
-                    items,
-                },
-            ),
-            (BASE_INPUT.to_string(), Input::One(base)),
-            (PREDICTION_INPUT.to_string(), Input::One(pred)),
-        ]
-        .into_iter()
-        .collect();
-        let out = root.join("out");
-        std::fs::create_dir_all(&out).unwrap();
-        let (r, m, log) = run_op(&LrPickOp, json!({}), inputs, &out);
-        r.unwrap();
+        let probes = Input::Many {
+            dir: root.to_path_buf(),
+            items,
+        };
+        let output = OpRun::new(json!({}))
+            .input_as(PROBES_INPUT, probes)
+            .input(BASE_INPUT, base)
+            .input(PREDICTION_INPUT, pred)
+            .run(&LrPickOp);
+        let (m, log, out) = (output.metrics(), &output.log, &output.out_dir);
         assert_eq!(m["lr_star"], 0.1);
         assert_eq!(m["loss_star"], 1.0);
         assert_eq!(m["grid_diverged"], 1.0);
@@ -341,19 +335,14 @@ mod tests {
     fn all_diverged_is_a_clear_error() {
         let ws = tempfile::tempdir().unwrap();
         let d = probe_dir(ws.path(), "a", json!({"lr": 5.0, "diverged": 1}));
-        let inputs = [(
-            PROBES_INPUT.to_string(),
-            Input::Many {
-                dir: ws.path().to_path_buf(),
-                items: vec![("lr=5".into(), d)],
-            },
-        )]
-        .into_iter()
-        .collect();
-        let out = ws.path().join("out");
-        std::fs::create_dir_all(&out).unwrap();
-        let (r, _, _) = run_op(&LrPickOp, json!({}), inputs, &out);
-        let e = r.unwrap_err().to_string();
+        let probes = Input::Many {
+            dir: ws.path().to_path_buf(),
+            items: vec![("lr=5".into(), d)],
+        };
+        let output = OpRun::new(json!({}))
+            .input_as(PROBES_INPUT, probes)
+            .run(&LrPickOp);
+        let e = output.result.unwrap_err().to_string();
         assert!(e.contains("extend the grid downwards"), "{e}");
     }
 }

@@ -24,12 +24,9 @@ pub mod paths;
 mod rerank_op;
 pub mod stats;
 
-use std::path::Path;
 use std::sync::Arc;
 
-use serde::Serialize;
-
-use crate::{OpError, Registry};
+use crate::Registry;
 
 pub use connectivity_op::{ConnectivityParams, NngpConnectivityOp};
 pub use error::ArchError;
@@ -41,56 +38,29 @@ pub use rerank_op::{RerankOp, RerankParams};
 
 /// Adds this module's ops to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register(Arc::new(crate::Legacy(ArchAwareHparamsOp)));
-    registry.register(Arc::new(crate::Legacy(NngpConnectivityOp)));
-    registry.register(Arc::new(crate::Legacy(RerankOp)));
+    registry.register(Arc::new(ArchAwareHparamsOp));
+    registry.register(Arc::new(NngpConnectivityOp));
+    registry.register(Arc::new(RerankOp));
     registry.register(Arc::new(crate::ml::LrProbeOp));
-    registry.register(Arc::new(crate::Legacy(LrPickOp)));
-}
-
-/// Writes `value` as pretty JSON to `dir/name`.
-fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> Result<(), OpError> {
-    let path = dir.join(name);
-    let text = serde_json::to_vec_pretty(value)
-        .map_err(|e| OpError::Failed(format!("cannot encode {name}: {e}")))?;
-    std::fs::write(&path, text)
-        .map_err(|e| OpError::io(format!("cannot write {}", path.display()), e))
+    registry.register(Arc::new(LrPickOp));
 }
 
 #[cfg(test)]
-pub(crate) mod testing {
-    use std::collections::BTreeMap;
-    use std::path::Path;
+mod tests {
+    use crate::Op;
 
-    use serde_json::Value;
-
-    use crate::{CancelFlag, Input, LegacyOp as Op, Metrics, OpError, Progress, RunContext};
-
-    /// Runs `op` with `params` and `inputs` into `out`; returns the result, metrics and log.
-    pub fn run_op(
-        op: &dyn Op,
-        params: Value,
-        inputs: BTreeMap<String, Input>,
-        out: &Path,
-    ) -> (Result<(), OpError>, Metrics, String) {
-        let ws = tempfile::tempdir().unwrap();
-        let cancel = CancelFlag::new();
-        let progress = Progress::silent();
-        let mut log = Vec::new();
-        let mut ctx = RunContext {
-            params: &params,
-            inputs: &inputs,
-            out_dir: out,
-            workspace: ws.path(),
-            seed: 3,
-            cpus: 1,
-            cancel: &cancel,
-            progress: &progress,
-            log: &mut log,
-            metrics: Metrics::new(),
-        };
-        let result = op.run(&mut ctx);
-        let metrics = ctx.metrics.clone();
-        (result, metrics, String::from_utf8_lossy(&log).into_owned())
+    #[test]
+    fn every_param_is_documented() {
+        let ops: [&dyn Op; 4] = [
+            &super::ArchAwareHparamsOp,
+            &super::NngpConnectivityOp,
+            &super::RerankOp,
+            &super::LrPickOp,
+        ];
+        for op in ops {
+            let rows = op.params_doc();
+            assert!(rows.iter().all(|r| !r.doc.is_empty()), "{rows:#?}");
+            assert_eq!(rows.is_empty(), op.name() == "lr.pick", "{}", op.name());
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! what the analysis needs on top: which op codes are parameterised for a cell kind, the path
 //! list, and the path statistics P, d_p, effective depth and width.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::ArchError;
@@ -12,7 +13,7 @@ use nn::models::topology::{Dag, NB201_OPS};
 use nn::NnError;
 
 /// Which family a topology string belongs to; it fixes the digit meaning and the fixed layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CellKind {
     /// `mlp_dag`: digits 0 zero, 1 skip, 2 Linear+ReLU.

@@ -15,12 +15,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::stats::kendall_tau_b;
-use super::write_json;
-use crate::{parse_params, Input, LegacyOp as Op, OpError, ParamError, RunContext};
+use crate::{read_json, Input, Label, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// The artifact this op writes.
 pub const RERANK_FILE: &str = "rerank.json";
@@ -29,62 +31,53 @@ pub const RUNS_INPUT: &str = "runs";
 
 pub struct RerankOp;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The params of `rerank`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct RerankParams {
     /// Metric read from each run (higher is better).
-    #[serde(default = "default_metric")]
     pub metric: String,
-    #[serde(default = "default_arch_key")]
+    /// The matrix key of a run's label that names its architecture.
     pub arch_key: String,
-    #[serde(default = "default_recipe_key")]
+    /// The matrix key that names its training recipe.
     pub recipe_key: String,
-    #[serde(default = "default_seed_key")]
+    /// The matrix key that names its seed (runs without it count as one seed).
     pub seed_key: String,
     /// The reference recipe (its ranking defines the top-K% sets); default: the first recipe.
-    #[serde(default)]
     pub baseline: Option<String>,
     /// The recipe compared against it; default: the other recipe when there are two.
-    #[serde(default)]
     pub candidate: Option<String>,
     /// Percentages K of the top-K% curve.
-    #[serde(default = "default_top_k")]
     pub top_k: Vec<f64>,
     /// How many of the most-moved architectures to list.
-    #[serde(default = "default_moved")]
     pub moved: usize,
     /// Recipe -> list input name, for recipes trained in separate stages (`{benchmark:
     /// runs_benchmark, arch_aware: runs_arch_aware}`): each input's items belong to that recipe
     /// and need no recipe key in their labels. Empty: one `runs` input whose labels carry it.
-    #[serde(default)]
     pub recipe_inputs: BTreeMap<String, String>,
 }
 
-fn default_metric() -> String {
-    "test_accuracy".into()
-}
-fn default_arch_key() -> String {
-    "arch".into()
-}
-fn default_recipe_key() -> String {
-    "recipe".into()
-}
-fn default_seed_key() -> String {
-    "seed".into()
-}
-fn default_top_k() -> Vec<f64> {
-    vec![
-        100.0, 90.0, 80.0, 70.0, 60.0, 50.0, 40.0, 30.0, 20.0, 10.0, 5.0, 1.0,
-    ]
-}
-fn default_moved() -> usize {
-    10
+impl Default for RerankParams {
+    fn default() -> Self {
+        Self {
+            metric: "test_accuracy".into(),
+            arch_key: "arch".into(),
+            recipe_key: "recipe".into(),
+            seed_key: "seed".into(),
+            baseline: None,
+            candidate: None,
+            top_k: vec![
+                100.0, 90.0, 80.0, 70.0, 60.0, 50.0, 40.0, 30.0, 20.0, 10.0, 5.0, 1.0,
+            ],
+            moved: 10,
+            recipe_inputs: BTreeMap::new(),
+        }
+    }
 }
 
 impl RerankParams {
-    fn parse(params: &Value) -> Result<Self, ParamError> {
-        let p: Self = parse_params(params)?;
-        for (i, k) in p.top_k.iter().enumerate() {
+    fn check(&self) -> Result<(), ParamError> {
+        for (i, k) in self.top_k.iter().enumerate() {
             if !(k.is_finite() && *k > 0.0 && *k <= 100.0) {
                 return Err(ParamError::new(
                     format!("top_k.{i}"),
@@ -92,55 +85,33 @@ impl RerankParams {
                 ));
             }
         }
-        if p.top_k.is_empty() {
+        if self.top_k.is_empty() {
             return Err(ParamError::new("top_k", "give at least one percentage"));
         }
         for (field, v) in [
-            ("metric", &p.metric),
-            ("arch_key", &p.arch_key),
-            ("recipe_key", &p.recipe_key),
-            ("seed_key", &p.seed_key),
+            ("metric", &self.metric),
+            ("arch_key", &self.arch_key),
+            ("recipe_key", &self.recipe_key),
+            ("seed_key", &self.seed_key),
         ] {
             if v.is_empty() {
                 return Err(ParamError::new(field, "must not be empty"));
             }
         }
-        if p.recipe_inputs.values().any(String::is_empty) {
+        if self.recipe_inputs.values().any(String::is_empty) {
             return Err(ParamError::new(
                 "recipe_inputs",
                 "an input name must not be empty",
             ));
         }
-        if p.baseline.is_some() && p.baseline == p.candidate {
+        if self.baseline.is_some() && self.baseline == self.candidate {
             return Err(ParamError::new(
                 "candidate",
                 "is the same recipe as `baseline`",
             ));
         }
-        Ok(p)
+        Ok(())
     }
-}
-
-/// Splits an engine matrix label `k=v,k=v` into pairs; a segment without a `key=` start belongs
-/// to the previous value (values may contain commas).
-pub fn parse_label(label: &str) -> BTreeMap<String, String> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for seg in label.split(',') {
-        let starts_pair = seg.split_once('=').filter(|(k, _)| {
-            !k.is_empty()
-                && k.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        });
-        match (starts_pair, out.last_mut()) {
-            (Some((k, v)), _) => out.push((k.to_string(), v.to_string())),
-            (None, Some(last)) => {
-                last.1.push(',');
-                last.1.push_str(seg);
-            }
-            (None, None) => {}
-        }
-    }
-    out.into_iter().collect()
 }
 
 /// One run's outcome.
@@ -152,19 +123,9 @@ enum Outcome {
 
 /// Reads `metric` from a run folder (metrics.json, else the last record of history.json).
 fn read_metric(dir: &Path, metric: &str) -> Result<Outcome, OpError> {
-    let read = |name: &str| -> Result<Option<Value>, OpError> {
-        let path = dir.join(name);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| OpError::Failed(format!("{} is not valid JSON: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(OpError::io(format!("cannot read {}", path.display()), e)),
-        }
-    };
-    let record = match read("metrics.json")? {
+    let record = match read_json(&dir.join(crate::METRICS_FILE))? {
         Some(v) => v,
-        None => match read("history.json")? {
+        None => match read_json(&dir.join("history.json"))? {
             Some(Value::Array(rows)) => rows.last().cloned().unwrap_or(Value::Null),
             Some(_) => {
                 return Err(OpError::Failed(format!(
@@ -298,214 +259,49 @@ fn k_name(k: f64) -> String {
     format!("{k}")
 }
 
-impl Op for RerankOp {
-    fn name(&self) -> &'static str {
-        "rerank"
-    }
-
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
+impl TypedOp for RerankOp {
+    const NAME: &'static str = "rerank";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
         "Kendall tau between two training recipes' architecture rankings, overall and in the \
-         top-K%, with the seed-vs-seed control; reads `runs: train[*]`"
+         top-K%, with the seed-vs-seed control; reads `runs: train[*]`";
+    type Params = RerankParams;
+    type Config = RerankParams;
+
+    fn resolve(p: RerankParams) -> Result<RerankParams, ParamError> {
+        p.check()?;
+        Ok(p)
     }
 
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        RerankParams::parse(params).map(|_| ())
-    }
-
-    fn required_inputs(&self, params: &Value) -> Vec<String> {
-        match RerankParams::parse(params) {
-            Ok(p) if !p.recipe_inputs.is_empty() => p.recipe_inputs.into_values().collect(),
-            _ => vec![RUNS_INPUT.to_string()],
-        }
-    }
-
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = RerankParams::parse(ctx.params)?;
-        let list = |name: &str| match ctx.input(name)? {
-            Input::Many { items, .. } => Ok(items.clone()),
-            Input::One(_) => Err(OpError::Failed(format!(
-                "`{name}` must be a list input over the train matrix, e.g. \
-                 `inputs: {{{name}: \"train[*]\"}}`"
-            ))),
-        };
-        // (recipe given by the input, label, folder)
-        let mut items: Vec<(Option<String>, String, std::path::PathBuf)> = Vec::new();
+    fn required_inputs(p: &RerankParams) -> Vec<String> {
         if p.recipe_inputs.is_empty() {
-            items.extend(list(RUNS_INPUT)?.into_iter().map(|(l, d)| (None, l, d)));
+            vec![RUNS_INPUT.to_string()]
         } else {
-            for (recipe, input) in &p.recipe_inputs {
-                items.extend(
-                    list(input)?
-                        .into_iter()
-                        .map(|(l, d)| (Some(recipe.clone()), l, d)),
-                );
-            }
+            p.recipe_inputs.values().cloned().collect()
         }
-        let mut table: Table = BTreeMap::new();
-        let mut recipe_order: Vec<String> = Vec::new();
-        let mut excluded = Vec::new();
-        for (i, (given_recipe, label, dir)) in items.iter().enumerate() {
-            ctx.check_cancelled()?;
-            ctx.progress
-                .report(&format!("reading run {}/{}", i + 1, items.len()));
-            let keys = parse_label(label);
-            let get = |key: &str| -> Result<String, OpError> {
-                keys.get(key).cloned().ok_or_else(|| {
-                    OpError::Failed(format!(
-                        "run {label:?} has no matrix key `{key}`; the train stage's matrix needs \
-                         `{}`, `{}` and `{}` (or set arch_key / recipe_key / seed_key)",
-                        p.arch_key, p.recipe_key, p.seed_key
-                    ))
-                })
-            };
-            let arch = get(&p.arch_key)?;
-            let recipe = match given_recipe {
-                Some(r) => r.clone(),
-                None => get(&p.recipe_key)?,
-            };
-            let seed = keys.get(&p.seed_key).cloned().unwrap_or_default();
-            if !recipe_order.contains(&recipe) {
-                recipe_order.push(recipe.clone());
-            }
-            match read_metric(dir, &p.metric)? {
-                Outcome::Value(v) => {
-                    let slot = table
-                        .entry(recipe.clone())
-                        .or_default()
-                        .entry(arch.clone())
-                        .or_default();
-                    if slot.insert(seed.clone(), v).is_some() {
-                        return Err(OpError::Failed(format!(
-                            "two runs for arch {arch:?}, recipe {recipe:?}, seed {seed:?}; \
-                             other matrix keys must not vary across `{RUNS_INPUT}`"
-                        )));
-                    }
-                }
-                Outcome::Excluded(reason) => excluded.push(Excluded {
-                    label: label.clone(),
-                    reason,
-                }),
-            }
-        }
-        let baseline = match &p.baseline {
-            Some(b) => b.clone(),
-            None => recipe_order
-                .first()
-                .cloned()
-                .ok_or_else(|| OpError::Failed(format!("`{RUNS_INPUT}` holds no runs")))?,
-        };
-        let candidate = match &p.candidate {
-            Some(c) => c.clone(),
-            None => {
-                let others: Vec<&String> =
-                    recipe_order.iter().filter(|r| **r != baseline).collect();
-                match others.as_slice() {
-                    [one] => (*one).clone(),
-                    _ => {
-                        return Err(OpError::Failed(format!(
-                            "recipes found: {recipe_order:?}; with other than two, set \
-                             `baseline` and `candidate`"
-                        )))
-                    }
-                }
-            }
-        };
-        for r in [&baseline, &candidate] {
-            if !recipe_order.contains(r) {
-                return Err(OpError::Failed(format!(
-                    "recipe {r:?} is not among the runs' recipes {recipe_order:?}"
-                )));
-            }
-        }
-        let mean = |recipe: &str| -> BTreeMap<&str, f64> {
-            table
-                .get(recipe)
-                .map(|by_arch| {
-                    by_arch
-                        .iter()
-                        .filter(|(_, s)| !s.is_empty())
-                        .map(|(a, s)| (a.as_str(), s.values().sum::<f64>() / s.len() as f64))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let base_mean = mean(&baseline);
-        let cand_mean = mean(&candidate);
-        let common: BTreeMap<&str, f64> = base_mean
-            .iter()
-            .filter(|(a, _)| cand_mean.contains_key(*a))
-            .map(|(a, v)| (*a, *v))
-            .collect();
-        let common_cand: BTreeMap<&str, f64> = common.keys().map(|a| (*a, cand_mean[a])).collect();
-        if common.len() < 2 {
-            return Err(OpError::Failed(format!(
-                "only {} architecture(s) have results under both {baseline:?} and \
-                 {candidate:?}; a ranking needs two or more",
-                common.len()
-            )));
-        }
-        let base_rank = ranks(&common);
-        let cand_rank = ranks(&common_cand);
-        let mut order: Vec<String> = base_rank.keys().cloned().collect();
-        order.sort_by_key(|a| base_rank[a]);
-        let rows: Vec<ArchRow> = order
-            .iter()
-            .map(|a| ArchRow {
-                arch: a.clone(),
-                baseline_acc: common[a.as_str()],
-                candidate_acc: common_cand[a.as_str()],
-                baseline_rank: base_rank[a],
-                candidate_rank: cand_rank[a],
-                shift: base_rank[a] as i64 - cand_rank[a] as i64,
-            })
-            .collect();
+    }
+
+    fn run(
+        &self,
+        p: &RerankParams,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
+        let items = run_items(ctx, p)?;
+        let runs = read_runs(ctx, p, &items)?;
+        let (baseline, candidate) = recipes(p, &runs.recipe_order)?;
+        let table = &runs.table;
+        let rows = ranked_rows(table, &baseline, &candidate)?;
         let n = rows.len();
-        let mut curve = Vec::new();
-        let mut seed_curves: BTreeMap<String, Vec<SeedPoint>> = BTreeMap::new();
-        for &k in &p.top_k {
-            let size = ((k / 100.0 * n as f64).ceil() as usize).clamp(1, n);
-            let top = &rows[..size];
-            let archs: Vec<String> = top.iter().map(|r| r.arch.clone()).collect();
-            let xb: Vec<f64> = top.iter().map(|r| r.baseline_acc).collect();
-            let xc: Vec<f64> = top.iter().map(|r| r.candidate_acc).collect();
-            let mut seed_vals = Vec::new();
-            for recipe in [&baseline, &candidate] {
-                let (t, pairs) = seed_tau(&table, recipe, &archs);
-                if let Some(t) = t {
-                    seed_vals.push(t);
-                }
-                seed_curves
-                    .entry(recipe.clone())
-                    .or_default()
-                    .push(SeedPoint {
-                        k,
-                        n: size,
-                        tau: t,
-                        pairs,
-                    });
-            }
-            curve.push(CurvePoint {
-                k,
-                n: size,
-                tau: kendall_tau_b(&xb, &xc),
-                seed_tau: (!seed_vals.is_empty())
-                    .then(|| seed_vals.iter().sum::<f64>() / seed_vals.len() as f64),
-            });
-        }
-        let all: Vec<&ArchRow> = rows.iter().collect();
+        let (curve, seed_curves) = top_k_curves(table, &rows, &p.top_k, [&baseline, &candidate]);
         let tau_all = kendall_tau_b(
-            &all.iter().map(|r| r.baseline_acc).collect::<Vec<_>>(),
-            &all.iter().map(|r| r.candidate_acc).collect::<Vec<_>>(),
+            &rows.iter().map(|r| r.baseline_acc).collect::<Vec<_>>(),
+            &rows.iter().map(|r| r.candidate_acc).collect::<Vec<_>>(),
         );
-        let (seed_tau_base, _) = seed_tau(&table, &baseline, &order);
-        let (seed_tau_cand, _) = seed_tau(&table, &candidate, &order);
-        let seed_all: Vec<f64> = [seed_tau_base, seed_tau_cand]
+        let order: Vec<String> = rows.iter().map(|r| r.arch.clone()).collect();
+        let seed_all: Vec<f64> = [&baseline, &candidate]
             .into_iter()
-            .flatten()
+            .filter_map(|recipe| seed_tau(table, recipe, &order).0)
             .collect();
         let seed_tau_all =
             (!seed_all.is_empty()).then(|| seed_all.iter().sum::<f64>() / seed_all.len() as f64);
@@ -520,7 +316,7 @@ impl Op for RerankOp {
             "candidate": candidate,
             "num_runs": items.len(),
             "num_archs": n,
-            "excluded": excluded,
+            "excluded": runs.excluded,
             "tau_all": tau_all,
             "seed_tau_all": seed_tau_all,
             "curve": curve,
@@ -530,7 +326,7 @@ impl Op for RerankOp {
             "moved": moved,
             "archs": rows,
         });
-        write_json(ctx.out_dir, RERANK_FILE, &artifact)?;
+        out.write_json(RERANK_FILE, &artifact)?;
         let _ = writeln!(
             ctx.log,
             "{n} architectures, {baseline} vs {candidate}: tau = {}, seed-vs-seed tau = {}, \
@@ -539,45 +335,273 @@ impl Op for RerankOp {
             seed_tau_all.map_or("n/a".into(), |t| format!("{t:.4}")),
             mean_cand - mean_base
         );
-        let m = &mut ctx.metrics;
-        m.insert("num_archs".into(), n as f64);
-        m.insert("num_excluded".into(), excluded.len() as f64);
-        m.insert("mean_acc_baseline".into(), mean_base);
-        m.insert("mean_acc_candidate".into(), mean_cand);
-        m.insert("mean_acc_change".into(), mean_cand - mean_base);
+        out.metric("num_archs", n as f64);
+        out.metric("num_excluded", runs.excluded.len() as f64);
+        out.metric("mean_acc_baseline", mean_base);
+        out.metric("mean_acc_candidate", mean_cand);
+        out.metric("mean_acc_change", mean_cand - mean_base);
         if let Some(t) = tau_all {
-            m.insert("tau_all".into(), t);
+            out.metric("tau_all", t);
         }
         if let Some(t) = seed_tau_all {
-            m.insert("seed_tau_all".into(), t);
+            out.metric("seed_tau_all", t);
         }
         for c in &curve {
             if let Some(t) = c.tau {
-                m.insert(format!("tau_top{}", k_name(c.k)), t);
+                out.metric(format!("tau_top{}", k_name(c.k)), t);
             }
             if let Some(t) = c.seed_tau {
-                m.insert(format!("seed_tau_top{}", k_name(c.k)), t);
+                out.metric(format!("seed_tau_top{}", k_name(c.k)), t);
             }
         }
         Ok(())
     }
 }
 
+/// One run to read: the recipe its input gives (if any), its label and its folder.
+type RunItem = (Option<String>, String, PathBuf);
+
+/// Every run of the `runs` input, or of each `recipe_inputs` input (labelled by its recipe).
+fn run_items(ctx: &RunContext<'_>, p: &RerankParams) -> Result<Vec<RunItem>, OpError> {
+    let list = |name: &str| match ctx.input(name)? {
+        Input::Many { items, .. } => Ok(items.clone()),
+        Input::One(_) => Err(OpError::Failed(format!(
+            "`{name}` must be a list input over the train matrix, e.g. \
+             `inputs: {{{name}: \"train[*]\"}}`"
+        ))),
+    };
+    let mut items: Vec<RunItem> = Vec::new();
+    if p.recipe_inputs.is_empty() {
+        items.extend(list(RUNS_INPUT)?.into_iter().map(|(l, d)| (None, l, d)));
+    } else {
+        for (recipe, input) in &p.recipe_inputs {
+            items.extend(
+                list(input)?
+                    .into_iter()
+                    .map(|(l, d)| (Some(recipe.clone()), l, d)),
+            );
+        }
+    }
+    Ok(items)
+}
+
+/// What the runs hold.
+struct Runs {
+    table: Table,
+    /// Recipes in the order they first appear.
+    recipe_order: Vec<String>,
+    excluded: Vec<Excluded>,
+}
+
+fn read_runs(ctx: &RunContext<'_>, p: &RerankParams, items: &[RunItem]) -> Result<Runs, OpError> {
+    let mut runs = Runs {
+        table: BTreeMap::new(),
+        recipe_order: Vec::new(),
+        excluded: Vec::new(),
+    };
+    for (i, (given_recipe, label, dir)) in items.iter().enumerate() {
+        ctx.check_cancelled()?;
+        ctx.progress
+            .report(&format!("reading run {}/{}", i + 1, items.len()));
+        let keys = Label::parse(label);
+        let get = |key: &str| -> Result<String, OpError> {
+            keys.get(key).map(String::from).ok_or_else(|| {
+                OpError::Failed(format!(
+                    "run {label:?} has no matrix key `{key}`; the train stage's matrix needs \
+                     `{}`, `{}` and `{}` (or set arch_key / recipe_key / seed_key)",
+                    p.arch_key, p.recipe_key, p.seed_key
+                ))
+            })
+        };
+        let arch = get(&p.arch_key)?;
+        let recipe = match given_recipe {
+            Some(r) => r.clone(),
+            None => get(&p.recipe_key)?,
+        };
+        let seed = keys.get(&p.seed_key).unwrap_or_default().to_string();
+        if !runs.recipe_order.contains(&recipe) {
+            runs.recipe_order.push(recipe.clone());
+        }
+        match read_metric(dir, &p.metric)? {
+            Outcome::Value(v) => {
+                let slot = runs
+                    .table
+                    .entry(recipe.clone())
+                    .or_default()
+                    .entry(arch.clone())
+                    .or_default();
+                if slot.insert(seed.clone(), v).is_some() {
+                    return Err(OpError::Failed(format!(
+                        "two runs for arch {arch:?}, recipe {recipe:?}, seed {seed:?}; \
+                         other matrix keys must not vary across `{RUNS_INPUT}`"
+                    )));
+                }
+            }
+            Outcome::Excluded(reason) => runs.excluded.push(Excluded {
+                label: label.clone(),
+                reason,
+            }),
+        }
+    }
+    Ok(runs)
+}
+
+/// The baseline and candidate recipes: as given, else the first recipe and the other one.
+fn recipes(p: &RerankParams, recipe_order: &[String]) -> Result<(String, String), OpError> {
+    let baseline = match &p.baseline {
+        Some(b) => b.clone(),
+        None => recipe_order
+            .first()
+            .cloned()
+            .ok_or_else(|| OpError::Failed(format!("`{RUNS_INPUT}` holds no runs")))?,
+    };
+    let candidate = match &p.candidate {
+        Some(c) => c.clone(),
+        None => {
+            let others: Vec<&String> = recipe_order.iter().filter(|r| **r != baseline).collect();
+            match others.as_slice() {
+                [one] => (*one).clone(),
+                _ => {
+                    return Err(OpError::Failed(format!(
+                        "recipes found: {recipe_order:?}; with other than two, set \
+                         `baseline` and `candidate`"
+                    )))
+                }
+            }
+        }
+    };
+    for r in [&baseline, &candidate] {
+        if !recipe_order.contains(r) {
+            return Err(OpError::Failed(format!(
+                "recipe {r:?} is not among the runs' recipes {recipe_order:?}"
+            )));
+        }
+    }
+    Ok((baseline, candidate))
+}
+
+/// The architectures with results under both recipes, in baseline rank order.
+fn ranked_rows(table: &Table, baseline: &str, candidate: &str) -> Result<Vec<ArchRow>, OpError> {
+    let mean = |recipe: &str| -> BTreeMap<&str, f64> {
+        table
+            .get(recipe)
+            .map(|by_arch| {
+                by_arch
+                    .iter()
+                    .filter(|(_, s)| !s.is_empty())
+                    .map(|(a, s)| (a.as_str(), s.values().sum::<f64>() / s.len() as f64))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let base_mean = mean(baseline);
+    let cand_mean = mean(candidate);
+    let common: BTreeMap<&str, f64> = base_mean
+        .iter()
+        .filter(|(a, _)| cand_mean.contains_key(*a))
+        .map(|(a, v)| (*a, *v))
+        .collect();
+    let common_cand: BTreeMap<&str, f64> = common.keys().map(|a| (*a, cand_mean[a])).collect();
+    if common.len() < 2 {
+        return Err(OpError::Failed(format!(
+            "only {} architecture(s) have results under both {baseline:?} and \
+             {candidate:?}; a ranking needs two or more",
+            common.len()
+        )));
+    }
+    let base_rank = ranks(&common);
+    let cand_rank = ranks(&common_cand);
+    let mut order: Vec<String> = base_rank.keys().cloned().collect();
+    order.sort_by_key(|a| base_rank[a]);
+    Ok(order
+        .iter()
+        .map(|a| ArchRow {
+            arch: a.clone(),
+            baseline_acc: common[a.as_str()],
+            candidate_acc: common_cand[a.as_str()],
+            baseline_rank: base_rank[a],
+            candidate_rank: cand_rank[a],
+            shift: base_rank[a] as i64 - cand_rank[a] as i64,
+        })
+        .collect())
+}
+
+/// The top-K% curve (tau between the recipes and the mean seed-vs-seed tau, on the baseline's
+/// top K%) and each recipe's seed-vs-seed curve.
+fn top_k_curves(
+    table: &Table,
+    rows: &[ArchRow],
+    top_k: &[f64],
+    recipes: [&String; 2],
+) -> (Vec<CurvePoint>, BTreeMap<String, Vec<SeedPoint>>) {
+    let n = rows.len();
+    let mut curve = Vec::new();
+    let mut seed_curves: BTreeMap<String, Vec<SeedPoint>> = BTreeMap::new();
+    for &k in top_k {
+        let size = ((k / 100.0 * n as f64).ceil() as usize).clamp(1, n);
+        let top = &rows[..size];
+        let archs: Vec<String> = top.iter().map(|r| r.arch.clone()).collect();
+        let xb: Vec<f64> = top.iter().map(|r| r.baseline_acc).collect();
+        let xc: Vec<f64> = top.iter().map(|r| r.candidate_acc).collect();
+        let mut seed_vals = Vec::new();
+        for recipe in recipes {
+            let (t, pairs) = seed_tau(table, recipe, &archs);
+            if let Some(t) = t {
+                seed_vals.push(t);
+            }
+            seed_curves
+                .entry(recipe.clone())
+                .or_default()
+                .push(SeedPoint {
+                    k,
+                    n: size,
+                    tau: t,
+                    pairs,
+                });
+        }
+        curve.push(CurvePoint {
+            k,
+            n: size,
+            tau: kendall_tau_b(&xb, &xc),
+            seed_tau: (!seed_vals.is_empty())
+                .then(|| seed_vals.iter().sum::<f64>() / seed_vals.len() as f64),
+        });
+    }
+    (curve, seed_curves)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::testing::run_op;
+    use crate::testing::{OpRun, RunOutput};
+    use crate::Op;
     use serde_json::json;
-    use std::path::PathBuf;
+
+    fn run(params: Value, inputs: BTreeMap<String, Input>) -> RunOutput {
+        let mut run = OpRun::new(params);
+        for (name, input) in inputs {
+            run = run.input_as(&name, input);
+        }
+        run.run(&RerankOp)
+    }
 
     #[test]
-    fn labels_parse_with_commas_in_values() {
-        let m = parse_label("arch=|nor_conv_3x3~0|+|none~0|,recipe=aware,seed=1");
-        assert_eq!(m["arch"], "|nor_conv_3x3~0|+|none~0|");
-        assert_eq!(m["recipe"], "aware");
-        assert_eq!(m["seed"], "1");
-        let m = parse_label("arch=a,b,seed=0");
-        assert_eq!(m["arch"], "a,b");
+    fn nb201_arch_strings_with_commas_and_pipes_label_runs() {
+        let root = tempfile::tempdir().unwrap();
+        let archs = ["|nor_conv_3x3~0|+|none~0|", "a,b", "c"];
+        let mut rows = Vec::new();
+        for (i, arch) in archs.iter().enumerate() {
+            rows.push((*arch, "x", 0, Some(0.9 - 0.1 * i as f64)));
+            rows.push((*arch, "y", 0, Some(0.5 + 0.1 * i as f64)));
+        }
+        let inputs = BTreeMap::from([(RUNS_INPUT.to_string(), runs(root.path(), &rows))]);
+        let output = run(json!({"top_k": [100]}), inputs);
+        assert_eq!(output.metrics()["tau_all"], -1.0);
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(output.out_dir.join(RERANK_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(v["archs"][0]["arch"], archs[0]);
+        assert_eq!(v["archs"][1]["arch"], "a,b");
     }
 
     /// Writes one run folder per (arch, recipe, seed) with the given accuracy.
@@ -627,14 +651,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let mut inputs = BTreeMap::new();
         inputs.insert(RUNS_INPUT.to_string(), runs(root.path(), &rows));
-        let out = tempfile::tempdir().unwrap();
-        let (r, m, log) = run_op(
-            &RerankOp,
-            json!({"top_k": [100, 50, 25], "moved": 2}),
-            inputs,
-            out.path(),
-        );
-        r.unwrap();
+        let output = run(json!({"top_k": [100, 50, 25], "moved": 2}), inputs);
+        let (m, log) = (output.metrics(), &output.log);
         assert!(log.contains("bench vs aware"), "{log}");
         assert_eq!(m["num_archs"], 4.0);
         assert_eq!(m["num_excluded"], 1.0);
@@ -651,7 +669,8 @@ mod tests {
         let aware = 5.0 / 30f64.sqrt();
         assert!((m["seed_tau_all"] - (1.0 + aware) / 2.0).abs() < 1e-12);
         let v: Value =
-            serde_json::from_slice(&std::fs::read(out.path().join(RERANK_FILE)).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(output.out_dir.join(RERANK_FILE)).unwrap())
+                .unwrap();
         assert_eq!(v["baseline"], "bench");
         assert_eq!(v["moved"][0]["arch"], "a");
         assert_eq!(v["moved"][0]["shift"], -1);
@@ -677,27 +696,22 @@ mod tests {
             );
             inputs
         };
-        let out = tempfile::tempdir().unwrap();
-        let (r, _, _) = run_op(&RerankOp, json!({}), one("arch=a,seed=0"), out.path());
-        assert!(r.unwrap_err().to_string().contains("`recipe`"));
-        let (r, _, _) = run_op(
-            &RerankOp,
-            json!({}),
-            one("arch=a,recipe=x,seed=0"),
-            out.path(),
-        );
-        let err = r.unwrap_err().to_string();
-        assert!(err.contains("val_accuracy"), "{err}");
+        let err = |inputs| run(json!({}), inputs).result.unwrap_err().to_string();
+        assert!(err(one("arch=a,seed=0")).contains("`recipe`"));
+        let e = err(one("arch=a,recipe=x,seed=0"));
+        assert!(e.contains("val_accuracy"), "{e}");
         let mut one_input = BTreeMap::new();
         one_input.insert(RUNS_INPUT.to_string(), Input::One(dir.clone()));
-        let (r, _, _) = run_op(&RerankOp, json!({}), one_input, out.path());
-        assert!(r.unwrap_err().to_string().contains("train[*]"));
+        assert!(err(one_input).contains("train[*]"));
         assert_eq!(
-            RerankOp.validate(&json!({"top_k": [0]})).unwrap_err().path,
+            RerankOp.plan(&json!({"top_k": [0]})).unwrap_err().path,
             "top_k.0"
         );
-        assert!(RerankOp.validate(&json!({"bogus": 1})).is_err());
-        assert_eq!(RerankOp.required_inputs(&json!({})), vec!["runs"]);
+        assert!(RerankOp.plan(&json!({"bogus": 1})).is_err());
+        assert_eq!(
+            RerankOp.plan(&json!({})).unwrap().required_inputs,
+            vec!["runs"]
+        );
     }
 
     #[test]
@@ -718,10 +732,12 @@ mod tests {
         inputs.insert("runs_a".to_string(), runs(&root.path().join("a"), &aware));
         let params = json!({"recipe_inputs": {"bench": "runs_b", "aware": "runs_a"},
             "baseline": "bench", "top_k": [100]});
-        assert_eq!(RerankOp.required_inputs(&params), ["runs_a", "runs_b"]);
-        let out = tempfile::tempdir().unwrap();
-        let (r, m, log) = run_op(&RerankOp, params, inputs, out.path());
-        r.unwrap();
+        assert_eq!(
+            RerankOp.plan(&params).unwrap().required_inputs,
+            ["runs_a", "runs_b"]
+        );
+        let output = run(params, inputs);
+        let (m, log) = (output.metrics(), &output.log);
         assert!(log.contains("bench vs aware"), "{log}");
         // Baseline order a, b, c; candidate b, a, c: one discordant pair of three.
         assert!((m["tau_all"] - 1.0 / 3.0).abs() < 1e-12, "{m:?}");

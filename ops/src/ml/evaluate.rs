@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 use super::dataset::{read_meta, read_split};
 use super::train::{evaluate_split, loss_for, report_metrics};
 use super::{fail, nn_schema, Device};
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp, METRICS_FILE};
 use nn::open_device;
 use nn::train::{load_checkpoint, LossKind};
-use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp, METRICS_FILE};
 
 /// Loads the checkpoint input, evaluates it in eval mode (running BatchNorm statistics) on a
 /// split of the dataset input, reports `loss` and `accuracy` or `rel_l2` (plus `samples`), and

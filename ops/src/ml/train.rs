@@ -21,6 +21,7 @@ use super::dataset::{read_meta, read_split, DatasetMeta, Split, Targets, Task};
 use super::{derive_seed, fail, nn_schema, required, Device};
 use crate::arch::lr::{predict_lr, LrPrediction};
 use crate::arch::{ArchAwareInit, ArchError, Cell, CellKind};
+use crate::{read_json, Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::from_vec;
 use nn::layers::ForwardCtx;
 use nn::models::InputShape;
@@ -31,7 +32,6 @@ use nn::train::{
 use nn::{
     collect_params, open_device, Dev, Init, InitScheme, Model, ModelSpec, NnError, VarianceHook,
 };
-use crate::{read_json, Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// The input name under which a checkpoint to start from is found.
 pub const INIT_INPUT: &str = "init";

@@ -6,6 +6,7 @@
 //! As-ViT's length distortion (`../shared/papers/asvit.md` §2) is measured on `vit` models, in
 //! [`super::vit_space`].
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::linalg::{cholesky, cholesky_logdet, cholesky_solve, cross, eigenvalues, gram};
@@ -16,7 +17,9 @@ use nn::layers::ForwardCtx;
 use nn::{open_device, Dev, NnError, Tensor4};
 
 /// The indicators a search can use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Indicator {
     /// NTK condition number kappa (trainability; lower is better).

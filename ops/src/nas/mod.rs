@@ -7,10 +7,12 @@ mod correlate_op;
 pub mod indicators;
 mod linalg;
 pub mod net;
+pub mod probes;
 pub mod rank;
 mod scale_op;
 pub mod search;
 mod search_op;
+pub mod search_params;
 pub mod space;
 pub mod vit_space;
 
@@ -20,13 +22,14 @@ use crate::Registry;
 
 pub use correlate_op::{CorrelateOp, CorrelateParams, CORRELATE_FILE};
 pub use scale_op::{ScaleOp, ScaleParams, FAMILY_FILE};
-pub use search_op::{SearchOp, SearchParams, SEARCH_FILE};
+pub use search_op::{SearchOp, SEARCH_FILE};
+pub use search_params::{SearchConfig, SearchParams};
 
 /// Adds this module's ops to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register(Arc::new(crate::Legacy(SearchOp)));
+    registry.register(Arc::new(SearchOp));
     registry.register(Arc::new(CorrelateOp));
-    registry.register(Arc::new(crate::Legacy(ScaleOp)));
+    registry.register(Arc::new(ScaleOp));
 }
 
 #[cfg(test)]

@@ -15,84 +15,91 @@
 use std::time::Instant;
 
 use rayon::prelude::*;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::indicators::{Failure, Indicator};
+use super::probes::vit_probes;
 use super::rank::{best_by_rank_sum, rank_sums};
-use super::vit_space::{
-    check_indicators, vit_probes, write_json, VitProxy, VitScorer, VitTopology, MODELS_FILE,
-};
+use super::search_params::{check_vit_indicators, VitProxy};
+use super::vit_space::{write_models, VitScorer, VitTopology};
 use crate::ml::derive_seed;
-use crate::{parse_params, LegacyOp as Op, OpError, ParamError, RunContext};
+use crate::{read_json, Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::models::VitSpec;
-use nn::ModelSpec;
 
 pub const FAMILY_FILE: &str = "family.json";
 pub const SEED_INPUT: &str = "seed";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The params of `scale` (the paper's values in brackets). `budget` and `target` have no
+/// default, so the defaults of the others are given field by field (a container default would
+/// make every field optional).
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleParams {
     /// The seed topology; without it, the choice of the `search` behind input `seed`.
     #[serde(default)]
     pub topology: Option<VitTopology>,
     /// Starting width of stage 1.
-    #[serde(default = "d_hidden")]
-    pub hidden: usize,
+    #[serde(default = "ScaleParams::hidden")]
+    pub hidden: Count,
     /// Starting blocks per stage [1, 1, 1, 1].
-    #[serde(default = "d_depths")]
-    pub depths: [usize; 4],
-    /// Width growth ratios r [0.05, 0.10, 0.15, 0.20].
-    #[serde(default = "d_ratios")]
+    #[serde(default = "ScaleParams::depths")]
+    pub depths: [Count; 4],
+    /// Width growth ratios r, each >= 0 [0.05, 0.10, 0.15, 0.20].
+    #[serde(default = "ScaleParams::ratios")]
     pub ratios: Vec<f64>,
     /// No candidate above this many parameters is scored [110M].
-    pub budget: usize,
-    /// Stop once a member has at least this many parameters [80M].
-    pub target: usize,
+    pub budget: Count,
+    /// Stop once a member has at least this many parameters, at most `budget` [80M].
+    pub target: Count,
     /// The proxy network scored has width hidden / proxy_divisor [4].
-    #[serde(default = "d_divisor")]
-    pub proxy_divisor: usize,
-    #[serde(default = "d_max_steps")]
-    pub max_steps: usize,
-    #[serde(default = "d_indicators")]
+    #[serde(default = "ScaleParams::proxy_divisor")]
+    pub proxy_divisor: Count,
+    /// Growth steps at most.
+    #[serde(default = "ScaleParams::max_steps")]
+    pub max_steps: Count,
+    /// The scores whose rank sum picks each step's winner (ViT indicators only).
+    #[serde(default = "ScaleParams::indicators")]
     pub indicators: Vec<Indicator>,
     /// Probe settings (`hidden` is not used: the proxy width follows each candidate).
     #[serde(default)]
     pub probe: VitProxy,
 }
 
-fn d_hidden() -> usize {
-    32
-}
-fn d_depths() -> [usize; 4] {
-    [1; 4]
-}
-fn d_ratios() -> Vec<f64> {
-    vec![0.05, 0.10, 0.15, 0.20]
-}
-fn d_divisor() -> usize {
-    4
-}
-fn d_max_steps() -> usize {
-    64
-}
-fn d_indicators() -> Vec<Indicator> {
-    vec![Indicator::LengthDistortion, Indicator::Ntk]
+/// The defaults serde fills in.
+impl ScaleParams {
+    fn hidden() -> Count {
+        Count(32)
+    }
+    fn depths() -> [Count; 4] {
+        [Count(1); 4]
+    }
+    fn ratios() -> Vec<f64> {
+        vec![0.05, 0.10, 0.15, 0.20]
+    }
+    fn proxy_divisor() -> Count {
+        Count(4)
+    }
+    fn max_steps() -> Count {
+        Count(64)
+    }
+    fn indicators() -> Vec<Indicator> {
+        vec![Indicator::LengthDistortion, Indicator::Ntk]
+    }
 }
 
 impl ScaleParams {
-    pub fn parse(params: &Value) -> Result<Self, ParamError> {
-        let p: Self = parse_params(params)?;
-        if p.indicators.is_empty() {
+    fn check(&self) -> Result<(), ParamError> {
+        if self.indicators.is_empty() {
             return Err(ParamError::new(
                 "indicators",
                 "must name at least one indicator",
             ));
         }
-        check_indicators(&p.indicators, "indicators")?;
-        p.probe.validate("probe")?;
-        if let Some(t) = &p.topology {
+        check_vit_indicators(&self.indicators, "indicators")?;
+        self.probe.check("probe")?;
+        if let Some(t) = &self.topology {
             if t.indices().is_none() {
                 return Err(ParamError::new(
                     "topology",
@@ -100,39 +107,22 @@ impl ScaleParams {
                 ));
             }
         }
-        for (f, v) in [
-            ("hidden", p.hidden),
-            ("proxy_divisor", p.proxy_divisor),
-            ("max_steps", p.max_steps),
-            ("budget", p.budget),
-            ("target", p.target),
-        ] {
-            if v == 0 {
-                return Err(ParamError::new(f, "must be positive"));
-            }
-        }
-        if p.depths.contains(&0) {
-            return Err(ParamError::new(
-                "depths",
-                "every stage needs at least one block",
-            ));
-        }
-        if p.ratios.is_empty() || p.ratios.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
+        if self.ratios.is_empty() || self.ratios.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
             return Err(ParamError::new(
                 "ratios",
                 "give one or more growth ratios >= 0 (e.g. [0.05, 0.1])",
             ));
         }
-        if p.target > p.budget {
+        if self.target > self.budget {
             return Err(ParamError::new(
                 "target",
                 format!(
                     "{} exceeds the budget {}: no member could reach it",
-                    p.target, p.budget
+                    self.target, self.budget
                 ),
             ));
         }
-        Ok(p)
+        Ok(())
     }
 }
 
@@ -200,6 +190,29 @@ fn round_up_to(v: usize, q: usize) -> usize {
     v.div_ceil(q).max(1) * q
 }
 
+/// One growth step's candidates from `cur`, as (stage, ratio, depths, hidden): one more block
+/// in a stage times each width ratio, without duplicates, within the budget.
+fn next_candidates(cfg: &GrowthConfig, cur: &Member) -> Vec<(usize, f64, [usize; 4], usize)> {
+    let q = width_quantum(&cfg.topology);
+    let mut todo: Vec<(usize, f64, [usize; 4], usize)> = Vec::new();
+    for stage in 0..4 {
+        for &r in &cfg.ratios {
+            let mut d = cur.depths;
+            d[stage] += 1;
+            let h = round_up_to((cur.hidden as f64 * (1.0 + r)).round() as usize, q);
+            let fits = cfg
+                .topology
+                .spec(h, d, cfg.classes)
+                .param_count(cfg.in_channels)
+                <= cfg.budget;
+            if fits && !todo.iter().any(|c| c.2 == d && c.3 == h) {
+                todo.push((stage, r, d, h));
+            }
+        }
+    }
+    todo
+}
+
 /// asvit.md §3, the growth loop. `score` maps a proxy spec to indicator values (in
 /// `indicators` order); candidates are scored in parallel on `pool`.
 pub fn grow(
@@ -254,19 +267,7 @@ pub fn grow(
         if cancelled() {
             return Err(OpError::Cancelled);
         }
-        // (stage, ratio, depths, hidden), without duplicates, within the budget.
-        let mut todo: Vec<(usize, f64, [usize; 4], usize)> = Vec::new();
-        for stage in 0..4 {
-            for &r in &cfg.ratios {
-                let mut d = cur.depths;
-                d[stage] += 1;
-                let h = round_up_to((cur.hidden as f64 * (1.0 + r)).round() as usize, q);
-                let fits = spec(h, d).param_count(cfg.in_channels) <= cfg.budget;
-                if fits && !todo.iter().any(|c| c.2 == d && c.3 == h) {
-                    todo.push((stage, r, d, h));
-                }
-            }
-        }
+        let todo = next_candidates(cfg, cur);
         if todo.is_empty() {
             stop = "budget".into();
             break;
@@ -328,28 +329,33 @@ pub fn grow(
 
 pub struct ScaleOp;
 
-impl Op for ScaleOp {
-    fn name(&self) -> &'static str {
-        "scale"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
+impl TypedOp for ScaleOp {
+    const NAME: &'static str = "scale";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
         "As-ViT training-free scaling: grows a seed ViT topology block by block under a parameter \
-         budget into a family (family.json, models.json for train's model_from)"
+         budget into a family (family.json, models.json for train's model_from)";
+    type Params = ScaleParams;
+    type Config = ScaleParams;
+
+    fn resolve(p: ScaleParams) -> Result<ScaleParams, ParamError> {
+        p.check()?;
+        Ok(p)
     }
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        ScaleParams::parse(params).map(|_| ())
-    }
-    fn required_inputs(&self, params: &Value) -> Vec<String> {
-        match ScaleParams::parse(params) {
-            Ok(p) if p.topology.is_none() => vec![SEED_INPUT.to_string()],
-            _ => Vec::new(),
+
+    fn required_inputs(c: &ScaleParams) -> Vec<String> {
+        match c.topology {
+            None => vec![SEED_INPUT.to_string()],
+            Some(_) => Vec::new(),
         }
     }
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let p = ScaleParams::parse(ctx.params)?;
+
+    fn run(
+        &self,
+        p: &ScaleParams,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let started = Instant::now();
         let topology = match p.topology {
             Some(t) => t,
@@ -360,19 +366,19 @@ impl Op for ScaleOp {
         let scorer = VitScorer {
             indicators: p.indicators.clone(),
             points: p.probe.points,
-            repeats: p.probe.repeats,
+            repeats: p.probe.repeats.get(),
             images: probes.batch.clone(),
             seed: derive_seed(ctx.seed, 13),
         };
         let cfg = GrowthConfig {
             topology,
-            hidden: p.hidden,
-            depths: p.depths,
+            hidden: p.hidden.get(),
+            depths: p.depths.map(Count::get),
             ratios: p.ratios.clone(),
-            budget: p.budget,
-            target: p.target,
-            proxy_divisor: p.proxy_divisor,
-            max_steps: p.max_steps,
+            budget: p.budget.get(),
+            target: p.target.get(),
+            proxy_divisor: p.proxy_divisor.get(),
+            max_steps: p.max_steps.get(),
             in_channels,
             image_size: side,
             classes: probes.classes,
@@ -381,10 +387,10 @@ impl Op for ScaleOp {
             ctx.log,
             "scale {} from hidden {} depths {:?}: budget {} params, target {}, {} px",
             topology.label(),
-            p.hidden,
-            p.depths,
-            p.budget,
-            p.target,
+            cfg.hidden,
+            cfg.depths,
+            cfg.budget,
+            cfg.target,
             side
         );
         let pool = ctx.thread_pool()?;
@@ -405,57 +411,47 @@ impl Op for ScaleOp {
             "seed": {"topology": topology, "label": topology.label()},
             "indicators": names,
             "image": {"channels": in_channels, "size": side, "classes": probes.classes, "source": probes.source},
-            "budget": p.budget,
-            "target": p.target,
+            "budget": cfg.budget,
+            "target": cfg.target,
             "stop": growth.stop,
             "members": growth.members,
             "candidates": growth.candidates,
             "seconds_total": total,
         });
-        let models: Vec<Value> = growth
-            .members
-            .iter()
-            .map(|m| {
-                json!({
-                    "label": format!("member {}: depths {:?} hidden {}", m.step, m.depths, m.hidden),
-                    "model": ModelSpec::Vit(m.spec.clone()),
-                })
-            })
-            .collect();
-        write_json(ctx.out_dir, FAMILY_FILE, &family)?;
-        write_json(ctx.out_dir, MODELS_FILE, &Value::Array(models))?;
+        out.write_json(FAMILY_FILE, &family)?;
+        write_models(
+            out,
+            growth.members.iter().map(|m| {
+                let label = format!(
+                    "member {}: depths {:?} hidden {}",
+                    m.step, m.depths, m.hidden
+                );
+                (label, m.spec.clone())
+            }),
+        )?;
         let last = &growth.members[growth.members.len() - 1];
-        let m = &mut ctx.metrics;
-        m.insert("members".into(), growth.members.len() as f64);
-        m.insert("candidates_scored".into(), growth.candidates.len() as f64);
-        m.insert("final_params".into(), last.params as f64);
-        m.insert("final_hidden".into(), last.hidden as f64);
-        m.insert(
-            "reached_target".into(),
-            if growth.stop == "target" { 1.0 } else { 0.0 },
-        );
-        m.insert("seconds_total".into(), total);
+        out.metric("members", growth.members.len() as f64);
+        out.metric("candidates_scored", growth.candidates.len() as f64);
+        out.metric("final_params", last.params as f64);
+        out.metric("final_hidden", last.hidden as f64);
+        let reached = if growth.stop == "target" { 1.0 } else { 0.0 };
+        out.metric("reached_target", reached);
+        out.metric("seconds_total", total);
         Ok(())
     }
 }
 
 /// The seed topology: the `choice` of the `search` (space: vit) behind input `seed`.
 fn read_seed(ctx: &RunContext<'_>) -> Result<VitTopology, OpError> {
-    let dir = ctx.one_input(SEED_INPUT)?;
-    let path = dir.join(super::search_op::SEARCH_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| {
-        OpError::io(
-            format!(
-                "input `seed` has no readable {} ({}); point it at a `search` stage with \
-                 `space: vit`, or give `topology:`",
-                super::search_op::SEARCH_FILE,
-                path.display()
-            ),
-            e,
-        )
+    let path = ctx.one_input(SEED_INPUT)?.join(super::SEARCH_FILE);
+    let v = read_json(&path)?.ok_or_else(|| {
+        OpError::Failed(format!(
+            "input `seed` has no {} ({}); point it at a `search` stage with `space: vit`, or \
+             give `topology:`",
+            super::SEARCH_FILE,
+            path.display()
+        ))
     })?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| OpError::Failed(format!("{}: {e}", path.display())))?;
     if v["space"] != "vit" {
         return Err(OpError::Failed(format!(
             "{}: a search over space {} has no ViT topology; the seed search needs `space: vit`",
@@ -563,20 +559,31 @@ mod tests {
 
     #[test]
     fn params_are_checked() {
-        let e = ScaleParams::parse(&json!({"budget": 10, "target": 20})).unwrap_err();
+        let plan = |params: serde_json::Value| crate::Op::plan(&ScaleOp, &params);
+        let e = plan(json!({"budget": 10, "target": 20})).unwrap_err();
         assert_eq!(e.path, "target");
-        let e = ScaleParams::parse(&json!({"budget": 10, "target": 5, "indicators": ["regions"]}))
-            .unwrap_err();
+        let e = plan(json!({"budget": 10, "target": 5, "indicators": ["regions"]})).unwrap_err();
         assert_eq!(e.path, "indicators");
-        let e = ScaleParams::parse(&json!({"budget": 10, "target": 5, "ratios": []})).unwrap_err();
+        let e = plan(json!({"budget": 10, "target": 5, "ratios": []})).unwrap_err();
         assert_eq!(e.path, "ratios");
         let bad = json!({"kernels": [9, 4, 4, 4], "splits": [2, 1, 1, 1], "expansions": [3, 2, 4, 6], "heads": 32});
-        let e =
-            ScaleParams::parse(&json!({"budget": 10, "target": 5, "topology": bad})).unwrap_err();
+        let e = plan(json!({"budget": 10, "target": 5, "topology": bad})).unwrap_err();
         assert_eq!(e.path, "topology");
+        let e = plan(json!({"budget": 10, "target": 5, "depths": [1, 0, 1, 1]})).unwrap_err();
         assert_eq!(
-            ScaleOp.required_inputs(&json!({"budget": 10, "target": 5})),
+            (e.path.as_str(), e.message.as_str()),
+            ("depths[1]", "must be at least 1")
+        );
+        let e = plan(json!({"budget": 10, "target": 5, "probe": {"hidden": 12}})).unwrap_err();
+        assert_eq!(e.path, "probe.hidden");
+        assert_eq!(
+            plan(json!({"budget": 10, "target": 5}))
+                .unwrap()
+                .required_inputs,
             [SEED_INPUT]
         );
+        let seed = json!({"kernels": [8, 4, 4, 4], "splits": [2, 1, 1, 1], "expansions": [3, 2, 4, 6], "heads": 32});
+        let given = plan(json!({"budget": 10, "target": 5, "topology": seed})).unwrap();
+        assert!(given.required_inputs.is_empty());
     }
 }

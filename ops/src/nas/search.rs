@@ -210,6 +210,7 @@ fn distinct_samples(space: &Space, n: usize, rng: &mut StdRng) -> Result<Vec<OpS
 /// sample into a child, adds the child and drops the oldest. `batch` children are made per
 /// round and scored in parallel (`batch = 1` is the paper's sequential loop). Answer: the
 /// rank-sum best of the final population.
+#[derive(Clone, Debug)]
 pub struct EvolutionConfig {
     pub population: usize,
     pub tournament: usize,
@@ -274,6 +275,7 @@ pub fn evolution<S: Scorer>(
 /// logits, an EMA baseline, the changing-range reward (§3). `batch` cells are drawn per step and
 /// scored in parallel; their rewards are computed in draw order (`batch = 1` is the paper's).
 /// Answer: the rank-sum best of every cell seen.
+#[derive(Clone, Debug)]
 pub struct ReinforceConfig {
     pub steps: usize,
     pub lr: f64,

@@ -10,8 +10,8 @@ use super::linalg::{eigenvalues, gram};
 use super::net::{NetConfig, ParamSet, ProxyNet, SignRecorder};
 use super::space::{Arch, OpSets};
 use super::{CorrelateOp, SearchOp};
-use crate::arch::testing::run_op;
-use crate::Input;
+use crate::testing::OpRun;
+use crate::{Input, Op};
 use nn::layers::ForwardCtx;
 use nn::{collect_params_mut, from_vec, Dev, ParamKind};
 
@@ -210,43 +210,11 @@ fn failed_architectures_fail_instead_of_scoring_zero() {
 
 /// Runs `search`; returns search.json's bytes, parsed, and the metrics.
 fn search(params: Value, cpus: usize) -> (Vec<u8>, Value, crate::Metrics) {
-    let out = tempfile::tempdir().unwrap();
-    let (res, metrics, _) = run_op_cpus(&SearchOp, params, BTreeMap::new(), out.path(), cpus);
-    res.unwrap();
-    let bytes = std::fs::read(out.path().join(super::SEARCH_FILE)).unwrap();
+    let output = OpRun::new(params).cpus(cpus).run(&SearchOp);
+    let metrics = output.metrics().clone();
+    let bytes = std::fs::read(output.out_dir.join(super::SEARCH_FILE)).unwrap();
     let v: Value = serde_json::from_slice(&bytes).unwrap();
     (bytes, v, metrics)
-}
-
-fn run_op_cpus(
-    op: &dyn crate::LegacyOp,
-    params: Value,
-    inputs: BTreeMap<String, Input>,
-    out: &std::path::Path,
-    cpus: usize,
-) -> (Result<(), crate::OpError>, crate::Metrics, String) {
-    if cpus == 1 {
-        return run_op(op, params, inputs, out);
-    }
-    let cancel = crate::CancelFlag::new();
-    let progress = crate::Progress::silent();
-    let mut log = Vec::new();
-    let ws = tempfile::tempdir().unwrap();
-    let mut ctx = crate::RunContext {
-        params: &params,
-        inputs: &inputs,
-        out_dir: out,
-        workspace: ws.path(),
-        seed: 3,
-        cpus,
-        cancel: &cancel,
-        progress: &progress,
-        log: &mut log,
-        metrics: crate::Metrics::new(),
-    };
-    let r = op.run(&mut ctx);
-    let m = ctx.metrics.clone();
-    (r, m, String::new())
 }
 
 const SMALL: &str =
@@ -305,7 +273,7 @@ fn search_op_is_deterministic_across_thread_counts_and_feeds_correlate() {
             },
         ),
     ]);
-    let mut run = crate::testing::OpRun::new(json!({}));
+    let mut run = OpRun::new(json!({}));
     for (name, input) in inputs {
         run = run.input_as(&name, input);
     }
@@ -334,36 +302,114 @@ fn every_algorithm_writes_the_same_search_json_twice() {
 
 #[test]
 fn search_params_are_validated() {
-    use crate::LegacyOp;
-    assert!(SearchOp.validate(&json!({"algorithm": "random"})).is_ok());
-    assert!(SearchOp
-        .validate(&json!({"algorithm": "annealing"}))
-        .is_err());
-    assert!(SearchOp
-        .validate(&json!({"algorithm": "random", "bogus": 1}))
-        .is_err());
-    assert!(SearchOp
-        .validate(&json!({"algorithm": "prune", "filter": "paper"}))
-        .is_err());
-    assert!(SearchOp
-        .validate(&json!({"algorithm": "random", "proxy": {"image_size": 6}}))
-        .is_err());
-    assert!(SearchOp
-        .validate(&json!({"algorithm": "evolution", "tournament": 99}))
-        .is_err());
-    assert!(SearchOp
-        .validate(&json!({"algorithm": "listed", "cells": ["3_30_243", "1_11_042"]}))
-        .is_ok());
-    for bad in [
-        json!({"algorithm": "listed"}),
-        json!({"algorithm": "listed", "cells": ["3_30_24"]}),
-        json!({"algorithm": "listed", "cells": ["3_30_243"], "filter": "paper"}),
-        json!({"algorithm": "random", "cells": ["3_30_243"]}),
+    let plan = |params: Value| SearchOp.plan(&params);
+    assert!(plan(json!({"algorithm": "random"})).is_ok());
+    assert!(plan(json!({"algorithm": "annealing"}))
+        .unwrap_err()
+        .message
+        .contains("unknown variant `annealing`"));
+    assert!(plan(json!({})).unwrap_err().message.contains("`algorithm`"));
+    assert!(plan(json!({"algorithm": "random", "bogus": 1}))
+        .unwrap_err()
+        .message
+        .contains("bogus"));
+    for (params, path) in [
+        (json!({"algorithm": "prune", "filter": "paper"}), "filter"),
+        (
+            json!({"algorithm": "random", "proxy": {"image_size": 6}}),
+            "proxy.image_size",
+        ),
+        (
+            json!({"algorithm": "random", "proxy": {"channels": 0}}),
+            "proxy.channels",
+        ),
+        (
+            json!({"algorithm": "evolution", "tournament": 99}),
+            "tournament",
+        ),
+        (
+            json!({"algorithm": "reinforce", "momentum": 1.0}),
+            "momentum",
+        ),
+        (
+            json!({"algorithm": "random", "indicators": []}),
+            "indicators",
+        ),
+        (
+            json!({"algorithm": "random", "indicators": ["ntk", "ntk"]}),
+            "indicators",
+        ),
+        (
+            json!({"algorithm": "random", "indicators": ["length_distortion"]}),
+            "indicators",
+        ),
+        (json!({"algorithm": "random", "space": "vit"}), "indicators"),
+        (
+            json!({"algorithm": "evolution", "space": "vit", "indicators": ["ntk"]}),
+            "algorithm",
+        ),
+        (
+            json!({"algorithm": "random", "space": "vit", "indicators": ["ntk"], "filter": "paper"}),
+            "filter",
+        ),
+        (
+            json!({"algorithm": "random", "space": "vit", "indicators": ["ntk"], "vit": {"hidden": 12}}),
+            "vit.hidden",
+        ),
+        (json!({"algorithm": "listed"}), "cells"),
+        (
+            json!({"algorithm": "listed", "cells": ["3_30_24"]}),
+            "cells[0]",
+        ),
+        (
+            json!({"algorithm": "listed", "cells": ["3_30_243"], "filter": "paper"}),
+            "filter",
+        ),
     ] {
-        let e = SearchOp.validate(&bad).unwrap_err();
-        assert!(
-            e.path.starts_with("cells") || e.path == "filter",
-            "{bad}: {e:?}"
-        );
+        let e = plan(params.clone()).unwrap_err();
+        assert_eq!(e.path, path, "{params}: {e:?}");
+    }
+    // A count of zero and another algorithm's setting are refused while parsing.
+    let e = plan(json!({"algorithm": "random", "samples": 0})).unwrap_err();
+    assert_eq!(e.message, "must be at least 1");
+    let e = plan(json!({"algorithm": "random", "cells": ["3_30_243"]})).unwrap_err();
+    assert!(e.message.contains("unknown field `cells`"), "{e:?}");
+    let e = plan(json!({"algorithm": "prune", "samples": 3})).unwrap_err();
+    assert!(e.message.contains("unknown field `samples`"), "{e:?}");
+    assert!(plan(json!({"algorithm": "listed", "cells": ["3_30_243", "1_11_042"]})).is_ok());
+    let vit = json!(["length_distortion", "ntk"]);
+    assert!(plan(
+        json!({"samples": 8, "algorithm": "reinforce", "space": "vit", "indicators": vit})
+    )
+    .is_err());
+    assert!(
+        plan(json!({"algorithm": "reinforce", "space": "vit", "steps": 2, "indicators": vit}))
+            .is_ok()
+    );
+}
+
+#[test]
+fn search_params_are_documented_per_algorithm() {
+    let rows = SearchOp.params_doc();
+    let row = |path: &str, when: Option<&str>| {
+        rows.iter()
+            .find(|r| r.path == path && r.when.as_deref() == when)
+            .unwrap_or_else(|| panic!("no row {path} {when:?} in {rows:#?}"))
+    };
+    assert_eq!(row("space", None).default, Some(json!("nb201")));
+    assert!(row("algorithm", None).required);
+    assert!(row("algorithm", None).kind.contains("\"evolution\""));
+    assert_eq!(
+        row("population", Some("algorithm: evolution")).default,
+        Some(json!(16))
+    );
+    assert_eq!(
+        row("samples", Some("algorithm: random")).kind,
+        "integer >= 1"
+    );
+    assert_eq!(row("proxy.batch", None).default, Some(json!(16)));
+    for op in [&SearchOp as &dyn Op, &super::ScaleOp] {
+        let rows = op.params_doc();
+        assert!(rows.iter().all(|r| !r.doc.is_empty()), "{rows:#?}");
     }
 }

@@ -1,14 +1,10 @@
 //! The As-ViT search space and its training-free scores (`../shared/papers/asvit.md` §1-2):
 //! topologies of 13 categorical choices, the length distortion L_E and the NTK condition number
 //! of `vit` models, and the seed search (random sampling, REINFORCE) that `search` runs with
-//! `space: vit`.
-//!
-//! Output of a `vit` search: `search.json` (choice, trajectory with every indicator value or
-//! failure, seconds per phase) and `models.json`, a list with one `{label, model}` per scored
-//! topology in trajectory order, which a `train` stage reads with `model_from`.
+//! `space: vit`; `models.json`, the list of `{label, model}` that a vit search and `scale`
+//! write and a `train` stage reads with `model_from`.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use dfdx::shapes::HasShape;
 use dfdx::tensor::{Gradients, Trace};
@@ -17,19 +13,41 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use super::indicators::{condition_number, Failure, Images, Indicator};
 use super::rank::{best_by_rank_sum, ChangingRange};
-use super::search_op::{Algorithm, Probes, ProxyParams, SearchParams, DATA_INPUT};
+use super::search::ReinforceConfig;
 use crate::ml::derive_seed;
-use crate::{OpError, ParamError, RunContext};
+use crate::{OpError, Outputs};
 use nn::models::{InputShape, VitSpec};
 use nn::{collect_params, open_device, Init, Model, ModelSpec, NnError, ParamKind};
 
 /// The file listing models a `train` stage can take with `model_from`.
 pub const MODELS_FILE: &str = "models.json";
+
+/// One entry of [`MODELS_FILE`].
+#[derive(Serialize)]
+struct ListedModel {
+    label: String,
+    model: ModelSpec,
+}
+
+/// Writes [`MODELS_FILE`]: one `{label, model}` per (label, spec), in order.
+pub fn write_models(
+    out: &Outputs<'_>,
+    models: impl IntoIterator<Item = (String, VitSpec)>,
+) -> Result<(), OpError> {
+    let list: Vec<ListedModel> = models
+        .into_iter()
+        .map(|(label, spec)| ListedModel {
+            label,
+            model: ModelSpec::Vit(spec),
+        })
+        .collect();
+    out.write_json(MODELS_FILE, &list)
+}
 
 /// The 13 categorical choices of the space (asvit.md §1): tokenizer and merging kernels,
 /// windows per side (stage 4 is global), MLP expansions, heads of the last stage.
@@ -50,12 +68,17 @@ pub const CHOICES: [(&str, &[usize]); 13] = [
 ];
 
 /// One point of the space: the part of a [`VitSpec`] that search chooses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VitTopology {
+    /// Kernel of the tokenizer (stage 1) and of the three merging layers.
     pub kernels: [usize; 4],
+    /// Windows per side of each stage's attention (stage 4 is global: 1).
     pub splits: [usize; 4],
+    /// MLP expansion ratio of each stage.
     pub expansions: [usize; 4],
+    /// Heads of the last stage (stage 1 has an eighth of them, each later stage twice the one
+    /// before).
     pub heads: usize,
 }
 
@@ -197,118 +220,6 @@ pub fn length_distortion(
         sum += closed_polygon_length(&rows, points, width);
     }
     crate::nas::indicators::finite(IND, sum / repeats.max(1) as f64)
-}
-
-/// How the ViT indicators are measured (CPU-sized defaults; the paper's values in brackets).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VitProxy {
-    /// Width of stage 1 of the scored network, a multiple of 8 (the most stage-1 heads of the
-    /// space, 64 / 8) [32].
-    #[serde(default = "d_hidden")]
-    pub hidden: usize,
-    /// Side of the Gaussian images when there is no `data` input [32].
-    #[serde(default = "d_image")]
-    pub image_size: usize,
-    /// Points on the circle for L_E [the reference: 10 analytic-derivative points].
-    #[serde(default = "d_points")]
-    pub points: usize,
-    /// Batch of the NTK [16].
-    #[serde(default = "d_batch")]
-    pub batch: usize,
-    /// Initializations (and circles) averaged [5].
-    #[serde(default = "d_repeats")]
-    pub repeats: usize,
-    /// Classes of the scored network's head when there is no `data` input (the head is not
-    /// part of either score).
-    #[serde(default = "d_classes")]
-    pub classes: usize,
-}
-
-fn d_hidden() -> usize {
-    32
-}
-fn d_image() -> usize {
-    32
-}
-fn d_points() -> usize {
-    32
-}
-fn d_batch() -> usize {
-    8
-}
-fn d_repeats() -> usize {
-    2
-}
-fn d_classes() -> usize {
-    10
-}
-
-impl Default for VitProxy {
-    fn default() -> Self {
-        Self {
-            hidden: d_hidden(),
-            image_size: d_image(),
-            points: d_points(),
-            batch: d_batch(),
-            repeats: d_repeats(),
-            classes: d_classes(),
-        }
-    }
-}
-
-impl VitProxy {
-    pub fn validate(&self, prefix: &str) -> Result<(), ParamError> {
-        for (f, v, min) in [
-            ("hidden", self.hidden, 1),
-            ("image_size", self.image_size, 4),
-            ("points", self.points, 3),
-            ("batch", self.batch, 2),
-            ("repeats", self.repeats, 1),
-            ("classes", self.classes, 1),
-        ] {
-            if v < min {
-                return Err(ParamError::new(
-                    format!("{prefix}.{f}"),
-                    format!("{v} is below the minimum {min}"),
-                ));
-            }
-        }
-        if !self.hidden.is_multiple_of(8) {
-            return Err(ParamError::new(
-                format!("{prefix}.hidden"),
-                format!(
-                    "{} is not a multiple of 8: a topology with 64 heads has 8 heads in stage 1",
-                    self.hidden
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The NB201 probe settings that load the same images (two batches; no crops are used).
-    fn probe_params(&self) -> ProxyParams {
-        ProxyParams {
-            batch: self.batch,
-            region_samples: 2,
-            image_size: self.image_size,
-            classes: self.classes,
-            ..ProxyParams::default()
-        }
-    }
-}
-
-/// Checks an indicator list for the ViT space.
-pub fn check_indicators(indicators: &[Indicator], field: &str) -> Result<(), ParamError> {
-    for ind in indicators {
-        if !matches!(ind, Indicator::LengthDistortion | Indicator::Ntk) {
-            return Err(
-                ParamError::new(field, format!("{} is not measured on ViTs", ind.name()))
-                    .with_fix("use `indicators: [length_distortion, ntk]`"),
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Scores `vit` specs on a fixed indicator list (L_E and/or kappa).
@@ -538,16 +449,6 @@ pub fn random_vit_search(
     ev.best()
 }
 
-/// Settings of the REINFORCE seed search.
-#[derive(Clone, Debug)]
-pub struct VitReinforce {
-    pub steps: usize,
-    pub lr: f64,
-    pub momentum: f64,
-    pub window: usize,
-    pub batch: usize,
-}
-
 /// The answer's record index, the final choice probabilities and every reward.
 pub type ReinforceOutcome = (usize, Vec<Vec<f64>>, Vec<f64>);
 
@@ -557,7 +458,7 @@ pub type ReinforceOutcome = (usize, Vec<Vec<f64>>, Vec<f64>);
 /// the answer and the final choice probabilities.
 pub fn reinforce_vit_search(
     ev: &mut VitEvaluator<'_>,
-    cfg: &VitReinforce,
+    cfg: &ReinforceConfig,
     seed: u64,
 ) -> Result<ReinforceOutcome, OpError> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -632,189 +533,6 @@ pub fn reinforce_vit_search(
     }
     let best = ev.best()?;
     Ok((best, logits.iter().map(|l| softmax(l)).collect(), rewards))
-}
-
-/// The images the NTK is measured on: two batches from the `data` input, or Gaussian images.
-pub fn vit_probes(ctx: &RunContext<'_>, proxy: &VitProxy) -> Result<Probes, OpError> {
-    let pp = proxy.probe_params();
-    match ctx.inputs.get(DATA_INPUT) {
-        Some(input) => {
-            let paths = input.paths();
-            let [dir] = paths.as_slice() else {
-                return Err(OpError::Failed(
-                    "input `data` must be one dataset, not a list".into(),
-                ));
-            };
-            let p = Probes::from_dataset(dir, &pp, ctx.seed)?;
-            let (_, _, h, w) = p.batch.shape;
-            if h != w {
-                return Err(OpError::Failed(format!(
-                    "input `data` has {h}x{w} images; vit needs square images"
-                )));
-            }
-            Ok(p)
-        }
-        None => Ok(Probes::gaussian(&pp, ctx.seed)),
-    }
-}
-
-pub(crate) fn write_json(dir: &std::path::Path, name: &str, value: &Value) -> Result<(), OpError> {
-    let path = dir.join(name);
-    let text = serde_json::to_vec_pretty(value)
-        .map_err(|e| OpError::Failed(format!("cannot encode {name}: {e}")))?;
-    std::fs::write(&path, text)
-        .map_err(|e| OpError::io(format!("cannot write {}", path.display()), e))
-}
-
-/// Checks the `space: vit` parts of `search` params.
-pub fn validate_search(p: &SearchParams) -> Result<(), ParamError> {
-    check_indicators(&p.indicators, "indicators")?;
-    p.vit.validate("vit")?;
-    if !matches!(p.algorithm, Algorithm::Random | Algorithm::Reinforce) {
-        return Err(ParamError::new(
-            "algorithm",
-            format!("{:?} is not implemented for the vit space", p.algorithm),
-        )
-        .with_fix("use `algorithm: random` or `algorithm: reinforce`"));
-    }
-    if p.filter != super::search_op::FilterMode::None {
-        return Err(ParamError::new(
-            "filter",
-            "the connectivity filter judges NB201 cells, not ViTs",
-        ));
-    }
-    Ok(())
-}
-
-/// `search` with `space: vit`: the As-ViT seed search.
-pub fn run_search(ctx: &mut RunContext<'_>, p: &SearchParams) -> Result<(), OpError> {
-    let started = Instant::now();
-    let mut phases = serde_json::Map::new();
-    let t = Instant::now();
-    let probes = vit_probes(ctx, &p.vit)?;
-    let scorer = VitScorer {
-        indicators: p.indicators.clone(),
-        points: p.vit.points,
-        repeats: p.vit.repeats,
-        images: probes.batch.clone(),
-        seed: derive_seed(ctx.seed, 13),
-    };
-    phases.insert("prepare".into(), json!(t.elapsed().as_secs_f64()));
-    let _ = writeln!(
-        ctx.log,
-        "vit search {:?} on {} images {:?}, indicators {:?}, space of {} topologies",
-        p.algorithm,
-        probes.source,
-        probes.batch.shape,
-        p.indicators,
-        VitTopology::space_size()
-    );
-    let pool = ctx.thread_pool()?;
-    let cancel = ctx.cancel.clone();
-    let cancelled = move || cancel.is_cancelled();
-    let mut ev = VitEvaluator::new(&scorer, p.vit.hidden, probes.classes, &pool, &cancelled);
-    let t = Instant::now();
-    let algo_seed = derive_seed(ctx.seed, 14);
-    let mut extra = json!({});
-    let choice = match p.algorithm {
-        Algorithm::Random => random_vit_search(&mut ev, p.samples, algo_seed)?,
-        Algorithm::Reinforce => {
-            let cfg = VitReinforce {
-                steps: p.steps,
-                lr: p.lr,
-                momentum: p.momentum,
-                window: p.window,
-                batch: p.batch,
-            };
-            let (best, probs, rewards) = reinforce_vit_search(&mut ev, &cfg, algo_seed)?;
-            let named: serde_json::Map<String, Value> = CHOICES
-                .iter()
-                .zip(probs)
-                .map(|((n, _), p)| (n.to_string(), json!(p)))
-                .collect();
-            extra = json!({"policy": {"probabilities": named, "rewards": rewards}});
-            best
-        }
-        other => {
-            return Err(OpError::Failed(format!(
-                "{other:?} is not implemented for the vit space"
-            )))
-        }
-    };
-    phases.insert("search".into(), json!(t.elapsed().as_secs_f64()));
-    let names: Vec<&str> = p.indicators.iter().map(|i| i.name()).collect();
-    let k = names.len();
-    let trajectory: Vec<Value> = ev
-        .records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let values: serde_json::Map<String, Value> = names
-                .iter()
-                .zip(r.values(k))
-                .map(|(n, v)| (n.to_string(), v.map_or(Value::Null, Value::from)))
-                .collect();
-            json!({
-                "index": i,
-                "phase": r.phase,
-                "label": r.topology.label(),
-                "topology": r.topology,
-                "values": values,
-                "failed": r.result.as_ref().err().map(ToString::to_string),
-            })
-        })
-        .collect();
-    let models: Vec<Value> = ev
-        .records
-        .iter()
-        .map(
-            |r| json!({"label": r.topology.label(), "model": ModelSpec::Vit(ev.spec(&r.topology))}),
-        )
-        .collect();
-    let num_failed = ev.records.iter().filter(|r| r.result.is_err()).count();
-    let total = started.elapsed().as_secs_f64();
-    phases.insert("total".into(), json!(total));
-    let chosen = ev.records[choice].topology;
-    let mut out = json!({
-        "space": "vit",
-        "algorithm": p.algorithm,
-        "indicators": names,
-        "data": {"source": probes.source, "image_shape": [probes.batch.shape.1, probes.batch.shape.2, probes.batch.shape.3], "classes": probes.classes},
-        "proxy": p.vit,
-        "choice": {
-            "index": choice,
-            "label": chosen.label(),
-            "topology": chosen,
-            "model": ModelSpec::Vit(ev.spec(&chosen)),
-        },
-        "num_scored": ev.records.len(),
-        "num_failed": num_failed,
-        "seconds": phases,
-        "trajectory": trajectory,
-    });
-    if let (Some(o), Value::Object(e)) = (out.as_object_mut(), extra) {
-        o.extend(e);
-    }
-    write_json(ctx.out_dir, super::search_op::SEARCH_FILE, &out)?;
-    write_json(ctx.out_dir, MODELS_FILE, &Value::Array(models))?;
-    let _ = writeln!(
-        ctx.log,
-        "chose {} after scoring {} ({} failed) in {total:.1}s",
-        chosen.label(),
-        ev.records.len(),
-        num_failed
-    );
-    ctx.metrics
-        .insert("num_scored".into(), ev.records.len() as f64);
-    ctx.metrics.insert("num_failed".into(), num_failed as f64);
-    ctx.metrics.insert("seconds_total".into(), total);
-    ctx.metrics.insert("choice_index".into(), choice as f64);
-    if let Ok(v) = &ev.records[choice].result {
-        for (n, x) in names.iter().zip(v) {
-            ctx.metrics.insert(format!("choice_{n}"), *x);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -924,7 +642,7 @@ mod tests {
             .fold(f64::MIN, f64::max);
         assert_eq!(ev.records[best].result.as_ref().unwrap()[0], top);
         let mut ev = VitEvaluator::new(&sc, 8, 3, &pool, &never);
-        let cfg = VitReinforce {
+        let cfg = ReinforceConfig {
             steps: 3,
             lr: 0.08,
             momentum: 0.9,

@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use super::fail;
 use crate::ml::dataset::{read_meta, read_split, Split, Targets};
 use crate::ml::required;
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::train::{load_checkpoint, predict};
 use nn::{from_vec, open_device, Model};
-use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]

@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{fail, read_pde, scale_inputs};
 use crate::ml::{derive_seed, nn_schema, required};
+use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::layers::ForwardCtx;
 use nn::models::InputShape;
 use nn::train::{
     clip_grad_norm, save_checkpoint, Optimizer, OptimizerSpec, Schedule, ScheduleKind,
 };
 use nn::{from_vec, open_device, Dev, Init, Model, ModelSpec, NnError};
-use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 pub const HISTORY_FILE: &str = "history.json";
 /// Largest blur kernel (section 3, step 2).

@@ -18,42 +18,39 @@ pub mod source;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::Value;
-
 pub use generate::{generate, Dataset};
 pub use output::{read_meta, PdeMeta, DATA_FILE, META_FILE};
 pub use params::{Config, Equation, GenerateParams, Problem, Split};
 
-use crate::{LegacyOp as Op, OpError, ParamError, Registry, RunContext};
+use crate::{OpError, Outputs, ParamError, Registry, RunContext, TypedOp};
 
 /// Adds this module's ops to `registry`.
 pub fn register(registry: &mut Registry) {
-    registry.register(Arc::new(crate::Legacy(PdeGenerateOp)));
+    registry.register(Arc::new(PdeGenerateOp));
 }
 
 /// `pde.generate`: draws PDE inputs (and solves them when `labeled`) into a dataset artifact.
 pub struct PdeGenerateOp;
 
-impl Op for PdeGenerateOp {
-    fn name(&self) -> &'static str {
-        "pde.generate"
-    }
-
+impl TypedOp for PdeGenerateOp {
+    const NAME: &'static str = "pde.generate";
     /// 2: real-to-complex transforms (results differ from 1 at rounding level).
-    fn version(&self) -> u32 {
-        2
+    const VERSION: u32 = 2;
+    const SUMMARY: &'static str =
+        "generate a Poisson/Helmholtz/reaction-diffusion/Navier-Stokes dataset (spectral solvers)";
+    type Params = GenerateParams;
+    type Config = Config;
+
+    fn resolve(p: GenerateParams) -> Result<Config, ParamError> {
+        Config::resolve(p)
     }
 
-    fn summary(&self) -> &'static str {
-        "generate a Poisson/Helmholtz/reaction-diffusion/Navier-Stokes dataset (spectral solvers)"
-    }
-
-    fn validate(&self, params: &Value) -> Result<(), ParamError> {
-        Config::from_value(params).map(|_| ())
-    }
-
-    fn run(&self, ctx: &mut RunContext<'_>) -> Result<(), OpError> {
-        let config = Config::from_value(ctx.params)?;
+    fn run(
+        &self,
+        config: &Config,
+        ctx: &mut RunContext<'_>,
+        out: &mut Outputs<'_>,
+    ) -> Result<(), OpError> {
         let _span = tracing::info_span!(
             "pde.generate",
             equation = config.equation.name(),
@@ -65,9 +62,9 @@ impl Op for PdeGenerateOp {
         let total = config.samples;
         let progress = ctx.progress;
         let mut report = |done: usize| progress.report(&format!("{done}/{total} samples"));
-        let data = generate(&config, ctx.seed, ctx.cpus, ctx.cancel, &mut report)?;
+        let data = generate(config, ctx.seed, ctx.cpus, ctx.cancel, &mut report)?;
         let solve_seconds = started.elapsed().as_secs_f64();
-        let meta = output::write(ctx.out_dir, &data)?;
+        let meta = output::write(out.dir(), &data)?;
         let seconds = started.elapsed().as_secs_f64();
         let log = |e| OpError::io("cannot write the stage log", e);
         writeln!(
@@ -81,20 +78,15 @@ impl Op for PdeGenerateOp {
             n = config.resolution,
         )
         .map_err(log)?;
-        ctx.metrics.insert("samples".to_string(), total as f64);
-        ctx.metrics.insert("seconds".to_string(), seconds);
-        ctx.metrics.insert(
-            "samples_per_s".to_string(),
-            total as f64 / solve_seconds.max(1e-9),
-        );
+        out.metric("samples", total as f64);
+        out.metric("seconds", seconds);
+        out.metric("samples_per_s", total as f64 / solve_seconds.max(1e-9));
         if config.equation == Equation::Helmholtz {
-            ctx.metrics
-                .insert("redraws".to_string(), data.redraws as f64);
+            out.metric("redraws", data.redraws as f64);
         }
         if let (Some(window), true) = (config.window(), config.labeled) {
             let steps = (window.total_steps() * total) as f64;
-            ctx.metrics
-                .insert("steps_per_s".to_string(), steps / solve_seconds.max(1e-9));
+            out.metric("steps_per_s", steps / solve_seconds.max(1e-9));
         }
         Ok(())
     }
@@ -103,30 +95,19 @@ impl Op for PdeGenerateOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CancelFlag, Input, Metrics, Progress};
-    use serde_json::json;
+    use crate::testing::OpRun;
+    use crate::{CancelFlag, Metrics};
+    use serde_json::{json, Value};
     use std::collections::BTreeMap;
     use std::path::Path;
 
     fn run_op(params: Value, cpus: usize, out: &Path) -> Result<Metrics, OpError> {
-        let inputs = BTreeMap::<String, Input>::new();
-        let cancel = CancelFlag::new();
-        let progress = Progress::silent();
-        let mut log = Vec::new();
-        let mut ctx = RunContext {
-            params: &params,
-            inputs: &inputs,
-            out_dir: out,
-            workspace: out,
-            seed: 17,
-            cpus,
-            cancel: &cancel,
-            progress: &progress,
-            log: &mut log,
-            metrics: Metrics::new(),
-        };
-        PdeGenerateOp.run(&mut ctx)?;
-        Ok(ctx.metrics)
+        OpRun::new(params)
+            .seed(17)
+            .cpus(cpus)
+            .out(out)
+            .run(&PdeGenerateOp)
+            .result
     }
 
     fn tensors(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
@@ -278,12 +259,21 @@ mod tests {
     #[test]
     fn cancellation_stops_the_run() {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config::from_value(&json!({"equation": "poisson", "samples": 50})).unwrap();
+        let config = PdeGenerateOp::config(&json!({"equation": "poisson", "samples": 50})).unwrap();
         let cancel = CancelFlag::new();
         cancel.cancel();
         let result = generate(&config, 0, 2, &cancel, &mut |_| {});
         assert!(matches!(result, Err(OpError::Cancelled)));
         drop(dir);
+    }
+
+    #[test]
+    fn every_param_is_documented() {
+        let rows = crate::Op::params_doc(&PdeGenerateOp);
+        assert_eq!(rows.len(), 13);
+        assert!(rows.iter().all(|r| !r.doc.is_empty()), "{rows:#?}");
+        assert!(rows[0].path == "equation" && rows[0].required);
+        assert_eq!(rows[1].default, Some(json!(32)));
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! `pde.generate` params: the YAML shape ([`GenerateParams`]) and the validated, fully resolved
 //! configuration every later step reads ([`Config`]).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::reaction_diffusion::{self, PDEBENCH};
-use crate::{parse_params, ParamError};
+use crate::ParamError;
 
 /// Grids smaller than this cannot resolve a bump of width 1/32 at all.
 pub const MIN_RESOLUTION: usize = 8;
@@ -13,12 +13,17 @@ pub const MAX_RESOLUTION: usize = 1024;
 pub const MAX_SAMPLES: usize = 10_000_000;
 pub const MAX_FRAMES: usize = 1000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The PDE solved (`../shared/papers/operator-learning.md` §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Equation {
+    /// -div(K grad u) = f, anisotropic diffusion, periodic.
     Poisson,
+    /// -div(grad u) + omega u = f.
     Helmholtz,
+    /// FitzHugh-Nagumo reaction-diffusion (PDEBench's coefficients).
     ReactionDiffusion,
+    /// Kolmogorov-flow Navier-Stokes in vorticity form.
     NavierStokes,
 }
 
@@ -38,7 +43,7 @@ impl Equation {
 }
 
 /// The note's named parameter ranges (section 1, "Splits").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
     /// Unlabeled pretraining range.
@@ -50,28 +55,33 @@ pub enum Split {
 }
 
 /// `re: 300` or `re: [100, 300, 500]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(untagged, expecting = "a Reynolds number or a list of them")]
 pub enum Reynolds {
+    /// Every sample at this Reynolds number.
     One(f64),
+    /// Sample i at re[i % len].
     Many(Vec<f64>),
 }
 
-/// As written in the pipeline.
-#[derive(Clone, Debug, Deserialize)]
+/// As written in the pipeline. `equation` has no default, so the defaults of the others are
+/// given field by field (a container default would make every field optional).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParams {
+    /// The PDE.
     pub equation: Equation,
-    /// Grid points per side (n x n).
-    #[serde(default = "default_resolution")]
+    /// Grid points per side (n x n), 8..=1024.
+    #[serde(default = "GenerateParams::resolution")]
     pub resolution: usize,
-    #[serde(default = "default_samples")]
+    /// Samples drawn (and solved), 1..=10,000,000.
+    #[serde(default = "GenerateParams::samples")]
     pub samples: usize,
     /// Combined with the stage seed.
     #[serde(default)]
     pub seed: u64,
     /// false: inputs only, no solver run.
-    #[serde(default = "default_labeled")]
+    #[serde(default = "GenerateParams::labeled")]
     pub labeled: bool,
     /// Preset parameter range; an explicit `e` / `omega` / `re` overrides it.
     #[serde(default)]
@@ -85,12 +95,14 @@ pub struct GenerateParams {
     /// Navier-Stokes: Reynolds number(s); sample i uses re[i % len].
     #[serde(default)]
     pub re: Option<Reynolds>,
-    /// Time-dependent: the input is the state at t_start (burn-in), targets up to t_end.
+    /// Time-dependent: the input is the state at t_start (burn-in; default 0).
     #[serde(default)]
     pub t_start: Option<f64>,
+    /// Time-dependent: targets up to t_end (default 1).
     #[serde(default)]
     pub t_end: Option<f64>,
-    /// Time-dependent: stored target frames, evenly spaced in (t_start, t_end].
+    /// Time-dependent: stored target frames, evenly spaced in (t_start, t_end] (default 1, at
+    /// most 1000).
     #[serde(default)]
     pub frames: Option<usize>,
     /// Time-dependent: largest time step; the window is cut into equal steps no longer than it.
@@ -98,14 +110,17 @@ pub struct GenerateParams {
     pub dt: Option<f64>,
 }
 
-fn default_resolution() -> usize {
-    32
-}
-fn default_samples() -> usize {
-    64
-}
-fn default_labeled() -> bool {
-    true
+/// The defaults serde fills in.
+impl GenerateParams {
+    fn resolution() -> usize {
+        32
+    }
+    fn samples() -> usize {
+        64
+    }
+    fn labeled() -> bool {
+        true
+    }
 }
 
 /// What is sampled per equation, after presets and checks.
@@ -165,8 +180,10 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn from_value(params: &Value) -> Result<Self, ParamError> {
-        Self::resolve(parse_params(params)?)
+    /// Transitional, for `oplearn`'s tests until they call `PdeGenerateOp::config` (the op's
+    /// one parse and resolve, which this is).
+    pub fn from_value(params: &serde_json::Value) -> Result<Self, ParamError> {
+        <super::PdeGenerateOp as crate::TypedOp>::config(params)
     }
 
     pub fn resolve(p: GenerateParams) -> Result<Self, ParamError> {
@@ -187,119 +204,9 @@ impl Config {
                 format!("{} is outside 1..={MAX_SAMPLES}", p.samples),
             ));
         }
-        let only_for = |field: &str, given: bool, owner: &str| {
-            if given {
-                Err(ParamError::new(
-                    field,
-                    format!("`{field}` applies to {owner} only, not to {}", eq.name()),
-                )
-                .with_fix(format!("remove `{field}`")))
-            } else {
-                Ok(())
-            }
-        };
-        if eq != Equation::Poisson {
-            only_for("e", p.e.is_some(), "equation: poisson")?;
-        }
-        if eq != Equation::Helmholtz {
-            only_for("omega", p.omega.is_some(), "equation: helmholtz")?;
-        }
-        if eq != Equation::NavierStokes {
-            only_for("re", p.re.is_some(), "equation: navier_stokes")?;
-        }
-        if !eq.time_dependent() {
-            let owner = "the time-dependent equations (reaction_diffusion, navier_stokes)";
-            only_for("t_start", p.t_start.is_some(), owner)?;
-            only_for("t_end", p.t_end.is_some(), owner)?;
-            only_for("frames", p.frames.is_some(), owner)?;
-            only_for("dt", p.dt.is_some(), owner)?;
-        }
+        refuse_other_equations_fields(&p)?;
         let split = p.split.unwrap_or(Split::Id);
-        let problem = match eq {
-            Equation::Poisson => {
-                let e = p.e.unwrap_or(match split {
-                    Split::Pretrain => [1.0, 20.0],
-                    Split::Id => [5.0, 15.0],
-                    Split::Ood => [15.0, 50.0],
-                });
-                if !(e[0].is_finite() && e[1].is_finite() && 0.0 < e[0] && e[0] <= e[1]) {
-                    return Err(ParamError::new(
-                        "e",
-                        format!("[{}, {}] is not a range 0 < lo <= hi", e[0], e[1]),
-                    )
-                    .with_fix("e is the second eigenvalue of K (the first is 1), e.g. [5, 15]"));
-                }
-                Problem::Poisson { e }
-            }
-            Equation::Helmholtz => {
-                let omega = p.omega.unwrap_or(match split {
-                    Split::Pretrain => [1, 20],
-                    Split::Id => [5, 15],
-                    Split::Ood => [15, 20],
-                });
-                if !(1 <= omega[0] && omega[0] <= omega[1] && omega[1] <= 1_000_000) {
-                    return Err(ParamError::new(
-                        "omega",
-                        format!(
-                            "[{}, {}] is not an integer range 1 <= lo <= hi <= 1e6",
-                            omega[0], omega[1]
-                        ),
-                    )
-                    .with_fix("e.g. omega: [5, 15]"));
-                }
-                Problem::Helmholtz { omega }
-            }
-            Equation::ReactionDiffusion => {
-                if split == Split::Ood {
-                    return Err(ParamError::new(
-                        "split",
-                        "reaction_diffusion has no OOD split in the paper",
-                    )
-                    .with_fix("use split: pretrain or id"));
-                }
-                let window = window(&p, 0.0, 1.0, 5e-3)?;
-                let limit = reaction_diffusion::stable_dt(&PDEBENCH, p.resolution);
-                if window.dt > limit || window.burn_in_dt > limit {
-                    return Err(ParamError::new(
-                        "dt",
-                        format!(
-                            "a step of {} is beyond RK4's diffusion stability limit {limit:.3e} \
-                             at resolution {}",
-                            window.dt.max(window.burn_in_dt),
-                            p.resolution
-                        ),
-                    )
-                    .with_fix(format!("set dt <= {limit:.3e}")));
-                }
-                Problem::ReactionDiffusion {
-                    du: PDEBENCH.du,
-                    dv: PDEBENCH.dv,
-                    k: PDEBENCH.k,
-                    window,
-                }
-            }
-            Equation::NavierStokes => {
-                let re = match &p.re {
-                    Some(Reynolds::One(r)) => vec![*r],
-                    Some(Reynolds::Many(list)) => list.clone(),
-                    None => match split {
-                        Split::Pretrain => vec![100.0, 300.0, 500.0, 800.0, 1000.0],
-                        Split::Id => vec![300.0],
-                        Split::Ood => vec![10000.0],
-                    },
-                };
-                if re.is_empty() || re.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
-                    return Err(ParamError::new(
-                        "re",
-                        format!("{re:?}: give one or more positive Reynolds numbers"),
-                    ));
-                }
-                Problem::NavierStokes {
-                    re,
-                    window: window(&p, 0.0, 1.0, 1e-2)?,
-                }
-            }
-        };
+        let problem = problem(&p, split)?;
         if eq.time_dependent() && !p.labeled {
             if let Some(t) = p.t_start.filter(|t| *t != 0.0) {
                 return Err(ParamError::new(
@@ -360,6 +267,128 @@ impl Config {
             _ => None,
         }
     }
+}
+
+/// What is sampled for the equation, with the split's ranges where none is given.
+fn problem(p: &GenerateParams, split: Split) -> Result<Problem, ParamError> {
+    Ok(match p.equation {
+        Equation::Poisson => {
+            let e = p.e.unwrap_or(match split {
+                Split::Pretrain => [1.0, 20.0],
+                Split::Id => [5.0, 15.0],
+                Split::Ood => [15.0, 50.0],
+            });
+            if !(e[0].is_finite() && e[1].is_finite() && 0.0 < e[0] && e[0] <= e[1]) {
+                return Err(ParamError::new(
+                    "e",
+                    format!("[{}, {}] is not a range 0 < lo <= hi", e[0], e[1]),
+                )
+                .with_fix("e is the second eigenvalue of K (the first is 1), e.g. [5, 15]"));
+            }
+            Problem::Poisson { e }
+        }
+        Equation::Helmholtz => {
+            let omega = p.omega.unwrap_or(match split {
+                Split::Pretrain => [1, 20],
+                Split::Id => [5, 15],
+                Split::Ood => [15, 20],
+            });
+            if !(1 <= omega[0] && omega[0] <= omega[1] && omega[1] <= 1_000_000) {
+                return Err(ParamError::new(
+                    "omega",
+                    format!(
+                        "[{}, {}] is not an integer range 1 <= lo <= hi <= 1e6",
+                        omega[0], omega[1]
+                    ),
+                )
+                .with_fix("e.g. omega: [5, 15]"));
+            }
+            Problem::Helmholtz { omega }
+        }
+        Equation::ReactionDiffusion => {
+            if split == Split::Ood {
+                return Err(ParamError::new(
+                    "split",
+                    "reaction_diffusion has no OOD split in the paper",
+                )
+                .with_fix("use split: pretrain or id"));
+            }
+            let window = window(p, 0.0, 1.0, 5e-3)?;
+            let limit = reaction_diffusion::stable_dt(&PDEBENCH, p.resolution);
+            if window.dt > limit || window.burn_in_dt > limit {
+                return Err(ParamError::new(
+                    "dt",
+                    format!(
+                        "a step of {} is beyond RK4's diffusion stability limit {limit:.3e} \
+                         at resolution {}",
+                        window.dt.max(window.burn_in_dt),
+                        p.resolution
+                    ),
+                )
+                .with_fix(format!("set dt <= {limit:.3e}")));
+            }
+            Problem::ReactionDiffusion {
+                du: PDEBENCH.du,
+                dv: PDEBENCH.dv,
+                k: PDEBENCH.k,
+                window,
+            }
+        }
+        Equation::NavierStokes => {
+            let re = match &p.re {
+                Some(Reynolds::One(r)) => vec![*r],
+                Some(Reynolds::Many(list)) => list.clone(),
+                None => match split {
+                    Split::Pretrain => vec![100.0, 300.0, 500.0, 800.0, 1000.0],
+                    Split::Id => vec![300.0],
+                    Split::Ood => vec![10000.0],
+                },
+            };
+            if re.is_empty() || re.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+                return Err(ParamError::new(
+                    "re",
+                    format!("{re:?}: give one or more positive Reynolds numbers"),
+                ));
+            }
+            Problem::NavierStokes {
+                re,
+                window: window(p, 0.0, 1.0, 1e-2)?,
+            }
+        }
+    })
+}
+
+/// The fields of another equation, given anyway, are refused by name.
+fn refuse_other_equations_fields(p: &GenerateParams) -> Result<(), ParamError> {
+    let eq = p.equation;
+    let only_for = |field: &str, given: bool, owner: &str| {
+        if given {
+            Err(ParamError::new(
+                field,
+                format!("`{field}` applies to {owner} only, not to {}", eq.name()),
+            )
+            .with_fix(format!("remove `{field}`")))
+        } else {
+            Ok(())
+        }
+    };
+    if eq != Equation::Poisson {
+        only_for("e", p.e.is_some(), "equation: poisson")?;
+    }
+    if eq != Equation::Helmholtz {
+        only_for("omega", p.omega.is_some(), "equation: helmholtz")?;
+    }
+    if eq != Equation::NavierStokes {
+        only_for("re", p.re.is_some(), "equation: navier_stokes")?;
+    }
+    if !eq.time_dependent() {
+        let owner = "the time-dependent equations (reaction_diffusion, navier_stokes)";
+        only_for("t_start", p.t_start.is_some(), owner)?;
+        only_for("t_end", p.t_end.is_some(), owner)?;
+        only_for("frames", p.frames.is_some(), owner)?;
+        only_for("dt", p.dt.is_some(), owner)?;
+    }
+    Ok(())
 }
 
 /// Cuts [0, t_start] and each frame interval of (t_start, t_end] into equal steps <= dt.
@@ -424,31 +453,36 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    use serde_json::Value;
+
+    fn config(v: &Value) -> Result<Config, ParamError> {
+        Config::resolve(crate::parse_params(v)?)
+    }
+
     fn err(v: Value) -> ParamError {
-        Config::from_value(&v).unwrap_err()
+        config(&v).unwrap_err()
     }
 
     #[test]
     fn presets_and_defaults() {
-        let c = Config::from_value(&json!({"equation": "poisson", "split": "ood"})).unwrap();
+        let c = config(&json!({"equation": "poisson", "split": "ood"})).unwrap();
         assert_eq!(c.problem, Problem::Poisson { e: [15.0, 50.0] });
         assert_eq!((c.resolution, c.samples, c.labeled), (32, 64, true));
-        let c = Config::from_value(&json!({"equation": "helmholtz", "omega": [2, 3]})).unwrap();
+        let c = config(&json!({"equation": "helmholtz", "omega": [2, 3]})).unwrap();
         assert_eq!(c.problem, Problem::Helmholtz { omega: [2, 3] });
-        let c =
-            Config::from_value(&json!({"equation": "navier_stokes", "split": "pretrain"})).unwrap();
+        let c = config(&json!({"equation": "navier_stokes", "split": "pretrain"})).unwrap();
         let Problem::NavierStokes { re, window } = &c.problem else {
             panic!("{c:?}")
         };
         assert_eq!(re, &[100.0, 300.0, 500.0, 800.0, 1000.0]);
         assert_eq!((window.steps_per_frame, window.dt), (100, 0.01));
-        let c = Config::from_value(&json!({"equation": "navier_stokes", "re": 10000})).unwrap();
+        let c = config(&json!({"equation": "navier_stokes", "re": 10000})).unwrap();
         assert!(matches!(&c.problem, Problem::NavierStokes { re, .. } if re == &[10000.0]));
     }
 
     #[test]
     fn window_is_cut_into_equal_steps_no_longer_than_dt() {
-        let c = Config::from_value(&json!({
+        let c = config(&json!({
             "equation": "reaction_diffusion", "t_start": 0.25, "t_end": 1.25, "frames": 3, "dt": 0.01
         }))
         .unwrap();
