@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::models::InputShape;
 use crate::{
     collect_params, collect_params_mut, Dev, Float, HasParams, Init, Model, ModelSpec, NnError,
+    VarBuilder,
 };
 
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
@@ -67,7 +68,8 @@ where
     let spec_path = dir.join(SPEC_FILE);
     let text = std::fs::read(&spec_path).map_err(|e| ck_err(&spec_path, e))?;
     let meta: CheckpointMeta = serde_json::from_slice(&text).map_err(|e| ck_err(&spec_path, e))?;
-    let mut model = Model::build(dev, &meta.model, meta.input, &Init::default(), 0)?;
+    let init = Init::default();
+    let mut model = Model::build(&meta.model, meta.input, VarBuilder::new(dev, &init, 0))?;
     let loaded = load_weights(&mut model, &dir.join(WEIGHTS_FILE), |n| Some(n.to_string()))?;
     let expected = collect_params(&model).len();
     if loaded.len() != expected {

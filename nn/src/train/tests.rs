@@ -8,7 +8,7 @@ use super::*;
 use crate::layers::ForwardCtx;
 use crate::models::InputShape;
 use crate::tensor::from_vec;
-use crate::{collect_params, Dev, Init, Model, ModelSpec, NnError, Tensor4};
+use crate::{collect_params, Dev, Init, Model, ModelSpec, NnError, Tensor4, VarBuilder};
 
 /// 1 x 4 x 4 images: noise plus one bright pixel, in the top half for class 0 and the bottom
 /// half for class 1. A model must look at where the pixel is.
@@ -35,7 +35,8 @@ fn model(spec: serde_json::Value, seed: u64) -> Model<f32> {
         height: 4,
         width: 4,
     };
-    Model::build(&Dev::default(), &spec, input, &Init::default(), seed).unwrap()
+    let (dev, init) = (Dev::default(), Init::default());
+    Model::build(&spec, input, VarBuilder::new(&dev, &init, seed)).unwrap()
 }
 
 /// Trains on `blobs` with `batch` samples per step; returns the last step's loss.

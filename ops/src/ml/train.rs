@@ -23,6 +23,7 @@ use nn::train::{
     evaluate, load_weights, save_checkpoint, train_step, EvalReport, LossKind, Optimizer,
     OptimizerSpec, ParamGroup, Schedule, Target, WEIGHTS_FILE,
 };
+use nn::VarBuilder;
 use nn::{
     collect_params, open_device, Dev, Init, InitScheme, Model, ModelSpec, NnError, VarianceHook,
 };
@@ -820,8 +821,8 @@ fn fit(ctx: &mut RunContext<'_>, p: &Params, purpose: Purpose) -> Result<(), OpE
         "init_arch_aware".into(),
         if hook.is_some() { 1.0 } else { 0.0 },
     );
-    let mut model =
-        Model::<f32>::build(&dev, spec, input, &init, derive_seed(ctx.seed, 10)).map_err(nn)?;
+    let vb = VarBuilder::new(&dev, &init, derive_seed(ctx.seed, 10));
+    let mut model = Model::<f32>::build(spec, input, vb).map_err(nn)?;
     if let (ModelSpec::Vit(v), false) = (spec, p.retokenize.is_empty()) {
         for &(epoch, d) in &p.retokenize {
             v.grids(input.height, d).map_err(|e| {
