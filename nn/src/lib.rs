@@ -37,7 +37,7 @@ pub mod train;
 mod gradcheck;
 
 pub use builder::VarBuilder;
-pub use error::NnError;
+pub use error::{CheckpointError, NnError};
 pub use init::{Init, InitScheme, VarianceHook};
 pub use models::{Model, ModelSpec};
 pub use tensor::{

@@ -37,7 +37,9 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
-    /// Parses a spec from JSON, naming the offending field on error.
+    /// Parses a spec from JSON, naming the offending field on error. The error is the same
+    /// [`NnError::InvalidSpec`] (field, message) as [`ModelSpec::check`]'s, which callers turn
+    /// into a params error on that field; serde's message is its text.
     pub fn from_json(value: serde_json::Value) -> Result<Self, NnError> {
         serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
