@@ -14,7 +14,7 @@ mod vit;
 
 pub use dag::{CnnDag, CnnDagSpec, MlpDag, MlpDagSpec, ReluConvBn};
 pub use fno::{Fno2d, Fno2dMae, Fno2dMaeSpec, Fno2dSpec, FourierLayer};
-pub use nb201::{Nb201, Nb201Spec};
+pub use nb201::{Nb201, Nb201Spec, ReductionBlock};
 pub use topology::Dag;
 pub use vit::{tokenizer_geometry, PatchMerging, Vit, VitBlock, VitSpec, VitStage};
 

@@ -133,7 +133,8 @@ impl<E: Float> ReductionBlock<E>
 where
     Dev: Device<E>,
 {
-    fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self, NnError> {
+    /// `c_in -> c_out` channels at half the resolution; conv_a, conv_b, shortcut drawn in order.
+    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self, NnError> {
         let down = ConvGeometry {
             kernel: 3,
             stride: 2,

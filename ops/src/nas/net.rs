@@ -15,7 +15,7 @@ use crate::ml::derive_seed;
 use nn::layers::{
     global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };
-use nn::models::ReluConvBn;
+use nn::models::{ReductionBlock, ReluConvBn};
 use nn::{Dev, HasParams, Init, NnError, Param, Tensor2, Tensor4, VarBuilder};
 
 /// Shape of a proxy network.
@@ -241,18 +241,17 @@ impl HasParams<f64> for Reduction {
 }
 
 impl Reduction {
+    /// NB201's reduction block, with its weights drawn as nn's `ReductionBlock` draws them.
     fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self, NnError> {
-        let down = ConvGeometry {
-            kernel: 3,
-            stride: 2,
-            padding: 1,
-            dilation: 1,
-        };
-        let same = ConvGeometry::same(3);
+        let ReductionBlock {
+            conv_a,
+            conv_b,
+            shortcut,
+        } = ReductionBlock::new(c_in, c_out, vb)?;
         Ok(Self {
-            conv_a: ReluConvBn::new(c_in, c_out, down, vb.pp("conv_a"))?,
-            conv_b: ReluConvBn::new(c_out, c_out, same, vb.pp("conv_b"))?,
-            shortcut: Conv2d::no_bias(c_in, c_out, ConvGeometry::same(1), vb.pp("shortcut"))?,
+            conv_a,
+            conv_b,
+            shortcut,
         })
     }
 
