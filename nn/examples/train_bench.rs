@@ -16,7 +16,7 @@ use std::time::Instant;
 use nn::layers::ForwardCtx;
 use nn::models::InputShape;
 use nn::train::{train_step, LossKind, Optimizer, OptimizerSpec, Target};
-use nn::{from_vec, Dev, Init, Model, ModelSpec};
+use nn::{from_vec, Dev, Init, Model, ModelSpec, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -132,7 +132,8 @@ fn main() -> Result<(), String> {
     }
     let spec = ModelSpec::from_json(c.spec.clone()).map_err(|e| e.to_string())?;
     let mut model: Model<f32> =
-        Model::build(&dev, &spec, c.input, &Init::default(), 0).map_err(|e| e.to_string())?;
+        Model::build(&spec, c.input, VarBuilder::new(&dev, &Init::default(), 0))
+            .map_err(|e| e.to_string())?;
     let mut opt = Optimizer::new(c.optimizer.clone(), vec![]).map_err(|e| e.to_string())?;
 
     // One fixed batch: inputs U[-1, 1), labels or a target field.

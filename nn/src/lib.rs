@@ -15,6 +15,8 @@
 //!   every op records the backward pass for all of its operands; a tensor whose value is used
 //!   twice is split with `with_empty_tape` (same gradient id, empty tape) and the tapes merge
 //!   again when the branches meet.
+//! - Layers and models are built from their sizes (or spec) and a [`VarBuilder`], which carries
+//!   the device, the layer's dotted name, the init and the RNG: `Linear::new(c, 10, vb.pp("head"))`.
 //! - Images are `(batch, channels, height, width)`; models map such a batch to `(batch, outputs)`
 //!   (class logits, or a field flattened per sample).
 //! - Everything runs on [`Dev`]: dfdx's `Cpu`, or its `Cuda` with the `cuda` feature. Layers use
@@ -23,6 +25,7 @@
 //!   through the host (correct, slow). Code is generic over the float type so that gradient
 //!   checks can run in `f64`.
 
+mod builder;
 mod error;
 mod init;
 pub mod layers;
@@ -33,7 +36,8 @@ pub mod train;
 #[cfg(test)]
 mod gradcheck;
 
-pub use error::NnError;
+pub use builder::VarBuilder;
+pub use error::{CheckpointError, NnError};
 pub use init::{Init, InitScheme, VarianceHook};
 pub use models::{Model, ModelSpec};
 pub use tensor::{

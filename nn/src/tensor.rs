@@ -31,21 +31,17 @@ pub fn open_device() -> Result<Dev, NnError> {
     }
     #[cfg(feature = "cuda")]
     {
+        // Only a success is kept: dfdx's `CudaError` cannot be cloned, and a failure is
+        // reported (and retried) on each call.
         thread_local! {
-            static GPU: std::cell::OnceCell<Result<Dev, String>> = const { std::cell::OnceCell::new() };
+            static GPU: std::cell::OnceCell<Dev> = const { std::cell::OnceCell::new() };
         }
         GPU.with(|gpu| {
-            gpu.get_or_init(|| dfdx::tensor::Cuda::try_build(0, 0).map_err(|e| e.to_string()))
-                .clone()
-        })
-        .map_err(|e| {
-            NnError::spec(
-                "device",
-                format!(
-                    "this engine was built with CUDA but GPU 0 cannot be opened ({e}); check \
-                     the driver with nvidia-smi, or use a build without the `cuda` feature"
-                ),
-            )
+            if let Some(dev) = gpu.get() {
+                return Ok(dev.clone());
+            }
+            let dev = dfdx::tensor::Cuda::try_build(0, 0).map_err(NnError::GpuUnavailable)?;
+            Ok(gpu.get_or_init(|| dev).clone())
         })
     }
 }

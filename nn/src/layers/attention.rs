@@ -2,11 +2,10 @@
 //! windows of a token grid (Swin-style partitioning, as in the As-ViT space; `asvit.md`).
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
 
 use super::Linear;
-use crate::tensor::{impl_has_params, join};
-use crate::{Dev, Float, Init, NnError, Tensor3};
+use crate::tensor::impl_has_params;
+use crate::{Dev, Float, NnError, Tensor3, VarBuilder};
 
 /// y = Proj(concat_h softmax(Q_h K_h^T / sqrt(d_h)) V_h) on `(batch, tokens, dim)`.
 #[derive(Clone, Debug)]
@@ -25,27 +24,20 @@ impl<E: Float> MultiHeadSelfAttention<E>
 where
     Dev: Device<E>,
 {
-    pub fn new(
-        dev: &Dev,
-        name: &str,
-        dim: usize,
-        heads: usize,
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
+    /// `heads` heads over `dim` features (a multiple of `heads`); q, k, v and proj drawn in
+    /// that order.
+    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self, NnError> {
         if heads == 0 || dim / heads * heads != dim {
             return Err(NnError::spec(
-                name,
+                vb.name(),
                 format!("dim {dim} must be a positive multiple of heads {heads}"),
             ));
         }
-        let lin =
-            |n: &str, rng: &mut StdRng| Linear::new(dev, &join(name, n), dim, dim, true, init, rng);
         Ok(Self {
-            q: lin("q", rng)?,
-            k: lin("k", rng)?,
-            v: lin("v", rng)?,
-            proj: lin("proj", rng)?,
+            q: Linear::new(dim, dim, vb.pp("q"))?,
+            k: Linear::new(dim, dim, vb.pp("k"))?,
+            v: Linear::new(dim, dim, vb.pp("v"))?,
+            proj: Linear::new(dim, dim, vb.pp("proj"))?,
             heads,
         })
     }
@@ -112,18 +104,11 @@ where
 mod tests {
     use super::*;
     use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
-    use rand::SeedableRng;
+    use crate::Init;
 
     fn attn(dim: usize, heads: usize) -> MultiHeadSelfAttention<f64> {
-        MultiHeadSelfAttention::new(
-            &Dev::default(),
-            "attn",
-            dim,
-            heads,
-            &Init::default(),
-            &mut StdRng::seed_from_u64(0),
-        )
-        .unwrap()
+        let (dev, init) = (Dev::default(), Init::default());
+        MultiHeadSelfAttention::new(dim, heads, VarBuilder::new(&dev, &init, 0).pp("attn")).unwrap()
     }
 
     /// Direct loops over the definition.

@@ -1,14 +1,13 @@
 //! 2-D convolution.
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use crate::tensor::{
     grad_buffer_apply, grad_buffer_to_host, host_read, impl_has_params, take_grad, with_grad_mut,
 };
-use crate::{Dev, Float, Init, NnError, Param, ParamKind, Tensor3, Tensor4};
+use crate::{Dev, Float, NnError, Param, ParamKind, Tensor3, Tensor4, VarBuilder};
 
 /// Cross-correlation of `(batch, in, h, w)` with W: `(out, in, k, k)`, plus b: `(out,)`;
 /// out size = (h + 2 padding - dilation (k - 1) - 1) / stride + 1 (groups = 1).
@@ -47,16 +46,32 @@ impl<E: Float> Conv2d<E>
 where
     Dev: Device<E>,
 {
-    #[allow(clippy::too_many_arguments)]
+    /// `in_channels -> out_channels` with `geometry` and a bias; weights from `vb`'s init.
     pub fn new(
-        dev: &Dev,
-        name: &str,
+        in_channels: usize,
+        out_channels: usize,
+        geometry: ConvGeometry,
+        vb: VarBuilder,
+    ) -> Result<Self, NnError> {
+        Self::build(in_channels, out_channels, geometry, true, vb)
+    }
+
+    /// `in_channels -> out_channels` with `geometry`, without a bias.
+    pub fn no_bias(
+        in_channels: usize,
+        out_channels: usize,
+        geometry: ConvGeometry,
+        vb: VarBuilder,
+    ) -> Result<Self, NnError> {
+        Self::build(in_channels, out_channels, geometry, false, vb)
+    }
+
+    fn build(
         in_channels: usize,
         out_channels: usize,
         geometry: ConvGeometry,
         bias: bool,
-        init: &Init,
-        rng: &mut StdRng,
+        vb: VarBuilder,
     ) -> Result<Self, NnError> {
         let ConvGeometry {
             kernel,
@@ -66,7 +81,7 @@ where
         } = geometry;
         if in_channels == 0 || out_channels == 0 || kernel == 0 || stride == 0 || dilation == 0 {
             return Err(NnError::spec(
-                name,
+                vb.name(),
                 format!(
                     "conv2d needs positive channels, kernel, stride and dilation \
                      (in {in_channels}, out {out_channels}, kernel {kernel}, stride {stride}, \
@@ -76,21 +91,15 @@ where
         }
         let area = kernel * kernel;
         let (fan_in, fan_out) = (in_channels * area, out_channels * area);
-        let w = init.weights(name, fan_in, fan_out, out_channels * fan_in, rng);
-        let weight = Param::from_vec(
-            dev,
+        let w = vb.weights(fan_in, fan_out, out_channels * fan_in);
+        let weight = vb.param(
             w,
             vec![out_channels, in_channels, kernel, kernel],
             ParamKind::Trainable,
         )?;
         let bias = if bias {
-            let b = init.biases(name, fan_in, fan_out, out_channels, rng);
-            Some(Param::from_vec(
-                dev,
-                b,
-                vec![out_channels],
-                ParamKind::Trainable,
-            )?)
+            let b = vb.biases(fan_in, fan_out, out_channels);
+            Some(vb.param(b, vec![out_channels], ParamKind::Trainable)?)
         } else {
             None
         };
@@ -781,21 +790,16 @@ where
 mod tests {
     use super::*;
     use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
-    use rand::SeedableRng;
+    use crate::Init;
 
     fn conv(geom: ConvGeometry, bias: bool) -> Conv2d<f64> {
-        let mut rng = StdRng::seed_from_u64(0);
-        Conv2d::new(
-            &Dev::default(),
-            "conv",
-            2,
-            3,
-            geom,
-            bias,
-            &Init::default(),
-            &mut rng,
-        )
-        .unwrap()
+        let (dev, init) = (Dev::default(), Init::default());
+        let vb = VarBuilder::new(&dev, &init, 0).pp("conv");
+        if bias {
+            Conv2d::new(2, 3, geom, vb).unwrap()
+        } else {
+            Conv2d::no_bias(2, 3, geom, vb).unwrap()
+        }
     }
 
     /// Direct definition: y[b,o,i,j] = b[o] + sum_{c,p,q} x[b,c,i s + p d - pad, j s + q d - pad] W[o,c,p,q].

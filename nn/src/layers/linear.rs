@@ -1,10 +1,9 @@
 //! Fully connected layer.
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
 
 use crate::tensor::impl_has_params;
-use crate::{Dev, Float, Init, NnError, Param, ParamKind, Tensor2, Tensor3};
+use crate::{Dev, Float, NnError, Param, ParamKind, Tensor2, Tensor3, VarBuilder};
 
 /// y = x W^T + b, W: `(out, in)` (PyTorch's layout), b: `(out,)`.
 #[derive(Clone, Debug)]
@@ -18,43 +17,37 @@ impl<E: Float> Linear<E>
 where
     Dev: Device<E>,
 {
-    /// `name` is the layer's dotted name, passed to the init hook.
-    pub fn new(
-        dev: &Dev,
-        name: &str,
+    /// `in_features -> out_features` with a bias; weights from `vb`'s init.
+    pub fn new(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Self, NnError> {
+        Self::build(in_features, out_features, true, vb)
+    }
+
+    /// `in_features -> out_features` without a bias.
+    pub fn no_bias(
+        in_features: usize,
+        out_features: usize,
+        vb: VarBuilder,
+    ) -> Result<Self, NnError> {
+        Self::build(in_features, out_features, false, vb)
+    }
+
+    fn build(
         in_features: usize,
         out_features: usize,
         bias: bool,
-        init: &Init,
-        rng: &mut StdRng,
+        vb: VarBuilder,
     ) -> Result<Self, NnError> {
         if in_features == 0 || out_features == 0 {
             return Err(NnError::spec(
-                name,
+                vb.name(),
                 "a linear layer needs at least one input and output",
             ));
         }
-        let w = init.weights(
-            name,
-            in_features,
-            out_features,
-            in_features * out_features,
-            rng,
-        );
-        let weight = Param::from_vec(
-            dev,
-            w,
-            vec![out_features, in_features],
-            ParamKind::Trainable,
-        )?;
+        let w = vb.weights(in_features, out_features, in_features * out_features);
+        let weight = vb.param(w, vec![out_features, in_features], ParamKind::Trainable)?;
         let bias = if bias {
-            let b = init.biases(name, in_features, out_features, out_features, rng);
-            Some(Param::from_vec(
-                dev,
-                b,
-                vec![out_features],
-                ParamKind::Trainable,
-            )?)
+            let b = vb.biases(in_features, out_features, out_features);
+            Some(vb.param(b, vec![out_features], ParamKind::Trainable)?)
         } else {
             None
         };
@@ -102,21 +95,16 @@ where
 mod tests {
     use super::*;
     use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
-    use crate::{collect_params, InitScheme};
-    use rand::SeedableRng;
+    use crate::{collect_params, Init, InitScheme};
 
     fn layer(bias: bool) -> Linear<f64> {
-        let mut rng = StdRng::seed_from_u64(0);
-        Linear::new(
-            &Dev::default(),
-            "fc",
-            4,
-            3,
-            bias,
-            &Init::default(),
-            &mut rng,
-        )
-        .unwrap()
+        let (dev, init) = (Dev::default(), Init::default());
+        let vb = VarBuilder::new(&dev, &init, 0).pp("fc");
+        if bias {
+            Linear::new(4, 3, vb).unwrap()
+        } else {
+            Linear::no_bias(4, 3, vb).unwrap()
+        }
     }
 
     #[test]
@@ -156,8 +144,8 @@ mod tests {
         let l = layer(false);
         let x = rand_tensor(&Dev::default(), (2, 5), 1);
         assert!(matches!(l.forward(x), Err(NnError::Shape { .. })));
-        let mut rng = StdRng::seed_from_u64(0);
-        let init = Init::new(InitScheme::KaimingNormal);
-        assert!(Linear::<f64>::new(&Dev::default(), "x", 0, 3, true, &init, &mut rng).is_err());
+        let (dev, init) = (Dev::default(), Init::new(InitScheme::KaimingNormal));
+        let e = Linear::<f64>::new(0, 3, VarBuilder::new(&dev, &init, 0).pp("x")).unwrap_err();
+        assert!(matches!(e, NnError::InvalidSpec { field, .. } if field == "x"));
     }
 }

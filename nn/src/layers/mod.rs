@@ -1,5 +1,6 @@
-//! Layers on runtime shapes: each a plain struct with a constructor (init scheme + seeded RNG),
-//! a `forward`, and parameters named through [`HasParams`](super::HasParams).
+//! Layers on runtime shapes: each a plain struct with a constructor (sizes and a
+//! [`VarBuilder`](super::VarBuilder)), a `forward`, and parameters named through
+//! [`HasParams`](super::HasParams).
 
 mod attention;
 mod conv;

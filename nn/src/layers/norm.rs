@@ -7,7 +7,7 @@ use crate::layers::ForwardCtx;
 use crate::tensor::{
     grad_buffer_apply, grad_buffer_to_host, host_read, impl_has_params, with_grad_mut,
 };
-use crate::{Dev, Float, NnError, Param, ParamKind, Tensor3, Tensor4};
+use crate::{Dev, Float, NnError, Param, ParamKind, Tensor3, Tensor4, VarBuilder};
 
 /// Batch normalisation over `(batch, h, w)` per channel (Ioffe & Szegedy 2015, Alg. 1):
 /// y = (x - mu) / sqrt(var + eps) * gamma + beta, with the batch's mean and biased variance in
@@ -38,9 +38,8 @@ where
     Dev: Device<E>,
 {
     /// gamma = 1, beta = 0, running mean 0 and variance 1; momentum 0.1, eps 1e-5.
-    pub fn new(dev: &Dev, channels: usize) -> Result<Self, NnError> {
-        let p =
-            |v: f64, kind| Param::from_vec(dev, vec![E::of_f64(v); channels], vec![channels], kind);
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self, NnError> {
+        let p = |v: f64, kind| vb.param(vec![E::of_f64(v); channels], vec![channels], kind);
         Ok(Self {
             weight: p(1.0, ParamKind::Trainable)?,
             bias: p(0.0, ParamKind::Trainable)?,
@@ -283,10 +282,9 @@ where
     Dev: Device<E>,
 {
     /// gamma = 1, beta = 0, eps 1e-5.
-    pub fn new(dev: &Dev, features: usize) -> Result<Self, NnError> {
+    pub fn new(features: usize, vb: VarBuilder) -> Result<Self, NnError> {
         let p = |v: f64| {
-            Param::from_vec(
-                dev,
+            vb.param(
                 vec![E::of_f64(v); features],
                 vec![features],
                 ParamKind::Trainable,
@@ -326,11 +324,13 @@ where
 mod tests {
     use super::*;
     use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
+    use crate::Init;
 
     #[test]
     fn batchnorm_training_normalises_and_tracks_running_stats() {
         let dev = Dev::default();
-        let mut bn = BatchNorm2d::<f64>::new(&dev, 2).unwrap();
+        let mut bn =
+            BatchNorm2d::<f64>::new(2, VarBuilder::new(&dev, &Init::default(), 0)).unwrap();
         let x = rand_tensor(&dev, (4, 2, 3, 3), 1)
             .try_mul(3.0)
             .unwrap()
@@ -368,7 +368,8 @@ mod tests {
     #[test]
     fn batchnorm_gradients_match_finite_differences() {
         let dev = Dev::default();
-        let mut bn = BatchNorm2d::<f64>::new(&dev, 2).unwrap();
+        let mut bn =
+            BatchNorm2d::<f64>::new(2, VarBuilder::new(&dev, &Init::default(), 0)).unwrap();
         // Non-trivial gamma and beta so their gradients are tested away from identity.
         bn.weight.set_vec(vec![1.5, 0.7]).unwrap();
         bn.bias.set_vec(vec![0.1, -0.3]).unwrap();
@@ -384,7 +385,7 @@ mod tests {
     #[test]
     fn layernorm_matches_formula_and_gradients() {
         let dev = Dev::default();
-        let mut ln = LayerNorm::<f64>::new(&dev, 4).unwrap();
+        let mut ln = LayerNorm::<f64>::new(4, VarBuilder::new(&dev, &Init::default(), 0)).unwrap();
         ln.weight.set_vec(vec![1.0, 2.0, 0.5, -1.0]).unwrap();
         ln.bias.set_vec(vec![0.0, 0.1, 0.2, 0.3]).unwrap();
         let x = rand_tensor(&dev, (2, 3, 4), 3);

@@ -1,11 +1,9 @@
 //! The Fourier layer's spectral convolution (FNO; `../shared/papers/operator-learning.md` §2).
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
 
-use crate::init::unit_uniform;
 use crate::tensor::{from_vec, impl_has_params};
-use crate::{Dev, Float, NnError, Param, ParamKind, Tensor2, Tensor3, Tensor4};
+use crate::{Dev, Float, NnError, Param, ParamKind, Tensor2, Tensor3, Tensor4, VarBuilder};
 
 /// y = irfft2(W . rfft2(x)) (both "ortho"), keeping modes kx in [0, m1) and [H - m1, H) of the
 /// first spatial axis and ky in [0, m2) of the second (rfft) axis, zero elsewhere.
@@ -141,12 +139,12 @@ impl<E: Float> SpectralConv2d<E>
 where
     Dev: Device<E>,
 {
+    /// `c_in -> c_out` keeping `modes`; the weights come from `vb`'s RNG whatever its init.
     pub fn new(
-        dev: &Dev,
         c_in: usize,
         c_out: usize,
         modes: (usize, usize),
-        rng: &mut StdRng,
+        vb: VarBuilder,
     ) -> Result<Self, NnError> {
         let (m1, m2) = modes;
         if c_in == 0 || c_out == 0 || m1 == 0 || m2 == 0 {
@@ -158,11 +156,11 @@ where
         let shape = vec![m2, 2 * m1, c_in, c_out];
         let n = m2 * 2 * m1 * c_in * c_out;
         let scale = 1.0 / (c_in * c_out) as f64;
-        let re = unit_uniform(scale, n, rng);
-        let im = unit_uniform(scale, n, rng);
+        let re = vb.unit_uniform(scale, n);
+        let im = vb.unit_uniform(scale, n);
         Ok(Self {
-            weight_re: Param::from_vec(dev, re, shape.clone(), ParamKind::Trainable)?,
-            weight_im: Param::from_vec(dev, im, shape, ParamKind::Trainable)?,
+            weight_re: vb.param(re, shape.clone(), ParamKind::Trainable)?,
+            weight_im: vb.param(im, shape, ParamKind::Trainable)?,
             modes,
         })
     }
@@ -250,17 +248,11 @@ where
 mod tests {
     use super::*;
     use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
-    use rand::SeedableRng;
+    use crate::Init;
 
     fn layer(c_in: usize, c_out: usize, modes: (usize, usize), seed: u64) -> SpectralConv2d<f64> {
-        SpectralConv2d::new(
-            &Dev::default(),
-            c_in,
-            c_out,
-            modes,
-            &mut StdRng::seed_from_u64(seed),
-        )
-        .unwrap()
+        let (dev, init) = (Dev::default(), Init::default());
+        SpectralConv2d::new(c_in, c_out, modes, VarBuilder::new(&dev, &init, seed)).unwrap()
     }
 
     /// Direct 2-D sums: X = (1/sqrt(HW)) sum x e^{-i 2 pi (kx h/H + ky w/W)} on the kept modes,

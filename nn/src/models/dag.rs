@@ -2,15 +2,14 @@
 //! the cell evaluation that NAS-Bench-201 shares.
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::topology::Dag;
 use crate::layers::{
     add_n, global_avg_pool, relu, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };
-use crate::tensor::{impl_has_params, join};
-use crate::{Dev, Float, Init, NnError, Tensor2, Tensor4};
+use crate::tensor::impl_has_params;
+use crate::{Dev, Float, NnError, Tensor2, Tensor4, VarBuilder};
 
 /// Evaluates a cell: z(0) = input, z(t) = sum over existing edges (s, t) of edge(z(s)).
 ///
@@ -87,35 +86,18 @@ impl<E: Float> MlpDag<E>
 where
     Dev: Device<E>,
 {
-    pub fn new(
-        dev: &Dev,
-        spec: &MlpDagSpec,
-        in_features: usize,
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
-        let dag = Dag::parse_digits("model.topology", &spec.topology, 2)?;
-        if !dag.connects_input_to_output() {
-            return Err(NnError::spec(
-                "model.topology",
-                format!(
-                    "{:?} has no input-to-output path; it is not a valid network",
-                    spec.topology
-                ),
-            ));
-        }
-        positive("model.width", spec.width)?;
-        positive("model.classes", spec.classes)?;
+    pub fn new(spec: &MlpDagSpec, in_features: usize, vb: VarBuilder) -> Result<Self, NnError> {
+        let dag = cell_topology(&spec.topology, spec.width, spec.classes)?;
         let w = spec.width;
-        let stem = Linear::new(dev, "stem", in_features, w, true, init, rng)?;
+        let stem = Linear::new(in_features, w, vb.pp("stem"))?;
         let edges = dag
             .edges()
             .map(|(pos, _, _, op)| match op {
-                2 => Linear::new(dev, &format!("edges.{pos}"), w, w, true, init, rng).map(Some),
+                2 => Linear::new(w, w, vb.pp("edges").pp(pos)).map(Some),
                 _ => Ok(None),
             })
             .collect::<Result<_, _>>()?;
-        let readout = Linear::new(dev, "readout", w, spec.classes, true, init, rng)?;
+        let readout = Linear::new(w, spec.classes, vb.pp("readout"))?;
         Ok(Self {
             dag,
             stem,
@@ -166,26 +148,14 @@ where
     Dev: Device<E>,
 {
     pub fn new(
-        dev: &Dev,
-        name: &str,
-        (c_in, c_out): (usize, usize),
+        c_in: usize,
+        c_out: usize,
         geometry: ConvGeometry,
-        init: &Init,
-        rng: &mut StdRng,
+        vb: VarBuilder,
     ) -> Result<Self, NnError> {
-        let conv = Conv2d::new(
-            dev,
-            &join(name, "conv"),
-            c_in,
-            c_out,
-            geometry,
-            false,
-            init,
-            rng,
-        )?;
         Ok(Self {
-            conv,
-            bn: BatchNorm2d::new(dev, c_out)?,
+            conv: Conv2d::no_bias(c_in, c_out, geometry, vb.pp("conv"))?,
+            bn: BatchNorm2d::new(c_out, vb.pp("bn"))?,
         })
     }
 
@@ -218,62 +188,29 @@ impl<E: Float> CnnDag<E>
 where
     Dev: Device<E>,
 {
-    pub fn new(
-        dev: &Dev,
-        spec: &CnnDagSpec,
-        in_channels: usize,
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
-        let dag = Dag::parse_digits("model.topology", &spec.topology, 2)?;
-        if !dag.connects_input_to_output() {
-            return Err(NnError::spec(
-                "model.topology",
-                format!(
-                    "{:?} has no input-to-output path; it is not a valid network",
-                    spec.topology
-                ),
-            ));
-        }
-        positive("model.width", spec.width)?;
-        positive("model.classes", spec.classes)?;
-        if spec.kernel % 2 != 1 {
-            return Err(NnError::spec(
-                "model.kernel",
-                format!("kernel {} must be odd (same padding)", spec.kernel),
-            ));
-        }
+    pub fn new(spec: &CnnDagSpec, in_channels: usize, vb: VarBuilder) -> Result<Self, NnError> {
+        let dag = cell_topology(&spec.topology, spec.width, spec.classes)?;
+        odd_kernel(spec.kernel)?;
         let w = spec.width;
-        let stem = Conv2d::new(
-            dev,
-            "stem",
-            in_channels,
-            w,
-            ConvGeometry::same(3),
-            false,
-            init,
-            rng,
-        )?;
+        let stem = Conv2d::no_bias(in_channels, w, ConvGeometry::same(3), vb.pp("stem"))?;
         let edges = dag
             .edges()
             .map(|(pos, _, _, op)| match op {
                 2 => ReluConvBn::new(
-                    dev,
-                    &format!("edges.{pos}"),
-                    (w, w),
+                    w,
+                    w,
                     ConvGeometry::same(spec.kernel),
-                    init,
-                    rng,
+                    vb.pp("edges").pp(pos),
                 )
                 .map(Some),
                 _ => Ok(None),
             })
             .collect::<Result<_, _>>()?;
-        let readout = Linear::new(dev, "readout", w, spec.classes, true, init, rng)?;
+        let readout = Linear::new(w, spec.classes, vb.pp("readout"))?;
         Ok(Self {
             dag,
             stem,
-            stem_bn: BatchNorm2d::new(dev, w)?,
+            stem_bn: BatchNorm2d::new(w, vb.pp("stem_bn"))?,
             edges,
             readout,
         })
@@ -293,6 +230,32 @@ where
         })?;
         self.readout.forward(global_avg_pool(z)?)
     }
+}
+
+/// The cell of `mlp_dag` / `cnn_dag` (digits 0 to 2), checked to connect input to output, with
+/// positive `width` and `classes`.
+pub(crate) fn cell_topology(topology: &str, width: usize, classes: usize) -> Result<Dag, NnError> {
+    let dag = Dag::parse_digits("model.topology", topology, 2)?;
+    if !dag.connects_input_to_output() {
+        return Err(NnError::spec(
+            "model.topology",
+            format!("{topology:?} has no input-to-output path; it is not a valid network"),
+        ));
+    }
+    positive("model.width", width)?;
+    positive("model.classes", classes)?;
+    Ok(dag)
+}
+
+/// `cnn_dag`'s kernel, odd so that same padding keeps the map size.
+pub(crate) fn odd_kernel(kernel: usize) -> Result<(), NnError> {
+    if kernel % 2 != 1 {
+        return Err(NnError::spec(
+            "model.kernel",
+            format!("kernel {kernel} must be odd (same padding)"),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn positive(field: &str, v: usize) -> Result<(), NnError> {

@@ -3,13 +3,12 @@
 //! decoder reconstructing the input channels).
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::dag::positive;
 use crate::layers::{gelu, Conv2d, ConvGeometry, SpectralConv2d};
-use crate::tensor::{impl_has_params, join};
-use crate::{Dev, Float, Init, NnError, Tensor2, Tensor4};
+use crate::tensor::impl_has_params;
+use crate::{Dev, Float, NnError, Tensor2, Tensor4, VarBuilder};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,26 +71,10 @@ impl<E: Float> FourierLayer<E>
 where
     Dev: Device<E>,
 {
-    fn new(
-        dev: &Dev,
-        name: &str,
-        width: usize,
-        modes: (usize, usize),
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
+    fn new(width: usize, modes: (usize, usize), vb: VarBuilder) -> Result<Self, NnError> {
         Ok(Self {
-            spectral: SpectralConv2d::new(dev, width, width, modes, rng)?,
-            pointwise: Conv2d::new(
-                dev,
-                &join(name, "pointwise"),
-                width,
-                width,
-                ConvGeometry::same(1),
-                true,
-                init,
-                rng,
-            )?,
+            spectral: SpectralConv2d::new(width, width, modes, vb.pp("spectral"))?,
+            pointwise: Conv2d::new(width, width, ConvGeometry::same(1), vb.pp("pointwise"))?,
         })
     }
 
@@ -101,20 +84,18 @@ where
     }
 }
 
+/// `n` Fourier layers at `width`, layer i built by `vb.pp(i)`.
 fn fourier_layers<E: Float>(
-    dev: &Dev,
-    prefix: &str,
     n: usize,
     width: usize,
     modes: (usize, usize),
-    init: &Init,
-    rng: &mut StdRng,
+    vb: VarBuilder,
 ) -> Result<Vec<FourierLayer<E>>, NnError>
 where
     Dev: Device<E>,
 {
     (0..n)
-        .map(|i| FourierLayer::new(dev, &format!("{prefix}.{i}"), width, modes, init, rng))
+        .map(|i| FourierLayer::new(width, modes, vb.pp(i)))
         .collect()
 }
 
@@ -147,17 +128,11 @@ impl<E: Float> FnoHead<E>
 where
     Dev: Device<E>,
 {
-    fn new(
-        dev: &Dev,
-        name: &str,
-        (width, hidden, out): (usize, usize, usize),
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
+    fn new(width: usize, hidden: usize, out: usize, vb: VarBuilder) -> Result<Self, NnError> {
         let one = ConvGeometry::same(1);
         Ok(Self {
-            fc1: Conv2d::new(dev, &join(name, "fc1"), width, hidden, one, true, init, rng)?,
-            fc2: Conv2d::new(dev, &join(name, "fc2"), hidden, out, one, true, init, rng)?,
+            fc1: Conv2d::new(width, hidden, one, vb.pp("fc1"))?,
+            fc2: Conv2d::new(hidden, out, one, vb.pp("fc2"))?,
         })
     }
 
@@ -204,40 +179,16 @@ where
     Dev: Device<E>,
 {
     pub fn new(
-        dev: &Dev,
         spec: &Fno2dSpec,
         (c_in, h, w): (usize, usize, usize),
-        init: &Init,
-        rng: &mut StdRng,
+        vb: VarBuilder,
     ) -> Result<Self, NnError> {
         spec.validate()?;
-        let lift = Conv2d::new(
-            dev,
-            "lift",
-            c_in,
-            spec.width,
-            ConvGeometry::same(1),
-            true,
-            init,
-            rng,
-        )?;
-        let layers = fourier_layers(
-            dev,
-            "layers",
-            spec.layers,
-            spec.width,
-            spec.modes,
-            init,
-            rng,
-        )?;
+        let lift = Conv2d::new(c_in, spec.width, ConvGeometry::same(1), vb.pp("lift"))?;
+        let layers = fourier_layers(spec.layers, spec.width, spec.modes, vb.pp("layers"))?;
         check_grid(&layers, h, w)?;
-        let head = FnoHead::new(
-            dev,
-            "head",
-            (spec.width, spec.head_width, spec.out_channels),
-            init,
-            rng,
-        )?;
+        let (width, hidden) = (spec.width, spec.head_width);
+        let head = FnoHead::new(width, hidden, spec.out_channels, vb.pp("head"))?;
         Ok(Self { lift, layers, head })
     }
 
@@ -284,11 +235,9 @@ where
     Dev: Device<E>,
 {
     pub fn new(
-        dev: &Dev,
         spec: &Fno2dMaeSpec,
         (c_in, h, w): (usize, usize, usize),
-        init: &Init,
-        rng: &mut StdRng,
+        vb: VarBuilder,
     ) -> Result<Self, NnError> {
         Fno2dSpec {
             width: spec.width,
@@ -298,38 +247,17 @@ where
             out_channels: c_in,
         }
         .validate()?;
-        let one = ConvGeometry::same(1);
+        let (width, modes, one) = (spec.width, spec.modes, ConvGeometry::same(1));
+        let (enc, dec) = (vb.pp("encoder"), vb.pp("decoder"));
         let encoder = FnoEncoder {
-            lift: Conv2d::new(dev, "encoder.lift", c_in, spec.width, one, true, init, rng)?,
-            layers: fourier_layers(
-                dev,
-                "encoder.layers",
-                spec.layers,
-                spec.width,
-                spec.modes,
-                init,
-                rng,
-            )?,
+            lift: Conv2d::new(c_in, width, one, enc.pp("lift"))?,
+            layers: fourier_layers(spec.layers, width, modes, enc.pp("layers"))?,
         };
         check_grid(&encoder.layers, h, w)?;
-        let bridge = Conv2d::new(dev, "bridge", spec.width, spec.width, one, true, init, rng)?;
+        let bridge = Conv2d::new(width, width, one, vb.pp("bridge"))?;
         let decoder = FnoDecoder {
-            layers: fourier_layers(
-                dev,
-                "decoder.layers",
-                spec.layers,
-                spec.width,
-                spec.modes,
-                init,
-                rng,
-            )?,
-            head: FnoHead::new(
-                dev,
-                "decoder.head",
-                (spec.width, spec.head_width, c_in),
-                init,
-                rng,
-            )?,
+            layers: fourier_layers(spec.layers, width, modes, dec.pp("layers"))?,
+            head: FnoHead::new(width, spec.head_width, c_in, dec.pp("head"))?,
         };
         Ok(Self {
             encoder,

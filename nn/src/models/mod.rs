@@ -1,7 +1,8 @@
 //! Models built at run time from a `model:` spec.
 //!
 //! A [`ModelSpec`] is the validated, serialisable description (it travels with checkpoints);
-//! [`Model::build`] turns it, the shape of one input sample and an [`Init`] into weights.
+//! [`Model::build`] turns it, the shape of one input sample and a [`VarBuilder`] (device, init
+//! and seeded RNG) into weights.
 //! Every model maps `(batch, c, h, w)` to `(batch, outputs)`: class logits, or a field
 //! flattened per sample (see [`Model::output_shape`]).
 
@@ -13,17 +14,15 @@ mod vit;
 
 pub use dag::{CnnDag, CnnDagSpec, MlpDag, MlpDagSpec, ReluConvBn};
 pub use fno::{Fno2d, Fno2dMae, Fno2dMaeSpec, Fno2dSpec, FourierLayer};
-pub use nb201::{Nb201, Nb201Spec};
+pub use nb201::{Nb201, Nb201Spec, ReductionBlock};
 pub use topology::Dag;
 pub use vit::{tokenizer_geometry, PatchMerging, Vit, VitBlock, VitSpec, VitStage};
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::layers::ForwardCtx;
-use crate::{Dev, Float, HasParams, Init, NnError, Param, Tensor2, Tensor4};
+use crate::{Dev, Float, HasParams, NnError, Param, Tensor2, Tensor4, VarBuilder};
 
 /// The `model:` block of a stage, tagged by `kind`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,7 +37,9 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
-    /// Parses a spec from JSON, naming the offending field on error.
+    /// Parses a spec from JSON, naming the offending field on error. The error is the same
+    /// [`NnError::InvalidSpec`] (field, message) as [`ModelSpec::check`]'s, which callers turn
+    /// into a params error on that field; serde's message is its text.
     pub fn from_json(value: serde_json::Value) -> Result<Self, NnError> {
         serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
@@ -57,28 +58,11 @@ impl ModelSpec {
     /// sizes, odd kernels) without drawing weights, so that a stage's params can be rejected
     /// before anything runs. [`Model::build`] repeats these checks.
     pub fn check(&self) -> Result<(), NnError> {
-        fn cell(topology: &str, width: usize, classes: usize) -> Result<(), NnError> {
-            let dag = Dag::parse_digits("model.topology", topology, 2)?;
-            if !dag.connects_input_to_output() {
-                return Err(NnError::spec(
-                    "model.topology",
-                    format!("{topology:?} has no input-to-output path; it is not a valid network"),
-                ));
-            }
-            dag::positive("model.width", width)?;
-            dag::positive("model.classes", classes)
-        }
         match self {
-            ModelSpec::MlpDag(s) => cell(&s.topology, s.width, s.classes),
+            ModelSpec::MlpDag(s) => dag::cell_topology(&s.topology, s.width, s.classes).map(drop),
             ModelSpec::CnnDag(s) => {
-                cell(&s.topology, s.width, s.classes)?;
-                if s.kernel % 2 != 1 {
-                    return Err(NnError::spec(
-                        "model.kernel",
-                        format!("kernel {} must be odd (same padding)", s.kernel),
-                    ));
-                }
-                Ok(())
+                dag::cell_topology(&s.topology, s.width, s.classes)?;
+                dag::odd_kernel(s.kernel)
             }
             ModelSpec::Nb201(s) => {
                 Dag::parse_nb201("model.cell", &s.cell)?;
@@ -141,34 +125,22 @@ impl<E: Float> Model<E>
 where
     Dev: Device<E>,
 {
-    /// Builds the weights of `spec` for inputs of shape `input`, drawn from `seed`.
-    pub fn build(
-        dev: &Dev,
-        spec: &ModelSpec,
-        input: InputShape,
-        init: &Init,
-        seed: u64,
-    ) -> Result<Self, NnError> {
+    /// Builds the weights of `spec` for inputs of shape `input`, drawn by `vb` (the root
+    /// builder: parameter names in the init hook are the model's own, `stem`, `blocks.0...`).
+    pub fn build(spec: &ModelSpec, input: InputShape, vb: VarBuilder) -> Result<Self, NnError> {
         if input.channels == 0 || input.height == 0 || input.width == 0 {
             return Err(NnError::spec(
                 "input",
                 format!("empty input shape {input:?}"),
             ));
         }
-        let mut rng = StdRng::seed_from_u64(seed);
         let grid = (input.channels, input.height, input.width);
         let net = match spec {
             ModelSpec::MlpDag(s) => {
                 let features = input.channels * input.height * input.width;
-                Net::MlpDag(Box::new(MlpDag::new(dev, s, features, init, &mut rng)?))
+                Net::MlpDag(Box::new(MlpDag::new(s, features, vb)?))
             }
-            ModelSpec::CnnDag(s) => Net::CnnDag(Box::new(CnnDag::new(
-                dev,
-                s,
-                input.channels,
-                init,
-                &mut rng,
-            )?)),
+            ModelSpec::CnnDag(s) => Net::CnnDag(Box::new(CnnDag::new(s, input.channels, vb)?)),
             ModelSpec::Nb201(s) => {
                 // Both reductions halve the map on two branches that must agree (stride-2 conv
                 // rounds up, 2x2 pooling rounds down), as in the reference implementation.
@@ -181,18 +153,10 @@ where
                         ),
                     ));
                 }
-                Net::Nb201(Box::new(Nb201::new(
-                    dev,
-                    s,
-                    input.channels,
-                    init,
-                    &mut rng,
-                )?))
+                Net::Nb201(Box::new(Nb201::new(s, input.channels, vb)?))
             }
-            ModelSpec::Fno2d(s) => Net::Fno2d(Box::new(Fno2d::new(dev, s, grid, init, &mut rng)?)),
-            ModelSpec::Fno2dMae(s) => {
-                Net::Fno2dMae(Box::new(Fno2dMae::new(dev, s, grid, init, &mut rng)?))
-            }
+            ModelSpec::Fno2d(s) => Net::Fno2d(Box::new(Fno2d::new(s, grid, vb)?)),
+            ModelSpec::Fno2dMae(s) => Net::Fno2dMae(Box::new(Fno2dMae::new(s, grid, vb)?)),
             ModelSpec::Vit(s) => {
                 if input.height != input.width {
                     return Err(NnError::spec(
@@ -205,7 +169,7 @@ where
                 }
                 s.validate()?;
                 s.grids(input.height, 1)?;
-                Net::Vit(Box::new(Vit::new(dev, s, input.channels, init, &mut rng)?))
+                Net::Vit(Box::new(Vit::new(s, input.channels, vb)?))
             }
         };
         Ok(Self {

@@ -3,7 +3,6 @@
 //! reduction blocks; BN + ReLU; global average pooling; Linear.
 
 use dfdx::{tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::dag::{eval_cell, positive, ReluConvBn};
@@ -12,7 +11,7 @@ use crate::layers::{
     add_n, global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };
 use crate::tensor::{impl_has_params, join};
-use crate::{Dev, Float, Init, NnError, Tensor2, Tensor4};
+use crate::{Dev, Float, NnError, Tensor2, Tensor4, VarBuilder};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,39 +81,20 @@ impl<E: Float> Cell<E>
 where
     Dev: Device<E>,
 {
-    fn new(
-        dev: &Dev,
-        name: &str,
-        dag: &Dag,
-        c: usize,
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
+    /// The cell `dag` at `c` channels; edge `pos` is built by `vb.pp("edges").pp(pos)`.
+    fn new(dag: &Dag, c: usize, vb: VarBuilder) -> Result<Self, NnError> {
+        let conv = |kernel, pos| -> Result<_, NnError> {
+            let op = ReluConvBn::new(c, c, ConvGeometry::same(kernel), vb.pp("edges").pp(pos))?;
+            Ok(Some(CellOp::Conv(Box::new(op))))
+        };
         let edges = dag
             .edges()
-            .map(|(pos, _, _, op)| {
-                let edge_name = format!("{name}.edges.{pos}");
-                Ok(match op {
-                    1 => Some(CellOp::Skip),
-                    2 => Some(CellOp::Conv(Box::new(ReluConvBn::new(
-                        dev,
-                        &edge_name,
-                        (c, c),
-                        ConvGeometry::same(1),
-                        init,
-                        rng,
-                    )?))),
-                    3 => Some(CellOp::Conv(Box::new(ReluConvBn::new(
-                        dev,
-                        &edge_name,
-                        (c, c),
-                        ConvGeometry::same(3),
-                        init,
-                        rng,
-                    )?))),
-                    4 => Some(CellOp::AvgPool),
-                    _ => None,
-                })
+            .map(|(pos, _, _, op)| match op {
+                1 => Ok(Some(CellOp::Skip)),
+                2 => conv(1, pos),
+                3 => conv(3, pos),
+                4 => Ok(Some(CellOp::AvgPool)),
+                _ => Ok(None),
             })
             .collect::<Result<_, NnError>>()?;
         Ok(Self { edges })
@@ -153,40 +133,19 @@ impl<E: Float> ReductionBlock<E>
 where
     Dev: Device<E>,
 {
-    fn new(
-        dev: &Dev,
-        name: &str,
-        c_in: usize,
-        c_out: usize,
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
+    /// `c_in -> c_out` channels at half the resolution; conv_a, conv_b, shortcut drawn in order.
+    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self, NnError> {
         let down = ConvGeometry {
             kernel: 3,
             stride: 2,
             padding: 1,
             dilation: 1,
         };
+        let same = ConvGeometry::same(3);
         Ok(Self {
-            conv_a: ReluConvBn::new(dev, &join(name, "conv_a"), (c_in, c_out), down, init, rng)?,
-            conv_b: ReluConvBn::new(
-                dev,
-                &join(name, "conv_b"),
-                (c_out, c_out),
-                ConvGeometry::same(3),
-                init,
-                rng,
-            )?,
-            shortcut: Conv2d::new(
-                dev,
-                &join(name, "shortcut"),
-                c_in,
-                c_out,
-                ConvGeometry::same(1),
-                false,
-                init,
-                rng,
-            )?,
+            conv_a: ReluConvBn::new(c_in, c_out, down, vb.pp("conv_a"))?,
+            conv_b: ReluConvBn::new(c_out, c_out, same, vb.pp("conv_b"))?,
+            shortcut: Conv2d::no_bias(c_in, c_out, ConvGeometry::same(1), vb.pp("shortcut"))?,
         })
     }
 
@@ -255,55 +214,32 @@ impl<E: Float> Nb201<E>
 where
     Dev: Device<E>,
 {
-    pub fn new(
-        dev: &Dev,
-        spec: &Nb201Spec,
-        in_channels: usize,
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
+    pub fn new(spec: &Nb201Spec, in_channels: usize, vb: VarBuilder) -> Result<Self, NnError> {
         let dag = Dag::parse_nb201("model.cell", &spec.cell)?;
         positive("model.channels", spec.channels)?;
         positive("model.cells_per_stage", spec.cells_per_stage)?;
         positive("model.classes", spec.classes)?;
         let c = spec.channels;
-        let stem = Conv2d::new(
-            dev,
-            "stem",
-            in_channels,
-            c,
-            ConvGeometry::same(3),
-            false,
-            init,
-            rng,
-        )?;
+        let stem = Conv2d::no_bias(in_channels, c, ConvGeometry::same(3), vb.pp("stem"))?;
         let mut blocks = Vec::new();
         for (stage, width) in [c, 2 * c, 4 * c].into_iter().enumerate() {
             if stage > 0 {
-                let name = format!("blocks.{}", blocks.len());
-                blocks.push(Nb201Block::Reduction(Box::new(ReductionBlock::new(
-                    dev,
-                    &name,
-                    width / 2,
-                    width,
-                    init,
-                    rng,
-                )?)));
+                let vb = vb.pp("blocks").pp(blocks.len());
+                let reduction = ReductionBlock::new(width / 2, width, vb)?;
+                blocks.push(Nb201Block::Reduction(Box::new(reduction)));
             }
             for _ in 0..spec.cells_per_stage {
-                let name = format!("blocks.{}", blocks.len());
-                blocks.push(Nb201Block::Cell(Cell::new(
-                    dev, &name, &dag, width, init, rng,
-                )?));
+                let vb = vb.pp("blocks").pp(blocks.len());
+                blocks.push(Nb201Block::Cell(Cell::new(&dag, width, vb)?));
             }
         }
         Ok(Self {
             dag,
             stem,
-            stem_bn: BatchNorm2d::new(dev, c)?,
+            stem_bn: BatchNorm2d::new(c, vb.pp("stem_bn"))?,
             blocks,
-            last_bn: BatchNorm2d::new(dev, 4 * c)?,
-            classifier: Linear::new(dev, "classifier", 4 * c, spec.classes, true, init, rng)?,
+            last_bn: BatchNorm2d::new(4 * c, vb.pp("last_bn"))?,
+            classifier: Linear::new(4 * c, spec.classes, vb.pp("classifier"))?,
         })
     }
 

@@ -1,6 +1,6 @@
 use super::*;
 use crate::gradcheck::{check_param_grads, rand_tensor};
-use crate::{collect_params, InitScheme};
+use crate::{collect_params, Init, InitScheme};
 use serde_json::json;
 
 fn build(
@@ -14,7 +14,8 @@ fn build(
         height: input.1,
         width: input.2,
     };
-    Model::build(&Dev::default(), &spec, input, &Init::default(), seed)
+    let (dev, init) = (Dev::default(), Init::default());
+    Model::build(&spec, input, VarBuilder::new(&dev, &init, seed))
 }
 
 fn out_shape(m: &mut Model<f64>, b: usize, seed: u64) -> (usize, usize) {
@@ -162,7 +163,8 @@ fn same_seed_gives_identical_weights() {
         height: 1,
         width: 4,
     };
-    let k = Model::<f64>::build(&Dev::default(), &spec, input, &init, 7).unwrap();
+    let dev = Dev::default();
+    let k = Model::<f64>::build(&spec, input, VarBuilder::new(&dev, &init, 7)).unwrap();
     assert!(collect_params(&k)
         .iter()
         .filter(|(n, _)| n.ends_with("bias"))

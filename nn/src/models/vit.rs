@@ -8,14 +8,13 @@
 //! follow the token grid.
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::dag::positive;
 use crate::layers::MultiHeadSelfAttention;
 use crate::layers::{gelu, unfold, Conv2d, ConvGeometry, LayerNorm, Linear};
-use crate::tensor::{host_read, impl_has_params, join, take_grad, with_grad_mut};
-use crate::{Dev, Float, Init, NnError, Tensor2, Tensor3, Tensor4};
+use crate::tensor::{host_read, impl_has_params, take_grad, with_grad_mut};
+use crate::{Dev, Float, NnError, Tensor2, Tensor3, Tensor4, VarBuilder};
 
 /// Stride of the stage-1 tokenizer at factor 1 (asvit.md §1).
 pub const TOKENIZER_STRIDE: usize = 4;
@@ -265,6 +264,19 @@ pub struct Mlp<E: Float> {
 }
 impl_has_params!(Mlp { fc1, fc2 });
 
+impl<E: Float> Mlp<E>
+where
+    Dev: Device<E>,
+{
+    /// `dim -> hidden -> dim`.
+    pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self, NnError> {
+        Ok(Self {
+            fc1: Linear::new(dim, hidden, vb.pp("fc1"))?,
+            fc2: Linear::new(hidden, dim, vb.pp("fc2"))?,
+        })
+    }
+}
+
 /// x + Attn(LN(x)), then x + MLP(LN(x)).
 #[derive(Clone, Debug)]
 pub struct VitBlock<E: Float> {
@@ -280,6 +292,26 @@ impl_has_params!(VitBlock {
     mlp
 });
 
+impl<E: Float> VitBlock<E>
+where
+    Dev: Device<E>,
+{
+    /// A block of width `dim` with `heads` heads and an MLP of `mlp_hidden` features.
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        mlp_hidden: usize,
+        vb: VarBuilder,
+    ) -> Result<Self, NnError> {
+        Ok(Self {
+            norm1: LayerNorm::new(dim, vb.pp("norm1"))?,
+            attn: MultiHeadSelfAttention::new(dim, heads, vb.pp("attn"))?,
+            norm2: LayerNorm::new(dim, vb.pp("norm2"))?,
+            mlp: Mlp::new(dim, mlp_hidden, vb.pp("mlp"))?,
+        })
+    }
+}
+
 /// Unfold K x K (stride 2), LayerNorm(K^2 C), Linear(K^2 C -> 2C).
 #[derive(Clone, Debug)]
 pub struct PatchMerging<E: Float> {
@@ -288,6 +320,26 @@ pub struct PatchMerging<E: Float> {
     pub kernel: usize,
 }
 impl_has_params!(PatchMerging { norm, proj });
+
+impl<E: Float> PatchMerging<E>
+where
+    Dev: Device<E>,
+{
+    /// Merges `kernel x kernel` windows of `in_channels` into `out_channels`.
+    pub fn new(
+        in_channels: usize,
+        kernel: usize,
+        out_channels: usize,
+        vb: VarBuilder,
+    ) -> Result<Self, NnError> {
+        let window = kernel * kernel * in_channels;
+        Ok(Self {
+            norm: LayerNorm::new(window, vb.pp("norm"))?,
+            proj: Linear::new(window, out_channels, vb.pp("proj"))?,
+            kernel,
+        })
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct VitStage<E: Float> {
@@ -317,79 +369,27 @@ impl<E: Float> Vit<E>
 where
     Dev: Device<E>,
 {
-    pub fn new(
-        dev: &Dev,
-        spec: &VitSpec,
-        in_channels: usize,
-        init: &Init,
-        rng: &mut StdRng,
-    ) -> Result<Self, NnError> {
+    pub fn new(spec: &VitSpec, in_channels: usize, vb: VarBuilder) -> Result<Self, NnError> {
         spec.validate()?;
-        let widths = spec.widths();
-        let heads = spec.stage_heads();
-        let depths = spec.depths();
-        let tokenizer = Conv2d::new(
-            dev,
-            "tokenizer",
-            in_channels,
-            widths[0],
-            tokenizer_geometry(spec.kernels[0], 1),
-            true,
-            init,
-            rng,
-        )?;
+        let (widths, heads, depths) = (spec.widths(), spec.stage_heads(), spec.depths());
+        let geometry = tokenizer_geometry(spec.kernels[0], 1);
+        let tokenizer = Conv2d::new(in_channels, widths[0], geometry, vb.pp("tokenizer"))?;
         let mut stages = Vec::with_capacity(spec.stages());
         for i in 0..spec.stages() {
-            let name = format!("stages.{i}");
+            let vb = vb.pp("stages").pp(i);
             let c = widths[i];
-            let merge = if i == 0 {
-                None
-            } else {
-                let k = spec.kernels[i];
-                let kc = k * k * widths[i - 1];
-                Some(PatchMerging {
-                    norm: LayerNorm::new(dev, kc)?,
-                    proj: Linear::new(dev, &join(&name, "merge.proj"), kc, c, true, init, rng)?,
-                    kernel: k,
-                })
+            let merge = match i {
+                0 => None,
+                _ => Some(PatchMerging::new(
+                    widths[i - 1],
+                    spec.kernels[i],
+                    c,
+                    vb.pp("merge"),
+                )?),
             };
             let hidden = spec.expansions[i] * c;
             let blocks = (0..depths[i])
-                .map(|j| {
-                    let b = format!("{name}.blocks.{j}");
-                    Ok(VitBlock {
-                        norm1: LayerNorm::new(dev, c)?,
-                        attn: MultiHeadSelfAttention::new(
-                            dev,
-                            &join(&b, "attn"),
-                            c,
-                            heads[i],
-                            init,
-                            rng,
-                        )?,
-                        norm2: LayerNorm::new(dev, c)?,
-                        mlp: Mlp {
-                            fc1: Linear::new(
-                                dev,
-                                &join(&b, "mlp.fc1"),
-                                c,
-                                hidden,
-                                true,
-                                init,
-                                rng,
-                            )?,
-                            fc2: Linear::new(
-                                dev,
-                                &join(&b, "mlp.fc2"),
-                                hidden,
-                                c,
-                                true,
-                                init,
-                                rng,
-                            )?,
-                        },
-                    })
-                })
+                .map(|j| VitBlock::new(c, heads[i], hidden, vb.pp("blocks").pp(j)))
                 .collect::<Result<Vec<_>, NnError>>()?;
             stages.push(VitStage { merge, blocks });
         }
@@ -397,8 +397,8 @@ where
         Ok(Self {
             tokenizer,
             stages,
-            head_norm: LayerNorm::new(dev, last)?,
-            head: Linear::new(dev, "head", last, spec.classes, true, init, rng)?,
+            head_norm: LayerNorm::new(last, vb.pp("head_norm"))?,
+            head: Linear::new(last, spec.classes, vb.pp("head"))?,
             splits: spec.splits.clone(),
             factor: 1,
             identity_norms: false,
@@ -549,7 +549,7 @@ mod tests {
     use crate::gradcheck::{check_input_grad, check_param_grads, rand_tensor};
     use crate::layers::ForwardCtx;
     use crate::models::InputShape;
-    use crate::{collect_params, Model, ModelSpec};
+    use crate::{collect_params, Init, Model, ModelSpec};
     use serde_json::json;
 
     fn spec(v: serde_json::Value) -> VitSpec {
@@ -572,12 +572,11 @@ mod tests {
             height: side,
             width: side,
         };
+        let (dev, init) = (Dev::default(), Init::default());
         Model::build(
-            &Dev::default(),
             &ModelSpec::Vit(s.clone()),
             input,
-            &Init::default(),
-            3,
+            VarBuilder::new(&dev, &init, 3),
         )
         .unwrap()
     }
@@ -724,14 +723,9 @@ mod tests {
             height: 32,
             width: 32,
         };
-        let e = Model::<f32>::build(
-            &Dev::default(),
-            &ModelSpec::Vit(s),
-            input,
-            &Init::default(),
-            0,
-        )
-        .unwrap_err();
+        let (dev, init) = (Dev::default(), Init::default());
+        let e = Model::<f32>::build(&ModelSpec::Vit(s), input, VarBuilder::new(&dev, &init, 0))
+            .unwrap_err();
         assert!(e.to_string().contains("model.splits.0"), "{e}");
     }
 }

@@ -6,9 +6,11 @@ use std::path::Path;
 use dfdx::tensor_ops::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::error::CheckpointError;
 use crate::models::InputShape;
 use crate::{
     collect_params, collect_params_mut, Dev, Float, HasParams, Init, Model, ModelSpec, NnError,
+    VarBuilder,
 };
 
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
@@ -22,10 +24,10 @@ pub struct CheckpointMeta {
     pub input: InputShape,
 }
 
-fn ck_err(path: &Path, message: impl std::fmt::Display) -> NnError {
+fn ck_err(path: &Path, source: impl Into<CheckpointError>) -> NnError {
     NnError::Checkpoint {
-        path: path.display().to_string(),
-        message: message.to_string(),
+        path: path.to_path_buf(),
+        source: source.into(),
     }
 }
 
@@ -67,16 +69,17 @@ where
     let spec_path = dir.join(SPEC_FILE);
     let text = std::fs::read(&spec_path).map_err(|e| ck_err(&spec_path, e))?;
     let meta: CheckpointMeta = serde_json::from_slice(&text).map_err(|e| ck_err(&spec_path, e))?;
-    let mut model = Model::build(dev, &meta.model, meta.input, &Init::default(), 0)?;
+    let init = Init::default();
+    let mut model = Model::build(&meta.model, meta.input, VarBuilder::new(dev, &init, 0))?;
     let loaded = load_weights(&mut model, &dir.join(WEIGHTS_FILE), |n| Some(n.to_string()))?;
     let expected = collect_params(&model).len();
     if loaded.len() != expected {
         return Err(ck_err(
             dir,
-            format!(
-                "{} of the model's {expected} tensors were in the file",
-                loaded.len()
-            ),
+            CheckpointError::MissingTensors {
+                loaded: loaded.len(),
+                expected,
+            },
         ));
     }
     Ok(model)
@@ -103,19 +106,21 @@ where
         let Some(target) = rename(name) else { continue };
         let view = file.tensor(name).map_err(|e| ck_err(path, e))?;
         let Some((_, p)) = params.iter_mut().find(|(n, _)| *n == target) else {
+            let (name, target) = (name.to_string(), target);
             return Err(ck_err(
                 path,
-                format!("tensor {name:?} maps to {target:?}, which the model does not have"),
+                CheckpointError::UnknownTensor { name, target },
             ));
         };
         if view.shape() != p.shape.as_slice() {
             return Err(ck_err(
                 path,
-                format!(
-                    "tensor {name:?} has shape {:?}, parameter {target:?} {:?}",
-                    view.shape(),
-                    p.shape
-                ),
+                CheckpointError::ShapeMismatch {
+                    name: name.to_string(),
+                    target,
+                    file: view.shape().to_vec(),
+                    model: p.shape.clone(),
+                },
             ));
         }
         let values: Option<Vec<E>> = match view.dtype() {
@@ -124,15 +129,15 @@ where
             safetensors::Dtype::F64 => {
                 f64::decode_le(view.data()).map(|v| v.into_iter().map(E::of_f64).collect())
             }
-            other => {
-                return Err(ck_err(
-                    path,
-                    format!("tensor {name:?} has dtype {other:?}; only F32 and F64 load"),
-                ))
+            dtype => {
+                let name = name.to_string();
+                return Err(ck_err(path, CheckpointError::Dtype { name, dtype }));
             }
         };
-        let values =
-            values.ok_or_else(|| ck_err(path, format!("tensor {name:?}: truncated data")))?;
+        let values = values.ok_or_else(|| {
+            let name = name.to_string();
+            ck_err(path, CheckpointError::Truncated { name })
+        })?;
         p.set_vec(values)?;
         loaded.push(target);
     }

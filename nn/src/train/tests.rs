@@ -8,7 +8,10 @@ use super::*;
 use crate::layers::ForwardCtx;
 use crate::models::InputShape;
 use crate::tensor::from_vec;
-use crate::{collect_params, Dev, Init, Model, ModelSpec, NnError, Tensor4};
+use crate::{
+    collect_params, CheckpointError, Dev, Float, Init, Model, ModelSpec, NnError, Tensor4,
+    VarBuilder,
+};
 
 /// 1 x 4 x 4 images: noise plus one bright pixel, in the top half for class 0 and the bottom
 /// half for class 1. A model must look at where the pixel is.
@@ -35,7 +38,8 @@ fn model(spec: serde_json::Value, seed: u64) -> Model<f32> {
         height: 4,
         width: 4,
     };
-    Model::build(&Dev::default(), &spec, input, &Init::default(), seed).unwrap()
+    let (dev, init) = (Dev::default(), Init::default());
+    Model::build(&spec, input, VarBuilder::new(&dev, &init, seed)).unwrap()
 }
 
 /// Trains on `blobs` with `batch` samples per step; returns the last step's loss.
@@ -241,4 +245,67 @@ fn checkpoints_round_trip_weights_buffers_and_spec() {
     );
     assert!(load_weights(&mut other, &path, |n| Some(format!("x.{n}"))).is_err());
     assert!(load_checkpoint::<f32>(&Dev::default(), &dir.path().join("missing")).is_err());
+}
+
+#[test]
+fn checkpoint_errors_say_which_file_and_what_is_wrong() {
+    let spec = json!({"kind": "mlp_dag", "topology": "2", "width": 3, "classes": 2});
+    let m = model(spec.clone(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    save_checkpoint(&m, dir.path()).unwrap();
+    let weights = dir.path().join(WEIGHTS_FILE);
+    let mut other = model(spec, 2);
+
+    let e = load_weights(&mut other, &weights, |n| Some(format!("x.{n}"))).unwrap_err();
+    assert!(
+        matches!(&e, NnError::Checkpoint { path, source: CheckpointError::UnknownTensor { target, .. } }
+            if *path == weights && target.starts_with("x.")),
+        "{e:?}"
+    );
+    let wide = json!({"kind": "mlp_dag", "topology": "2", "width": 4, "classes": 2});
+    let e = load_weights(&mut model(wide, 3), &weights, |n| Some(n.to_string())).unwrap_err();
+    assert!(
+        matches!(&e, NnError::Checkpoint { source: CheckpointError::ShapeMismatch { file, model, .. }, .. }
+            if file[0] == 3 && model[0] == 4),
+        "{e:?}"
+    );
+
+    let missing = dir.path().join("missing");
+    match load_checkpoint::<f32>(&Dev::default(), &missing) {
+        Err(NnError::Checkpoint {
+            path,
+            source: CheckpointError::Io(io),
+        }) => {
+            assert_eq!(path, missing.join(SPEC_FILE));
+            assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A weights file holding one of the model's tensors.
+    let (name, p) = &collect_params(&m)[0];
+    let data = f32::encode_le(&p.to_vec());
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, p.shape.clone(), &data)
+            .unwrap();
+    std::fs::write(
+        &weights,
+        safetensors::serialize([(name.clone(), view)], &None).unwrap(),
+    )
+    .unwrap();
+    let expected = collect_params(&m).len();
+    assert!(matches!(
+        load_checkpoint::<f32>(&Dev::default(), dir.path()),
+        Err(NnError::Checkpoint { source: CheckpointError::MissingTensors { loaded: 1, expected: e }, .. })
+            if e == expected
+    ));
+
+    std::fs::write(dir.path().join(SPEC_FILE), "{").unwrap();
+    assert!(matches!(
+        load_checkpoint::<f32>(&Dev::default(), dir.path()),
+        Err(NnError::Checkpoint {
+            source: CheckpointError::Json(_),
+            ..
+        })
+    ));
 }

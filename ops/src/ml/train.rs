@@ -29,6 +29,7 @@ use nn::train::{
     evaluate, load_weights, save_checkpoint, train_step, EvalReport, LossKind, Optimizer,
     OptimizerSpec, ParamGroup, Schedule, Target, WEIGHTS_FILE,
 };
+use nn::VarBuilder;
 use nn::{
     collect_params, open_device, Dev, Init, InitScheme, Model, ModelSpec, NnError, VarianceHook,
 };
@@ -1339,7 +1340,8 @@ fn build_model(
         _ => None,
     };
     out.metric("init_arch_aware", if hook.is_some() { 1.0 } else { 0.0 });
-    let model = Model::<f32>::build(dev, spec, input, &init, derive_seed(ctx.seed, 10))?;
+    let vb = VarBuilder::new(dev, &init, derive_seed(ctx.seed, 10));
+    let model = Model::<f32>::build(spec, input, vb)?;
     if let ModelSpec::Vit(v) = spec {
         for &(epoch, d) in &c.retokenize {
             v.grids(input.height, d).map_err(|e| {

@@ -9,16 +9,14 @@
 //! candidates). The forward pass can record the sign pattern of every ReLU input.
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 use super::space::{OpSets, EDGE_NODES, NUM_EDGES};
 use crate::ml::derive_seed;
 use nn::layers::{
     global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };
-use nn::models::ReluConvBn;
-use nn::{Dev, HasParams, Init, NnError, Param, Tensor2, Tensor4};
+use nn::models::{ReductionBlock, ReluConvBn};
+use nn::{Dev, HasParams, Init, NnError, Param, Tensor2, Tensor4, VarBuilder};
 
 /// Shape of a proxy network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,24 +113,30 @@ impl HasParams<f64> for MixedCell {
 }
 
 impl MixedCell {
-    fn new(dev: &Dev, sets: &OpSets, c: usize, seed: u64, block: usize) -> Result<Self, NnError> {
-        let init = Init::default();
+    /// Block `block` of the net at `c` channels; each op's weights come from their own stream
+    /// of `seed`, so they are the same in every supernet that has the op on that edge.
+    fn new(
+        sets: &OpSets,
+        c: usize,
+        seed: u64,
+        block: usize,
+        vb: VarBuilder,
+    ) -> Result<Self, NnError> {
         let mut edges = Vec::with_capacity(NUM_EDGES);
         for pos in 0..NUM_EDGES {
             let mut ops = Vec::new();
             for op in sets.ops(pos) {
                 let stream = ((block as u64 * 16 + pos as u64) * 8 + op as u64) + 1000;
-                let mut rng = StdRng::seed_from_u64(derive_seed(seed, stream));
-                let name = format!("cell{block}.edges.{pos}.{op}");
+                let vb = vb
+                    .pp("edges")
+                    .pp(pos)
+                    .pp(op)
+                    .with_seed(derive_seed(seed, stream));
                 let conv = match op {
-                    2 | 3 => Some(ReluConvBn::new(
-                        dev,
-                        &name,
-                        (c, c),
-                        ConvGeometry::same(if op == 2 { 1 } else { 3 }),
-                        &init,
-                        &mut rng,
-                    )?),
+                    2 | 3 => {
+                        let geometry = ConvGeometry::same(if op == 2 { 1 } else { 3 });
+                        Some(ReluConvBn::new(c, c, geometry, vb)?)
+                    }
                     _ => None,
                 };
                 ops.push((op, conv));
@@ -237,34 +241,17 @@ impl HasParams<f64> for Reduction {
 }
 
 impl Reduction {
-    fn new(dev: &Dev, c_in: usize, c_out: usize, rng: &mut StdRng) -> Result<Self, NnError> {
-        let init = Init::default();
-        let down = ConvGeometry {
-            kernel: 3,
-            stride: 2,
-            padding: 1,
-            dilation: 1,
-        };
+    /// NB201's reduction block, with its weights drawn as nn's `ReductionBlock` draws them.
+    fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self, NnError> {
+        let ReductionBlock {
+            conv_a,
+            conv_b,
+            shortcut,
+        } = ReductionBlock::new(c_in, c_out, vb)?;
         Ok(Self {
-            conv_a: ReluConvBn::new(dev, "reduction.conv_a", (c_in, c_out), down, &init, rng)?,
-            conv_b: ReluConvBn::new(
-                dev,
-                "reduction.conv_b",
-                (c_out, c_out),
-                ConvGeometry::same(3),
-                &init,
-                rng,
-            )?,
-            shortcut: Conv2d::new(
-                dev,
-                "reduction.shortcut",
-                c_in,
-                c_out,
-                ConvGeometry::same(1),
-                false,
-                &init,
-                rng,
-            )?,
+            conv_a,
+            conv_b,
+            shortcut,
         })
     }
 
@@ -382,43 +369,33 @@ impl ProxyNet {
             ));
         }
         let init = Init::default();
+        // Stem, each reduction and the classifier draw from streams of their own.
+        let vb = VarBuilder::new(dev, &init, derive_seed(seed, 1));
         let c = cfg.channels;
-        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 1));
-        let stem = Conv2d::new(
-            dev,
-            "stem",
-            cfg.in_channels,
-            c,
-            ConvGeometry::same(3),
-            false,
-            &init,
-            &mut rng,
-        )?;
+        let stem = Conv2d::no_bias(cfg.in_channels, c, ConvGeometry::same(3), vb.pp("stem"))?;
         let mut blocks = Vec::new();
         for stage in 0..cfg.stages {
             let width = c << stage;
             if stage > 0 {
-                let mut rng = StdRng::seed_from_u64(derive_seed(seed, 100 + blocks.len() as u64));
-                blocks.push(Block::Reduction(Box::new(Reduction::new(
-                    dev,
-                    width / 2,
-                    width,
-                    &mut rng,
-                )?)));
+                let vb = vb.with_seed(derive_seed(seed, 100 + blocks.len() as u64));
+                let vb = vb.pp("blocks").pp(blocks.len()).pp("reduction");
+                let reduction = Reduction::new(width / 2, width, vb)?;
+                blocks.push(Block::Reduction(Box::new(reduction)));
             }
             for _ in 0..cfg.cells_per_stage {
-                let cell = MixedCell::new(dev, sets, width, seed, blocks.len())?;
+                let (block, vb) = (blocks.len(), vb.pp("blocks").pp(blocks.len()));
+                let cell = MixedCell::new(sets, width, seed, block, vb.pp("cell"))?;
                 blocks.push(Block::Cell(cell));
             }
         }
         let last = c << (cfg.stages - 1);
-        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2));
+        let head = vb.with_seed(derive_seed(seed, 2));
         Ok(Self {
             stem,
-            stem_bn: BatchNorm2d::new(dev, c)?,
+            stem_bn: BatchNorm2d::new(c, vb.pp("stem_bn"))?,
             blocks,
-            last_bn: BatchNorm2d::new(dev, last)?,
-            classifier: Linear::new(dev, "classifier", last, cfg.classes, true, &init, &mut rng)?,
+            last_bn: BatchNorm2d::new(last, vb.pp("last_bn"))?,
+            classifier: Linear::new(last, cfg.classes, head.pp("classifier"))?,
         })
     }
 

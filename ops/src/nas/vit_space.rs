@@ -22,7 +22,7 @@ use super::search::ReinforceConfig;
 use crate::ml::derive_seed;
 use crate::{OpError, Outputs};
 use nn::models::{InputShape, VitSpec};
-use nn::{collect_params, open_device, Init, Model, ModelSpec, NnError, ParamKind};
+use nn::{collect_params, open_device, Init, Model, ModelSpec, NnError, ParamKind, VarBuilder};
 
 /// The file listing models a `train` stage can take with `model_from`.
 pub const MODELS_FILE: &str = "models.json";
@@ -243,13 +243,9 @@ impl VitScorer {
     }
 
     fn build(&self, spec: &VitSpec, repeat: usize) -> Result<Model<f64>, NnError> {
-        Model::build(
-            &open_device()?,
-            &ModelSpec::Vit(spec.clone()),
-            self.input(),
-            &Init::default(),
-            derive_seed(self.seed, 7_000 + repeat as u64),
-        )
+        let (dev, init) = (open_device()?, Init::default());
+        let vb = VarBuilder::new(&dev, &init, derive_seed(self.seed, 7_000 + repeat as u64));
+        Model::build(&ModelSpec::Vit(spec.clone()), self.input(), vb)
     }
 
     /// asvit.md §2: L_E of the pooled last-stage features with every LayerNorm as identity.

@@ -18,7 +18,7 @@ use nn::models::InputShape;
 use nn::train::{
     clip_grad_norm, save_checkpoint, Optimizer, OptimizerSpec, Schedule, ScheduleKind,
 };
-use nn::{from_vec, open_device, Dev, Init, Model, ModelSpec, NnError};
+use nn::{from_vec, open_device, Dev, Init, Model, ModelSpec, NnError, VarBuilder};
 
 pub const HISTORY_FILE: &str = "history.json";
 /// Largest blur kernel (section 3, step 2).
@@ -427,13 +427,9 @@ impl TypedOp for PretrainMaskOp {
             height: n,
             width: n,
         };
-        let mut model = Model::<f32>::build(
-            &dev,
-            &p.model,
-            input,
-            &Init::default(),
-            derive_seed(ctx.seed, 10),
-        )?;
+        let init = Init::default();
+        let vb = VarBuilder::new(&dev, &init, derive_seed(ctx.seed, 10));
+        let mut model = Model::<f32>::build(&p.model, input, vb)?;
         let (history, step) = match p.init {
             InitMode::Pretrained => {
                 let pool = Pool {
@@ -551,7 +547,8 @@ mod tests {
             height: n,
             width: n,
         };
-        let model = Model::<f32>::build(&dev, &spec, input, &Init::default(), 0).unwrap();
+        let init = Init::default();
+        let model = Model::<f32>::build(&spec, input, VarBuilder::new(&dev, &init, 0)).unwrap();
         let x: Vec<f32> = (0..c * n * n).map(|i| (i as f32 * 0.1).cos()).collect();
         let mut rng = StdRng::seed_from_u64(0);
         let (inp, weight) = corrupt_batch(&x, c, n, 0.0, None, &mut rng);
