@@ -12,6 +12,7 @@
 
 pub mod arch;
 mod children;
+pub mod dataset;
 pub mod ml;
 pub mod nas;
 mod op;
@@ -20,13 +21,14 @@ mod outputs;
 pub mod params_doc;
 pub mod pde;
 mod registry;
+pub mod seed;
 mod shell;
 pub mod supervisor;
 pub mod testing;
 
 pub use children::kill_all_children;
 pub use op::{
-    parse_params, CancelFlag, Input, Metrics, Op, OpError, OpPlan, ParamError, Progress,
+    fail, parse_params, CancelFlag, Input, Metrics, Op, OpError, OpPlan, ParamError, Progress,
     RunContext, TypedOp,
 };
 pub use outputs::{read_json, write_json, write_metrics, Label, Outputs, METRICS_FILE};

@@ -305,6 +305,11 @@ impl OpError {
     }
 }
 
+/// A stage failure with a message for people (an op-specific condition no typed error names).
+pub fn fail(message: impl Into<String>) -> OpError {
+    OpError::Failed(message.into())
+}
+
 /// Deserialises params into an op's typed struct; the error names the offending field's path.
 /// Typed param structs use `#[serde(deny_unknown_fields)]` so unknown keys are errors too.
 pub fn parse_params<T: DeserializeOwned>(params: &Value) -> Result<T, ParamError> {

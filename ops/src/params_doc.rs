@@ -10,6 +10,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
+use crate::ParamError;
+
 /// One param of an op: `path` is dotted from the params root (`model.width`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamDoc {
@@ -113,7 +115,7 @@ impl Walker {
             rows.push(ParamDoc {
                 path: path.clone(),
                 kind: self.kind(prop),
-                default: prop.get("default").cloned(),
+                default: prop.get("default").filter(|d| !d.is_null()).cloned(),
                 required: required.contains(&name.as_str()),
                 doc: doc.unwrap_or_default(),
                 when: when.map(String::from),
@@ -342,6 +344,13 @@ impl std::fmt::Display for Count {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// A param without a default, refused in serde's own words when it is left out. Params types
+/// take every default from one `Default` impl (container `#[serde(default)]`, so the defaults
+/// are listed by `engine ops`); the few params that must be given are `Option`s checked here.
+pub fn required<T>(value: Option<T>, field: &str) -> Result<T, ParamError> {
+    value.ok_or_else(|| ParamError::new("", format!("missing field `{field}`")))
 }
 
 /// The params of one op as aligned text for a terminal (`engine ops NAME`).

@@ -10,8 +10,9 @@
 //! - [`filter`]: the acceptance box on effective depth / width over a search space;
 //! - [`stats`]: Kendall's tau-b and Pearson's r.
 //!
-//! Ops: `hparams.arch_aware`, `nngp.connectivity`, `rerank`, `lr.pick`; and `lr.probe` (it
-//! shares `train`'s loop, so it lives in [`crate::ml`]) is registered here beside `lr.pick`.
+//! Ops: `hparams.arch_aware`, `nngp.connectivity`, `rerank`, `lr.pick` (`lr.probe` shares
+//! `train`'s loop, so it lives and is registered with `train`). This module uses no other op
+//! family: `ml` depends on it (the arch-aware learning rate and init), not the reverse.
 
 mod connectivity_op;
 mod error;
@@ -41,7 +42,6 @@ pub fn register(registry: &mut Registry) {
     registry.register(Arc::new(ArchAwareHparamsOp));
     registry.register(Arc::new(NngpConnectivityOp));
     registry.register(Arc::new(RerankOp));
-    registry.register(Arc::new(crate::ml::LrProbeOp));
     registry.register(Arc::new(LrPickOp));
 }
 

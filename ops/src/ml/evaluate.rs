@@ -3,9 +3,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::dataset::{read_meta, read_split};
 use super::train::{evaluate_split, loss_for, report_metrics};
 use super::{fail, nn_schema, Device};
+use crate::dataset::{read_meta, read_split};
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp, METRICS_FILE};
 use nn::open_device;
 use nn::train::{load_checkpoint, LossKind};
@@ -57,7 +57,7 @@ impl TypedOp for EvaluateOp {
 
     fn resolve(p: EvaluateParams) -> Result<EvaluateParams, ParamError> {
         p.device.check()?;
-        if !super::dataset::SPLITS.contains(&p.split.as_str()) {
+        if !crate::dataset::SPLITS.contains(&p.split.as_str()) {
             return Err(
                 ParamError::new("split", format!("'{}' is not a split", p.split))
                     .with_fix("use train, val or test"),

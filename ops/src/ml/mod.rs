@@ -7,7 +7,6 @@
 //! (no timings), so equal inputs and seed give byte-identical outputs and downstream early
 //! cutoff works; timings go to metrics and the log.
 
-pub mod dataset;
 mod evaluate;
 mod readers;
 mod synthetic;
@@ -21,18 +20,10 @@ pub use train::{LrProbeOp, TrainOp};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{OpError, ParamError};
-
-pub(crate) fn fail(message: impl Into<String>) -> OpError {
-    OpError::Failed(message.into())
-}
-
-/// A param without a default, refused in serde's own words when it is left out. Params types
-/// take every default from one `Default` impl (container `#[serde(default)]`, so the defaults
-/// are listed by `engine ops`); the few params that must be given are `Option`s checked here.
-pub(crate) fn required<T>(value: Option<T>, field: &str) -> Result<T, ParamError> {
-    value.ok_or_else(|| ParamError::new("", format!("missing field `{field}`")))
-}
+pub(crate) use crate::fail;
+pub(crate) use crate::params_doc::required;
+pub(crate) use crate::seed::derive_seed;
+use crate::ParamError;
 
 /// Schemas for the [`nn`] types that params embed (`model:`, `optimizer:`, `schedule:`,
 /// `loss:` ...). nn documents their fields itself and does not derive `JsonSchema`; the
@@ -105,17 +96,6 @@ impl Device {
             .with_fix("use `device: cuda`, or a build without the `cuda` feature for the CPU")),
         }
     }
-}
-
-/// An independent stream of randomness for one purpose of one stage (SplitMix64 of the stage
-/// seed and a stream number), so that e.g. weight init and shuffling do not share draws.
-pub(crate) fn derive_seed(seed: u64, stream: u64) -> u64 {
-    let mut z = seed
-        .wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::dataset::{
+use super::{derive_seed, fail, required};
+use crate::dataset::{
     split_by_permutation, standardize, write_splits, DatasetMeta, Fractions, Split, Targets, Task,
 };
-use super::{derive_seed, fail, required};
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 fn relative(field: &str, path: &str) -> Result<(), ParamError> {
@@ -658,7 +658,7 @@ impl TypedOp for ImportOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ml::dataset::{read_meta, read_split};
+    use crate::dataset::{read_meta, read_split};
     use crate::testing::OpRun;
     use crate::Op;
     use serde_json::json;

@@ -8,10 +8,10 @@ use rand_distr::{Distribution, Normal};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::dataset::{
+use super::{derive_seed, fail, required};
+use crate::dataset::{
     split_by_permutation, write_splits, DatasetMeta, Fractions, Split, Targets, Task,
 };
-use super::{derive_seed, fail, required};
 use crate::{OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// Generates `samples` images of `channels x size x size` in 10 balanced classes, each a line
@@ -232,7 +232,7 @@ impl TypedOp for SyntheticImagesOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ml::dataset::{read_meta, read_split};
+    use crate::dataset::{read_meta, read_split};
     use crate::testing::OpRun;
     use crate::Op;
 

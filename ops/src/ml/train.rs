@@ -17,10 +17,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use super::dataset::{read_meta, read_split, DatasetMeta, Split, Targets, Task};
 use super::{derive_seed, fail, nn_schema, required, Device};
 use crate::arch::lr::{predict_lr, LrPrediction};
 use crate::arch::{ArchAwareInit, ArchError, Cell, CellKind};
+use crate::dataset::{read_meta, read_split, DatasetMeta, Split, Targets, Task};
 use crate::{read_json, Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::from_vec;
 use nn::layers::ForwardCtx;
@@ -226,7 +226,7 @@ pub struct TrainParams {
     pub model: Option<ModelParam>,
     /// A model listed by an upstream stage instead of `model`.
     pub model_from: Option<ModelFrom>,
-    /// Progressive re-tokenization of a `vit` model (asvit.md §4): `[epoch, factor]` pairs, from
+    /// Progressive re-tokenization of a `vit` model (As-ViT, arXiv 2202.11921): `[epoch, factor]` pairs, from
     /// `epoch` on the tokenizer runs at stride 4 factor and dilation factor. Starts at epoch 1,
     /// ends at factor 1.
     pub retokenize: Vec<(usize, usize)>,
@@ -1455,7 +1455,7 @@ fit_op!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ml::dataset::{write_dataset, Split, Targets};
+    use crate::dataset::{write_dataset, Split, Targets};
     use crate::ml::EvaluateOp;
     use crate::testing::OpRun;
     use crate::{Op, METRICS_FILE};

@@ -21,7 +21,7 @@ use super::indicators::Indicator;
 use super::rank::rank_sums;
 use super::space::Arch;
 use crate::arch::stats::kendall_tau_b;
-use crate::{read_json, Input, Label, OpError, Outputs, ParamError, RunContext, TypedOp};
+use crate::{fail, read_json, Input, Label, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 pub const CORRELATE_FILE: &str = "correlate.json";
 
@@ -44,10 +44,6 @@ impl Default for CorrelateParams {
 }
 
 pub struct CorrelateOp;
-
-fn fail(m: String) -> OpError {
-    OpError::Failed(m)
-}
 
 fn read_accuracy(dir: &Path, metric: &str) -> Result<Option<f64>, OpError> {
     let record = match read_json(&dir.join("metrics.json"))? {
@@ -143,7 +139,7 @@ impl TypedOp for CorrelateOp {
                     p.arch_key
                 ))
             })?;
-            let arch = Arch::parse(&p.arch_key, raw).map_err(|e| fail(e.to_string()))?;
+            let arch = Arch::parse(&p.arch_key, raw)?;
             if !scored.contains_key(&arch.digits()) {
                 return Err(fail(format!(
                     "run {label:?}: cell {} was not scored by the search",

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::linalg::{cholesky, cholesky_logdet, cholesky_solve, cross, eigenvalues, gram};
 use super::net::{NetConfig, ParamSet, ProxyNet, SignRecorder};
 use super::space::OpSets;
-use crate::ml::derive_seed;
+use crate::seed::derive_seed;
 use nn::layers::ForwardCtx;
 use nn::{open_device, Dev, NnError, Tensor4};
 

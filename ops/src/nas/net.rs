@@ -11,7 +11,7 @@
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 
 use super::space::{OpSets, EDGE_NODES, NUM_EDGES};
-use crate::ml::derive_seed;
+use crate::seed::derive_seed;
 use nn::layers::{
     global_avg_pool, relu, AvgPool2d, BatchNorm2d, Conv2d, ConvGeometry, ForwardCtx, Linear,
 };

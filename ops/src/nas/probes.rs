@@ -10,8 +10,8 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::indicators::Images;
 use super::search_params::{ProxyParams, VitProxy};
-use crate::ml::dataset::{read_meta, read_split, Targets, Task};
-use crate::ml::derive_seed;
+use crate::dataset::{read_meta, read_split, Targets, Task};
+use crate::seed::derive_seed;
 use crate::{OpError, RunContext};
 
 /// The optional input holding a classification dataset (`meta.json` + `train.safetensors`).

@@ -24,7 +24,7 @@ use super::probes::vit_probes;
 use super::rank::{best_by_rank_sum, rank_sums};
 use super::search_params::{check_vit_indicators, VitProxy};
 use super::vit_space::{write_models, VitScorer, VitTopology};
-use crate::ml::derive_seed;
+use crate::seed::derive_seed;
 use crate::{read_json, Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::models::VitSpec;
 

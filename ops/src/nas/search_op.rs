@@ -45,7 +45,7 @@ use super::vit_space::{
     CHOICES,
 };
 use crate::arch::filter::AcceptanceBox;
-use crate::ml::derive_seed;
+use crate::seed::derive_seed;
 use crate::{OpError, Outputs, ParamError, RunContext, TypedOp};
 
 pub const SEARCH_FILE: &str = "search.json";

@@ -1,5 +1,5 @@
-//! `search` params: the pipeline's shape ([`SearchParams`], one alternative per algorithm with
-//! that algorithm's settings) and the checked configuration the op runs ([`SearchConfig`]).
+//! `search` params: the pipeline's shape ([`SearchParams`]) and the checked configuration the op
+//! runs ([`SearchConfig`]: the chosen algorithm with only its own settings, [`Strategy`]).
 //! The probe settings of both spaces live here too, so that the ViT space, `scale` and
 //! `search` share them without importing one another.
 
@@ -22,7 +22,7 @@ pub enum SpaceName {
     Vit,
 }
 
-/// The connectivity pre-filter (`../shared/papers/connectivity-convergence.md` §3).
+/// The connectivity pre-filter (arXiv 2205.05662).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FilterMode {
@@ -181,145 +181,128 @@ pub fn check_vit_indicators(indicators: &[Indicator], field: &str) -> Result<(),
     Ok(())
 }
 
-/// How the space is searched (`../shared/papers/training-free-nas.md` §4), with that
-/// algorithm's settings beside `algorithm:`.
-#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
-#[serde(tag = "algorithm", rename_all = "snake_case", deny_unknown_fields)]
+/// How the space is searched (TE-NAS, arXiv 2102.11535; TEG-NAS, arXiv 2108.11939).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum Algorithm {
-    /// Distinct candidates drawn uniformly, scored, the rank-sum best taken.
-    Random(RandomParams),
-    /// Score the listed cells (a fixed sample, e.g. the cells a pipeline trains).
-    Listed(ListedParams),
+    /// `samples` distinct candidates drawn uniformly, scored, the rank-sum best taken.
+    Random,
+    /// Score the cells listed in `cells` (a fixed sample, e.g. the cells a pipeline trains).
+    Listed,
     /// Prune the NB201 supernet one op per edge and round.
-    Prune {},
-    /// Regularized evolution with tournament selection.
-    Evolution(EvolutionParams),
-    /// REINFORCE over per-choice logits with the changing-range reward.
-    Reinforce(ReinforceParams),
-}
-
-/// `algorithm: random`.
-#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct RandomParams {
-    /// Distinct candidates drawn from the whole space; with a filter, the rejected ones are not
-    /// scored.
-    pub samples: Count,
-}
-
-impl Default for RandomParams {
-    fn default() -> Self {
-        Self { samples: Count(32) }
-    }
-}
-
-/// `algorithm: listed`.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct ListedParams {
-    /// The cells to score (arch strings or digits, `"3_33_133"`).
-    pub cells: Vec<String>,
-}
-
-/// `algorithm: evolution` (the paper's values in brackets).
-#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct EvolutionParams {
-    /// Cells kept alive [256].
-    pub population: Count,
-    /// Members sampled per tournament, at most `population` [64].
-    pub tournament: Count,
-    /// Rounds of mutation after the initial population [1000].
-    pub cycles: usize,
-    /// Children made and scored in parallel per cycle [1].
-    pub batch: Count,
-}
-
-impl Default for EvolutionParams {
-    fn default() -> Self {
-        Self {
-            population: Count(16),
-            tournament: Count(4),
-            cycles: 32,
-            batch: Count(2),
-        }
-    }
-}
-
-/// `algorithm: reinforce` (the paper's values in brackets).
-#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReinforceParams {
-    /// Policy updates [500].
-    pub steps: usize,
-    /// Learning rate of the policy [0.04].
-    pub lr: f64,
-    /// Momentum of the reward baseline, in [0, 1) [0.9].
-    pub momentum: f64,
-    /// Indicator values the changing-range reward remembers (its max - min scale) [10].
-    pub window: Count,
-    /// Candidates drawn and scored in parallel per step [1].
-    pub batch: Count,
-}
-
-impl Default for ReinforceParams {
-    fn default() -> Self {
-        Self {
-            steps: 16,
-            lr: 0.04,
-            momentum: 0.9,
-            window: Count(10),
-            batch: Count(2),
-        }
-    }
-}
-
-/// The params of `search`. Not `deny_unknown_fields`: serde cannot combine that with a
-/// flattened enum, so keys this struct does not know go to the algorithm's alternative, which
-/// refuses every key it does not know.
-#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
-#[serde(default)]
-pub struct SearchParams {
-    /// The space searched.
-    pub space: SpaceName,
-    /// The algorithm (`algorithm:`) and its settings.
-    #[serde(flatten)]
-    pub algorithm: Algorithm,
-    /// Indicators combined by rank-sum [TE-NAS: ntk, regions; TEG-NAS adds generalization;
-    /// the ViT space: length_distortion, ntk].
-    pub indicators: Vec<Indicator>,
-    /// The connectivity pre-filter (`space: nb201`, algorithms random, evolution, reinforce).
-    pub filter: FilterMode,
-    /// `space: nb201`: the proxy networks and probes.
-    pub proxy: ProxyParams,
-    /// `space: vit`: the scored network and probes.
-    pub vit: VitProxy,
-}
-
-impl Default for SearchParams {
-    /// A random search with every default (the algorithm itself is always given).
-    fn default() -> Self {
-        Self {
-            space: SpaceName::Nb201,
-            algorithm: Algorithm::Random(RandomParams::default()),
-            indicators: vec![Indicator::Ntk, Indicator::Regions],
-            filter: FilterMode::None,
-            proxy: ProxyParams::default(),
-            vit: VitProxy::default(),
-        }
-    }
+    Prune,
+    /// Regularized evolution with tournament selection (`population`, `tournament`, `cycles`,
+    /// `batch`).
+    Evolution,
+    /// REINFORCE over per-choice logits with the changing-range reward (`steps`, `lr`,
+    /// `momentum`, `window`, `batch`).
+    Reinforce,
 }
 
 impl Algorithm {
     /// The name `algorithm:` gives it, as `search.json` records it.
-    pub fn name(&self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
-            Algorithm::Random(_) => "random",
-            Algorithm::Listed(_) => "listed",
-            Algorithm::Prune {} => "prune",
-            Algorithm::Evolution(_) => "evolution",
-            Algorithm::Reinforce(_) => "reinforce",
+            Algorithm::Random => "random",
+            Algorithm::Listed => "listed",
+            Algorithm::Prune => "prune",
+            Algorithm::Evolution => "evolution",
+            Algorithm::Reinforce => "reinforce",
         }
+    }
+}
+
+/// The params of `search` (the paper's values in brackets). Each algorithm reads its own
+/// settings; the others' may be given too (a matrix over `algorithm` gives every point all of
+/// them) and are checked but unused, except `cells`, which only `listed` takes. `algorithm` has
+/// no default, so the others' defaults are given field by field (a container default would make
+/// every field optional).
+#[derive(Clone, Debug, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchParams {
+    /// The space searched.
+    #[serde(default)]
+    pub space: SpaceName,
+    /// The search algorithm.
+    pub algorithm: Algorithm,
+    /// Indicators combined by rank-sum [TE-NAS: ntk, regions; TEG-NAS adds generalization;
+    /// the ViT space: length_distortion, ntk].
+    #[serde(default = "SearchParams::indicators")]
+    pub indicators: Vec<Indicator>,
+    /// The connectivity pre-filter (`space: nb201`; random, evolution, reinforce).
+    #[serde(default)]
+    pub filter: FilterMode,
+    /// `space: nb201`: the proxy networks and probes.
+    #[serde(default)]
+    pub proxy: ProxyParams,
+    /// random: distinct candidates drawn from the whole space; with a filter, the rejected ones
+    /// are not scored.
+    #[serde(default = "SearchParams::samples")]
+    pub samples: Count,
+    /// listed: the cells to score (arch strings or digits, `"3_33_133"`).
+    #[serde(default)]
+    pub cells: Vec<String>,
+    /// evolution: cells kept alive [256].
+    #[serde(default = "SearchParams::population")]
+    pub population: Count,
+    /// evolution: members sampled per tournament, at most `population` [64].
+    #[serde(default = "SearchParams::tournament")]
+    pub tournament: Count,
+    /// evolution: rounds of mutation after the initial population [1000].
+    #[serde(default = "SearchParams::cycles")]
+    pub cycles: usize,
+    /// evolution and reinforce: candidates made and scored in parallel per cycle / step [1].
+    #[serde(default = "SearchParams::batch")]
+    pub batch: Count,
+    /// reinforce: policy updates [500].
+    #[serde(default = "SearchParams::steps")]
+    pub steps: usize,
+    /// reinforce: learning rate of the policy [0.04].
+    #[serde(default = "SearchParams::lr")]
+    pub lr: f64,
+    /// reinforce: momentum of the reward baseline, in [0, 1) [0.9].
+    #[serde(default = "SearchParams::momentum")]
+    pub momentum: f64,
+    /// reinforce: indicator values the changing-range reward remembers (its max - min scale)
+    /// [10].
+    #[serde(default = "SearchParams::window")]
+    pub window: Count,
+    /// `space: vit`: the scored network and probes.
+    #[serde(default)]
+    pub vit: VitProxy,
+}
+
+/// The defaults serde fills in.
+impl SearchParams {
+    fn indicators() -> Vec<Indicator> {
+        vec![Indicator::Ntk, Indicator::Regions]
+    }
+    fn samples() -> Count {
+        Count(32)
+    }
+    fn population() -> Count {
+        Count(16)
+    }
+    fn tournament() -> Count {
+        Count(4)
+    }
+    fn cycles() -> usize {
+        32
+    }
+    fn batch() -> Count {
+        Count(2)
+    }
+    fn steps() -> usize {
+        16
+    }
+    fn lr() -> f64 {
+        0.04
+    }
+    fn momentum() -> f64 {
+        0.9
+    }
+    fn window() -> Count {
+        Count(10)
     }
 }
 
@@ -356,47 +339,65 @@ pub struct SearchConfig {
 impl SearchConfig {
     pub fn resolve(p: SearchParams) -> Result<Self, ParamError> {
         check_indicator_list(&p.indicators)?;
-        let algorithm = p.algorithm.name();
+        if p.space == SpaceName::Vit {
+            check_vit_space(&p)?;
+        } else if p.indicators.contains(&Indicator::LengthDistortion) {
+            return Err(ParamError::new(
+                "indicators",
+                "length_distortion is measured on ViTs; use it with `space: vit`",
+            ));
+        }
+        p.proxy.check()?;
+        if p.tournament > p.population {
+            return Err(ParamError::new(
+                "tournament",
+                format!("{} exceeds population {}", p.tournament, p.population),
+            ));
+        }
+        if !(p.lr.is_finite() && p.lr > 0.0) {
+            return Err(ParamError::new("lr", "must be a positive number"));
+        }
+        if !(0.0..1.0).contains(&p.momentum) {
+            return Err(ParamError::new("momentum", "must be in [0, 1)"));
+        }
+        let strategy = strategy(&p)?;
         let space = match p.space {
-            SpaceName::Vit => {
-                check_vit_indicators(&p.indicators, "indicators")?;
-                p.vit.check("vit")?;
-                if !matches!(p.algorithm, Algorithm::Random(_) | Algorithm::Reinforce(_)) {
-                    return Err(ParamError::new(
-                        "algorithm",
-                        format!("{} is not implemented for the vit space", title(algorithm)),
-                    )
-                    .with_fix("use `algorithm: random` or `algorithm: reinforce`"));
-                }
-                if p.filter != FilterMode::None {
-                    return Err(ParamError::new(
-                        "filter",
-                        "the connectivity filter judges NB201 cells, not ViTs",
-                    ));
-                }
-                SpaceConfig::Vit(p.vit)
-            }
-            SpaceName::Nb201 => {
-                if p.indicators.contains(&Indicator::LengthDistortion) {
-                    return Err(ParamError::new(
-                        "indicators",
-                        "length_distortion is measured on ViTs; use it with `space: vit`",
-                    ));
-                }
-                p.proxy.check()?;
-                SpaceConfig::Nb201 {
-                    filter: p.filter,
-                    proxy: p.proxy,
-                }
-            }
+            SpaceName::Vit => SpaceConfig::Vit(p.vit),
+            SpaceName::Nb201 => SpaceConfig::Nb201 {
+                filter: p.filter,
+                proxy: p.proxy,
+            },
         };
         Ok(Self {
-            algorithm,
+            algorithm: p.algorithm.name(),
             indicators: p.indicators,
-            strategy: strategy(p.algorithm, p.filter)?,
+            strategy,
             space,
         })
     }
+}
+
+/// What the ViT space does not support.
+fn check_vit_space(p: &SearchParams) -> Result<(), ParamError> {
+    check_vit_indicators(&p.indicators, "indicators")?;
+    p.vit.check("vit")?;
+    if !matches!(p.algorithm, Algorithm::Random | Algorithm::Reinforce) {
+        return Err(ParamError::new(
+            "algorithm",
+            format!(
+                "{} is not implemented for the vit space",
+                title(p.algorithm.name())
+            ),
+        )
+        .with_fix("use `algorithm: random` or `algorithm: reinforce`"));
+    }
+    if p.filter != FilterMode::None {
+        return Err(ParamError::new(
+            "filter",
+            "the connectivity filter judges NB201 cells, not ViTs",
+        ));
+    }
+    Ok(())
 }
 
 /// An algorithm's name as logs and messages print it (`Evolution`).
@@ -426,28 +427,37 @@ fn check_indicator_list(indicators: &[Indicator]) -> Result<(), ParamError> {
     Ok(())
 }
 
-/// The algorithm's settings checked, and whether it takes the `filter`.
-fn strategy(algorithm: Algorithm, filter: FilterMode) -> Result<Strategy, ParamError> {
-    let refuse_filter = |message: &str, algorithm: &str| {
-        if filter == FilterMode::None {
+/// The chosen algorithm with its settings; `listed`'s cells parsed, and the algorithms that
+/// cannot take the `filter` refusing it.
+fn strategy(p: &SearchParams) -> Result<Strategy, ParamError> {
+    let refuse_filter = |message: &str| {
+        if p.filter == FilterMode::None {
             Ok(())
         } else {
-            Err(ParamError::new("filter", message)
-                .with_fix(format!("use `filter: none` with `algorithm: {algorithm}`")))
+            Err(ParamError::new("filter", message).with_fix(format!(
+                "use `filter: none` with `algorithm: {}`",
+                p.algorithm.name()
+            )))
         }
     };
-    Ok(match algorithm {
-        Algorithm::Random(r) => Strategy::Random {
-            samples: r.samples.get(),
+    if p.algorithm != Algorithm::Listed && !p.cells.is_empty() {
+        return Err(ParamError::new(
+            "cells",
+            "only `algorithm: listed` takes a list of cells",
+        ));
+    }
+    Ok(match p.algorithm {
+        Algorithm::Random => Strategy::Random {
+            samples: p.samples.get(),
         },
-        Algorithm::Listed(l) => {
-            if l.cells.is_empty() {
+        Algorithm::Listed => {
+            if p.cells.is_empty() {
                 return Err(
                     ParamError::new("cells", "`algorithm: listed` needs cells to score")
                         .with_fix("e.g. `cells: [\"3_30_243\", \"1_11_042\"]`"),
                 );
             }
-            let cells = l
+            let cells = p
                 .cells
                 .iter()
                 .enumerate()
@@ -456,47 +466,27 @@ fn strategy(algorithm: Algorithm, filter: FilterMode) -> Result<Strategy, ParamE
                     Arch::parse(&field, c).map_err(|e| ParamError::new(field, e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            refuse_filter(
-                "a listed sample is scored as given; filter the list instead",
-                "listed",
-            )?;
+            refuse_filter("a listed sample is scored as given; filter the list instead")?;
             Strategy::Listed(cells)
         }
-        Algorithm::Prune {} => {
+        Algorithm::Prune => {
             refuse_filter(
                 "pruning works on supernets, which the connectivity filter does not judge",
-                "prune",
             )?;
             Strategy::Prune
         }
-        Algorithm::Evolution(e) => {
-            if e.tournament > e.population {
-                return Err(ParamError::new(
-                    "tournament",
-                    format!("{} exceeds population {}", e.tournament, e.population),
-                ));
-            }
-            Strategy::Evolution(EvolutionConfig {
-                population: e.population.get(),
-                tournament: e.tournament.get(),
-                cycles: e.cycles,
-                batch: e.batch.get(),
-            })
-        }
-        Algorithm::Reinforce(r) => {
-            if !(r.lr.is_finite() && r.lr > 0.0) {
-                return Err(ParamError::new("lr", "must be a positive number"));
-            }
-            if !(0.0..1.0).contains(&r.momentum) {
-                return Err(ParamError::new("momentum", "must be in [0, 1)"));
-            }
-            Strategy::Reinforce(ReinforceConfig {
-                steps: r.steps,
-                lr: r.lr,
-                momentum: r.momentum,
-                window: r.window.get(),
-                batch: r.batch.get(),
-            })
-        }
+        Algorithm::Evolution => Strategy::Evolution(EvolutionConfig {
+            population: p.population.get(),
+            tournament: p.tournament.get(),
+            cycles: p.cycles,
+            batch: p.batch.get(),
+        }),
+        Algorithm::Reinforce => Strategy::Reinforce(ReinforceConfig {
+            steps: p.steps,
+            lr: p.lr,
+            momentum: p.momentum,
+            window: p.window.get(),
+            batch: p.batch.get(),
+        }),
     })
 }

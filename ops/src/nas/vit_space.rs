@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::indicators::{condition_number, Failure, Images, Indicator};
 use super::rank::{best_by_rank_sum, ChangingRange};
 use super::search::ReinforceConfig;
-use crate::ml::derive_seed;
+use crate::seed::derive_seed;
 use crate::{OpError, Outputs};
 use nn::models::{InputShape, VitSpec};
 use nn::{collect_params, open_device, Init, Model, ModelSpec, NnError, ParamKind, VarBuilder};
@@ -425,7 +425,7 @@ impl<'a> VitEvaluator<'a> {
     }
 }
 
-/// asvit.md §4 (random baseline): `samples` distinct topologies, scored in one parallel batch.
+/// The random baseline of As-ViT (arXiv 2202.11921): `samples` distinct topologies, scored in one parallel batch.
 pub fn random_vit_search(
     ev: &mut VitEvaluator<'_>,
     samples: usize,

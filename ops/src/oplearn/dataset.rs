@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{fail, read_pde, scale_inputs};
-use crate::ml::dataset::{write_splits, DatasetMeta, Split, Targets, Task};
+use crate::dataset::{write_splits, DatasetMeta, Split, Targets, Task};
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// The input holding the data to convert.

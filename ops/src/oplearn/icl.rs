@@ -9,8 +9,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::fail;
-use crate::ml::dataset::{read_meta, read_split, Split, Targets};
-use crate::ml::required;
+use crate::dataset::{read_meta, read_split, Split, Targets};
+use crate::params_doc::required;
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::train::{load_checkpoint, predict};
 use nn::{from_vec, open_device, Model};

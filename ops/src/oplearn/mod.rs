@@ -24,7 +24,7 @@ pub fn register(registry: &mut Registry) {
     registry.register(Arc::new(icl::InContextOp));
 }
 
-pub(crate) use crate::ml::fail;
+pub(crate) use crate::fail;
 
 /// A `pde.generate` artifact in memory: `x` row-major `[n, c, h, w]`, `y` `[n, c_y, h, w]` when
 /// labeled (c_y = 1 for Poisson/Helmholtz; the stored frames, times the state's channels, for the

@@ -11,7 +11,7 @@ use super::navier_stokes::{self, KolmogorovGrid, NsError, NsWork};
 use super::params::{Config, Problem, Window};
 use super::reaction_diffusion::{self, FitzHughNagumo, RdWork};
 use super::source;
-use crate::ml::derive_seed;
+use crate::seed::derive_seed;
 use crate::{CancelFlag, OpError};
 
 /// Note section 1, Helmholtz: a draw whose max |u| exceeds this is redrawn.
