@@ -615,7 +615,22 @@ where
         return Err(NnError::shape("conv2d weight", (o, ckk), &weight.shape));
     }
     let direct = g.is_identity();
-    let shift = g.is_shift() && !direct;
+    let plan = Conv2dPlan {
+        g,
+        o,
+        ckk,
+        l,
+        chw,
+        direct,
+        shift: g.is_shift() && !direct,
+        scratch: if direct { 0 } else { ckk * l },
+        // Samples in fixed chunks (set by the batch size, not the thread count), one scratch
+        // buffer per chunk; in backward the chunks' partial dW and db are summed in order, so
+        // the result is bit-identical from run to run.
+        chunk: b.div_ceil(8).max(1),
+        relu_input,
+        has_bias: bias.is_some(),
+    };
     let x = x.try_contiguous()?;
     let (x, mut tape) = x.split_tape();
     let mut xv = host_read(&x);
@@ -624,97 +639,19 @@ where
         relu_in_place(&mut xv, chw);
     }
     let (wv, bv) = (host_read(&weight.value), bias.map(|p| host_read(&p.value)));
-    let scratch = if direct { 0 } else { ckk * l };
-    // Samples in fixed chunks (set by the batch size, not the thread count), one scratch
-    // buffer per chunk; in backward the chunks' partial dW and db are summed in order, so the
-    // result is bit-identical from run to run.
-    let chunk = b.div_ceil(8).max(1);
-    let mut y = Vec::with_capacity(b * o * l);
-    y.spare_capacity_mut()
-        .par_chunks_mut(chunk * o * l)
-        .zip(xv.par_chunks(chunk * chw))
-        .for_each(|(yc, xc)| {
-            let mut cols = vec![E::zero(); scratch];
-            for (yn, xn) in yc.chunks_mut(o * l).zip(xc.chunks(chw)) {
-                let src: &[E] = if direct {
-                    xn
-                } else {
-                    g.fill(xn, &mut cols);
-                    &cols
-                };
-                let yn = matmul_uninit((o, l, ckk), yn, &wv, src);
-                if let Some(bv) = &bv {
-                    for (row, &bo) in yn.chunks_mut(l).zip(bv) {
-                        row.iter_mut().for_each(|v| *v += bo);
-                    }
-                }
-            }
-        });
-    // SAFETY: the chunks cover all b o l entries and `matmul_uninit` wrote every one of them.
-    unsafe { y.set_len(b * o * l) };
+    let y = plan.forward(b, &xv, &wv, bv.as_deref());
     let out = dev.try_tensor_from_vec(y, (b, o, g.ho, g.wo))?;
     let out_id = out.ghost();
     let (weight, bias) = (weight.value.clone(), bias.map(|p| p.value.clone()));
-    let has_bias = bias.is_some();
     tape.add_backward_op(move |grads| {
         let go = grad_buffer_to_host(grads.get_or_alloc_mut(&out_id)?)?;
         let wv = host_read(&weight);
+        let chunk = plan.chunk;
         let partials = grad_buffer_apply(grads.get_or_alloc_mut(&x)?, |gx| {
             gx.par_chunks_mut(chunk * chw)
                 .zip(xv.par_chunks(chunk * chw))
                 .zip(go.par_chunks(chunk * o * l))
-                .map(|((gxc, xc), goc)| {
-                    // dW^T: (c k k, o); see `matmul` on why transposed.
-                    let (mut dwt, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
-                    // Columns, then their gradient, in one buffer; a shift geometry needs
-                    // neither, only k masked copies of dy.
-                    let mut cols = vec![E::zero(); if shift { 0 } else { scratch }];
-                    let mut masked = vec![
-                        E::zero();
-                        if shift {
-                            (2 * g.geom.kernel + 1) * o * l
-                        } else {
-                            0
-                        }
-                    ];
-                    let mut dx = vec![E::zero(); if relu_input { chw } else { 0 }];
-                    let samples = gxc
-                        .chunks_mut(chw)
-                        .zip(xc.chunks(chw))
-                        .zip(goc.chunks(o * l));
-                    for ((gxn, xn), gon) in samples {
-                        if has_bias {
-                            for (acc, row) in db.iter_mut().zip(gon.chunks(l)) {
-                                *acc += row.iter().fold(E::zero(), |s, &v| s + v);
-                            }
-                        }
-                        // Under the ReLU the gradient goes to a scratch image first, then
-                        // through the mask relu(x) > 0.
-                        let target: &mut [E] = if relu_input {
-                            dx.fill(E::zero());
-                            &mut dx
-                        } else {
-                            gxn
-                        };
-                        if shift {
-                            g.shift_backward(xn, gon, &wv, &mut dwt, target, &mut masked);
-                        } else if direct {
-                            matmul((o, ckk, l), &mut dwt, true, true, gon, false, xn, true);
-                            matmul((ckk, l, o), target, false, true, &wv, true, gon, false);
-                        } else {
-                            g.fill(xn, &mut cols);
-                            matmul((o, ckk, l), &mut dwt, true, true, gon, false, &cols, true);
-                            matmul((ckk, l, o), &mut cols, false, false, &wv, true, gon, false);
-                            g.scatter_add(&mut cols, target);
-                        }
-                        if relu_input {
-                            for ((gv, &d), &xi) in gxn.iter_mut().zip(&dx).zip(xn) {
-                                *gv += if xi > E::zero() { d } else { E::zero() };
-                            }
-                        }
-                    }
-                    (dwt, db)
-                })
+                .map(|((gxc, xc), goc)| plan.backward_chunk(gxc, xc, goc, &wv))
                 .collect::<Vec<_>>()
         })?;
         let (mut dwt, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
@@ -737,6 +674,144 @@ where
         Ok(())
     });
     Ok(out.put_tape(tape))
+}
+
+/// The sizes and strategy of one [`conv2d`] call, shared by its forward and backward.
+#[derive(Clone, Copy)]
+struct Conv2dPlan {
+    g: Im2col,
+    /// Output channels.
+    o: usize,
+    /// Rows (c k k) and columns (h' w') of one sample's im2col matrix.
+    ckk: usize,
+    l: usize,
+    /// Values in one input sample, c h w.
+    chw: usize,
+    /// A 1x1 stride-1 kernel: the input is its own column matrix.
+    direct: bool,
+    /// A shift geometry (see `Im2col::is_shift`), not `direct`.
+    shift: bool,
+    /// Size of the forward's column buffer.
+    scratch: usize,
+    /// Samples per parallel chunk.
+    chunk: usize,
+    relu_input: bool,
+    has_bias: bool,
+}
+
+impl Conv2dPlan {
+    /// y `(b, o, l)` = W cols(x) + bias, per sample, from the (already ReLU'd) input `xv`.
+    fn forward<E: Float>(&self, b: usize, xv: &[E], wv: &[E], bv: Option<&[E]>) -> Vec<E> {
+        let Conv2dPlan {
+            g,
+            o,
+            ckk,
+            l,
+            chw,
+            direct,
+            scratch,
+            chunk,
+            ..
+        } = *self;
+        let mut y = Vec::with_capacity(b * o * l);
+        y.spare_capacity_mut()
+            .par_chunks_mut(chunk * o * l)
+            .zip(xv.par_chunks(chunk * chw))
+            .for_each(|(yc, xc)| {
+                let mut cols = vec![E::zero(); scratch];
+                for (yn, xn) in yc.chunks_mut(o * l).zip(xc.chunks(chw)) {
+                    let src: &[E] = if direct {
+                        xn
+                    } else {
+                        g.fill(xn, &mut cols);
+                        &cols
+                    };
+                    let yn = matmul_uninit((o, l, ckk), yn, wv, src);
+                    if let Some(bv) = bv {
+                        for (row, &bo) in yn.chunks_mut(l).zip(bv) {
+                            row.iter_mut().for_each(|v| *v += bo);
+                        }
+                    }
+                }
+            });
+        // SAFETY: the chunks cover all b o l entries and `matmul_uninit` wrote every one of them.
+        unsafe { y.set_len(b * o * l) };
+        y
+    }
+
+    /// One chunk of samples' backward: adds dx into `gxc` and returns the chunk's partial
+    /// (dW^T, db).
+    fn backward_chunk<E: Float>(
+        &self,
+        gxc: &mut [E],
+        xc: &[E],
+        goc: &[E],
+        wv: &[E],
+    ) -> (Vec<E>, Vec<E>) {
+        let Conv2dPlan {
+            g,
+            o,
+            ckk,
+            l,
+            chw,
+            direct,
+            shift,
+            scratch,
+            relu_input,
+            has_bias,
+            ..
+        } = *self;
+        // dW^T: (c k k, o); see `matmul` on why transposed.
+        let (mut dwt, mut db) = (vec![E::zero(); o * ckk], vec![E::zero(); o]);
+        // Columns, then their gradient, in one buffer; a shift geometry needs
+        // neither, only k masked copies of dy.
+        let mut cols = vec![E::zero(); if shift { 0 } else { scratch }];
+        let mut masked = vec![
+            E::zero();
+            if shift {
+                (2 * g.geom.kernel + 1) * o * l
+            } else {
+                0
+            }
+        ];
+        let mut dx = vec![E::zero(); if relu_input { chw } else { 0 }];
+        let samples = gxc
+            .chunks_mut(chw)
+            .zip(xc.chunks(chw))
+            .zip(goc.chunks(o * l));
+        for ((gxn, xn), gon) in samples {
+            if has_bias {
+                for (acc, row) in db.iter_mut().zip(gon.chunks(l)) {
+                    *acc += row.iter().fold(E::zero(), |s, &v| s + v);
+                }
+            }
+            // Under the ReLU the gradient goes to a scratch image first, then
+            // through the mask relu(x) > 0.
+            let target: &mut [E] = if relu_input {
+                dx.fill(E::zero());
+                &mut dx
+            } else {
+                gxn
+            };
+            if shift {
+                g.shift_backward(xn, gon, wv, &mut dwt, target, &mut masked);
+            } else if direct {
+                matmul((o, ckk, l), &mut dwt, true, true, gon, false, xn, true);
+                matmul((ckk, l, o), target, false, true, wv, true, gon, false);
+            } else {
+                g.fill(xn, &mut cols);
+                matmul((o, ckk, l), &mut dwt, true, true, gon, false, &cols, true);
+                matmul((ckk, l, o), &mut cols, false, false, wv, true, gon, false);
+                g.scatter_add(&mut cols, target);
+            }
+            if relu_input {
+                for ((gv, &d), &xi) in gxn.iter_mut().zip(&dx).zip(xn) {
+                    *gv += if xi > E::zero() { d } else { E::zero() };
+                }
+            }
+        }
+        (dwt, db)
+    }
 }
 
 /// x <- max(x, 0), in parallel over pieces of `piece` values.

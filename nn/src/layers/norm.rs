@@ -78,45 +78,128 @@ where
         let xv = host_read(&x);
         // The op keeps its host copy of x for backward; of the tensors only the ids.
         let (dev, x) = (x.device().clone(), x.ghost());
-        // Per-channel mean and 1 / sqrt(var + eps): the batch's (biased variance, two passes
-        // over each channel, partial sums in the float type flushed into f64, see `lane_sum`)
-        // in training, the running estimates in eval.
-        let (mean, inv_std): (Vec<f64>, Vec<f64>) = if ctx.training {
-            let stats: Vec<(f64, f64)> = (0..c)
-                .into_par_iter()
-                .map(|ch| {
-                    let planes = || (0..b).map(|i| &xv[(i * c + ch) * hw..][..hw]);
-                    let mean = lane_sum(planes(), |v| v) / n as f64;
-                    let m = E::of_f64(mean);
-                    let ss = lane_sum(planes(), |v| (v - m) * (v - m));
-                    (mean, ss / n as f64)
-                })
-                .collect();
-            let m = self.momentum;
-            let unbias = n as f64 / (n as f64 - 1.0);
-            let rm: Vec<E> = (host_read(&self.running_mean.value).iter())
-                .zip(&stats)
-                .map(|(r, s)| E::of_f64((1.0 - m) * r.into_f64() + m * s.0))
-                .collect();
-            let rv: Vec<E> = (host_read(&self.running_var.value).iter())
-                .zip(&stats)
-                .map(|(r, s)| E::of_f64((1.0 - m) * r.into_f64() + m * unbias * s.1))
-                .collect();
-            self.running_mean.set_vec(rm)?;
-            self.running_var.set_vec(rv)?;
-            stats
-                .iter()
-                .map(|&(mu, var)| (mu, 1.0 / (var + self.eps).sqrt()))
-                .unzip()
+        let (mean, inv_std) = if ctx.training {
+            self.batch_stats(&xv, b, c, hw)?
         } else {
-            let rm = host_read(&self.running_mean.value);
-            let rv = host_read(&self.running_var.value);
-            rm.iter()
-                .zip(&rv)
-                .map(|(m, v)| (m.into_f64(), 1.0 / (v.into_f64() + self.eps).sqrt()))
-                .unzip()
+            self.running_stats()
         };
-        let (gamma, beta) = (host_read(&self.weight.value), host_read(&self.bias.value));
+        let saved = BatchNormSaved {
+            xv,
+            gamma: host_read(&self.weight.value),
+            mean,
+            inv_std,
+            b,
+            c,
+            hw,
+            n,
+            training: ctx.training,
+        };
+        let y = saved.normalise(&host_read(&self.bias.value));
+        let out = dev.try_tensor_from_vec(y, shape)?;
+        let out_id = out.ghost();
+        let (weight, bias) = (self.weight.value.clone(), self.bias.value.clone());
+        // Backward (Ioffe & Szegedy 2015, Sec. 3), x_hat = (x - mu) inv_std, sums over (b, h, w):
+        // dbeta = sum dy, dgamma = sum dy x_hat, and in training
+        // dx = gamma inv_std (dy - dbeta / n - x_hat dgamma / n); in eval dx = gamma inv_std dy.
+        tape.add_backward_op(move |grads| {
+            let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
+            let sums = saved.grad_sums(&go);
+            grad_buffer_apply::<E, _>(grads.get_or_alloc_mut(&x)?, |gx| {
+                saved.add_input_grad(gx, &go, &sums)
+            })?;
+            with_grad_mut(grads, &weight, |gw| {
+                for (g, s) in gw.iter_mut().zip(&sums) {
+                    *g += E::of_f64(s.1);
+                }
+            })?;
+            with_grad_mut(grads, &bias, |gb| {
+                for (g, s) in gb.iter_mut().zip(&sums) {
+                    *g += E::of_f64(s.0);
+                }
+            })?;
+            Ok(())
+        });
+        Ok(out.put_tape(tape))
+    }
+
+    /// Training: per-channel mean and 1 / sqrt(var + eps) of the batch (biased variance, two
+    /// passes over each channel, partial sums in the float type flushed into f64, see
+    /// `lane_sum`), folding them into the running estimates on the way.
+    fn batch_stats(
+        &mut self,
+        xv: &[E],
+        b: usize,
+        c: usize,
+        hw: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>), NnError> {
+        let n = b * hw;
+        let stats: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let planes = || (0..b).map(|i| &xv[(i * c + ch) * hw..][..hw]);
+                let mean = lane_sum(planes(), |v| v) / n as f64;
+                let m = E::of_f64(mean);
+                let ss = lane_sum(planes(), |v| (v - m) * (v - m));
+                (mean, ss / n as f64)
+            })
+            .collect();
+        let m = self.momentum;
+        let unbias = n as f64 / (n as f64 - 1.0);
+        let rm: Vec<E> = (host_read(&self.running_mean.value).iter())
+            .zip(&stats)
+            .map(|(r, s)| E::of_f64((1.0 - m) * r.into_f64() + m * s.0))
+            .collect();
+        let rv: Vec<E> = (host_read(&self.running_var.value).iter())
+            .zip(&stats)
+            .map(|(r, s)| E::of_f64((1.0 - m) * r.into_f64() + m * unbias * s.1))
+            .collect();
+        self.running_mean.set_vec(rm)?;
+        self.running_var.set_vec(rv)?;
+        Ok(stats
+            .iter()
+            .map(|&(mu, var)| (mu, 1.0 / (var + self.eps).sqrt()))
+            .unzip())
+    }
+
+    /// Eval: per-channel mean and 1 / sqrt(var + eps) from the running estimates.
+    fn running_stats(&self) -> (Vec<f64>, Vec<f64>) {
+        let rm = host_read(&self.running_mean.value);
+        let rv = host_read(&self.running_var.value);
+        rm.iter()
+            .zip(&rv)
+            .map(|(m, v)| (m.into_f64(), 1.0 / (v.into_f64() + self.eps).sqrt()))
+            .unzip()
+    }
+}
+
+/// What [`BatchNorm2d::forward`] keeps for its backward op: the host copy of x `(b, c, hw)`,
+/// gamma as of the forward, and the per-channel statistics it normalised with.
+struct BatchNormSaved<E> {
+    xv: Vec<E>,
+    gamma: Vec<E>,
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+    b: usize,
+    c: usize,
+    hw: usize,
+    /// Values per channel, `b * hw`.
+    n: usize,
+    training: bool,
+}
+
+impl<E: Float> BatchNormSaved<E> {
+    /// y = (x - mu) inv_std gamma + beta, `(b, c, hw)`.
+    fn normalise(&self, beta: &[E]) -> Vec<E> {
+        let BatchNormSaved {
+            xv,
+            gamma,
+            mean,
+            inv_std,
+            c,
+            hw,
+            ..
+        } = self;
+        let (c, hw) = (*c, *hw);
         // y = (x - mu) inv_std gamma + beta = x scale + shift, per channel.
         let scale: Vec<E> = (0..c)
             .map(|ch| E::of_f64(inv_std[ch] * gamma[ch].into_f64()))
@@ -139,69 +222,54 @@ where
             });
         // SAFETY: the planes cover all of `y`'s capacity, each entry written above.
         unsafe { y.set_len(xv.len()) };
-        let out = dev.try_tensor_from_vec(y, shape)?;
-        let out_id = out.ghost();
-        let (weight, bias) = (self.weight.value.clone(), self.bias.value.clone());
-        let training = ctx.training;
-        // Backward (Ioffe & Szegedy 2015, Sec. 3), x_hat = (x - mu) inv_std, sums over (b, h, w):
-        // dbeta = sum dy, dgamma = sum dy x_hat, and in training
-        // dx = gamma inv_std (dy - dbeta / n - x_hat dgamma / n); in eval dx = gamma inv_std dy.
-        tape.add_backward_op(move |grads| {
-            let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
-            // Per channel (sum dy, sum dy x_hat), as in `lane_sum`.
-            let sums: Vec<(f64, f64)> = (0..c)
-                .into_par_iter()
-                .map(|ch| {
-                    let planes = (0..b).map(|i| {
-                        let at = (i * c + ch) * hw;
-                        (&go[at..at + hw], &xv[at..at + hw])
-                    });
-                    lane_sum2(planes, E::of_f64(mean[ch]))
-                })
-                .collect();
-            let sums: Vec<(f64, f64)> = sums
-                .iter()
-                .zip(&inv_std)
-                .map(|(&(sdy, sdyxm), &is)| (sdy, sdyxm * is))
-                .collect();
-            grad_buffer_apply::<E, _>(grads.get_or_alloc_mut(&x)?, |gx| {
-                gx.par_chunks_mut(hw)
-                    .zip(xv.par_chunks(hw))
-                    .zip(go.par_chunks(hw))
-                    .enumerate()
-                    .for_each(|(plane, ((gp, xp), gop))| {
-                        let ch = plane % c;
-                        let (mu, is) = (mean[ch], inv_std[ch]);
-                        let k = gamma[ch].into_f64() * is;
-                        if training {
-                            let (mdy, mdyx) = (sums[ch].0 / n as f64, sums[ch].1 / n as f64);
-                            // dx = k dy - k mdy - k is mdyx (x - mu) = a dy + b x + d
-                            let (a, bx) = (E::of_f64(k), E::of_f64(-k * is * mdyx));
-                            let d = E::of_f64(-k * mdy + k * is * mdyx * mu);
-                            for ((gv, &xi), &g) in gp.iter_mut().zip(xp).zip(gop) {
-                                *gv += a * g + bx * xi + d;
-                            }
-                        } else {
-                            let a = E::of_f64(k);
-                            for (gv, &g) in gp.iter_mut().zip(gop) {
-                                *gv += a * g;
-                            }
-                        }
-                    })
-            })?;
-            with_grad_mut(grads, &weight, |gw| {
-                for (g, s) in gw.iter_mut().zip(&sums) {
-                    *g += E::of_f64(s.1);
+        y
+    }
+
+    /// Per channel (sum dy, sum dy x_hat) of the output gradient `go`, as in `lane_sum`.
+    fn grad_sums(&self, go: &[E]) -> Vec<(f64, f64)> {
+        let (b, c, hw, xv) = (self.b, self.c, self.hw, &self.xv);
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let planes = (0..b).map(|i| {
+                    let at = (i * c + ch) * hw;
+                    (&go[at..at + hw], &xv[at..at + hw])
+                });
+                lane_sum2(planes, E::of_f64(self.mean[ch]))
+            })
+            .collect();
+        sums.iter()
+            .zip(&self.inv_std)
+            .map(|(&(sdy, sdyxm), &is)| (sdy, sdyxm * is))
+            .collect()
+    }
+
+    /// gx += dx, from the output gradient `go` and its [`BatchNormSaved::grad_sums`].
+    fn add_input_grad(&self, gx: &mut [E], go: &[E], sums: &[(f64, f64)]) {
+        let (c, hw, n) = (self.c, self.hw, self.n);
+        gx.par_chunks_mut(hw)
+            .zip(self.xv.par_chunks(hw))
+            .zip(go.par_chunks(hw))
+            .enumerate()
+            .for_each(|(plane, ((gp, xp), gop))| {
+                let ch = plane % c;
+                let (mu, is) = (self.mean[ch], self.inv_std[ch]);
+                let k = self.gamma[ch].into_f64() * is;
+                if self.training {
+                    let (mdy, mdyx) = (sums[ch].0 / n as f64, sums[ch].1 / n as f64);
+                    // dx = k dy - k mdy - k is mdyx (x - mu) = a dy + b x + d
+                    let (a, bx) = (E::of_f64(k), E::of_f64(-k * is * mdyx));
+                    let d = E::of_f64(-k * mdy + k * is * mdyx * mu);
+                    for ((gv, &xi), &g) in gp.iter_mut().zip(xp).zip(gop) {
+                        *gv += a * g + bx * xi + d;
+                    }
+                } else {
+                    let a = E::of_f64(k);
+                    for (gv, &g) in gp.iter_mut().zip(gop) {
+                        *gv += a * g;
+                    }
                 }
-            })?;
-            with_grad_mut(grads, &bias, |gb| {
-                for (g, s) in gb.iter_mut().zip(&sums) {
-                    *g += E::of_f64(s.0);
-                }
-            })?;
-            Ok(())
-        });
-        Ok(out.put_tape(tape))
+            })
     }
 }
 

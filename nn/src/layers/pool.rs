@@ -38,11 +38,11 @@ impl AvgPool2d {
             ));
         }
         let (b, c, h, w) = *x.shape();
-        let (kernel, stride, padding) = (self.kernel, self.stride, self.padding);
+        let kernel = self.kernel;
         let geom = ConvGeometry {
             kernel,
-            stride,
-            padding,
+            stride: self.stride,
+            padding: self.padding,
             dilation: 1,
         };
         // The pooling windows are those of a convolution with this geometry.
@@ -53,9 +53,55 @@ impl AvgPool2d {
                 (h, w),
             ));
         };
+        let windows = Windows::<E>::new(g, self.count_include_pad);
         let (ho, wo) = (g.ho, g.wo);
-        // Per output row: the input rows of its window; per kernel column offset q: the output
-        // columns j whose input column j stride + q - padding is inside.
+        let x = x.try_contiguous()?;
+        let (x, mut tape) = x.split_tape();
+        let xv = host_read(&x);
+        // Backward needs only the gradient ids of input and output, not their values.
+        let (dev, x) = (x.device().clone(), x.ghost());
+        let (hw, l) = (h * w, ho * wo);
+        let mut y = vec![E::zero(); b * c * l];
+        y.par_chunks_mut(l)
+            .zip(xv.par_chunks(hw))
+            .for_each(|(yp, xp)| windows.average_plane(yp, xp));
+        drop(xv);
+        let out = dev.try_tensor_from_vec(y, (b, c, ho, wo))?;
+        let out_id = out.ghost();
+        tape.add_backward_op(move |grads| {
+            let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
+            grad_buffer_apply::<E, _>(grads.get_or_alloc_mut(&x)?, |gx| {
+                gx.par_chunks_mut(hw)
+                    .zip(go.par_chunks(l))
+                    .for_each(|(gp, gop)| windows.spread_plane(gp, gop))
+            })?;
+            Ok(())
+        });
+        Ok(out.put_tape(tape))
+    }
+}
+
+/// The pooling windows of one input size, shared by forward and backward.
+struct Windows<E> {
+    g: Im2col,
+    /// Per output row: the input rows `[lo, hi)` of its window.
+    rows: Vec<(usize, usize)>,
+    /// Per kernel column offset q: the output columns `[lo, hi)` j whose input column
+    /// j stride + q - padding is inside.
+    col_ranges: Vec<(usize, usize)>,
+    /// 1 / (pixels averaged) for output (i, j).
+    inv: Vec<E>,
+}
+
+impl<E: Float> Windows<E> {
+    fn new(g: Im2col, count_include_pad: bool) -> Self {
+        let ConvGeometry {
+            kernel,
+            stride,
+            padding,
+            ..
+        } = g.geom;
+        let (h, w, ho, wo) = (g.h, g.w, g.ho, g.wo);
         let rows: Vec<(usize, usize)> = (0..ho)
             .map(|i| {
                 let start = (i * stride) as isize - padding as isize;
@@ -66,8 +112,6 @@ impl AvgPool2d {
             .collect();
         let col_ranges: Vec<(usize, usize)> = (0..kernel).map(|q| g.valid(q, w, wo)).collect();
         let full = (kernel * kernel) as f64;
-        let count_include_pad = self.count_include_pad;
-        // 1 / (pixels averaged) for output (i, j).
         let inv: Vec<E> = rows
             .iter()
             .flat_map(|&(a, b)| {
@@ -86,80 +130,74 @@ impl AvgPool2d {
                 })
             })
             .collect();
-        let x = x.try_contiguous()?;
-        let (x, mut tape) = x.split_tape();
-        let xv = host_read(&x);
-        // Backward needs only the gradient ids of input and output, not their values.
-        let (dev, x) = (x.device().clone(), x.ghost());
-        let (hw, l) = (h * w, ho * wo);
+        Self {
+            g,
+            rows,
+            col_ranges,
+            inv,
+        }
+    }
+
+    /// One plane's forward: `yp` `(h', w')`, zeroed, <- window averages of `xp` `(h, w)`.
+    fn average_plane(&self, yp: &mut [E], xp: &[E]) {
+        let (w, wo) = (self.g.w, self.g.wo);
+        let (stride, padding) = (self.g.geom.stride, self.g.geom.padding);
         // Each output row is the sum, over the rows of its window and the kernel's column
         // offsets, of shifted input row pieces (contiguous for stride 1, so vectorised).
-        let mut y = vec![E::zero(); b * c * l];
-        y.par_chunks_mut(l)
-            .zip(xv.par_chunks(hw))
-            .for_each(|(yp, xp)| {
-                for (i, (yr, &(a, bb))) in yp.chunks_exact_mut(wo).zip(&rows).enumerate() {
-                    for r in a..bb {
-                        let xr = &xp[r * w..(r + 1) * w];
-                        for (q, &(lo, hi)) in col_ranges.iter().enumerate() {
-                            let x0 = lo * stride + q - padding;
-                            let dst = &mut yr[lo..hi.max(lo)];
-                            if stride == 1 {
-                                for (d, s) in dst.iter_mut().zip(&xr[x0..]) {
-                                    *d += *s;
-                                }
-                            } else {
-                                for (d, s) in dst.iter_mut().zip(xr[x0..].iter().step_by(stride)) {
-                                    *d += *s;
-                                }
-                            }
+        for (i, (yr, &(a, bb))) in yp.chunks_exact_mut(wo).zip(&self.rows).enumerate() {
+            for r in a..bb {
+                let xr = &xp[r * w..(r + 1) * w];
+                for (q, &(lo, hi)) in self.col_ranges.iter().enumerate() {
+                    let x0 = lo * stride + q - padding;
+                    let dst = &mut yr[lo..hi.max(lo)];
+                    if stride == 1 {
+                        for (d, s) in dst.iter_mut().zip(&xr[x0..]) {
+                            *d += *s;
                         }
-                    }
-                    for (v, &f) in yr.iter_mut().zip(&inv[i * wo..(i + 1) * wo]) {
-                        *v *= f;
+                    } else {
+                        for (d, s) in dst.iter_mut().zip(xr[x0..].iter().step_by(stride)) {
+                            *d += *s;
+                        }
                     }
                 }
-            });
-        drop(xv);
-        let out = dev.try_tensor_from_vec(y, (b, c, ho, wo))?;
-        let out_id = out.ghost();
-        tape.add_backward_op(move |grads| {
-            let go = grad_buffer_to_host::<E>(grads.get_or_alloc_mut(&out_id)?)?;
-            grad_buffer_apply::<E, _>(grads.get_or_alloc_mut(&x)?, |gx| {
-                gx.par_chunks_mut(hw)
-                    .zip(go.par_chunks(l))
-                    .for_each(|(gp, gop)| {
-                        let mut gs = vec![E::zero(); wo];
-                        for (i, &(a, bb)) in rows.iter().enumerate() {
-                            for ((s, &gv), &f) in gs
-                                .iter_mut()
-                                .zip(&gop[i * wo..(i + 1) * wo])
-                                .zip(&inv[i * wo..(i + 1) * wo])
-                            {
-                                *s = gv * f;
-                            }
-                            for r in a..bb {
-                                let gr = &mut gp[r * w..(r + 1) * w];
-                                for (q, &(lo, hi)) in col_ranges.iter().enumerate() {
-                                    let x0 = lo * stride + q - padding;
-                                    let src = &gs[lo..hi.max(lo)];
-                                    if stride == 1 {
-                                        for (d, s) in gr[x0..].iter_mut().zip(src) {
-                                            *d += *s;
-                                        }
-                                    } else {
-                                        for (d, s) in gr[x0..].iter_mut().step_by(stride).zip(src) {
-                                            *d += *s;
-                                        }
-                                    }
-                                }
-                            }
+            }
+            for (v, &f) in yr.iter_mut().zip(&self.inv[i * wo..(i + 1) * wo]) {
+                *v *= f;
+            }
+        }
+    }
+
+    /// One plane's backward: `gp` `(h, w)` += the output gradient `gop` `(h', w')`, scaled,
+    /// spread over each window.
+    fn spread_plane(&self, gp: &mut [E], gop: &[E]) {
+        let (w, wo) = (self.g.w, self.g.wo);
+        let (stride, padding) = (self.g.geom.stride, self.g.geom.padding);
+        let mut gs = vec![E::zero(); wo];
+        for (i, &(a, bb)) in self.rows.iter().enumerate() {
+            for ((s, &gv), &f) in gs
+                .iter_mut()
+                .zip(&gop[i * wo..(i + 1) * wo])
+                .zip(&self.inv[i * wo..(i + 1) * wo])
+            {
+                *s = gv * f;
+            }
+            for r in a..bb {
+                let gr = &mut gp[r * w..(r + 1) * w];
+                for (q, &(lo, hi)) in self.col_ranges.iter().enumerate() {
+                    let x0 = lo * stride + q - padding;
+                    let src = &gs[lo..hi.max(lo)];
+                    if stride == 1 {
+                        for (d, s) in gr[x0..].iter_mut().zip(src) {
+                            *d += *s;
                         }
-                    })
-            })?;
-            Ok(())
-        });
-        Ok(out.put_tape(tape))
+                    } else {
+                        for (d, s) in gr[x0..].iter_mut().step_by(stride).zip(src) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

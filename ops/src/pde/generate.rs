@@ -45,6 +45,17 @@ struct SampleInfo {
     redraws: u32,
 }
 
+/// One sample's random stream and output slots, handed to the per-problem sampler.
+struct Slot<'a> {
+    rng: StdRng,
+    index: usize,
+    n: usize,
+    /// `[C, n, n]`.
+    x: &'a mut [f32],
+    /// `[C_y, n, n]` when labeled.
+    y: Option<&'a mut [f32]>,
+}
+
 /// Per-run precomputation shared by every thread.
 enum Solver {
     Spectral(EllipticGrid, source::BumpBasis),
@@ -257,155 +268,226 @@ fn sample(
     x: &mut [f32],
     y: Option<&mut [f32]>,
 ) -> Result<SampleInfo, OpError> {
-    let mut rng = StdRng::seed_from_u64(derive_seed(seed, index as u64));
-    let n = config.resolution;
+    let slot = Slot {
+        rng: StdRng::seed_from_u64(derive_seed(seed, index as u64)),
+        index,
+        n: config.resolution,
+        x,
+        y,
+    };
     match (&config.problem, solver, work) {
         (Problem::Poisson { e }, Solver::Spectral(grid, basis), Work::Spectral(work)) => {
-            // Note section 1, Poisson: e ~ U[lo, hi], theta ~ U[0, 2 pi], bump source with
-            // mean removed; stored coefficients 0.01 [K11, K22, K12].
-            let e = rng.gen_range(e[0]..=e[1]);
-            let theta = rng.gen_range(0.0..std::f64::consts::TAU);
-            let vf = source::volume_fraction(index);
-            let EllipticBuffers { solver, f, u, t } = &mut **work;
-            basis.source_into(&source::draw_amplitudes(&mut rng, vf), true, t, f);
-            let k = conductivity(e, theta);
-            let scaled = k.map(|v| DIFFUSIVITY * v);
-            store_with_constant_channels(x, f, &scaled);
-            if let Some(y) = y {
-                grid.solve_poisson(solver, f, k, u);
-                store(y, u);
-            }
-            Ok(SampleInfo {
-                coeffs: vec![scaled[0], scaled[1], scaled[2], e, theta, vf],
-                f_norm: Some(source_norm(f, n)),
-                redraws: 0,
-            })
+            Ok(sample_poisson(e, grid, basis, work, slot))
         }
         (Problem::Helmholtz { omega }, Solver::Spectral(grid, basis), Work::Spectral(work)) => {
-            // Note section 1, Helmholtz: omega ~ U{lo..hi}, bump source without mean removal,
-            // redraw while max |u| > 2 (only checkable when the solver runs, i.e. labeled).
-            let vf = source::volume_fraction(index);
-            let mut y = y;
-            let EllipticBuffers { solver, f, u, t } = &mut **work;
-            for redraws in 0..HELMHOLTZ_MAX_DRAWS {
-                let w = rng.gen_range(omega[0]..=omega[1]) as f64;
-                basis.source_into(&source::draw_amplitudes(&mut rng, vf), false, t, f);
-                if let Some(y) = y.as_deref_mut() {
-                    grid.solve_helmholtz(solver, f, w, u);
-                    let max = u.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                    if max.is_nan() || max > HELMHOLTZ_MAX_ABS_U {
-                        continue;
-                    }
-                    store(y, u);
-                }
-                store_with_constant_channels(x, f, &[DIFFUSIVITY, w]);
-                return Ok(SampleInfo {
-                    coeffs: vec![DIFFUSIVITY, w, vf],
-                    f_norm: Some(source_norm(f, n)),
-                    redraws,
-                });
-            }
-            Err(OpError::Failed(format!(
-                "helmholtz sample {index}: {HELMHOLTZ_MAX_DRAWS} draws in a row had max|u| > \
-                 {HELMHOLTZ_MAX_ABS_U} for omega in [{}, {}]; choose another omega range",
-                omega[0], omega[1]
-            )))
+            sample_helmholtz(omega, grid, basis, work, slot)
         }
         (
             Problem::ReactionDiffusion { window, .. },
             Solver::ReactionDiffusion(model),
             Work::ReactionDiffusion(work),
-        ) => {
-            // Note section 1, reaction-diffusion: u, v ~ N(0, 1) per cell at t = 0.
-            let mut state: Vec<f64> = (0..2 * n * n)
-                .map(|_| rng.sample(rand_distr::StandardNormal))
-                .collect();
-            let coeffs = vec![model.du, model.dv, model.k];
-            let Some(y) = y else {
-                store(x, &state);
-                return Ok(time_info(coeffs));
-            };
-            let diverged = |e: reaction_diffusion::Diverged| {
-                OpError::Failed(format!(
-                    "reaction_diffusion sample {index}: the state stopped being finite at t = \
-                     {:.4}; reduce dt (steps of {:.3e} now)",
-                    e.time,
-                    window.dt.max(window.burn_in_dt)
-                ))
-            };
-            let rd = |state: &mut [f64], dt, steps, t0, work: &mut RdWork| {
-                reaction_diffusion::integrate(model, n, state, dt, steps, t0, work)
-            };
-            rd(
-                &mut state,
-                window.burn_in_dt,
-                window.burn_in_steps,
-                0.0,
-                work,
-            )
-            .map_err(diverged)?;
-            store(x, &state);
-            for (frame, out) in y.chunks_mut(2 * n * n).enumerate() {
-                let t0 = frame_start(window, frame);
-                rd(&mut state, window.dt, window.steps_per_frame, t0, work).map_err(diverged)?;
-                store(out, &state);
-            }
-            Ok(time_info(coeffs))
-        }
+        ) => sample_reaction_diffusion(window, model, work, slot),
         (
             Problem::NavierStokes { re, window },
             Solver::NavierStokes(grid),
             Work::NavierStokes(work),
-        ) => {
-            // Note section 1, NS: Re cycles through the list; w0 a GRF(alpha 2.5, tau 3).
-            let re = re[index % re.len()];
-            let w0 = navier_stokes::random_vorticity(
-                &mut rng,
-                grid,
-                work,
-                navier_stokes::GRF_ALPHA,
-                navier_stokes::GRF_TAU,
-            );
-            let Some(y) = y else {
-                store(x, &w0);
-                return Ok(time_info(vec![re]));
-            };
-            let nu = 1.0 / re;
-            let unstable = |e: NsError| {
-                let NsError::Unstable { cfl, time } = e;
-                OpError::Failed(format!(
-                    "navier_stokes sample {index} (Re {re}): CFL number {cfl:.3} > 1 at t = \
-                     {time:.4}; reduce dt (steps of {:.3e} now) or raise the resolution",
-                    window.dt.max(window.burn_in_dt)
-                ))
-            };
-            let mut w_hat = grid.to_spectral(&w0, work);
-            if window.burn_in_steps > 0 {
-                grid.advance(
-                    &mut w_hat,
-                    nu,
-                    window.burn_in_dt,
-                    window.burn_in_steps,
-                    0.0,
-                    work,
-                )
-                .map_err(unstable)?;
-                store(x, &grid.to_physical(&w_hat, work));
-            } else {
-                store(x, &w0);
-            }
-            for (frame, out) in y.chunks_mut(n * n).enumerate() {
-                let t0 = frame_start(window, frame);
-                grid.advance(&mut w_hat, nu, window.dt, window.steps_per_frame, t0, work)
-                    .map_err(unstable)?;
-                store(out, &grid.to_physical(&w_hat, work));
-            }
-            Ok(time_info(vec![re]))
-        }
+        ) => sample_navier_stokes(re, window, grid, work, slot),
         _ => Err(OpError::Failed(
             "internal: pde.generate paired a problem with another equation's solver".to_string(),
         )),
     }
+}
+
+/// Note section 1, Poisson: one draw, always usable.
+fn sample_poisson(
+    e: &[f64; 2],
+    grid: &EllipticGrid,
+    basis: &source::BumpBasis,
+    work: &mut EllipticBuffers,
+    slot: Slot<'_>,
+) -> SampleInfo {
+    let Slot {
+        mut rng,
+        index,
+        n,
+        x,
+        y,
+    } = slot;
+    // Note section 1, Poisson: e ~ U[lo, hi], theta ~ U[0, 2 pi], bump source with
+    // mean removed; stored coefficients 0.01 [K11, K22, K12].
+    let e = rng.gen_range(e[0]..=e[1]);
+    let theta = rng.gen_range(0.0..std::f64::consts::TAU);
+    let vf = source::volume_fraction(index);
+    let EllipticBuffers { solver, f, u, t } = work;
+    basis.source_into(&source::draw_amplitudes(&mut rng, vf), true, t, f);
+    let k = conductivity(e, theta);
+    let scaled = k.map(|v| DIFFUSIVITY * v);
+    store_with_constant_channels(x, f, &scaled);
+    if let Some(y) = y {
+        grid.solve_poisson(solver, f, k, u);
+        store(y, u);
+    }
+    SampleInfo {
+        coeffs: vec![scaled[0], scaled[1], scaled[2], e, theta, vf],
+        f_norm: Some(source_norm(f, n)),
+        redraws: 0,
+    }
+}
+
+/// Note section 1, Helmholtz: draws until max |u| is in range (labeled only).
+fn sample_helmholtz(
+    omega: &[i64; 2],
+    grid: &EllipticGrid,
+    basis: &source::BumpBasis,
+    work: &mut EllipticBuffers,
+    slot: Slot<'_>,
+) -> Result<SampleInfo, OpError> {
+    let Slot {
+        mut rng,
+        index,
+        n,
+        x,
+        mut y,
+    } = slot;
+    // Note section 1, Helmholtz: omega ~ U{lo..hi}, bump source without mean removal,
+    // redraw while max |u| > 2 (only checkable when the solver runs, i.e. labeled).
+    let vf = source::volume_fraction(index);
+    let EllipticBuffers { solver, f, u, t } = work;
+    for redraws in 0..HELMHOLTZ_MAX_DRAWS {
+        let w = rng.gen_range(omega[0]..=omega[1]) as f64;
+        basis.source_into(&source::draw_amplitudes(&mut rng, vf), false, t, f);
+        if let Some(y) = y.as_deref_mut() {
+            grid.solve_helmholtz(solver, f, w, u);
+            let max = u.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            if max.is_nan() || max > HELMHOLTZ_MAX_ABS_U {
+                continue;
+            }
+            store(y, u);
+        }
+        store_with_constant_channels(x, f, &[DIFFUSIVITY, w]);
+        return Ok(SampleInfo {
+            coeffs: vec![DIFFUSIVITY, w, vf],
+            f_norm: Some(source_norm(f, n)),
+            redraws,
+        });
+    }
+    Err(OpError::Failed(format!(
+        "helmholtz sample {index}: {HELMHOLTZ_MAX_DRAWS} draws in a row had max|u| > \
+         {HELMHOLTZ_MAX_ABS_U} for omega in [{}, {}]; choose another omega range",
+        omega[0], omega[1]
+    )))
+}
+
+/// Note section 1, reaction-diffusion: a random state, burnt in, then the frames.
+fn sample_reaction_diffusion(
+    window: &Window,
+    model: &FitzHughNagumo,
+    work: &mut RdWork,
+    slot: Slot<'_>,
+) -> Result<SampleInfo, OpError> {
+    let Slot {
+        mut rng,
+        index,
+        n,
+        x,
+        y,
+    } = slot;
+    // Note section 1, reaction-diffusion: u, v ~ N(0, 1) per cell at t = 0.
+    let mut state: Vec<f64> = (0..2 * n * n)
+        .map(|_| rng.sample(rand_distr::StandardNormal))
+        .collect();
+    let coeffs = vec![model.du, model.dv, model.k];
+    let Some(y) = y else {
+        store(x, &state);
+        return Ok(time_info(coeffs));
+    };
+    let diverged = |e: reaction_diffusion::Diverged| {
+        OpError::Failed(format!(
+            "reaction_diffusion sample {index}: the state stopped being finite at t = \
+             {:.4}; reduce dt (steps of {:.3e} now)",
+            e.time,
+            window.dt.max(window.burn_in_dt)
+        ))
+    };
+    let rd = |state: &mut [f64], dt, steps, t0, work: &mut RdWork| {
+        reaction_diffusion::integrate(model, n, state, dt, steps, t0, work)
+    };
+    rd(
+        &mut state,
+        window.burn_in_dt,
+        window.burn_in_steps,
+        0.0,
+        work,
+    )
+    .map_err(diverged)?;
+    store(x, &state);
+    for (frame, out) in y.chunks_mut(2 * n * n).enumerate() {
+        let t0 = frame_start(window, frame);
+        rd(&mut state, window.dt, window.steps_per_frame, t0, work).map_err(diverged)?;
+        store(out, &state);
+    }
+    Ok(time_info(coeffs))
+}
+
+/// Note section 1, NS: a random vorticity, burnt in, then the frames.
+fn sample_navier_stokes(
+    re: &[f64],
+    window: &Window,
+    grid: &KolmogorovGrid,
+    work: &mut NsWork,
+    slot: Slot<'_>,
+) -> Result<SampleInfo, OpError> {
+    let Slot {
+        mut rng,
+        index,
+        n,
+        x,
+        y,
+    } = slot;
+    // Note section 1, NS: Re cycles through the list; w0 a GRF(alpha 2.5, tau 3).
+    let re = re[index % re.len()];
+    let w0 = navier_stokes::random_vorticity(
+        &mut rng,
+        grid,
+        work,
+        navier_stokes::GRF_ALPHA,
+        navier_stokes::GRF_TAU,
+    );
+    let Some(y) = y else {
+        store(x, &w0);
+        return Ok(time_info(vec![re]));
+    };
+    let nu = 1.0 / re;
+    let unstable = |e: NsError| {
+        let NsError::Unstable { cfl, time } = e;
+        OpError::Failed(format!(
+            "navier_stokes sample {index} (Re {re}): CFL number {cfl:.3} > 1 at t = \
+             {time:.4}; reduce dt (steps of {:.3e} now) or raise the resolution",
+            window.dt.max(window.burn_in_dt)
+        ))
+    };
+    let mut w_hat = grid.to_spectral(&w0, work);
+    if window.burn_in_steps > 0 {
+        grid.advance(
+            &mut w_hat,
+            nu,
+            window.burn_in_dt,
+            window.burn_in_steps,
+            0.0,
+            work,
+        )
+        .map_err(unstable)?;
+        store(x, &grid.to_physical(&w_hat, work));
+    } else {
+        store(x, &w0);
+    }
+    for (frame, out) in y.chunks_mut(n * n).enumerate() {
+        let t0 = frame_start(window, frame);
+        grid.advance(&mut w_hat, nu, window.dt, window.steps_per_frame, t0, work)
+            .map_err(unstable)?;
+        store(out, &grid.to_physical(&w_hat, work));
+    }
+    Ok(time_info(vec![re]))
 }
 
 fn frame_start(window: &Window, frame: usize) -> f64 {
