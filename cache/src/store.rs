@@ -214,7 +214,9 @@ impl Store {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let stale = match ScratchOwner::of(&name.to_string_lossy()) {
-                ScratchOwner::Here(pid) => !process_alive(pid) && !holds_live_work(&entry.path()),
+                ScratchOwner::Here(pid) => {
+                    !process_alive(pid) && !live_work_after_grace(&entry.path())
+                }
                 ScratchOwner::Legacy(pid) => legacy && !process_alive(pid),
                 ScratchOwner::Elsewhere | ScratchOwner::Unknown => false,
             };
@@ -682,6 +684,23 @@ fn visit(
     }
     ancestors.pop();
     Ok(())
+}
+
+/// How long a dead engine's stage supervisors get to finish dying before their scratch is left
+/// for a later start: a supervisor kills its command's processes as soon as its engine dies
+/// and then exits, releasing its lock within milliseconds on an idle machine.
+const DYING_SUPERVISOR_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// [`holds_live_work`] once the lock is still held after [`DYING_SUPERVISOR_GRACE`].
+fn live_work_after_grace(scratch: &Path) -> bool {
+    let deadline = std::time::Instant::now() + DYING_SUPERVISOR_GRACE;
+    while holds_live_work(scratch) {
+        if std::time::Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
 }
 
 /// Whether a folder directly inside the scratch folder `scratch` is locked (`flock`) by a
