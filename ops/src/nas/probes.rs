@@ -1,6 +1,6 @@
 //! The images every candidate is scored on: two batches and 3x3 crops from the `data` input (a
 //! classification dataset), or seeded Gaussian images without one
-//! (`../shared/papers/training-free-nas.md` §2). Both spaces and `scale` load them here.
+//! (TE-NAS, arXiv 2102.11535). Both spaces and `scale` load them here.
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! The `search` op: training-free search over NAS-Bench-201 cells
-//! (`../shared/papers/training-free-nas.md` §4) scored by the indicators of §2, or over As-ViT
-//! topologies (`space: vit`, `../shared/papers/asvit.md` §2; the space is [`super::vit_space`]).
+//! (TE-NAS, arXiv 2102.11535; TEG-NAS, arXiv 2108.11939) scored by their indicators, or over As-ViT
+//! topologies (`space: vit`, As-ViT, arXiv 2202.11921; the space is [`super::vit_space`]).
 //!
 //! Algorithms: `random`, `prune`, `evolution`, `reinforce` (§4) and `listed` (score the given
 //! `cells`: a fixed sample to correlate with trained accuracy); the ViT space has `random` and

@@ -13,7 +13,7 @@ pub const MAX_RESOLUTION: usize = 1024;
 pub const MAX_SAMPLES: usize = 10_000_000;
 pub const MAX_FRAMES: usize = 1000;
 
-/// The PDE solved (`../shared/papers/operator-learning.md` §1).
+/// The PDE solved (arXiv 2402.15734).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Equation {
