@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::Float;
 
 /// The base scheme for weights that the hook (if any) leaves alone.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum InitScheme {
     /// PyTorch's default: `kaiming_uniform_(a = sqrt(5))`, i.e. W ~ U(-1/sqrt(fan_in),

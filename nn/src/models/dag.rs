@@ -59,12 +59,14 @@ where
 
 /// `mlp_dag`: flatten -> stem Linear(in, w) + ReLU -> DAG cell of Linear(w, w) + ReLU (digit 2)
 /// and identity (digit 1) edges -> readout Linear(w, classes).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MlpDagSpec {
     /// Cell topology, e.g. `"2_02_002"`: digits 0 zero, 1 skip, 2 linear.
     pub topology: String,
+    /// Width of every node.
     pub width: usize,
+    /// Classes of the classifier head.
     pub classes: usize,
 }
 
@@ -121,13 +123,17 @@ where
 
 /// `cnn_dag`: stem Conv3x3(c_in, w) + BN + ReLU -> DAG cell of ReLU-Conv(k x k)-BN (digit 2) and
 /// identity (digit 1) edges at width w -> global average pool -> Linear(w, classes).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CnnDagSpec {
+    /// Cell topology, e.g. `"2_02_002"`: digits 0 zero, 1 skip, 2 convolution.
     pub topology: String,
+    /// Channels of every node.
     pub width: usize,
+    /// Odd kernel size q of the convolutions.
     #[serde(default = "default_kernel")]
     pub kernel: usize,
+    /// Classes of the classifier head.
     pub classes: usize,
 }
 

@@ -10,7 +10,7 @@ use crate::layers::{gelu, Conv2d, ConvGeometry, SpectralConv2d};
 use crate::tensor::impl_has_params;
 use crate::{Dev, Float, NnError, Tensor2, Tensor4, VarBuilder};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fno2dSpec {
     /// Channels inside the Fourier layers.
@@ -34,13 +34,16 @@ fn default_out_channels() -> usize {
     1
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fno2dMaeSpec {
+    /// Channels inside the Fourier layers.
     pub width: usize,
+    /// Kept modes (m1 on the first spatial axis, each sign; m2 on the second).
     pub modes: (usize, usize),
     /// Fourier layers in the encoder and in the decoder, each.
     pub layers: usize,
+    /// Hidden width of the head (paper: 128).
     #[serde(default = "default_head_width")]
     pub head_width: usize,
 }

@@ -25,14 +25,20 @@ use crate::layers::ForwardCtx;
 use crate::{Dev, Float, HasParams, NnError, Param, Tensor2, Tensor4, VarBuilder};
 
 /// The `model:` block of a stage, tagged by `kind`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelSpec {
+    /// An MLP whose cell is a DAG of linear layers.
     MlpDag(MlpDagSpec),
+    /// A CNN whose cell is a DAG of convolutions.
     CnnDag(CnnDagSpec),
+    /// The NAS-Bench-201 network around one cell.
     Nb201(Nb201Spec),
+    /// A 2-D Fourier neural operator.
     Fno2d(Fno2dSpec),
+    /// The masked-autoencoder FNO of operator pretraining.
     Fno2dMae(Fno2dMaeSpec),
+    /// A ViT of the As-ViT space.
     Vit(VitSpec),
 }
 

@@ -13,7 +13,7 @@ use crate::layers::{
 use crate::tensor::{impl_has_params, join};
 use crate::{Dev, Float, NnError, Tensor2, Tensor4, VarBuilder};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Nb201Spec {
     /// The cell: an arch string `|nor_conv_3x3~0|+|...|` or the digit form `"3_33_133"` /
@@ -25,6 +25,7 @@ pub struct Nb201Spec {
     /// Cells per stage, N (benchmark: 5).
     #[serde(default = "default_cells")]
     pub cells_per_stage: usize,
+    /// Classes of the classifier head.
     pub classes: usize,
 }
 

@@ -22,7 +22,7 @@ pub const TOKENIZER_STRIDE: usize = 4;
 pub const MAX_STAGES: usize = 4;
 
 /// The `vit` model block. Per-stage lists all have one entry per stage (1 to 4 stages).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VitSpec {
     /// Kernel of the stage-1 tokenizer (4..=8, stride 4), then of each patch merging (2..=4,
@@ -40,6 +40,7 @@ pub struct VitSpec {
     pub depths: Option<Vec<usize>>,
     /// Width of stage 1; stage i has hidden * 2^(i-1) [search: 32].
     pub hidden: usize,
+    /// Classes of the classifier head.
     pub classes: usize,
 }
 

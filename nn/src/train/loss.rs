@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::tensor::from_vec;
 use crate::{Dev, Float, NnError, Tensor2};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LossKind {
     /// Mean over the batch of -log softmax(logits)[label].

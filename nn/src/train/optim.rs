@@ -11,26 +11,32 @@ use crate::{
 };
 
 /// The `optimizer:` block of a stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OptimizerSpec {
     /// PyTorch's SGD: g += wd p; b = mu b + g (b = g on the first step);
     /// g = g + mu b (Nesterov) or b; p -= lr g.
     Sgd {
+        /// Heavy-ball momentum mu (0: plain SGD).
         #[serde(default)]
         momentum: f64,
+        /// Nesterov's form of the momentum step.
         #[serde(default)]
         nesterov: bool,
+        /// L2 penalty added to the gradient (coupled weight decay).
         #[serde(default)]
         weight_decay: f64,
     },
     /// Loshchilov & Hutter 2019 (PyTorch's AdamW): p *= 1 - lr wd; m = b1 m + (1 - b1) g;
     /// v = b2 v + (1 - b2) g^2; p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
     Adamw {
+        /// Decay rates (b1, b2) of the first and second moments.
         #[serde(default = "default_betas")]
         betas: (f64, f64),
+        /// Added to the denominator for stability.
         #[serde(default = "default_eps")]
         eps: f64,
+        /// Decoupled weight decay (p *= 1 - lr wd per step).
         #[serde(default = "default_adamw_decay")]
         weight_decay: f64,
     },
@@ -101,10 +107,12 @@ impl OptimizerSpec {
 
 /// Parameters whose name starts with `prefix` train at `lr_multiplier` times the schedule's
 /// rate; 0 freezes them (no update, no weight decay). The longest matching prefix wins.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ParamGroup {
+    /// Parameter-name prefix the multiplier applies to.
     pub prefix: String,
+    /// Factor on the learning rate for those parameters.
     pub lr_multiplier: f64,
 }
 

@@ -18,7 +18,7 @@ pub enum ScheduleKind {
 
 /// A schedule: `warmup_steps` of linear warmup from base/warmup to base, then `kind`.
 /// Written as `{kind: cosine, min_lr: 0, warmup_steps: 100}`; fields of other kinds are errors.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(try_from = "ScheduleFields", into = "ScheduleFields")]
 pub struct Schedule {
     pub kind: ScheduleKind,
@@ -26,16 +26,21 @@ pub struct Schedule {
 }
 
 /// The flat serde form of [`Schedule`] (serde cannot deny unknown fields through `flatten`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ScheduleFields {
+    /// `constant`, `cosine` or `step`.
     kind: String,
+    /// Steps of linear warm-up from 0 to the learning rate.
     #[serde(default, skip_serializing_if = "is_zero")]
     warmup_steps: u64,
+    /// `cosine`: the learning rate at the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     min_lr: Option<f64>,
+    /// `step`: steps between decays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     every: Option<u64>,
+    /// `step`: the factor of each decay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     gamma: Option<f64>,
 }

@@ -4,7 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::train::{evaluate_split, loss_for, report_metrics};
-use super::{fail, nn_schema, Device};
+use super::{fail, Device};
 use crate::dataset::{read_meta, read_split};
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp, METRICS_FILE};
 use nn::open_device;
@@ -28,7 +28,6 @@ pub struct EvaluateParams {
     pub batch_size: Count,
     /// `cross_entropy`, `mse` or `sum_of_squares`; default: cross_entropy for classification,
     /// mse for regression.
-    #[schemars(schema_with = "nn_schema::optional_name")]
     pub loss: Option<LossKind>,
     /// Where to compute: `cpu`, or `cuda` in a build with the `cuda` feature (default: the
     /// build's device).

@@ -25,33 +25,6 @@ pub(crate) use crate::params_doc::required;
 pub(crate) use crate::seed::derive_seed;
 use crate::ParamError;
 
-/// Schemas for the [`nn`] types that params embed (`model:`, `optimizer:`, `schedule:`,
-/// `loss:` ...). nn documents their fields itself and does not derive `JsonSchema`; the
-/// embedding param's doc comment names the choices.
-pub(crate) mod nn_schema {
-    use schemars::{json_schema, Schema, SchemaGenerator};
-
-    /// A block of named fields (`optimizer: {kind: sgd, momentum: 0.9}`).
-    pub fn object(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"type": "object", "properties": {}})
-    }
-
-    /// A list of such blocks.
-    pub fn objects(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"type": "array", "items": {"type": "object", "properties": {}}})
-    }
-
-    /// A name (`init_scheme: kaiming_normal`).
-    pub fn name(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"type": "string"})
-    }
-
-    /// A name that may be left out (`loss:`).
-    pub fn optional_name(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"type": ["string", "null"]})
-    }
-}
-
 /// Where a stage computes (`device:` param of `train` and `evaluate`). A build computes on one
 /// device: the CPU, or with the `cuda` feature GPU 0; the other value is refused with a fix.
 /// Left out, it is the build's device (so the same pipeline runs on either build; set it, or

@@ -17,7 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use super::{derive_seed, fail, nn_schema, required, Device};
+use super::{derive_seed, fail, required, Device};
 use crate::arch::lr::{predict_lr, LrPrediction};
 use crate::arch::{ArchAwareInit, ArchError, Cell, CellKind};
 use crate::dataset::{read_meta, read_split, DatasetMeta, Split, Targets, Task};
@@ -201,7 +201,7 @@ impl JsonSchema for ModelParam {
         true
     }
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        nn_schema::object(generator)
+        <ModelSpec as JsonSchema>::json_schema(generator)
     }
 }
 
@@ -234,7 +234,6 @@ pub struct TrainParams {
     pub data: String,
     /// `{kind: sgd, momentum, nesterov, weight_decay}` or `{kind: adamw, betas, eps,
     /// weight_decay}`.
-    #[schemars(schema_with = "nn_schema::object")]
     pub optimizer: OptimizerSpec,
     /// The learning rate: a number, or `arch_aware` (with `base_lr`). Required.
     pub lr: Option<Lr>,
@@ -249,7 +248,6 @@ pub struct TrainParams {
     /// it when the pipeline is written. `model.cell` is then left out.
     pub cell_from: Option<String>,
     /// The learning rate over training: `{kind: constant | cosine | step, warmup_steps, ...}`.
-    #[schemars(schema_with = "nn_schema::object")]
     pub schedule: Schedule,
     /// Passes over the training split. Required by `train`; `lr.probe` runs 1 unless told.
     pub epochs: Option<Count>,
@@ -257,7 +255,6 @@ pub struct TrainParams {
     pub batch_size: Count,
     /// `cross_entropy`, `mse` or `sum_of_squares`; default: cross_entropy for classification,
     /// mse for regression.
-    #[schemars(schema_with = "nn_schema::optional_name")]
     pub loss: Option<LossKind>,
     /// Maximum global gradient norm.
     pub clip: Option<f64>,
@@ -274,13 +271,11 @@ pub struct TrainParams {
     /// Parameter-name prefixes that are not updated. `train` only.
     pub freeze: Option<Vec<String>>,
     /// Per-prefix learning-rate multipliers: `[{prefix, lr_multiplier}]`.
-    #[schemars(schema_with = "nn_schema::objects")]
     pub param_groups: Vec<ParamGroup>,
     /// Train on the first N samples of the training split only (the split is already a seeded
     /// permutation, so this is a fixed random subset, the same for every training seed).
     pub samples: Option<Count>,
     /// The base init scheme: `default` (PyTorch's) or `kaiming_normal`.
-    #[schemars(schema_with = "nn_schema::name")]
     pub init_scheme: InitScheme,
     /// Where to compute: `cpu`, or `cuda` in a build with the `cuda` feature (default: the
     /// build's device).

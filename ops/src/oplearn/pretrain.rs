@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{fail, read_pde, scale_inputs};
-use crate::ml::{derive_seed, nn_schema, required};
+use crate::ml::{derive_seed, required};
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::layers::ForwardCtx;
 use nn::models::InputShape;
@@ -43,7 +43,6 @@ pub enum InitMode {
 pub struct PretrainParams {
     /// The model: an `fno2d_mae` spec (`{kind: fno2d_mae, width, modes, layers, head_width}`).
     /// Required.
-    #[schemars(schema_with = "nn_schema::object")]
     pub model: Option<ModelSpec>,
     /// r: floor(r n^2) pixels masked per sample, in [0, 1). Required.
     pub mask_ratio: Option<f64>,
