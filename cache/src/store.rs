@@ -211,11 +211,13 @@ impl Store {
     /// here go too: only safe under the exclusive lock, when no engine run is in progress.
     pub(crate) fn clean_stale_scratch(&self, legacy: bool) -> Result<()> {
         let entries = std::fs::read_dir(&self.tmp).map_err(|e| CacheError::io(&self.tmp, e))?;
+        // One grace period for the whole sweep, however many dying supervisors there are.
+        let grace_ends = std::time::Instant::now() + DYING_SUPERVISOR_GRACE;
         for entry in entries.flatten() {
             let name = entry.file_name();
             let stale = match ScratchOwner::of(&name.to_string_lossy()) {
                 ScratchOwner::Here(pid) => {
-                    !process_alive(pid) && !live_work_after_grace(&entry.path())
+                    !process_alive(pid) && !live_work_after(&entry.path(), grace_ends)
                 }
                 ScratchOwner::Legacy(pid) => legacy && !process_alive(pid),
                 ScratchOwner::Elsewhere | ScratchOwner::Unknown => false,
@@ -691,9 +693,8 @@ fn visit(
 /// and then exits, releasing its lock within milliseconds on an idle machine.
 const DYING_SUPERVISOR_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// [`holds_live_work`] once the lock is still held after [`DYING_SUPERVISOR_GRACE`].
-fn live_work_after_grace(scratch: &Path) -> bool {
-    let deadline = std::time::Instant::now() + DYING_SUPERVISOR_GRACE;
+/// [`holds_live_work`] once the lock is still held at `deadline`.
+fn live_work_after(scratch: &Path, deadline: std::time::Instant) -> bool {
     while holds_live_work(scratch) {
         if std::time::Instant::now() >= deadline {
             return true;

@@ -228,10 +228,13 @@ fn instances<'p>(
             )
         })?;
         let count = instance_count(spec, out.nodes.len(), max_stages).map_err(locate)?;
+        // `--device` goes to ops whose params type has a `device` field; asked once per stage
+        // (the answer walks the op's params schema), not once per matrix point.
+        let device = options.device.as_deref().filter(|_| op.takes_device());
         // Points expand independently: on all cores for big matrices, in point order.
         let expand_point = |point: usize| {
             let point = matrix_point(&spec.matrix, point);
-            expand(pipeline, spec, &op, point, options, protected, &budget)
+            expand(pipeline, spec, &op, point, device, protected, &budget)
         };
         let expanded: Vec<Result<(Node, RawInputs), SpecError>> = if count >= PARALLEL_FROM {
             (0..count).into_par_iter().map(expand_point).collect()
@@ -388,7 +391,7 @@ fn expand(
     spec: &StageSpec,
     op: &Arc<dyn Op>,
     matrix: Map<String, Value>,
-    options: &PlanOptions,
+    device: Option<&str>,
     protected: &[PathBuf],
     budget: &Budget,
 ) -> Result<(Node, RawInputs), SpecError> {
@@ -403,8 +406,7 @@ fn expand(
         &scope,
         &format!("{stage_path}.params"),
     )?);
-    let device = options.device.as_deref();
-    let (params, injected) = with_default_device(params, op.as_ref(), device);
+    let (params, injected) = with_default_device(params, device);
     let op_plan = op.plan(&params).map_err(|mut e| {
         if let (true, Some(device)) = (injected && e.path == "device", device) {
             e.message = format!("--device {device}: {}", e.message);
@@ -485,15 +487,13 @@ fn expand(
     ))
 }
 
-/// Adds `device: <d>` to the params of ops whose params have a `device` field (their type
-/// says so) and that do not choose a device themselves. An op that takes the field but not the
-/// value (cuda in a CPU-only build) is then refused by its own validation, naming `--device`.
-/// Returns whether the field was added.
-fn with_default_device(params: Value, op: &dyn Op, device: Option<&str>) -> (Value, bool) {
+/// Adds `device: <d>` (given only for ops whose params type has a `device` field) to params
+/// that do not choose a device themselves. An op that takes the field but not the value (cuda
+/// in a CPU-only build) is then refused by its own validation, naming `--device`. Returns
+/// whether the field was added.
+fn with_default_device(params: Value, device: Option<&str>) -> (Value, bool) {
     match (device, params) {
-        (Some(device), Value::Object(mut map))
-            if op.takes_device() && !map.contains_key("device") =>
-        {
+        (Some(device), Value::Object(mut map)) if !map.contains_key("device") => {
             map.insert("device".into(), Value::String(device.to_string()));
             (Value::Object(map), true)
         }

@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::fail;
+use crate::fail;
 use crate::{OpError, Outputs};
 
 pub const META_FILE: &str = "meta.json";

@@ -143,15 +143,6 @@ impl Label {
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     }
-
-    pub fn pairs(&self) -> &[(String, String)] {
-        &self.0
-    }
-
-    /// The pairs as a map (for ops that group items by their other matrix values).
-    pub fn to_map(&self) -> BTreeMap<String, String> {
-        self.0.iter().cloned().collect()
-    }
 }
 
 impl std::fmt::Display for Label {

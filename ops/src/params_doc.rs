@@ -73,12 +73,6 @@ impl Walker {
                 })
                 .collect();
             if tagged.len() == alternatives.len() && !tagged.is_empty() {
-                if schema.get("properties").is_some() {
-                    // A struct with a `#[serde(flatten)]`ed tagged enum: its own fields, the tag,
-                    // then each alternative's fields.
-                    self.properties(schema, prefix, when, None, rows);
-                    rows.push(tag_row(prefix, &tagged));
-                }
                 for (field, value, alt) in tagged {
                     let when = format!("{prefix}{field}: {value}");
                     self.properties(alt, prefix, Some(&when), Some(&field), rows);
@@ -239,27 +233,6 @@ fn grouped(kind: String) -> String {
         format!("({kind})")
     } else {
         kind
-    }
-}
-
-/// The row of a flattened enum's tag (`algorithm`): its values, each with its doc.
-fn tag_row(prefix: &str, tagged: &[(String, String, &Value)]) -> ParamDoc {
-    let field = tagged.first().map_or("", |(f, _, _)| f.as_str());
-    let kind: Vec<String> = tagged.iter().map(|(_, v, _)| format!("{v:?}")).collect();
-    let doc: Vec<String> = tagged
-        .iter()
-        .map(|(_, v, alt)| match description(alt) {
-            Some(d) => format!("`{v}`: {d}"),
-            None => format!("`{v}`"),
-        })
-        .collect();
-    ParamDoc {
-        path: format!("{prefix}{field}"),
-        kind: kind.join(" | "),
-        default: None,
-        required: true,
-        doc: doc.join(" "),
-        when: None,
     }
 }
 
@@ -485,70 +458,6 @@ mod tests {
         assert_eq!(rows[4].kind, "number | \"arch_aware\"");
         assert_eq!(rows[4].default, Some(serde_json::json!(0.1)));
         assert!(markdown(&rows).contains("| `epochs` | integer >= 1 (optional) |"));
-    }
-
-    /// A search.
-    #[derive(Debug, Deserialize, JsonSchema)]
-    #[serde(default)]
-    struct Flat {
-        /// Where to search.
-        space: String,
-        /// How.
-        #[serde(flatten)]
-        algorithm: Algo,
-    }
-
-    impl Default for Flat {
-        fn default() -> Self {
-            Flat {
-                space: "nb201".into(),
-                algorithm: Algo::Prune {},
-            }
-        }
-    }
-
-    #[derive(Debug, Deserialize, JsonSchema)]
-    #[serde(tag = "algorithm", rename_all = "snake_case", deny_unknown_fields)]
-    enum Algo {
-        /// Draw and keep the best.
-        Random {
-            /// Draws.
-            samples: Count,
-        },
-        /// Cut edges.
-        Prune {},
-    }
-
-    #[test]
-    fn a_flattened_tagged_enum_lists_the_struct_the_tag_and_each_alternative() {
-        let rows = of::<Flat>();
-        let paths: Vec<(&str, Option<&str>)> = rows
-            .iter()
-            .map(|r| (r.path.as_str(), r.when.as_deref()))
-            .collect();
-        assert_eq!(
-            paths,
-            [
-                ("space", None),
-                ("algorithm", None),
-                ("samples", Some("algorithm: random"))
-            ]
-        );
-        assert_eq!(rows[0].default, Some(serde_json::json!("nb201")));
-        assert_eq!(rows[1].kind, "\"random\" | \"prune\"");
-        assert!(rows[1].required);
-        assert_eq!(
-            rows[1].doc,
-            "`random`: Draw and keep the best. `prune`: Cut edges."
-        );
-        let err =
-            crate::parse_params::<Flat>(&serde_json::json!({"algorithm": "prune", "samples": 1}))
-                .unwrap_err();
-        assert!(err.message.contains("unknown field `samples`"), "{err:?}");
-        let ok: Flat =
-            crate::parse_params(&serde_json::json!({"samples": 2, "algorithm": "random"})).unwrap();
-        assert_eq!(ok.space, "nb201");
-        assert!(matches!(ok.algorithm, Algo::Random { samples: Count(2) }));
     }
 
     #[test]

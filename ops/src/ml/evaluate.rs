@@ -4,8 +4,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::train::{evaluate_split, loss_for, report_metrics};
-use super::{fail, Device};
+use super::Device;
 use crate::dataset::{read_meta, read_split};
+use crate::fail;
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp, METRICS_FILE};
 use nn::open_device;
 use nn::train::{load_checkpoint, LossKind};

@@ -20,9 +20,6 @@ pub use train::{LrProbeOp, TrainOp};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub(crate) use crate::fail;
-pub(crate) use crate::params_doc::required;
-pub(crate) use crate::seed::derive_seed;
 use crate::ParamError;
 
 /// Where a stage computes (`device:` param of `train` and `evaluate`). A build computes on one

@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{derive_seed, fail, required};
 use crate::dataset::{
     split_by_permutation, standardize, write_splits, DatasetMeta, Fractions, Split, Targets, Task,
 };
+use crate::fail;
+use crate::params_doc::required;
+use crate::seed::derive_seed;
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 fn relative(field: &str, path: &str) -> Result<(), ParamError> {

@@ -8,10 +8,12 @@ use rand_distr::{Distribution, Normal};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{derive_seed, fail, required};
 use crate::dataset::{
     split_by_permutation, write_splits, DatasetMeta, Fractions, Split, Targets, Task,
 };
+use crate::fail;
+use crate::params_doc::required;
+use crate::seed::derive_seed;
 use crate::{OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// Generates `samples` images of `channels x size x size` in 10 balanced classes, each a line

@@ -17,10 +17,13 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use super::{derive_seed, fail, required, Device};
+use super::Device;
 use crate::arch::lr::{predict_lr, LrPrediction};
 use crate::arch::{ArchAwareInit, ArchError, Cell, CellKind};
 use crate::dataset::{read_meta, read_split, DatasetMeta, Split, Targets, Task};
+use crate::fail;
+use crate::params_doc::required;
+use crate::seed::derive_seed;
 use crate::{read_json, Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::from_vec;
 use nn::layers::ForwardCtx;

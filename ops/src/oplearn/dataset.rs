@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{fail, read_pde, scale_inputs};
+use super::{read_pde, scale_inputs};
 use crate::dataset::{write_splits, DatasetMeta, Split, Targets, Task};
+use crate::fail;
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// The input holding the data to convert.

@@ -8,8 +8,8 @@ use std::time::Instant;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::fail;
 use crate::dataset::{read_meta, read_split, Split, Targets};
+use crate::fail;
 use crate::params_doc::required;
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::train::{load_checkpoint, predict};

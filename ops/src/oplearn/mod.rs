@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::pde::{PdeMeta, DATA_FILE};
-use crate::{OpError, Registry};
+use crate::{fail, OpError, Registry};
 
 /// Adds this module's ops to `registry`.
 pub fn register(registry: &mut Registry) {
@@ -23,8 +23,6 @@ pub fn register(registry: &mut Registry) {
     registry.register(Arc::new(pretrain::PretrainMaskOp));
     registry.register(Arc::new(icl::InContextOp));
 }
-
-pub(crate) use crate::fail;
 
 /// A `pde.generate` artifact in memory: `x` row-major `[n, c, h, w]`, `y` `[n, c_y, h, w]` when
 /// labeled (c_y = 1 for Poisson/Helmholtz; the stored frames, times the state's channels, for the

@@ -10,8 +10,10 @@ use rand::{Rng, SeedableRng};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{fail, read_pde, scale_inputs};
-use crate::ml::{derive_seed, required};
+use super::{read_pde, scale_inputs};
+use crate::fail;
+use crate::params_doc::required;
+use crate::seed::derive_seed;
 use crate::{Count, OpError, Outputs, ParamError, RunContext, TypedOp};
 use nn::layers::ForwardCtx;
 use nn::models::InputShape;
