@@ -20,6 +20,9 @@ stages:
     op: shell
     matrix: {N: [8, 16], init: [scratch, pretrained], seed: [0, 1]}
     cmd: "echo '{\"score\": '$(( ${matrix.N} * 10 + ${matrix.seed} ))'}' > $ENGINE_OUT/metrics.json"
+  noise:
+    op: shell
+    cmd: "echo '{\"seed_tau\": 0.75, \"seed_tau_se\": 0.05}' > $ENGINE_OUT/metrics.json"
 report:
   title: Scores
   tables:
@@ -30,6 +33,7 @@ report:
       metric: score
       digits: 2
       paper: "the paper says something"
+      noise: {stage: noise, metric: seed_tau, se: seed_tau_se, label: seed-vs-seed tau}
   plots:
     - name: curve
       stage: fit
@@ -83,6 +87,12 @@ fn a_report_aggregates_seeds_and_draws_plots() {
     );
     assert!(md.contains("| 16 | 160.50 ± 0.71 (n=2) |"), "{md}");
     assert!(md.contains("**Paper:** the paper says something"));
+    assert!(
+        md.contains(
+            "**Noise, same run:** seed-vs-seed tau = 0.75 (standard error 0.05) (stage `noise`)"
+        ),
+        "{md}"
+    );
     assert!(md.contains("Provenance"));
     let folder = dir.path().join("reports/rep");
     for f in ["report.md", "curve.svg", "curve.png"] {

@@ -67,6 +67,27 @@ pub struct TableSpec {
     /// What the paper says about this table, shown beside it.
     #[serde(default)]
     pub paper: Option<String>,
+    /// The noise figure the table is read against (e.g. the seed-vs-seed tau of the same
+    /// run), shown under it.
+    #[serde(default)]
+    pub noise: Option<NoiseSpec>,
+}
+
+/// A noise figure: a metric of a stage (the mean and spread when the selection holds several
+/// instances), with its standard error when the stage records one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoiseSpec {
+    pub stage: String,
+    pub metric: String,
+    /// The metric holding the figure's standard error.
+    #[serde(default)]
+    pub se: Option<String>,
+    /// Fixes matrix variables of `stage`.
+    #[serde(default)]
+    pub filter: Map<String, Value>,
+    /// What the figure is, e.g. "seed-vs-seed tau of the test accuracies".
+    pub label: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +278,9 @@ pub fn build(
         if let Some(p) = &t.paper {
             let _ = writeln!(md, "\n**Paper:** {p}\n");
         }
+        if let Some(n) = &t.noise {
+            md.push_str(&noise_line(plan, cache, &statuses, n, t.digits)?);
+        }
         md.push_str(&provenance(&g));
     }
     let mut files = Vec::new();
@@ -314,6 +338,15 @@ fn wanted_nodes(
                 &p.filter,
                 vec![Some(&p.x), p.series.as_ref()],
             )
+        }))
+        .chain(spec.tables.iter().enumerate().filter_map(|(i, t)| {
+            let n = t.noise.as_ref()?;
+            Some((
+                format!("report.tables.{i}.noise"),
+                &n.stage,
+                &n.filter,
+                vec![],
+            ))
         }));
     for (field, stage, filter, vars) in selections {
         let vars: Vec<&String> = vars.into_iter().flatten().collect();
@@ -362,6 +395,7 @@ fn plot_section(
         filter: Map::new(),
         digits: 4,
         paper: None,
+        noise: None,
     };
     md.push_str(&render_table(&table, g));
     if let Some(text) = &p.paper {
@@ -369,6 +403,39 @@ fn plot_section(
     }
     md.push_str(&provenance(g));
     Ok([svg, png])
+}
+
+/// The line under a table giving its noise figure: `label = mean ± se` (one instance) or the
+/// mean and spread over the instances selected.
+fn noise_line(
+    plan: &Plan,
+    cache: &Cache,
+    statuses: &[crate::status::NodeStatus],
+    n: &NoiseSpec,
+    digits: usize,
+) -> Result<String, ReportError> {
+    let nodes = select_nodes(plan, "report.noise", &n.stage, &n.filter, &[])?;
+    let metric = |m: &str| -> Result<Vec<f64>, ReportError> {
+        let g = group(plan, cache, statuses, &nodes, "", None, m)?;
+        Ok(g.cells.into_values().flatten().collect())
+    };
+    let values = metric(&n.metric)?;
+    let cell = aggregate(&values, Aggregate::MeanStd);
+    let mut text = format!("{:.d$}", cell.mean, d = digits);
+    match (&n.se, cell.n) {
+        (Some(se), 1) => {
+            let se = metric(se)?;
+            let _ = write!(text, " (standard error {:.d$})", se[0], d = digits);
+        }
+        (_, k) if k > 1 => {
+            let _ = write!(text, " ± {:.d$} (n={k})", cell.spread, d = digits);
+        }
+        _ => {}
+    }
+    Ok(format!(
+        "\n**Noise, same run:** {} = {text} (stage `{}`)\n",
+        n.label, n.stage
+    ))
 }
 
 /// The nodes of `stage` matching `filter`, checking that the named variables exist.

@@ -77,6 +77,20 @@ impl<'a> VarBuilder<'a> {
             .biases(&self.prefix, fan_in, fan_out, numel, &mut rng)
     }
 
+    /// `numel` weights of this Linear layer ([`Init::linear_weights`]).
+    pub fn linear_weights<E: Float>(&self, fan_in: usize, fan_out: usize, numel: usize) -> Vec<E> {
+        let mut rng = self.rng.borrow_mut();
+        self.init
+            .linear_weights(&self.prefix, fan_in, fan_out, numel, &mut rng)
+    }
+
+    /// `numel` biases of this Linear layer ([`Init::linear_biases`]).
+    pub fn linear_biases<E: Float>(&self, fan_in: usize, fan_out: usize, numel: usize) -> Vec<E> {
+        let mut rng = self.rng.borrow_mut();
+        self.init
+            .linear_biases(&self.prefix, fan_in, fan_out, numel, &mut rng)
+    }
+
     /// `n` draws from U[0, 1) times `scale`, whatever the init (the FNO's spectral weights).
     pub fn unit_uniform<E: Float>(&self, scale: f64, n: usize) -> Vec<E> {
         unit_uniform(scale, n, &mut self.rng.borrow_mut())

@@ -48,6 +48,10 @@ where
 pub struct Init {
     pub scheme: InitScheme,
     pub hook: Option<Arc<dyn VarianceHook>>,
+    /// Linear layers only: W ~ N(0, std^2) truncated to [-2, 2] (timm's and PyTorch's
+    /// `trunc_normal_(std=std)` bounds are absolute, not in units of std), biases 0; the hook
+    /// and `scheme` still apply to every other layer (convolutions, norms).
+    pub linear_trunc_normal: Option<f64>,
 }
 
 impl fmt::Debug for Init {
@@ -55,13 +59,57 @@ impl fmt::Debug for Init {
         f.debug_struct("Init")
             .field("scheme", &self.scheme)
             .field("hook", &self.hook.as_ref().map(|_| "<hook>"))
+            .field("linear_trunc_normal", &self.linear_trunc_normal)
             .finish()
     }
 }
 
 impl Init {
     pub fn new(scheme: InitScheme) -> Self {
-        Self { scheme, hook: None }
+        Self {
+            scheme,
+            hook: None,
+            linear_trunc_normal: None,
+        }
+    }
+
+    /// This init with every Linear weight drawn from a truncated normal of `std` and zero
+    /// Linear biases (the ViT reference init: VITA-Group/AsViT `transformer.py` `_init_weights`).
+    pub fn with_linear_trunc_normal(mut self, std: f64) -> Self {
+        self.linear_trunc_normal = Some(std);
+        self
+    }
+
+    /// `numel` weights of the Linear layer `layer`: the truncated normal if set, else as
+    /// [`Self::weights`].
+    pub fn linear_weights<E: Float>(
+        &self,
+        layer: &str,
+        fan_in: usize,
+        fan_out: usize,
+        numel: usize,
+        rng: &mut StdRng,
+    ) -> Vec<E> {
+        match self.linear_trunc_normal {
+            Some(std) => truncated_normal(std, TRUNC_BOUND, numel, rng),
+            None => self.weights(layer, fan_in, fan_out, numel, rng),
+        }
+    }
+
+    /// `numel` biases of the Linear layer `layer`: zero under the truncated normal, else as
+    /// [`Self::biases`].
+    pub fn linear_biases<E: Float>(
+        &self,
+        layer: &str,
+        fan_in: usize,
+        fan_out: usize,
+        numel: usize,
+        rng: &mut StdRng,
+    ) -> Vec<E> {
+        match self.linear_trunc_normal {
+            Some(_) => vec![E::zero(); numel],
+            None => self.biases(layer, fan_in, fan_out, numel, rng),
+        }
     }
 
     pub fn with_hook(mut self, hook: Arc<dyn VarianceHook>) -> Self {
@@ -122,6 +170,32 @@ pub(crate) fn uniform<E: Float>(bound: f64, n: usize, rng: &mut StdRng) -> Vec<E
     (0..n).map(|_| E::of_f64(d.sample(rng))).collect()
 }
 
+/// The absolute truncation bound of `trunc_normal_` (its defaults a = -2, b = 2).
+const TRUNC_BOUND: f64 = 2.0;
+
+/// `n` draws from N(0, std^2) conditioned on |x| <= bound (redrawn until inside).
+pub(crate) fn truncated_normal<E: Float>(
+    std: f64,
+    bound: f64,
+    n: usize,
+    rng: &mut StdRng,
+) -> Vec<E> {
+    let Ok(d) = Normal::new(0.0, std) else {
+        return vec![E::zero(); n];
+    };
+    if std <= 0.0 {
+        return vec![E::zero(); n];
+    }
+    (0..n)
+        .map(|_| loop {
+            let x: f64 = d.sample(rng);
+            if x.abs() <= bound {
+                break E::of_f64(x);
+            }
+        })
+        .collect()
+}
+
 /// `n` draws from N(0, std^2).
 pub(crate) fn normal<E: Float>(std: f64, n: usize, rng: &mut StdRng) -> Vec<E> {
     match Normal::new(0.0, std) {
@@ -163,6 +237,27 @@ mod tests {
         let (m, v) = mean_var(&k);
         assert!(m.abs() < 0.01);
         assert!((v - 2.0 / fan_in as f64).abs() < 0.1 * 2.0 / fan_in as f64);
+    }
+
+    #[test]
+    fn truncated_normal_has_its_std_and_bound() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let init = Init::default().with_linear_trunc_normal(0.02);
+        let w: Vec<f64> = init.linear_weights("l", 10, 10, 20000, &mut rng);
+        let (m, v) = mean_var(&w);
+        assert!(
+            m.abs() < 1e-3 && (v.sqrt() - 0.02).abs() < 0.001,
+            "{m} {}",
+            v.sqrt()
+        );
+        let b: Vec<f64> = init.linear_biases("l", 10, 10, 5, &mut rng);
+        assert!(b.iter().all(|x| *x == 0.0));
+        // A wide normal shows the bound: nothing outside [-2, 2].
+        let wide: Vec<f64> = truncated_normal(3.0, TRUNC_BOUND, 5000, &mut rng);
+        assert!(wide.iter().all(|x| x.abs() <= 2.0));
+        // Other layers keep the base scheme.
+        let conv: Vec<f64> = init.weights("c", 50, 10, 1000, &mut rng);
+        assert!(conv.iter().all(|x| x.abs() <= 1.0 / 50f64.sqrt()));
     }
 
     #[test]

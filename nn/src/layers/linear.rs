@@ -43,10 +43,10 @@ where
                 "a linear layer needs at least one input and output",
             ));
         }
-        let w = vb.weights(in_features, out_features, in_features * out_features);
+        let w = vb.linear_weights(in_features, out_features, in_features * out_features);
         let weight = vb.param(w, vec![out_features, in_features], ParamKind::Trainable)?;
         let bias = if bias {
-            let b = vb.biases(in_features, out_features, out_features);
+            let b = vb.linear_biases(in_features, out_features, out_features);
             Some(vb.param(b, vec![out_features], ParamKind::Trainable)?)
         } else {
             None

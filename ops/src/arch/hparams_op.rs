@@ -81,7 +81,8 @@ fn path_records<'a>(kind: CellKind, paths: &'a [CellPath]) -> Vec<PathRecord<'a>
 
 impl TypedOp for ArchAwareHparamsOp {
     const NAME: &'static str = "hparams.arch_aware";
-    const VERSION: u32 = 1;
+    // Version 2: skip-only cells get eta_base / sqrt(P); NB201 reduction-block init rows.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "maximal LR (path formula) and per-layer init variances of a cell topology; writes paths.json";
     type Params = ArchAwareParams;

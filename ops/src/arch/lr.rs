@@ -27,7 +27,8 @@ pub struct LrPrediction {
     /// L_p = d_p + fixed layers, per target path in path order.
     pub lengths: Vec<usize>,
     pub base_lengths: Vec<usize>,
-    /// False when no path has a parameterised layer: then eta* = eta_base (§3).
+    /// False when no path has a parameterised layer (the formula still applies: eta_base /
+    /// sqrt(P) times the kernel factor).
     pub has_parameterised_path: bool,
 }
 
@@ -44,8 +45,11 @@ pub fn sum_cubed(lengths: &[usize]) -> f64 {
     lengths.iter().map(|&l| (l as f64).powi(3)).sum()
 }
 
-/// arch-aware-hparams.md §3: eta* = eta_base * sqrt(sum_base L^3 / sum_target L_p^3) * (q_base / q),
-/// and eta* = eta_base when no target path has a parameterised layer.
+/// arXiv 2402.17440 §3: eta* = eta_base * sqrt(sum_base L^3 / sum_target L_p^3) * (q_base / q),
+/// on every connected cell, as the reference computes it (VITA-Group principled_scaling_lr_init
+/// `main.py` `auto_scale_lr_depth_width`): a cell whose paths hold no layer still has
+/// L_p = the fixed layers per path, so it gets eta_base / sqrt(P) with P paths (NB201: L_p = 1,
+/// base [1]), not eta_base.
 ///
 /// `kernel` is q for CNN and NB201 cells (default [`Q_BASE`]); MLPs take none.
 pub fn maximal_lr(
@@ -91,11 +95,7 @@ pub fn maximal_lr(
     let sum_l3 = sum_cubed(&lengths);
     let base_sum_l3 = sum_cubed(&base_lengths);
     let has_parameterised_path = target.iter().any(|p| p.depth > 0);
-    let lr_ratio = if has_parameterised_path {
-        (base_sum_l3 / sum_l3).sqrt() * q_factor
-    } else {
-        1.0
-    };
+    let lr_ratio = (base_sum_l3 / sum_l3).sqrt() * q_factor;
     Ok(LrPrediction {
         lr: base_lr * lr_ratio,
         lr_ratio,
@@ -203,6 +203,21 @@ pub fn init_variances(cell: &Cell, width: Option<usize>, kernel: usize) -> Vec<L
             variance: edge_fan.map(|f| edge_variance(d_in, f)),
         });
     }
+    if cell.kind == CellKind::Nb201 {
+        for (name, d) in REDUCTION_DEGREES {
+            let suffix = if name == "shortcut" { "" } else { ".conv" };
+            out.push(LayerVariance {
+                layer: format!("blocks.*.{name}{suffix}"),
+                edge: None,
+                source: None,
+                in_degree: d,
+                rule: "2 / (deg * fan_in), reduction block",
+                multiplier: 2.0 / d as f64,
+                fan_in: None,
+                variance: None,
+            });
+        }
+    }
     out.push(LayerVariance {
         layer: readout.to_string(),
         edge: None,
@@ -216,9 +231,26 @@ pub fn init_variances(cell: &Cell, width: Option<usize>, kernel: usize) -> Vec<L
     out
 }
 
+/// The NB201 reduction block's in-degrees in the reference init (VITA-Group
+/// principled_scaling_lr_init `models/utils.py` `_init` on `ResNetBasicblock`): conv_a and the
+/// shortcut read the block input, which is counted as a sum of two (the residual branch and the
+/// shortcut meet there), conv_b reads conv_a's output alone.
+pub const REDUCTION_DEGREES: [(&str, usize); 3] = [("conv_a", 2), ("conv_b", 1), ("shortcut", 2)];
+
+/// The degree of an NB201 reduction-block layer named `...{conv_a,conv_b}.conv` or
+/// `...shortcut`.
+fn reduction_degree(layer: &str) -> Option<usize> {
+    let name = layer.strip_suffix(".conv").unwrap_or(layer);
+    let (_, last) = name.rsplit_once('.')?;
+    REDUCTION_DEGREES
+        .iter()
+        .find(|(n, _)| *n == last)
+        .map(|&(_, d)| d)
+}
+
 /// The architecture-aware init as an [`nn::Init`] hook: cell edges by source in-degree,
-/// the stem by 2 / fan_in, the readout (`readout`, `classifier`) by 4 / fan_in^2; any other
-/// layer (NB201 reduction blocks) keeps the base scheme.
+/// the stem by 2 / fan_in, NB201 reduction blocks by [`REDUCTION_DEGREES`], the readout
+/// (`readout`, `classifier`) by 4 / fan_in^2.
 #[derive(Clone, Debug)]
 pub struct ArchAwareInit {
     pub cell: Cell,
@@ -245,6 +277,11 @@ impl VarianceHook for ArchAwareInit {
         }
         if layer == "stem" {
             return Some(edge_variance(1, fan_in));
+        }
+        if self.cell.kind == CellKind::Nb201 {
+            if let Some(d) = reduction_degree(layer) {
+                return Some(edge_variance(d, fan_in));
+            }
         }
         let s = self.edge_source(layer)?;
         Some(edge_variance(self.cell.dag.in_degree(s), fan_in))
@@ -295,10 +332,18 @@ mod tests {
         let (p, _, _) = predict_lr(CellKind::Nb201, "3_33_333", None, 0.46, None).unwrap();
         assert_eq!(p.lengths, vec![4, 3, 3, 2]);
         assert!(close(p.lr, 0.46 * (1.0f64 / 126.0).sqrt()));
-        // No parameterised edge on any path: eta_base, even with two paths.
+        // No parameterised edge on any path: the reference's eta_base / sqrt(P), not eta_base.
+        // MLP "1_11": paths 0 -> 2 and 0 -> 1 -> 2, L = 3 each, base [3]: 0.1 / sqrt(2).
         let (p, _, _) = predict_lr(CellKind::Mlp, "1_11", None, 0.1, None).unwrap();
         assert!(!p.has_parameterised_path);
-        assert_eq!(p.lr, 0.1);
+        assert!(close(p.lr, 0.1 / 2f64.sqrt()), "{}", p.lr);
+        // NB201 skip-only "1_11_111" has P = 4 paths of L = 1: eta_base / 2.
+        let (p, _, _) = predict_lr(CellKind::Nb201, "1_11_111", None, 0.46, None).unwrap();
+        assert_eq!(p.num_paths, 4);
+        assert!(close(p.lr, 0.23), "{}", p.lr);
+        // The base itself, "1_01_001" (one skip path 0 -> 1 -> 2 -> 3): eta_base.
+        let (p, _, _) = predict_lr(CellKind::Nb201, "1_01_001", None, 0.46, None).unwrap();
+        assert!(close(p.lr, 0.46), "{}", p.lr);
     }
 
     #[test]
@@ -354,7 +399,16 @@ mod tests {
         assert_eq!(hook.weight_variance("blocks.3.edges.3.conv", 90, 0), None);
         assert_eq!(hook.weight_variance("classifier", 10, 0), Some(0.04));
         assert_eq!(hook.weight_variance("stem", 27, 0), Some(2.0 / 27.0));
-        assert_eq!(hook.weight_variance("blocks.5.conv_a.conv", 9, 0), None);
+        // Reduction blocks: N(0, 2 / (deg * fan_in)), deg 2, 1, 2 (the reference's `_init`).
+        assert_eq!(
+            hook.weight_variance("blocks.5.conv_a.conv", 9, 0),
+            Some(1.0 / 9.0)
+        );
+        assert_eq!(
+            hook.weight_variance("blocks.5.conv_b.conv", 9, 0),
+            Some(2.0 / 9.0)
+        );
+        assert_eq!(hook.weight_variance("blocks.5.shortcut", 4, 0), Some(0.25));
         let mlp = ArchAwareInit {
             cell: Cell::parse(CellKind::Mlp, "t", "2_21_112").unwrap(),
         };

@@ -21,7 +21,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::stats::kendall_tau_b;
+use super::stats::{kendall_tau_b, kendall_tau_se};
 use crate::{read_json, Input, Label, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 /// The artifact this op writes.
@@ -261,7 +261,8 @@ fn k_name(k: f64) -> String {
 
 impl TypedOp for RerankOp {
     const NAME: &'static str = "rerank";
-    const VERSION: u32 = 1;
+    // Version 2: `tau_all_se`.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "Kendall tau between two training recipes' architecture rankings, overall and in the \
          top-K%, with the seed-vs-seed control; reads `runs: train[*]`";
@@ -294,10 +295,10 @@ impl TypedOp for RerankOp {
         let rows = ranked_rows(table, &baseline, &candidate)?;
         let n = rows.len();
         let (curve, seed_curves) = top_k_curves(table, &rows, &p.top_k, [&baseline, &candidate]);
-        let tau_all = kendall_tau_b(
-            &rows.iter().map(|r| r.baseline_acc).collect::<Vec<_>>(),
-            &rows.iter().map(|r| r.candidate_acc).collect::<Vec<_>>(),
-        );
+        let base_acc: Vec<f64> = rows.iter().map(|r| r.baseline_acc).collect();
+        let cand_acc: Vec<f64> = rows.iter().map(|r| r.candidate_acc).collect();
+        let tau_all = kendall_tau_b(&base_acc, &cand_acc);
+        let tau_all_se = kendall_tau_se(&base_acc, &cand_acc);
         let order: Vec<String> = rows.iter().map(|r| r.arch.clone()).collect();
         let seed_all: Vec<f64> = [&baseline, &candidate]
             .into_iter()
@@ -318,6 +319,7 @@ impl TypedOp for RerankOp {
             "num_archs": n,
             "excluded": runs.excluded,
             "tau_all": tau_all,
+            "tau_all_se": tau_all_se,
             "seed_tau_all": seed_tau_all,
             "curve": curve,
             "seed_curves": seed_curves,
@@ -342,6 +344,9 @@ impl TypedOp for RerankOp {
         out.metric("mean_acc_change", mean_cand - mean_base);
         if let Some(t) = tau_all {
             out.metric("tau_all", t);
+        }
+        if let Some(t) = tau_all_se {
+            out.metric("tau_all_se", t);
         }
         if let Some(t) = seed_tau_all {
             out.metric("seed_tau_all", t);

@@ -31,6 +31,40 @@ pub fn kendall_tau_b(x: &[f64], y: &[f64]) -> Option<f64> {
     Some(diff / denom)
 }
 
+/// Bootstrap draws behind [`kendall_tau_se`].
+pub const TAU_BOOTSTRAP_DRAWS: usize = 1000;
+
+/// The standard error of Kendall's tau-b of `(x, y)`: the standard deviation of tau over
+/// [`TAU_BOOTSTRAP_DRAWS`] resamples of the pairs with replacement (a fixed seed, so the same
+/// data always give the same figure; resamples whose tau is undefined are skipped). Unlike the
+/// null-hypothesis formula sqrt(2 (2n + 5) / (9 n (n - 1))) it holds for a correlated pair too.
+/// `None` when tau itself is undefined.
+pub fn kendall_tau_se(x: &[f64], y: &[f64]) -> Option<f64> {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    kendall_tau_b(x, y)?;
+    let n = x.len();
+    let mut rng = StdRng::seed_from_u64(0x7a05);
+    let (mut bx, mut by) = (vec![0.0; n], vec![0.0; n]);
+    let mut taus = Vec::with_capacity(TAU_BOOTSTRAP_DRAWS);
+    for _ in 0..TAU_BOOTSTRAP_DRAWS {
+        for k in 0..n {
+            let i = rng.gen_range(0..n);
+            bx[k] = x[i];
+            by[k] = y[i];
+        }
+        if let Some(t) = kendall_tau_b(&bx, &by) {
+            taus.push(t);
+        }
+    }
+    if taus.len() < 2 {
+        return None;
+    }
+    let m = taus.iter().sum::<f64>() / taus.len() as f64;
+    let var = taus.iter().map(|t| (t - m) * (t - m)).sum::<f64>() / (taus.len() - 1) as f64;
+    Some(var.sqrt())
+}
+
 /// Lengths of runs of equal neighbours in a sorted slice.
 fn run_lengths<T>(v: &[T], eq: impl Fn(&T, &T) -> bool) -> impl Iterator<Item = usize> + '_ {
     let mut starts = Vec::new();
@@ -98,6 +132,23 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn tau_standard_error_is_near_the_null_formula_for_independent_data() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let n = 64;
+        let x: Vec<f64> = (0..n).map(|_| rng.gen()).collect();
+        let y: Vec<f64> = (0..n).map(|_| rng.gen()).collect();
+        let se = kendall_tau_se(&x, &y).unwrap();
+        let null = (2.0 * (2.0 * n as f64 + 5.0) / (9.0 * n as f64 * (n as f64 - 1.0))).sqrt();
+        assert!(
+            (se - null).abs() < 0.3 * null,
+            "bootstrap {se} vs null {null}"
+        );
+        // A perfect ranking resamples to tau 1 (ties only): no spread.
+        assert!(kendall_tau_se(&x, &x).unwrap() < 1e-12);
+        assert_eq!(kendall_tau_se(&[1.0], &[2.0]), None);
+    }
 
     /// The definition, pair by pair.
     fn tau_b_brute(x: &[f64], y: &[f64]) -> Option<f64> {

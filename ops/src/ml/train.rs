@@ -1434,17 +1434,20 @@ macro_rules! fit_op {
 }
 
 // Version 2: `lr: arch_aware`, `init: arch_aware`; writes `metrics.json` (and `hparams.json`).
+// Version 3: `init: arch_aware` covers NB201 reduction blocks; `lr: arch_aware` gives skip-only
+// cells eta_base / sqrt(P).
 fit_op!(
     TrainOp,
     "train",
-    2,
+    3,
     "trains a `model:` on a dataset input; outputs a checkpoint, history.json and metrics.json",
     Purpose::Train
 );
+// Version 2: as `train` version 3.
 fit_op!(
     LrProbeOp,
     "lr.probe",
-    1,
+    2,
     "trains one epoch at one LR (a `train` model spec) and records the final training loss; \
      divergence recorded, not failed; a grid is a matrix over `lr`, read by `lr.pick`",
     Purpose::Probe

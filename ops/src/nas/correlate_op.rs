@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::indicators::Indicator;
 use super::rank::rank_sums;
 use super::space::Arch;
-use crate::arch::stats::kendall_tau_b;
+use crate::arch::stats::{kendall_tau_b, kendall_tau_se};
 use crate::{fail, read_json, Input, Label, OpError, Outputs, ParamError, RunContext, TypedOp};
 
 pub const CORRELATE_FILE: &str = "correlate.json";
@@ -32,6 +32,9 @@ pub struct CorrelateParams {
     pub metric: String,
     /// The matrix key of the `runs` items that holds the cell (arch string or digits).
     pub arch_key: String,
+    /// The matrix key that names the training seed: runs of two seeds give the seed-vs-seed
+    /// tau of the accuracies, the noise floor every indicator tau is read against.
+    pub seed_key: String,
 }
 
 impl Default for CorrelateParams {
@@ -39,6 +42,7 @@ impl Default for CorrelateParams {
         Self {
             metric: "val_accuracy".into(),
             arch_key: "arch".into(),
+            seed_key: "seed".into(),
         }
     }
 }
@@ -75,9 +79,37 @@ fn read_accuracy(dir: &Path, metric: &str) -> Result<Option<f64>, OpError> {
     }
 }
 
+/// The seed-vs-seed tau of the accuracies: tau between two seeds' accuracies over the cells
+/// both trained, the mean over every pair of seeds, and the standard error of the first pair's
+/// tau. `(None, None, 0)` with fewer than two seeds.
+fn seed_vs_seed(
+    by_seed: &BTreeMap<String, BTreeMap<String, f64>>,
+) -> (Option<f64>, Option<f64>, usize) {
+    let seeds: Vec<&BTreeMap<String, f64>> = by_seed.values().collect();
+    let (mut taus, mut se) = (Vec::new(), None);
+    for (i, a) in seeds.iter().enumerate() {
+        for b in &seeds[i + 1..] {
+            let (x, y): (Vec<f64>, Vec<f64>) = a
+                .iter()
+                .filter_map(|(cell, va)| b.get(cell).map(|vb| (*va, *vb)))
+                .unzip();
+            if let Some(t) = kendall_tau_b(&x, &y) {
+                if taus.is_empty() {
+                    se = kendall_tau_se(&x, &y);
+                }
+                taus.push(t);
+            }
+        }
+    }
+    let mean = (!taus.is_empty()).then(|| taus.iter().sum::<f64>() / taus.len() as f64);
+    (mean, se, taus.len())
+}
+
 impl TypedOp for CorrelateOp {
     const NAME: &'static str = "indicators.correlate";
-    const VERSION: u32 = 1;
+    // Version 2: the rank sum over the cells every indicator scored; the seed-vs-seed tau and
+    // standard errors.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "Kendall tau of each training-free indicator and their rank-sum with trained accuracy";
     type Params = CorrelateParams;
@@ -130,6 +162,8 @@ impl TypedOp for CorrelateOp {
             Input::One(d) => vec![(String::new(), d.clone())],
         };
         let mut acc: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        // seed -> cell -> accuracy.
+        let mut by_seed: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
         let mut excluded = Vec::new();
         for (label, dir) in &items {
             let label_pairs = Label::parse(label);
@@ -146,10 +180,21 @@ impl TypedOp for CorrelateOp {
                     arch.digits()
                 )));
             }
+            let seed = label_pairs.get(&p.seed_key).unwrap_or_default().to_string();
             match read_accuracy(dir, &p.metric)? {
-                Some(a) => acc.entry(arch.digits()).or_default().push(a),
+                Some(a) => {
+                    acc.entry(arch.digits()).or_default().push(a);
+                    by_seed.entry(seed).or_default().insert(arch.digits(), a);
+                }
                 None => excluded.push(label.clone()),
             }
+        }
+        let (seed_tau, seed_tau_se, seed_pairs) = seed_vs_seed(&by_seed);
+        if let Some(t) = seed_tau {
+            out.metric("seed_tau", t);
+        }
+        if let Some(t) = seed_tau_se {
+            out.metric("seed_tau_se", t);
         }
         let cells: Vec<String> = acc.keys().cloned().collect();
         let accuracy: Vec<f64> = acc
@@ -168,26 +213,42 @@ impl TypedOp for CorrelateOp {
             if let Some(t) = tau {
                 out.metric(format!("tau_{n}"), t);
             }
-            taus.insert(n.clone(), json!({ "tau": tau, "n": x.len() }));
+            let se = kendall_tau_se(&x, &y);
+            if let Some(se) = se {
+                out.metric(format!("tau_{n}_se"), se);
+            }
+            taus.insert(n.clone(), json!({ "tau": tau, "se": se, "n": x.len() }));
         }
-        // Failed cells rank worst in the rank sum (§3), so they stay in the combination.
-        let neg_sums: Vec<f64> = rank_sums(&table, &indicators).iter().map(|s| -s).collect();
-        let combined = kendall_tau_b(&neg_sums, &accuracy);
+        // The rank sum over the cells every indicator scored: a cell one indicator failed drops
+        // out of that indicator's tau and of this one, and stays in the others.
+        let complete: Vec<usize> = (0..cells.len())
+            .filter(|&i| table[i].iter().all(Option::is_some))
+            .collect();
+        let sub: Vec<Vec<Option<f64>>> = complete.iter().map(|&i| table[i].clone()).collect();
+        let sub_acc: Vec<f64> = complete.iter().map(|&i| accuracy[i]).collect();
+        let neg_sums: Vec<f64> = rank_sums(&sub, &indicators).iter().map(|s| -s).collect();
+        let combined = kendall_tau_b(&neg_sums, &sub_acc);
+        let combined_se = kendall_tau_se(&neg_sums, &sub_acc);
         if let Some(t) = combined {
             out.metric("tau_rank_sum", t);
+        }
+        let mut rank_sum_of = vec![None; cells.len()];
+        for (k, &i) in complete.iter().enumerate() {
+            rank_sum_of[i] = Some(-neg_sums[k]);
         }
         out.metric("num_archs", cells.len() as f64);
         let rows: Vec<Value> = cells
             .iter()
             .zip(&accuracy)
-            .zip(&neg_sums)
-            .map(|((c, a), s)| json!({ "digits": c, "accuracy": a, "rank_sum": -s, "values": scored[c] }))
+            .zip(&rank_sum_of)
+            .map(|((c, a), s)| json!({ "digits": c, "accuracy": a, "rank_sum": s, "values": scored[c] }))
             .collect();
         let result = json!({
             "metric": p.metric,
             "indicators": names,
             "tau": taus,
-            "tau_rank_sum": { "tau": combined, "n": cells.len(), "of": "minus the rank sum" },
+            "tau_rank_sum": { "tau": combined, "se": combined_se, "n": complete.len(), "of": "minus the rank sum" },
+            "seed_tau": { "tau": seed_tau, "se": seed_tau_se, "pairs": seed_pairs, "seeds": by_seed.len(), "of": "accuracy of one seed vs another, mean over seed pairs" },
             "excluded_runs": excluded,
             "rows": rows,
         });

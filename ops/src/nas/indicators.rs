@@ -176,8 +176,8 @@ pub fn condition_number(g: &[Vec<f64>]) -> Result<f64, Failure> {
     finite(IND, hi / lo)
 }
 
-/// The thin network of training-free-nas.md §2 (expressivity): C = 1, one cell, first stage
-/// only, one input channel.
+/// The thin network for linear regions (arXiv 2102.11535 §3.2; VITA-Group/TENAS
+/// `linear_region_counter.py`): C = 1, one cell, first stage only, one input channel, no stem.
 pub fn thin_config() -> NetConfig {
     NetConfig {
         in_channels: 1,
@@ -185,6 +185,7 @@ pub fn thin_config() -> NetConfig {
         cells_per_stage: 1,
         stages: 1,
         classes: 1,
+        stem: false,
     }
 }
 

@@ -30,6 +30,10 @@ pub struct NetConfig {
     /// Stages kept, 1..=3 (the thin network for linear regions keeps only the first).
     pub stages: usize,
     pub classes: usize,
+    /// The Conv3x3 + BN stem; without it the input feeds the first cell directly, so
+    /// `in_channels` must equal `channels` (the linear-region network of VITA-Group/TENAS
+    /// `linear_region_counter.py` has none).
+    pub stem: bool,
 }
 
 /// NB201's `avg_pool_3x3` edge.
@@ -290,8 +294,7 @@ enum Block {
 /// global average pooling; Linear (training-free-nas.md §1).
 #[derive(Clone, Debug)]
 pub struct ProxyNet {
-    stem: Conv2d<f64>,
-    stem_bn: BatchNorm2d<f64>,
+    stem: Option<(Conv2d<f64>, BatchNorm2d<f64>)>,
     blocks: Vec<Block>,
     last_bn: BatchNorm2d<f64>,
     classifier: Linear<f64>,
@@ -299,8 +302,10 @@ pub struct ProxyNet {
 
 impl HasParams<f64> for ProxyNet {
     fn visit_params<'a>(&'a self, _prefix: &str, out: &mut Vec<(String, &'a Param<f64>)>) {
-        self.stem.visit_params("stem", out);
-        self.stem_bn.visit_params("stem_bn", out);
+        if let Some((stem, bn)) = &self.stem {
+            stem.visit_params("stem", out);
+            bn.visit_params("stem_bn", out);
+        }
         for (i, b) in self.blocks.iter().enumerate() {
             let name = format!("blocks.{i}");
             match b {
@@ -316,8 +321,10 @@ impl HasParams<f64> for ProxyNet {
         _prefix: &str,
         out: &mut Vec<(String, &'a mut Param<f64>)>,
     ) {
-        self.stem.visit_params_mut("stem", out);
-        self.stem_bn.visit_params_mut("stem_bn", out);
+        if let Some((stem, bn)) = &mut self.stem {
+            stem.visit_params_mut("stem", out);
+            bn.visit_params_mut("stem_bn", out);
+        }
         for (i, b) in self.blocks.iter_mut().enumerate() {
             let name = format!("blocks.{i}");
             match b {
@@ -336,15 +343,22 @@ pub enum ParamSet {
     /// Every trainable weight tensor: conv kernels, BN gammas, the classifier matrix; no biases
     /// (training-free-nas.md §2, kappa).
     Weights,
-    /// Every trainable parameter inside the cells (§2, G).
+    /// G's set (arXiv 2108.11939 §3.3 as VITA-Group/TEGNAS `ntk.py` takes it: parameters
+    /// whose names contain both `weight` and `cell`): the weight tensors of the cells *and* of
+    /// the reduction blocks, which the reference stores among its cells (conv kernels, BN
+    /// gammas); no BN biases. So G exists for conv-free cells too.
     Cells,
 }
 
 impl ParamSet {
-    fn selects(self, name: &str) -> bool {
+    /// Whether the parameter named `name` belongs to this set.
+    pub fn selects(self, name: &str) -> bool {
         match self {
             ParamSet::Weights => name.ends_with(".weight"),
-            ParamSet::Cells => name.contains(".cell."),
+            ParamSet::Cells => {
+                (name.contains(".cell.") || name.contains(".reduction."))
+                    && name.ends_with(".weight")
+            }
         }
     }
 }
@@ -362,6 +376,15 @@ impl ProxyNet {
                 return Err(NnError::spec(field, "must be positive"));
             }
         }
+        if !cfg.stem && cfg.in_channels != cfg.channels {
+            return Err(NnError::spec(
+                "in_channels",
+                format!(
+                    "{} input channels without a stem need channels = {} too",
+                    cfg.in_channels, cfg.in_channels
+                ),
+            ));
+        }
         if !(1..=3).contains(&cfg.stages) {
             return Err(NnError::spec(
                 "stages",
@@ -372,7 +395,13 @@ impl ProxyNet {
         // Stem, each reduction and the classifier draw from streams of their own.
         let vb = VarBuilder::new(dev, &init, derive_seed(seed, 1));
         let c = cfg.channels;
-        let stem = Conv2d::no_bias(cfg.in_channels, c, ConvGeometry::same(3), vb.pp("stem"))?;
+        let stem = match cfg.stem {
+            true => Some((
+                Conv2d::no_bias(cfg.in_channels, c, ConvGeometry::same(3), vb.pp("stem"))?,
+                BatchNorm2d::new(c, vb.pp("stem_bn"))?,
+            )),
+            false => None,
+        };
         let mut blocks = Vec::new();
         for stage in 0..cfg.stages {
             let width = c << stage;
@@ -392,7 +421,6 @@ impl ProxyNet {
         let head = vb.with_seed(derive_seed(seed, 2));
         Ok(Self {
             stem,
-            stem_bn: BatchNorm2d::new(c, vb.pp("stem_bn"))?,
             blocks,
             last_bn: BatchNorm2d::new(last, vb.pp("last_bn"))?,
             classifier: Linear::new(last, cfg.classes, head.pp("classifier"))?,
@@ -406,7 +434,10 @@ impl ProxyNet {
         ctx: &ForwardCtx,
         mut rec: Option<&mut SignRecorder>,
     ) -> Result<Tensor2<f64, T>, NnError> {
-        let mut z = self.stem_bn.forward(self.stem.forward(x)?, ctx)?;
+        let mut z = match &mut self.stem {
+            Some((stem, bn)) => bn.forward(stem.forward(x)?, ctx)?,
+            None => x,
+        };
         for block in &mut self.blocks {
             z = match block {
                 Block::Cell(cell) => cell.forward(z, ctx, &mut rec)?,

@@ -331,7 +331,8 @@ pub struct ScaleOp;
 
 impl TypedOp for ScaleOp {
     const NAME: &'static str = "scale";
-    const VERSION: u32 = 1;
+    // Version 2: members scored at the reference ViT init.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "As-ViT training-free scaling: grows a seed ViT topology block by block under a parameter \
          budget into a family (family.json, models.json for train's model_from)";
@@ -396,7 +397,7 @@ impl TypedOp for ScaleOp {
         let pool = ctx.thread_pool()?;
         let cancel = ctx.cancel.clone();
         let cancelled = move || cancel.is_cancelled();
-        let score = |s: &VitSpec| scorer.score(s);
+        let score = |s: &VitSpec| scorer.score(s).into_iter().collect::<Result<Vec<f64>, _>>();
         let growth = grow(&cfg, &p.indicators, &score, &pool, &cancelled)?;
         let total = started.elapsed().as_secs_f64();
         for m in &growth.members {

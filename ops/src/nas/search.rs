@@ -19,8 +19,9 @@ use super::space::{Arch, OpSets, Space, NUM_EDGES, NUM_OPS};
 /// Scores supernets (a cell is a supernet with one op per edge) on a fixed indicator list.
 pub trait Scorer: Sync {
     fn indicators(&self) -> &[Indicator];
-    /// One value per indicator, in order; a failure of any indicator fails the candidate.
-    fn score(&self, sets: &OpSets) -> Result<Vec<f64>, Failure>;
+    /// One result per indicator, in order. A failed indicator leaves the others standing: the
+    /// candidate drops out of that indicator's ranking and the rank sum only.
+    fn score(&self, sets: &OpSets) -> Vec<Result<f64, Failure>>;
 }
 
 /// One scored candidate.
@@ -29,15 +30,21 @@ pub struct Record {
     pub sets: OpSets,
     /// Which part of the search scored it (`initial`, `cycle 3`, `round 2`, ...).
     pub phase: String,
-    pub result: Result<Vec<f64>, Failure>,
+    /// One result per indicator.
+    pub results: Vec<Result<f64, Failure>>,
 }
 
 impl Record {
-    pub fn values(&self, k: usize) -> Vec<Option<f64>> {
-        match &self.result {
-            Ok(v) => v.iter().copied().map(Some).collect(),
-            Err(_) => vec![None; k],
-        }
+    pub fn values(&self) -> Vec<Option<f64>> {
+        self.results
+            .iter()
+            .map(|r| r.as_ref().ok().copied())
+            .collect()
+    }
+
+    /// The first failed indicator's failure, if any.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.results.iter().find_map(|r| r.as_ref().err())
     }
 }
 
@@ -92,22 +99,22 @@ impl<'a, S: Scorer> Evaluator<'a, S> {
             }
         }
         let scorer = self.scorer;
-        let results: Vec<Result<Vec<f64>, Failure>> = self
+        let scored: Vec<Vec<Result<f64, Failure>>> = self
             .pool
             .install(|| todo.par_iter().map(|s| scorer.score(s)).collect());
-        for (s, result) in todo.into_iter().zip(results) {
+        for (s, results) in todo.into_iter().zip(scored) {
             self.index.insert(s, self.records.len());
             self.records.push(Record {
                 sets: s,
                 phase: phase.to_string(),
-                result,
+                results,
             });
         }
         Ok(sets.iter().map(|s| self.index[s]).collect())
     }
 
     fn values(&self, i: usize) -> Vec<Option<f64>> {
-        self.records[i].values(self.k())
+        self.records[i].values()
     }
 
     /// The rank-sum best of `indices` (record indices).
@@ -118,7 +125,7 @@ impl<'a, S: Scorer> Evaluator<'a, S> {
             None => Err(SearchError::AllFailed(
                 indices
                     .last()
-                    .and_then(|&i| self.records[i].result.as_ref().err())
+                    .and_then(|&i| self.records[i].failure())
                     .map_or_else(|| "no candidates".to_string(), ToString::to_string),
             )),
         }
@@ -307,7 +314,6 @@ pub fn reinforce<S: Scorer>(
     seed: u64,
 ) -> Result<(usize, PolicyTrace), SearchError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let k = ev.k();
     let n_par = NUM_EDGES * NUM_OPS;
     let mut logits: Vec<f64> = (0..n_par)
         .map(|_| 1e-3 * Distribution::<f64>::sample(&StandardNormal, &mut rng))
@@ -349,7 +355,7 @@ pub fn reinforce<S: Scorer>(
         // grad of sum_b (r_b - baseline_b) log pi(a_b) w.r.t. the logits: (onehot - pi) per edge.
         let mut grad = vec![0.0; n_par];
         for (a, &i) in draws.iter().zip(&idx) {
-            let values = ev.records[i].values(k);
+            let values = ev.records[i].values();
             let r = reward_fn.reward(&values);
             rewards.push(r);
             let adv = r - baseline;
@@ -404,16 +410,20 @@ pub struct PruneCandidate {
     pub rank_sum: f64,
 }
 
-/// TE-NAS pruning (§4): from the supernet with every op on every edge, repeat until each edge
-/// keeps one op: score N \ o for every remaining (edge, op), rank the candidates (kappa
-/// ascending, R descending of N \ o, which orders dkappa descending and dR ascending since
-/// v(N) is common), and on each edge remove the op with the smallest rank sum. A failed N \ o
-/// ranks worst: the op it lacks is kept.
+/// TE-NAS pruning (arXiv 2102.11535 §3.3, as VITA-Group/TENAS `prune_tenas.py` runs it): from
+/// the supernet with every op but `none` on every edge (active ops mixed by 1/k_active), repeat
+/// until each edge keeps one op: score N \ o for every remaining (edge, op), take the relative
+/// changes d = (v(N) - v(N \ o)) / v(N) rounded to 3 significant digits, rank them (dkappa
+/// descending, dR ascending: the op whose removal helps trainability most and costs the fewest
+/// regions ranks first; a lower-is-better indicator such as G like kappa) and on each edge
+/// remove the op with the smallest rank sum. A failed N \ o ranks worst: the op it lacks is
+/// kept. Which indicators rank is the scorer's list: TE-NAS uses kappa and R; adding G is
+/// TEG-NAS's variant.
 pub fn prune<S: Scorer>(
     ev: &mut Evaluator<'_, S>,
 ) -> Result<(usize, Vec<PruneRound>), SearchError> {
     let k = ev.k();
-    let mut net = OpSets::full();
+    let mut net = OpSets::full_without_none();
     let mut rounds = Vec::new();
     let mut round = 0;
     while net.single().is_none() {
@@ -429,21 +439,32 @@ pub fn prune<S: Scorer>(
         }
         let cands: Vec<OpSets> = pairs.iter().map(|&(e, o)| net.without(e, o)).collect();
         let idx = ev.score(&cands, &phase)?;
-        let table: Vec<Vec<Option<f64>>> = idx.iter().map(|&i| ev.values(i)).collect();
-        let sums = rank_sums(&table, ev.scorer.indicators());
+        let changes: Vec<Vec<Option<f64>>> = idx
+            .iter()
+            .map(|&i| {
+                let v = ev.values(i);
+                (0..k)
+                    .map(|j| match (base_values[j], v[j]) {
+                        (Some(b), Some(v)) if b != 0.0 => Some(round_significant((b - v) / b, 3)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .collect();
+        // Ranking -d in each indicator's own direction orders d descending for lower-is-better
+        // indicators (kappa, G) and ascending for higher-is-better ones (R).
+        let neg: Vec<Vec<Option<f64>>> = changes
+            .iter()
+            .map(|c| c.iter().map(|d| d.map(|d| -d)).collect())
+            .collect();
+        let sums = rank_sums(&neg, ev.scorer.indicators());
         let mut candidates = Vec::with_capacity(pairs.len());
         for (c, (&(edge, op), &record)) in pairs.iter().zip(&idx).enumerate() {
-            let relative_change = (0..k)
-                .map(|j| match (base_values[j], table[c][j]) {
-                    (Some(b), Some(v)) if b != 0.0 => Some((b - v) / b),
-                    _ => None,
-                })
-                .collect();
             candidates.push(PruneCandidate {
                 edge,
                 op,
                 record,
-                relative_change,
+                relative_change: changes[c].clone(),
                 rank_sum: sums[c],
             });
         }
@@ -471,9 +492,40 @@ pub fn prune<S: Scorer>(
     Ok((last, rounds))
 }
 
+/// `x` rounded to `digits` significant decimal digits (0 stays 0).
+pub fn round_significant(x: f64, digits: i32) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(digits - 1 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounding_keeps_three_significant_digits() {
+        assert_eq!(round_significant(0.012345, 3), 0.0123);
+        assert_eq!(round_significant(-123.45, 3), -123.0);
+        assert_eq!(round_significant(0.0, 3), 0.0);
+    }
+
+    #[test]
+    fn pruning_never_mixes_prunes_or_keeps_none() {
+        let (i, r) = run(2, |ev| prune(ev).unwrap());
+        let (last, rounds) = i;
+        assert!(r[last].sets.single().unwrap().0.iter().all(|&o| o != 0));
+        for round in &rounds {
+            assert!(round.candidates.iter().all(|c| c.op != 0));
+        }
+        assert!(r
+            .iter()
+            .all(|x| (0..NUM_EDGES).all(|e| x.sets.0[e] & 1 == 0)));
+        // Four ops per edge at the start: three rounds.
+        assert_eq!(rounds.len(), 3);
+    }
 
     /// A synthetic two-indicator space whose optimum is the cell `TARGET`: "kappa" counts
     /// edges that differ from it, "R" counts edges that agree (higher is better). Supernets get
@@ -486,19 +538,21 @@ mod tests {
         fn indicators(&self) -> &[Indicator] {
             &[Indicator::Ntk, Indicator::Regions]
         }
-        fn score(&self, s: &OpSets) -> Result<Vec<f64>, Failure> {
-            if s.0[0] == 1 {
-                return Err(Failure::NonFinite {
-                    indicator: "ntk",
-                    value: f64::NAN,
-                });
-            }
+        fn score(&self, s: &OpSets) -> Vec<Result<f64, Failure>> {
             let mut agree = 0.0;
             for (e, target) in TARGET.iter().enumerate() {
                 let hit = s.ops(e).filter(|o| o == target).count() as f64;
                 agree += hit / s.count(e) as f64;
             }
-            Ok(vec![1.0 + NUM_EDGES as f64 - agree, agree])
+            let kappa = if s.0[0] == 1 {
+                Err(Failure::NonFinite {
+                    indicator: "ntk",
+                    value: f64::NAN,
+                })
+            } else {
+                Ok(1.0 + NUM_EDGES as f64 - agree)
+            };
+            vec![kappa, Ok(agree)]
         }
     }
 
@@ -555,8 +609,11 @@ mod tests {
     fn failures_are_recorded_and_never_chosen() {
         // Only failing and one good cell: the good one wins even though failures exist.
         let (i, r) = run(1, |ev| random_search(ev, &Space::All, 300, 9).unwrap().0);
-        assert!(r.iter().any(|x| x.result.is_err()));
-        assert!(r[i].result.is_ok());
+        assert!(r.iter().any(|x| x.failure().is_some()));
+        assert!(r[i].failure().is_none());
+        // A failed indicator leaves the others: kappa fails, R is still recorded.
+        let failed = r.iter().find(|x| x.failure().is_some()).unwrap();
+        assert!(failed.values()[0].is_none() && failed.values()[1].is_some());
         let (all_fail, _) = run(1, |ev| {
             let s = Arch([0, 3, 3, 3, 3, 3]).op_sets();
             let idx = ev.score(&[s], "x").unwrap();

@@ -63,7 +63,7 @@ impl Scorer for ProxyScorer {
         &self.indicators
     }
 
-    fn score(&self, sets: &OpSets) -> Result<Vec<f64>, Failure> {
+    fn score(&self, sets: &OpSets) -> Vec<Result<f64, Failure>> {
         let p = &self.probes;
         self.indicators
             .iter()
@@ -107,7 +107,10 @@ impl TypedOp for SearchOp {
     const NAME: &'static str = "search";
     // 2: timings moved from search.json to the metrics; `random` with a filter draws from the
     // whole space and skips the rejected draws; `listed`.
-    const VERSION: u32 = 2;
+    // Version 3: G over cell and reduction weights; pruning without `none`; one failed indicator
+    // drops a cell from that indicator only; the region network has no stem; ViTs scored at
+    // the reference init; As-ViT REINFORCE answers the policy's argmax.
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "training-free NAS over NAS-Bench-201 cells or As-ViT topologies (TE-NAS / TEG-NAS indicators; random, listed, prune, evolution, reinforce)";
     type Params = SearchParams;
     type Config = SearchConfig;
@@ -196,6 +199,24 @@ fn named_values(names: &[&str], values: Vec<Option<f64>>) -> serde_json::Map<Str
         .collect()
 }
 
+/// `{indicator: why}` for each failed indicator of a candidate; null when none failed.
+fn failures(names: &[&str], results: &[Result<f64, Failure>]) -> Value {
+    let failed: serde_json::Map<String, Value> = names
+        .iter()
+        .zip(results)
+        .filter_map(|(n, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| (n.to_string(), json!(e.to_string())))
+        })
+        .collect();
+    if failed.is_empty() {
+        Value::Null
+    } else {
+        Value::Object(failed)
+    }
+}
+
 /// The trajectory of `search.json`: every candidate scored, in order.
 fn nb201_trajectory(records: &[Record], names: &[&str]) -> Vec<Value> {
     records
@@ -209,8 +230,8 @@ fn nb201_trajectory(records: &[Record], names: &[&str]) -> Vec<Value> {
                 "arch": cell.map(|a| a.arch_string()),
                 "digits": cell.map(|a| a.digits()),
                 "ops": r.sets.label(),
-                "values": named_values(names, r.values(names.len())),
-                "failed": r.result.as_ref().err().map(ToString::to_string),
+                "values": named_values(names, r.values()),
+                "failed": failures(names, &r.results),
             })
         })
         .collect()
@@ -235,6 +256,7 @@ fn run_nb201(
             cells_per_stage: proxy.cells_per_stage.get(),
             stages: 3,
             classes: probes.classes,
+            stem: true,
         },
         repeats: proxy.repeats.get(),
         probes,
@@ -266,7 +288,7 @@ fn run_nb201(
         return Err(OpError::Failed("the search ended on a supernet".into()));
     };
     let names: Vec<&str> = c.indicators.iter().map(|i| i.name()).collect();
-    let num_failed = records.iter().filter(|r| r.result.is_err()).count();
+    let num_failed = records.iter().filter(|r| r.failure().is_some()).count();
     let total = started.elapsed().as_secs_f64();
     let shape = scorer.probes.batch.shape;
     let mut doc = json!({
@@ -384,7 +406,7 @@ fn run_vit(
     let (choice, extra) = run_vit_strategy(&mut ev, c, derive_seed(ctx.seed, 14))?;
     phases.insert("search".into(), json!(t.elapsed().as_secs_f64()));
     let names: Vec<&str> = c.indicators.iter().map(|i| i.name()).collect();
-    let num_failed = ev.records.iter().filter(|r| r.result.is_err()).count();
+    let num_failed = ev.records.iter().filter(|r| r.failure().is_some()).count();
     let total = started.elapsed().as_secs_f64();
     phases.insert("total".into(), json!(total));
     let chosen = ev.records[choice].topology;
@@ -394,6 +416,7 @@ fn run_vit(
         "indicators": names,
         "data": {"source": probes.source, "image_shape": [probes.batch.shape.1, probes.batch.shape.2, probes.batch.shape.3], "classes": probes.classes},
         "proxy": vit,
+        "scoring_init": super::vit_space::SCORING_INIT,
         "choice": {
             "index": choice,
             "label": chosen.label(),
@@ -426,9 +449,9 @@ fn run_vit(
     out.metric("num_failed", num_failed as f64);
     out.metric("seconds_total", total);
     out.metric("choice_index", choice as f64);
-    if let Ok(v) = &ev.records[choice].result {
-        for (n, x) in names.iter().zip(v) {
-            out.metric(format!("choice_{n}"), *x);
+    for (n, x) in names.iter().zip(ev.records[choice].values()) {
+        if let Some(x) = x {
+            out.metric(format!("choice_{n}"), x);
         }
     }
     Ok(())
@@ -445,8 +468,8 @@ fn vit_trajectory(ev: &VitEvaluator<'_>, names: &[&str]) -> Vec<Value> {
                 "phase": r.phase,
                 "label": r.topology.label(),
                 "topology": r.topology,
-                "values": named_values(names, r.values(names.len())),
-                "failed": r.result.as_ref().err().map(ToString::to_string),
+                "values": named_values(names, r.values()),
+                "failed": failures(names, &r.results),
             })
         })
         .collect()

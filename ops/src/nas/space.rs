@@ -98,9 +98,16 @@ impl Arch {
 pub struct OpSets(pub [u8; NUM_EDGES]);
 
 impl OpSets {
-    /// Every op on every edge (TE-NAS's starting supernet, §4).
+    /// Every op on every edge.
     pub fn full() -> Self {
         Self([(1 << NUM_OPS) - 1; NUM_EDGES])
+    }
+
+    /// Every op but `none` on every edge: TE-NAS's starting supernet. The reference
+    /// (VITA-Group/TENAS `prune_tenas.py`) sets the `none` logit to -inf before pruning, so
+    /// `none` is never mixed in, never a pruning candidate, and never kept.
+    pub fn full_without_none() -> Self {
+        Self([((1 << NUM_OPS) - 1) & !1; NUM_EDGES])
     }
 
     pub fn ops(&self, edge: usize) -> impl Iterator<Item = u8> + '_ {

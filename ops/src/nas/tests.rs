@@ -22,6 +22,7 @@ fn tiny() -> NetConfig {
         cells_per_stage: 1,
         stages: 1,
         classes: 2,
+        stem: true,
     }
 }
 
@@ -164,6 +165,65 @@ fn linear_regions_of_a_one_dimensional_relu_layer_are_counted_by_hand() {
 }
 
 #[test]
+fn g_takes_cell_and_reduction_weights_but_no_biases() {
+    let cfg = NetConfig {
+        in_channels: 3,
+        channels: 2,
+        cells_per_stage: 1,
+        stages: 3,
+        classes: 3,
+        stem: true,
+    };
+    let net = ProxyNet::new(
+        &Dev::default(),
+        &cfg,
+        &Arch([3, 1, 1, 2, 1, 1]).op_sets(),
+        0,
+    )
+    .unwrap();
+    let names: Vec<String> = nn::collect_params(&net)
+        .into_iter()
+        .filter(|(n, p)| p.kind == ParamKind::Trainable && ParamSet::Cells.selects(n))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains(".reduction.conv_a.conv.weight")),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains(".reduction.shortcut.weight")),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|n| n.contains(".cell.") && n.ends_with("bn.weight")),
+        "{names:?}"
+    );
+    assert!(names.iter().all(|n| !n.ends_with(".bias")), "{names:?}");
+    assert!(names
+        .iter()
+        .all(|n| !n.starts_with("stem") && !n.starts_with("classifier")));
+}
+
+#[test]
+fn the_region_network_has_no_stem() {
+    let net = ProxyNet::new(&Dev::default(), &thin_config(), &Arch([3; 6]).op_sets(), 0).unwrap();
+    assert!(nn::collect_params(&net)
+        .iter()
+        .all(|(n, _)| !n.starts_with("stem")));
+    let bad = NetConfig {
+        in_channels: 3,
+        ..thin_config()
+    };
+    assert!(ProxyNet::new(&Dev::default(), &bad, &Arch([3; 6]).op_sets(), 0).is_err());
+}
+
+#[test]
 fn failed_architectures_fail_instead_of_scoring_zero() {
     let cfg = NetConfig {
         in_channels: 3,
@@ -171,6 +231,7 @@ fn failed_architectures_fail_instead_of_scoring_zero() {
         cells_per_stage: 1,
         stages: 3,
         classes: 3,
+        stem: true,
     };
     let x = images(4, 3, 8, 1);
     let none = Arch([0; 6]).op_sets();
@@ -178,9 +239,16 @@ fn failed_architectures_fail_instead_of_scoring_zero() {
         ntk_condition_number(&cfg, &none, &x, 1, 0),
         Err(Failure::Singular { .. })
     ));
+    // A conv-free cell has no weights of its own, but G also takes the reduction blocks'
+    // (the reference's parameter set), so it is finite (it was a singular kernel when G took
+    // only the cells' parameters).
     let skip = Arch([1; 6]).op_sets();
-    let g = ntk_regression_error(&cfg, &skip, &x, &[0, 1, 2, 0], &x, &[1, 1, 2, 0], 1, 0);
-    assert!(matches!(g, Err(Failure::Singular { .. })), "{g:?}");
+    let held = images(4, 3, 8, 3);
+    let g = ntk_regression_error(&cfg, &skip, &x, &[0, 1, 2, 0], &held, &[1, 1, 2, 0], 1, 0);
+    assert!(g.as_ref().is_ok_and(|g| g.is_finite() && *g > 0.0), "{g:?}");
+    let pool = Arch([4, 4, 1, 4, 1, 4]).op_sets();
+    let g = ntk_regression_error(&cfg, &pool, &x, &[0, 1, 2, 0], &held, &[1, 1, 2, 0], 1, 0);
+    assert!(g.as_ref().is_ok_and(|g| g.is_finite()), "{g:?}");
     let good = Arch([3, 3, 1, 3, 2, 3]).op_sets();
     let k = ntk_condition_number(&cfg, &good, &x, 2, 0).unwrap();
     assert!(k.is_finite() && k >= 1.0);

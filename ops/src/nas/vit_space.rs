@@ -222,6 +222,23 @@ pub fn length_distortion(
     crate::nas::indicators::finite(IND, sum / repeats.max(1) as f64)
 }
 
+/// The std of the Linear weights a ViT is scored at.
+pub const SCORING_LINEAR_STD: f64 = 0.02;
+
+/// What `search.json` records as the scoring init.
+pub const SCORING_INIT: &str = "Linear weights trunc_normal(std 0.02, [-2, 2]), Linear biases 0; \
+     the conv tokenizer and LayerNorms at their defaults";
+
+/// The init a ViT is scored at: the reference's (VITA-Group/AsViT `transformer.py`
+/// `_init_weights`): every Linear weight from a truncated normal of std 0.02 with zero bias, the
+/// conv tokenizer at PyTorch's default. Patch merging there is a Linear without bias; here its
+/// bias is zero at init, which gives the same function and, since kappa takes weights only, the
+/// same NTK. Under the uniform default init L_E ranks topologies differently (it falls with the
+/// product of kernel sizes instead of rising; the test below checks the reference behaviour).
+pub fn scoring_init() -> Init {
+    Init::default().with_linear_trunc_normal(SCORING_LINEAR_STD)
+}
+
 /// Scores `vit` specs on a fixed indicator list (L_E and/or kappa).
 pub struct VitScorer {
     pub indicators: Vec<Indicator>,
@@ -243,7 +260,7 @@ impl VitScorer {
     }
 
     fn build(&self, spec: &VitSpec, repeat: usize) -> Result<Model<f64>, NnError> {
-        let (dev, init) = (open_device()?, Init::default());
+        let (dev, init) = (open_device()?, scoring_init());
         let vb = VarBuilder::new(&dev, &init, derive_seed(self.seed, 7_000 + repeat as u64));
         Model::build(&ModelSpec::Vit(spec.clone()), self.input(), vb)
     }
@@ -316,7 +333,8 @@ impl VitScorer {
         crate::nas::indicators::finite(IND, sum / self.repeats.max(1) as f64)
     }
 
-    pub fn score(&self, spec: &VitSpec) -> Result<Vec<f64>, Failure> {
+    /// One result per indicator, in order; one failing leaves the others.
+    pub fn score(&self, spec: &VitSpec) -> Vec<Result<f64, Failure>> {
         self.indicators
             .iter()
             .map(|ind| match ind {
@@ -336,15 +354,21 @@ impl VitScorer {
 pub struct VitRecord {
     pub topology: VitTopology,
     pub phase: String,
-    pub result: Result<Vec<f64>, Failure>,
+    /// One result per indicator.
+    pub results: Vec<Result<f64, Failure>>,
 }
 
 impl VitRecord {
-    pub fn values(&self, k: usize) -> Vec<Option<f64>> {
-        match &self.result {
-            Ok(v) => v.iter().copied().map(Some).collect(),
-            Err(_) => vec![None; k],
-        }
+    pub fn values(&self) -> Vec<Option<f64>> {
+        self.results
+            .iter()
+            .map(|r| r.as_ref().ok().copied())
+            .collect()
+    }
+
+    /// The first failed indicator's failure, if any.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.results.iter().find_map(|r| r.as_ref().err())
     }
 }
 
@@ -395,15 +419,15 @@ impl<'a> VitEvaluator<'a> {
         }
         let specs: Vec<VitSpec> = todo.iter().map(|t| self.spec(t)).collect();
         let scorer = self.scorer;
-        let results: Vec<Result<Vec<f64>, Failure>> = self
+        let scored: Vec<Vec<Result<f64, Failure>>> = self
             .pool
             .install(|| specs.par_iter().map(|s| scorer.score(s)).collect());
-        for (t, result) in todo.into_iter().zip(results) {
+        for (t, results) in todo.into_iter().zip(scored) {
             self.index.insert(t, self.records.len());
             self.records.push(VitRecord {
                 topology: t,
                 phase: phase.to_string(),
-                result,
+                results,
             });
         }
         Ok(tops.iter().map(|t| self.index[t]).collect())
@@ -411,14 +435,13 @@ impl<'a> VitEvaluator<'a> {
 
     /// The rank-sum best of every record.
     pub fn best(&self) -> Result<usize, OpError> {
-        let k = self.scorer.indicators.len();
-        let table: Vec<Vec<Option<f64>>> = self.records.iter().map(|r| r.values(k)).collect();
+        let table: Vec<Vec<Option<f64>>> = self.records.iter().map(VitRecord::values).collect();
         best_by_rank_sum(&table, &self.scorer.indicators).ok_or_else(|| {
             OpError::Failed(format!(
                 "every topology failed its indicators; the last failure: {}",
                 self.records
                     .last()
-                    .and_then(|r| r.result.as_ref().err())
+                    .and_then(VitRecord::failure)
                     .map_or_else(|| "none scored".to_string(), ToString::to_string)
             ))
         })
@@ -448,17 +471,18 @@ pub fn random_vit_search(
 /// The answer's record index, the final choice probabilities and every reward.
 pub type ReinforceOutcome = (usize, Vec<Vec<f64>>, Vec<f64>);
 
-/// asvit.md §2 seed search: independent categoricals over the 13 choices (logits
-/// 1e-3 N(0, 1)), reward = changing-range -Delta(kappa) + Delta(L_E) (training-free-nas.md §3),
-/// EMA baseline, Adam ascending the REINFORCE objective; answer = rank-sum best seen. Returns
-/// the answer and the final choice probabilities.
+/// As-ViT's seed search (arXiv 2202.11921 §3.2): independent categoricals over the 13 choices
+/// (logits 1e-3 N(0, 1)), reward = changing-range -Delta(kappa) + Delta(L_E) (arXiv 2108.11939
+/// §3.3), EMA baseline, Adam ascending the REINFORCE objective. The answer is the policy's
+/// argmax after the last step (VITA-Group/AsViT `search/reinforce.py`), scored like every other
+/// topology; not the best topology seen. Returns the answer's record index, the final choice
+/// probabilities and every reward.
 pub fn reinforce_vit_search(
     ev: &mut VitEvaluator<'_>,
     cfg: &ReinforceConfig,
     seed: u64,
 ) -> Result<ReinforceOutcome, OpError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let k = ev.scorer.indicators.len();
     let mut logits: Vec<Vec<f64>> = CHOICES
         .iter()
         .map(|(_, o)| {
@@ -504,7 +528,7 @@ pub fn reinforce_vit_search(
         let ids = ev.score(&tops, &format!("step {}", step + 1))?;
         let mut grad: Vec<Vec<f64>> = logits.iter().map(|l| vec![0.0; l.len()]).collect();
         for (idx, &i) in draws.iter().zip(&ids) {
-            let r = reward_fn.reward(&ev.records[i].values(k));
+            let r = reward_fn.reward(&ev.records[i].values());
             rewards.push(r);
             let adv = r - baseline;
             baseline = cfg.momentum * baseline + (1.0 - cfg.momentum) * r;
@@ -527,8 +551,15 @@ pub fn reinforce_vit_search(
             }
         }
     }
-    let best = ev.best()?;
-    Ok((best, logits.iter().map(|l| softmax(l)).collect(), rewards))
+    let probs: Vec<Vec<f64>> = logits.iter().map(|l| softmax(l)).collect();
+    let mut argmax = [0usize; 13];
+    for (j, p) in probs.iter().enumerate() {
+        argmax[j] = (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
+    }
+    let answer = ev.score(&[VitTopology::from_indices(&argmax)], "argmax")?[0];
+    Ok((answer, probs, rewards))
 }
 
 #[cfg(test)]
@@ -611,17 +642,76 @@ mod tests {
             heads: 16,
         };
         let spec = t.spec(4, [1; 4], 3);
-        let a = sc.score(&spec).unwrap();
+        let a: Vec<f64> = sc.score(&spec).into_iter().map(Result::unwrap).collect();
         assert!(a.iter().all(|v| v.is_finite() && *v > 0.0), "{a:?}");
         assert!(a[1] >= 1.0, "a condition number is at least 1: {a:?}");
-        assert_eq!(sc.score(&spec).unwrap(), a);
+        assert_eq!(
+            sc.score(&spec)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>(),
+            a
+        );
         // A wider network maps the circle to a different length.
-        let b = sc.score(&t.spec(8, [1; 4], 3)).unwrap();
-        assert_ne!(a[0], b[0]);
+        let b = sc.score(&t.spec(8, [1; 4], 3))[0].clone().unwrap();
+        assert_ne!(a[0], b);
     }
 
     #[test]
-    fn random_and_reinforce_return_the_rank_sum_best_seen() {
+    fn the_scoring_vit_has_the_reference_init() {
+        let sc = scorer(vec![Indicator::LengthDistortion]);
+        let t = VitTopology {
+            kernels: [4, 2, 2, 2],
+            splits: [2, 1, 1, 1],
+            expansions: [4, 4, 4, 4],
+            heads: 16,
+        };
+        let m = sc.build(&t.spec(16, [1; 4], 3), 0).unwrap();
+        let (mut linear, mut tokenizer) = (Vec::new(), Vec::new());
+        for (name, p) in collect_params(&m) {
+            let v = p.value.as_vec();
+            if name.contains("tokenizer") || name.contains("patch_embed") {
+                tokenizer.extend(v);
+            } else if name.ends_with(".bias") && !name.contains("norm") {
+                assert!(v.iter().all(|x| *x == 0.0), "{name} bias is not zero");
+            } else if name.ends_with(".weight") && !name.contains("norm") {
+                linear.extend(v);
+            }
+        }
+        let std = (linear.iter().map(|x| x * x).sum::<f64>() / linear.len() as f64).sqrt();
+        assert!((std - 0.02).abs() < 0.002, "Linear weight std {std}");
+        // The conv tokenizer keeps PyTorch's uniform default, whose std is far above 0.02 here.
+        assert!(!tokenizer.is_empty());
+        let tok = (tokenizer.iter().map(|x| x * x).sum::<f64>() / tokenizer.len() as f64).sqrt();
+        assert!(tok > 0.05, "tokenizer std {tok}");
+    }
+
+    /// arXiv 2202.11921's reference behaviour, the check the As-ViT review used: at the
+    /// reference init, L_E rises with the product of the kernel sizes (larger kernels see more of
+    /// the input per token); under the uniform default init it falls.
+    #[test]
+    fn length_distortion_rises_with_kernel_sizes_at_the_reference_init() {
+        let mut sc = scorer(vec![Indicator::LengthDistortion]);
+        sc.points = 16;
+        sc.repeats = 3;
+        let le = |kernels: [usize; 4]| {
+            let t = VitTopology {
+                kernels,
+                splits: [1, 1, 1, 1],
+                expansions: [2, 2, 2, 2],
+                heads: 16,
+            };
+            sc.length_distortion(&t.spec(16, [1; 4], 3)).unwrap()
+        };
+        let (small, large) = (le([4, 2, 2, 2]), le([8, 4, 4, 4]));
+        assert!(
+            large > small,
+            "L_E {large} at kernels 8,4,4,4 <= {small} at 4,2,2,2"
+        );
+    }
+
+    #[test]
+    fn random_returns_the_rank_sum_best_and_reinforce_the_policys_argmax() {
         let sc = scorer(vec![Indicator::LengthDistortion]);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
@@ -634,9 +724,9 @@ mod tests {
         let top = ev
             .records
             .iter()
-            .map(|r| r.result.as_ref().unwrap()[0])
+            .map(|r| r.values()[0].unwrap())
             .fold(f64::MIN, f64::max);
-        assert_eq!(ev.records[best].result.as_ref().unwrap()[0], top);
+        assert_eq!(ev.records[best].values()[0].unwrap(), top);
         let mut ev = VitEvaluator::new(&sc, 8, 3, &pool, &never);
         let cfg = ReinforceConfig {
             steps: 3,
@@ -645,17 +735,19 @@ mod tests {
             window: 20,
             batch: 2,
         };
-        let (best, probs, rewards) = reinforce_vit_search(&mut ev, &cfg, 2).unwrap();
+        let (answer, probs, rewards) = reinforce_vit_search(&mut ev, &cfg, 2).unwrap();
         assert_eq!(rewards.len(), 6);
         assert_eq!(probs.len(), 13);
         assert!(probs
             .iter()
             .all(|p| (p.iter().sum::<f64>() - 1.0).abs() < 1e-9));
-        let top = ev
-            .records
+        // The answer is the policy's argmax (the reference), scored, not the best seen.
+        let argmax: Vec<usize> = probs
             .iter()
-            .map(|r| r.result.as_ref().unwrap()[0])
-            .fold(f64::MIN, f64::max);
-        assert_eq!(ev.records[best].result.as_ref().unwrap()[0], top);
+            .map(|p| (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap())
+            .collect();
+        let want = VitTopology::from_indices(&argmax.try_into().unwrap());
+        assert_eq!(ev.records[answer].topology, want);
+        assert!(ev.records[answer].values()[0].is_some());
     }
 }

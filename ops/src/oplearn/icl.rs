@@ -23,7 +23,8 @@ pub struct InContextParams {
     pub j: Option<usize>,
     /// Pool points per chunk of the gap computation (memory: pixels x K heap + one chunk).
     pub chunk: Count,
-    /// Samples per forward pass.
+    /// Samples per forward pass, and the batch over which the ICL gate's threshold (the mean
+    /// cv) is taken, as in the reference.
     pub batch_size: Count,
 }
 
@@ -82,21 +83,22 @@ impl PartialOrd for Candidate {
     }
 }
 
-/// Section 5, steps 2-5 for one query field. `pred` `[P]` = p; `demo_pred`, `demo_true`
+/// Section 5, steps 2-4 for one query field: per pixel, the mean of the true demo values at
+/// its K smallest gaps and their |std / mean| (cv). `pred` `[P]` = p; `demo_pred`, `demo_true`
 /// `[J * P]` = d and the true demo solutions. Pool points are visited `chunk` at a time, each
 /// query pixel keeping a max-heap of its K best, so memory is O(P K + chunk) at any J.
-/// Returns the ICL field and the fraction of pixels that took the demo mean.
-pub fn icl_field(
+/// Empty when K = 0 (no demos).
+pub fn icl_stats(
     pred: &[f32],
     demo_pred: &[f32],
     demo_true: &[f32],
     k: usize,
     chunk: usize,
-) -> (Vec<f32>, f64) {
+) -> Vec<(f64, f64)> {
     let pool = demo_pred.len();
     let k = k.min(pool);
     if k == 0 || pred.is_empty() {
-        return (pred.to_vec(), 0.0);
+        return Vec::new();
     }
     let mut heaps: Vec<BinaryHeap<Candidate>> = (0..pred.len())
         .map(|_| BinaryHeap::with_capacity(k + 1))
@@ -121,8 +123,7 @@ pub fn icl_field(
         }
         start = end;
     }
-    // Step 4: y_i = mean of the true demo values at the K points; cv_i = |std / mean|.
-    let stats: Vec<(f64, f64)> = heaps
+    heaps
         .iter()
         .map(|heap| {
             let vals: Vec<f64> = heap.iter().map(|c| demo_true[c.index] as f64).collect();
@@ -130,28 +131,68 @@ pub fn icl_field(
             let var = vals.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / vals.len() as f64;
             (mean, (var.sqrt() / mean).abs())
         })
+        .collect()
+}
+
+/// Section 5, steps 2-5 for a batch of query fields: a pixel takes its demo mean where its cv
+/// is below the mean cv over every pixel of every field *in the batch* (non-finite cvs left out
+/// of the mean and never below it), else keeps its prediction. The threshold is per batch, as
+/// the reference computes it (delta-lab-ai/data_efficient_nopt `models/fno.py` `forward_icl`),
+/// so a field's result depends on the batch it is evaluated in. Returns the ICL fields and the
+/// number of pixels that took the demo mean.
+pub fn icl_batch(
+    preds: &[&[f32]],
+    demo_pred: &[f32],
+    demo_true: &[f32],
+    k: usize,
+    chunk: usize,
+) -> (Vec<Vec<f32>>, usize) {
+    let stats: Vec<Vec<(f64, f64)>> = preds
+        .iter()
+        .map(|p| icl_stats(p, demo_pred, demo_true, k, chunk))
         .collect();
-    // Step 5: use y_i where cv_i < mean over pixels of cv, else keep p_i.
     let finite: Vec<f64> = stats
         .iter()
+        .flatten()
         .map(|s| s.1)
         .filter(|c| c.is_finite())
         .collect();
     let mean_cv = finite.iter().sum::<f64>() / finite.len().max(1) as f64;
     let mut used = 0usize;
-    let out = pred
+    let fields = preds
         .iter()
         .zip(&stats)
-        .map(|(&p, &(mean, cv))| {
-            if cv < mean_cv {
-                used += 1;
-                mean as f32
-            } else {
-                p
+        .map(|(pred, st)| {
+            if st.is_empty() {
+                return pred.to_vec();
             }
+            pred.iter()
+                .zip(st)
+                .map(|(&p, &(mean, cv))| {
+                    if cv < mean_cv {
+                        used += 1;
+                        mean as f32
+                    } else {
+                        p
+                    }
+                })
+                .collect()
         })
         .collect();
-    (out, used as f64 / pred.len() as f64)
+    (fields, used)
+}
+
+/// [`icl_batch`] on a batch of one field; returns the field and the fraction of its pixels
+/// that took the demo mean.
+pub fn icl_field(
+    pred: &[f32],
+    demo_pred: &[f32],
+    demo_true: &[f32],
+    k: usize,
+    chunk: usize,
+) -> (Vec<f32>, f64) {
+    let (mut fields, used) = icl_batch(&[pred], demo_pred, demo_true, k, chunk);
+    (fields.remove(0), used as f64 / pred.len().max(1) as f64)
 }
 
 /// Per-field metrics (section 4): relative L2, relative L2 of the fields each divided by its
@@ -209,7 +250,8 @@ pub struct InContextOp;
 
 impl TypedOp for InContextOp {
     const NAME: &'static str = "eval.in_context";
-    const VERSION: u32 = 1;
+    // Version 2: the gate's threshold is the mean cv of the batch, not of one field.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "in-context learning at inference (prediction-similarity demos, cv gate) on an OOD test set";
     type Params = InContextParams;
@@ -272,20 +314,25 @@ impl TypedOp for InContextOp {
         let k = demo_count(p.j);
         let names = ["rel_l2", "norm_rel_l2", "pearson_r", "slope"];
         let (mut base, mut icl) = ([0.0f64; 4], [0.0f64; 4]);
-        let mut used = 0.0;
-        for s in 0..test.n {
+        let mut used = 0usize;
+        for batch in (0..test.n).collect::<Vec<_>>().chunks(p.batch_size) {
             ctx.check_cancelled()?;
-            let (p_s, t_s) = (
-                &preds[s * plane..(s + 1) * plane],
-                &truth[s * plane..(s + 1) * plane],
-            );
-            let (field, frac) = icl_field(p_s, &demo_pred, &demo_true, k, p.chunk);
-            used += frac;
-            for (acc, v) in base.iter_mut().zip(field_metrics(p_s, t_s)) {
-                *acc += v / test.n as f64;
-            }
-            for (acc, v) in icl.iter_mut().zip(field_metrics(&field, t_s)) {
-                *acc += v / test.n as f64;
+            let field =
+                |s: usize, v: &'_ [f32]| -> Vec<f32> { v[s * plane..(s + 1) * plane].to_vec() };
+            let (p_b, t_b): (Vec<Vec<f32>>, Vec<Vec<f32>>) = batch
+                .iter()
+                .map(|&s| (field(s, &preds), field(s, truth)))
+                .unzip();
+            let refs: Vec<&[f32]> = p_b.iter().map(Vec::as_slice).collect();
+            let (fields, n_used) = icl_batch(&refs, &demo_pred, &demo_true, k, p.chunk);
+            used += n_used;
+            for ((p_s, t_s), f) in p_b.iter().zip(&t_b).zip(&fields) {
+                for (acc, v) in base.iter_mut().zip(field_metrics(p_s, t_s)) {
+                    *acc += v / test.n as f64;
+                }
+                for (acc, v) in icl.iter_mut().zip(field_metrics(f, t_s)) {
+                    *acc += v / test.n as f64;
+                }
             }
         }
         for (i, name) in names.iter().enumerate() {
@@ -294,7 +341,7 @@ impl TypedOp for InContextOp {
         }
         out.metric("j", p.j as f64);
         out.metric("k", k.min(demo_pred.len()) as f64);
-        out.metric("icl_pixel_fraction", used / test.n as f64);
+        out.metric("icl_pixel_fraction", used as f64 / (test.n * plane) as f64);
         out.metric("test_samples", test.n as f64);
         let _ = writeln!(
             ctx.log,
@@ -336,6 +383,20 @@ mod tests {
         }
         // K = 0 (J = 0): predictions unchanged.
         assert_eq!(icl_field(&pred, &d, &t, 0, 3).0, pred.to_vec());
+    }
+
+    /// The gate's threshold is the batch's mean cv: field B alone ([1, 1], both cv 1/11) keeps
+    /// its predictions (no cv is below its own mean), but batched with the hand-made field A
+    /// (cvs 1/11, 14/26) the mean cv is 0.203, so both of B's pixels take the demo mean 11.
+    #[test]
+    fn the_gate_threshold_is_per_batch() {
+        let d = [1.1f32, 0.5, 3.0, 0.95, -1.0, 2.0];
+        let t = [12.0f32, 7.0, 0.0, 10.0, 5.0, 40.0];
+        let (a, b) = ([1.0f32, 2.0], [1.0f32, 1.0]);
+        assert_eq!(icl_field(&b, &d, &t, 2, 6).0, vec![1.0, 1.0]);
+        let (fields, used) = icl_batch(&[&a, &b], &d, &t, 2, 6);
+        assert_eq!(fields, vec![vec![11.0, 2.0], vec![11.0, 11.0]]);
+        assert_eq!(used, 3);
     }
 
     #[test]
