@@ -154,6 +154,14 @@ impl Fractions {
         }
         Ok(())
     }
+
+    /// How many of `n` samples go to val and to test: `round(val n)` and `round(test n)`
+    /// (half away from zero), the latter cut to what val leaves.
+    fn counts(&self, n: usize) -> (usize, usize) {
+        let n_val = ((self.val * n as f64).round() as usize).min(n);
+        let n_test = ((self.test * n as f64).round() as usize).min(n - n_val);
+        (n_val, n_test)
+    }
 }
 
 /// Splits `all` by a permutation drawn from `seed`: the first `round(val n)` permuted samples
@@ -161,13 +169,47 @@ impl Fractions {
 pub fn split_by_permutation(all: &Split, fractions: Fractions, seed: u64) -> [Split; 3] {
     let mut idx: Vec<usize> = (0..all.n).collect();
     idx.shuffle(&mut StdRng::seed_from_u64(seed));
-    let n_val = (fractions.val * all.n as f64).round() as usize;
-    let n_test = ((fractions.test * all.n as f64).round() as usize).min(all.n - n_val.min(all.n));
-    let n_val = n_val.min(all.n);
+    let (n_val, n_test) = fractions.counts(all.n);
     let val = all.gather(&idx[..n_val]);
     let test = all.gather(&idx[n_val..n_val + n_test]);
     let train = all.gather(&idx[n_val + n_test..]);
     [train, val, test]
+}
+
+/// Splits the labelled samples `all` class by class: one generator seeded with `seed` permutes
+/// the indices of class 0 (in `all`'s order), then of class 1, and so on; of class c's `n_c`
+/// permuted indices the first `round(val n_c)` are val, the next `round(test n_c)` test, the
+/// rest train. Every split keeps `all`'s order, so its head is as mixed as `all`. Regression
+/// targets count as one class.
+pub fn split_stratified(all: &Split, fractions: Fractions, seed: u64) -> [Split; 3] {
+    let classes: Vec<usize> = match &all.y {
+        Targets::Labels(l) => l.clone(),
+        Targets::Values(_) => vec![0; all.n],
+    };
+    let mut by_class: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, &c) in classes.iter().enumerate() {
+        by_class.entry(c).or_default().push(i);
+    }
+    // 0 train, 1 val, 2 test: the order of `SPLITS`.
+    let mut split_of = vec![0usize; all.n];
+    let mut rng = StdRng::seed_from_u64(seed);
+    for idx in by_class.values_mut() {
+        idx.shuffle(&mut rng);
+        let (n_val, n_test) = fractions.counts(idx.len());
+        for (k, &i) in idx.iter().enumerate() {
+            split_of[i] = if k < n_val {
+                1
+            } else if k < n_val + n_test {
+                2
+            } else {
+                0
+            };
+        }
+    }
+    [0, 1, 2].map(|s| {
+        let idx: Vec<usize> = (0..all.n).filter(|&i| split_of[i] == s).collect();
+        all.gather(&idx)
+    })
 }
 
 /// Standardises every channel of every split with the training split's mean and std.

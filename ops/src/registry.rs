@@ -27,6 +27,7 @@ impl Registry {
         registry.register(Arc::new(crate::ml::Cifar10Op));
         registry.register(Arc::new(crate::ml::MnistOp));
         registry.register(Arc::new(crate::ml::ImportOp));
+        registry.register(Arc::new(crate::ml::DigitsOp));
         registry.register(Arc::new(crate::ml::TrainOp));
         registry.register(Arc::new(crate::ml::LrProbeOp));
         registry.register(Arc::new(crate::ml::EvaluateOp));

@@ -7,11 +7,13 @@
 //! (no timings), so equal inputs and seed give byte-identical outputs and downstream early
 //! cutoff works; timings go to metrics and the log.
 
+mod digits;
 mod evaluate;
 mod readers;
 mod synthetic;
 mod train;
 
+pub use digits::DigitsOp;
 pub use evaluate::EvaluateOp;
 pub use readers::{Cifar10Op, ImportOp, MnistOp};
 pub use synthetic::{render_shape, SyntheticImagesOp};
@@ -76,11 +78,12 @@ mod tests {
 
     #[test]
     fn every_param_is_documented_and_the_training_ops_take_a_device() {
-        let ops: [(&dyn Op, bool); 10] = [
+        let ops: [(&dyn Op, bool); 11] = [
             (&TrainOp, true),
             (&LrProbeOp, true),
             (&EvaluateOp, true),
             (&SyntheticImagesOp, false),
+            (&DigitsOp, false),
             (&Cifar10Op, false),
             (&MnistOp, false),
             (&ImportOp, false),
