@@ -1,6 +1,6 @@
 //! Smoke-size runs of the architecture pipelines (`pipelines/arch_aware_lr.yaml`,
 //! `nb201_rerank.yaml`, `connectivity.yaml`, `teg_nas.yaml`) through the real `engine` binary:
-//! the real files, shrunk with `--set`, each in its own cache folder (except where a test checks
+//! the real files, shrunk with `--set` (the shipped digits swapped for small synthetic images), each in its own cache folder (except where a test checks
 //! that two pipelines share one); values are checked, not just exit codes.
 
 #[path = "common/paper.rs"]
@@ -14,7 +14,8 @@ fn arch_aware_lr_predicts_chain_lrs_by_the_formula_and_correlates() {
     let cache = ws.path().join("cache");
     let p = pipeline("arch_aware_lr.yaml");
     let sets = [
-        "vars.samples=300",
+        "stages.data.op=data.synthetic_images",
+        "stages.data.samples=300",
         "vars.width=8",
         "vars.cnn_width=2",
         "vars.seeds=[0]",
@@ -71,9 +72,11 @@ fn nb201_rerank_runs_both_recipes_and_trains_only_added_cells() {
     let cache = ws.path().join("cache");
     let p = pipeline("nb201_rerank.yaml");
     let small = [
-        "vars.samples=240",
+        "stages.data.op=data.synthetic_images",
+        "stages.data.samples=240",
         "vars.channels=2",
         "vars.epochs=1",
+        "vars.seeds=[0, 1]",
         "vars.top_k_table=[100]",
     ];
     let three = "vars.archs=[\"3_30_243\", \"3_23_241\", \"4_12_104\"]";
@@ -123,12 +126,14 @@ fn connectivity_orders_the_bounds_and_filters_the_nb201_space() {
     let cache = ws.path().join("cache");
     let p = pipeline("connectivity.yaml");
     let sets = [
-        "vars.samples=200",
+        "stages.data.op=data.synthetic_images",
+        "stages.data.samples=200",
         "vars.width=8",
         "vars.epochs=2",
         "vars.epoch_points=[1, 2]",
         "vars.seeds=[0]",
-        "vars.nas_samples=240",
+        "stages.nas_data.op=data.synthetic_images",
+        "stages.nas_data.samples=240",
         "vars.nas_channels=2",
         "vars.nas_epochs=1",
         "vars.nas_draws=24",
@@ -201,7 +206,8 @@ fn teg_nas_scores_correlates_searches_and_shares_training_with_nb201_rerank() {
     let cache = ws.path().join("cache");
     // The vars both pipelines read for `data` and `train_benchmark`, shrunk the same way.
     let shared = [
-        "vars.samples=240",
+        "stages.data.op=data.synthetic_images",
+        "stages.data.samples=240",
         "vars.channels=2",
         "vars.epochs=1",
         "vars.seeds=[0]",
@@ -215,7 +221,7 @@ fn teg_nas_scores_correlates_searches_and_shares_training_with_nb201_rerank() {
     let p = pipeline("teg_nas.yaml");
     let mut sets = shared.to_vec();
     sets.extend([
-        "vars.proxy={channels: 1, batch: 4, repeats: 1, region_samples: 40}",
+        "vars.proxy={channels: 1, batch: 4, repeats: 1, region_samples: 200}",
         "vars.population=4",
         "vars.tournament=2",
         "vars.cycles=2",
@@ -258,14 +264,23 @@ fn teg_nas_scores_correlates_searches_and_shares_training_with_nb201_rerank() {
         );
         assert!((0.0..=1.0).contains(&metric(&r, &pick, "test_accuracy")));
     }
-    // TE-NAS pruning removes one op per edge per round: 4 rounds of supernets, then the cell.
-    assert_eq!(
-        output_json(&r, "search[algorithm=prune]", "search.json")["prune_rounds"]
-            .as_array()
-            .unwrap()
-            .len(),
-        4
-    );
+    // Pruning starts without `none` and removes one op per edge per round: 3 rounds of
+    // supernets, then the cell, which never holds `none` (digit 0). The TE-NAS stage prunes by
+    // kappa and R, the TEG variant also by G.
+    for (name, indicators) in [
+        ("search_tenas", serde_json::json!(["ntk", "regions"])),
+        (
+            "search[algorithm=prune]",
+            serde_json::json!(["ntk", "regions", "generalization"]),
+        ),
+    ] {
+        let s = output_json(&r, name, "search.json");
+        assert_eq!(s["prune_rounds"].as_array().unwrap().len(), 3, "{name}");
+        assert_eq!(s["indicators"], indicators, "{name}");
+        let digits = s["choice"]["digits"].as_str().unwrap();
+        assert!(!digits.contains('0'), "{name} kept none: {digits}");
+    }
+    assert_eq!(stages(&r, "train_pick_tenas").len(), 1);
     let md = report(&p, &cache, &ws.path().join("report"), &sets);
     match md {
         Ok(md) => assert!(

@@ -24,8 +24,9 @@ fn run<S: AsRef<OsStr>>(cache: &Path, sets: &[S]) -> Value {
     paper::run(&paper::pipeline(PIPELINE), cache, sets)
 }
 
+/// Smoke sizes; `min_steps` off, so that a changed `finetune_epochs` changes the models.
 fn small() -> Vec<String> {
-    paper::operator_smoke_sets(&[])
+    paper::operator_smoke_sets(&["vars.finetune_min_steps=1"])
 }
 
 #[test]

@@ -34,6 +34,10 @@ report:
       digits: 2
       paper: "the paper says something"
       noise: {stage: noise, metric: seed_tau, se: seed_tau_se, label: seed-vs-seed tau}
+    - name: unmeasured
+      stage: noise
+      metric: seed_tau
+      noise: {stage: noise, metric: seed_tau_of_nothing, label: other noise}
   plots:
     - name: curve
       stage: fit
@@ -91,6 +95,16 @@ fn a_report_aggregates_seeds_and_draws_plots() {
         md.contains(
             "**Noise, same run:** seed-vs-seed tau = 0.75 (standard error 0.05) (stage `noise`)"
         ),
+        "{md}"
+    );
+    // A table without `rows` has one row, named after the stage; a noise metric no instance
+    // recorded is reported as not measured.
+    assert!(
+        md.contains("| stage | seed_tau |") && md.contains("| noise | 0.7500 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("other noise = not measured (stage `noise` recorded no `seed_tau_of_nothing`"),
         "{md}"
     );
     assert!(md.contains("Provenance"));

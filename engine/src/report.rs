@@ -51,7 +51,9 @@ pub struct TableSpec {
     #[serde(default)]
     pub title: Option<String>,
     pub stage: String,
-    /// Matrix variable giving the rows.
+    /// Matrix variable giving the rows; without it (a stage with no matrix, or one value over
+    /// every instance) there is one row, named after the stage.
+    #[serde(default)]
     pub rows: String,
     /// Matrix variable giving the columns; without it there is one column, the metric.
     #[serde(default)]
@@ -405,8 +407,9 @@ fn plot_section(
     Ok([svg, png])
 }
 
-/// The line under a table giving its noise figure: `label = mean ± se` (one instance) or the
-/// mean and spread over the instances selected.
+/// The line under a table giving its noise figure: `label = mean (standard error se)` for one
+/// instance, the mean and spread over several; "not measured" when no instance recorded the
+/// metric (a one-seed run has no seed-vs-seed figure), which is said, not hidden.
 fn noise_line(
     plan: &Plan,
     cache: &Cache,
@@ -415,23 +418,35 @@ fn noise_line(
     digits: usize,
 ) -> Result<String, ReportError> {
     let nodes = select_nodes(plan, "report.noise", &n.stage, &n.filter, &[])?;
-    let metric = |m: &str| -> Result<Vec<f64>, ReportError> {
-        let g = group(plan, cache, statuses, &nodes, "", None, m)?;
-        Ok(g.cells.into_values().flatten().collect())
-    };
-    let values = metric(&n.metric)?;
-    let cell = aggregate(&values, Aggregate::MeanStd);
-    let mut text = format!("{:.d$}", cell.mean, d = digits);
-    match (&n.se, cell.n) {
-        (Some(se), 1) => {
-            let se = metric(se)?;
-            let _ = write!(text, " (standard error {:.d$})", se[0], d = digits);
+    let mut values: Vec<f64> = Vec::new();
+    let mut errors: Vec<f64> = Vec::new();
+    for &i in &nodes {
+        let key = statuses[i].key.clone().unwrap_or_default();
+        let record = cache
+            .lookup(&key)
+            .map_err(ExecError::from)?
+            .ok_or_else(|| ReportError::Missing(format!("  {}", plan.nodes[i].name)))?;
+        if let Some(v) = record.metrics.get(&n.metric) {
+            values.push(*v);
         }
-        (_, k) if k > 1 => {
-            let _ = write!(text, " ± {:.d$} (n={k})", cell.spread, d = digits);
+        if let Some(v) = n.se.as_ref().and_then(|se| record.metrics.get(se)) {
+            errors.push(*v);
         }
-        _ => {}
     }
+    let text = match values.len() {
+        0 => format!(
+            "not measured (stage `{}` recorded no `{}`; a seed-vs-seed figure needs two or more seeds)",
+            n.stage, n.metric
+        ),
+        1 => match errors.first() {
+            Some(se) => format!("{:.d$} (standard error {se:.d$})", values[0], d = digits),
+            None => format!("{:.d$}", values[0], d = digits),
+        },
+        k => {
+            let cell = aggregate(&values, Aggregate::MeanStd);
+            format!("{:.d$} ± {:.d$} (n={k})", cell.mean, cell.spread, d = digits)
+        }
+    };
     Ok(format!(
         "\n**Noise, same run:** {} = {text} (stage `{}`)\n",
         n.label, n.stage
@@ -462,6 +477,7 @@ fn select_nodes(
     for v in vars
         .iter()
         .map(|v| v.as_str())
+        .filter(|v| !v.is_empty())
         .chain(filter.keys().map(String::as_str))
     {
         if !known.contains(&v) {
@@ -525,7 +541,10 @@ fn group(
                 ),
             )
         })?;
-        let r = node.matrix.get(row_var).map(render).unwrap_or_default();
+        let r = match row_var {
+            "" => node.stage.clone(),
+            _ => node.matrix.get(row_var).map(render).unwrap_or_default(),
+        };
         let c = col_var
             .and_then(|c| node.matrix.get(c))
             .map(render)
@@ -577,6 +596,7 @@ fn render_table(t: &TableSpec, g: &Grouped) -> String {
     let mut out = String::new();
     let corner = match &t.columns {
         Some(c) => format!("{} \\ {}", t.rows, c),
+        None if t.rows.is_empty() => "stage".to_string(),
         None => t.rows.clone(),
     };
     let _ = writeln!(out, "| {corner} | {} |", g.cols.join(" | "));

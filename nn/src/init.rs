@@ -1,5 +1,5 @@
 //! Weight initialisation schemes, and the hook through which an architecture-aware scheme
-//! (`../shared/papers/arch-aware-hparams.md` section 2) supplies per-layer variances.
+//! (`docs/methods/arch-aware.md` §2) supplies per-layer variances.
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One row of teg_nas's Kendall-tau table as metrics (`tau`, `n`): argv[1] names an indicator
+"""One row of teg_nas's Kendall-tau table as metrics (`tau`, `n`, and `se`, its bootstrap standard error): argv[1] names an indicator
 of the search (`ntk`, `regions`, `generalization`, `naswot`) or `rank_sum` (their rank-sum
 combination). Reads $ENGINE_IN_CORRELATE/correlate.json (an `indicators.correlate` result).
 Signs are as computed there: tau of the raw indicator value with accuracy (kappa and G are
@@ -21,6 +21,8 @@ else:
 if entry["tau"] is None:
     sys.exit(f"tau of {name} is undefined over {entry['n']} cell(s); train more cells")
 out = {"tau": entry["tau"], "n": entry["n"]}
+if entry.get("se") is not None:
+    out["se"] = entry["se"]
 with open(os.path.join(os.environ["ENGINE_OUT"], "metrics.json"), "w") as f:
     json.dump(out, f)
 print(json.dumps(out))

@@ -1,5 +1,6 @@
 //! Multi-head self-attention (Vaswani et al. 2017, §3.2.2), optionally within non-overlapping
-//! windows of a token grid (Swin-style partitioning, as in the As-ViT space; `asvit.md`).
+//! windows of a token grid (Swin-style partitioning, as in the As-ViT space;
+//! `docs/methods/asvit.md`).
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 

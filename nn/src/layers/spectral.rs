@@ -1,4 +1,4 @@
-//! The Fourier layer's spectral convolution (FNO; `../shared/papers/operator-learning.md` §2).
+//! The Fourier layer's spectral convolution (FNO; `docs/methods/operator-learning.md` §2).
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};
 

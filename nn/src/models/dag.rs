@@ -1,4 +1,4 @@
-//! DAG-cell networks: `mlp_dag` and `cnn_dag` (`../shared/papers/arch-aware-hparams.md` §1), and
+//! DAG-cell networks: `mlp_dag` and `cnn_dag` (`docs/methods/arch-aware.md` §1), and
 //! the cell evaluation that NAS-Bench-201 shares.
 
 use dfdx::{shapes::*, tensor::*, tensor_ops::*};

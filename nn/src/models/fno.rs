@@ -1,4 +1,4 @@
-//! Fourier neural operators (`../shared/papers/operator-learning.md` §2): `fno2d` (lift,
+//! Fourier neural operators (`docs/methods/operator-learning.md` §2): `fno2d` (lift,
 //! L Fourier layers, head) and the MAE-style pretraining model `fno2d_mae` (encoder, bridge,
 //! decoder reconstructing the input channels).
 

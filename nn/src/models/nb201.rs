@@ -1,4 +1,4 @@
-//! The NAS-Bench-201 network (Dong & Yang 2020; `../shared/papers/training-free-nas.md`):
+//! The NAS-Bench-201 network (Dong & Yang 2020; `docs/methods/training-free-nas.md`):
 //! stem Conv3x3 + BN; three stages of N cells at C, 2C, 4C channels joined by residual
 //! reduction blocks; BN + ReLU; global average pooling; Linear.
 

@@ -1,5 +1,5 @@
 //! Cell topologies: DAGs over nodes 0..=n, one op code per (target, source) edge
-//! (`../shared/papers/arch-aware-hparams.md` section 1).
+//! (`docs/methods/arch-aware.md` §1).
 
 use crate::NnError;
 

@@ -1,4 +1,4 @@
-//! The As-ViT network (`../shared/papers/asvit.md` §1, arXiv 2202.11921): a strided-conv
+//! The As-ViT network (`docs/methods/asvit.md` §1, arXiv 2202.11921): a strided-conv
 //! tokenizer, up to four stages of pre-LN transformer blocks (windowed multi-head attention, GELU
 //! MLP) joined by patch merging, no positional embedding, then LayerNorm, mean pool and Linear.
 //!
@@ -16,7 +16,7 @@ use crate::layers::{gelu, unfold, Conv2d, ConvGeometry, LayerNorm, Linear};
 use crate::tensor::{host_read, impl_has_params, take_grad, with_grad_mut};
 use crate::{Dev, Float, NnError, Tensor2, Tensor3, Tensor4, VarBuilder};
 
-/// Stride of the stage-1 tokenizer at factor 1 (asvit.md §1).
+/// Stride of the stage-1 tokenizer at factor 1 (`docs/methods/asvit.md` §1).
 pub const TOKENIZER_STRIDE: usize = 4;
 /// Stages of the As-ViT space.
 pub const MAX_STAGES: usize = 4;
@@ -229,7 +229,8 @@ impl VitSpec {
 
 /// The tokenizer at factor d: kernel K1, stride 4d, dilation d, padding
 /// max(0, ceil((span - stride) / 2)) with span = d (K1 - 1) + 1, so that a side divisible by
-/// 4d gives side / (4d) tokens. (The note's padding K1 - 4 would add a row of tokens.)
+/// 4d gives side / (4d) tokens. (The paper's padding K1 - 4, `docs/methods/asvit.md` §1, would
+/// add a row of tokens.)
 pub fn tokenizer_geometry(kernel: usize, factor: usize) -> ConvGeometry {
     let stride = TOKENIZER_STRIDE * factor;
     let span = factor * (kernel - 1) + 1;
@@ -241,7 +242,7 @@ pub fn tokenizer_geometry(kernel: usize, factor: usize) -> ConvGeometry {
     }
 }
 
-/// LayerNorm, or the identity while the length distortion is measured (asvit.md §2).
+/// LayerNorm, or the identity while the length distortion is measured (`docs/methods/asvit.md` §2).
 fn norm<E: Float, T: Tape<E, Dev>>(
     ln: &LayerNorm<E>,
     x: Tensor3<E, T>,
@@ -406,7 +407,8 @@ where
         })
     }
 
-    /// Sets the tokenizer to factor d: stride 4d, dilation d (asvit.md §4). The weights stay.
+    /// Sets the tokenizer to factor d: stride 4d, dilation d (`docs/methods/asvit.md` §4). The
+    /// weights stay.
     pub fn set_token_factor(&mut self, factor: usize) -> Result<(), NnError> {
         if factor == 0 {
             return Err(NnError::spec("retokenize", "factor must be at least 1"));
@@ -429,7 +431,7 @@ where
     }
 
     /// Replaces every LayerNorm by the identity (`true`) or restores them; the length distortion
-    /// is measured without them (asvit.md §2).
+    /// is measured without them (`docs/methods/asvit.md` §2).
     pub fn set_identity_norms(&mut self, identity: bool) {
         self.identity_norms = identity;
     }

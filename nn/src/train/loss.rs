@@ -13,7 +13,7 @@ pub enum LossKind {
     CrossEntropy,
     /// Mean over all elements of (pred - target)^2.
     Mse,
-    /// Sum of squared errors divided by the batch size (operator-learning.md §4).
+    /// Sum of squared errors divided by the batch size (`docs/methods/operator-learning.md` §4).
     SumOfSquares,
 }
 
@@ -134,8 +134,8 @@ pub fn accuracy<E: Float>(logits: &[E], classes: usize, labels: &[usize]) -> f64
     correct as f64 / labels.len() as f64
 }
 
-/// Mean over samples of ||pred - target||_2 / ||target||_2 (operator-learning.md §4); rows of
-/// `per_sample` values.
+/// Mean over samples of ||pred - target||_2 / ||target||_2 (`docs/methods/operator-learning.md`
+/// §4); rows of `per_sample` values.
 pub fn relative_l2<E: Float>(pred: &[E], target: &[E], per_sample: usize) -> f64 {
     if per_sample == 0 || pred.is_empty() {
         return 0.0;

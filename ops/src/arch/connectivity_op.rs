@@ -1,5 +1,5 @@
 //! `nngp.connectivity`: the NNGP kernel of a cell and its eigenvalue bounds, or the
-//! effective-depth/width filter over a search space (`../shared/papers/connectivity-convergence.md`).
+//! effective-depth/width filter over a search space (`docs/methods/connectivity.md`).
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

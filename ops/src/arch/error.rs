@@ -9,7 +9,7 @@ pub enum ArchError {
     #[error("{0}")]
     Topology(String),
 
-    /// arch-aware-hparams.md §3: a DAG without an input->output path is not a network.
+    /// `docs/methods/arch-aware.md` §3: a DAG without an input->output path is not a network.
     #[error(
         "topology {topology:?} has no input->output path through existing edges, so it is not \
          a valid network; make at least one chain of non-zero edges lead from node 0 to the \

@@ -1,5 +1,5 @@
 //! The connectivity filter: an acceptance box on effective depth and width over a search space
-//! (`../shared/papers/connectivity-convergence.md` §3).
+//! (`docs/methods/connectivity.md` §3).
 
 use serde::Serialize;
 
@@ -9,7 +9,7 @@ use super::ArchError;
 /// Slack on the box edges so that values on the boundary survive rounding.
 const EDGE_SLACK: f64 = 1e-9;
 
-/// connectivity-convergence.md §3, in the note's terms: centres and half-ranges r of d_bar and
+/// `docs/methods/connectivity.md` §3, in its terms: centres and half-ranges r of d_bar and
 /// m_bar; an architecture is kept iff |d_bar - centre_d| <= r_d / 2 and |m_bar - centre_m| <= r_m / 2.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct AcceptanceBox {
@@ -46,19 +46,19 @@ impl AcceptanceBox {
         }
     }
 
-    /// connectivity-convergence.md §3, stated NAS-Bench-201 box: centre (1.6, 2.2), half-radius
+    /// `docs/methods/connectivity.md` §3, stated NAS-Bench-201 box: centre (1.6, 2.2), half-radius
     /// (0.7, 0.9), the half-radius being r / 2.
     pub fn paper_nb201() -> Self {
         Self::from_intervals((1.6 - 0.7, 1.6 + 0.7), (2.2 - 0.9, 2.2 + 0.9))
     }
 
-    /// connectivity-convergence.md §3, the reference code's hard-coded NAS-Bench-201 box:
+    /// `docs/methods/connectivity.md` §3, the reference code's hard-coded NAS-Bench-201 box:
     /// d_bar in [0.99, 2.51], m_bar in [0.99, 3.01].
     pub fn reference_nb201() -> Self {
         Self::from_intervals((0.99, 2.51), (0.99, 3.01))
     }
 
-    /// connectivity-convergence.md §3: centre = midpoint and r = half of the range of d_bar and
+    /// `docs/methods/connectivity.md` §3: centre = midpoint and r = half of the range of d_bar and
     /// m_bar over the architectures that have both (a path, and d_bar > 0). `None` if none do.
     pub fn from_space<'a>(proxies: impl IntoIterator<Item = &'a PathProxies>) -> Option<Self> {
         let mut d = (f64::INFINITY, f64::NEG_INFINITY);
@@ -94,8 +94,8 @@ impl AcceptanceBox {
         )
     }
 
-    /// connectivity-convergence.md §3: |d_bar - c_d| <= r_d / 2 and |m_bar - c_m| <= r_m / 2; cells
-    /// without a parameterised path (m_bar undefined) are rejected.
+    /// `docs/methods/connectivity.md` §3: |d_bar - c_d| <= r_d / 2 and |m_bar - c_m| <= r_m / 2;
+    /// cells without a parameterised path (m_bar undefined) are rejected.
     pub fn accepts(&self, p: &PathProxies) -> bool {
         let Some(m) = p.m_bar else { return false };
         (p.d_bar - self.centre_d).abs() <= self.r_d / 2.0 + EDGE_SLACK

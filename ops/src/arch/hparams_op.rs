@@ -1,5 +1,5 @@
 //! `hparams.arch_aware`: the maximal LR and init variances of one topology
-//! (`../shared/papers/arch-aware-hparams.md` §2, §3).
+//! (`docs/methods/arch-aware.md` §2, §3).
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

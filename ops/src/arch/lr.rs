@@ -1,5 +1,5 @@
 //! The architecture-aware maximal learning rate and initialisation
-//! (`../shared/papers/arch-aware-hparams.md` §2, §3).
+//! (`docs/methods/arch-aware.md` §2, §3).
 
 use serde::Serialize;
 
@@ -32,7 +32,8 @@ pub struct LrPrediction {
     pub has_parameterised_path: bool,
 }
 
-/// arch-aware-hparams.md §3: L_p = d_p + fixed layers outside the DAG (+3 MLP/CNN, +1 NB201).
+/// `docs/methods/arch-aware.md` §3: L_p = d_p + fixed layers outside the DAG
+/// (+3 MLP/CNN, +1 NB201).
 pub fn path_lengths(kind: CellKind, paths: &[CellPath]) -> Vec<usize> {
     paths
         .iter()
@@ -40,7 +41,7 @@ pub fn path_lengths(kind: CellKind, paths: &[CellPath]) -> Vec<usize> {
         .collect()
 }
 
-/// arch-aware-hparams.md §3: sum over paths p of L_p^3 (dimensionless).
+/// `docs/methods/arch-aware.md` §3: sum over paths p of L_p^3 (dimensionless).
 pub fn sum_cubed(lengths: &[usize]) -> f64 {
     lengths.iter().map(|&l| (l as f64).powi(3)).sum()
 }
@@ -145,15 +146,15 @@ pub struct LayerVariance {
     pub variance: Option<f64>,
 }
 
-/// arch-aware-hparams.md §2 (the reference code's reading): a parameterised edge s -> t draws
-/// W ~ N(0, 2 / (d_in(s) * fan_in)), where d_in(s) is the in-degree of the *source* node, since
-/// the layer multiplies the source's summed value (the paper prints the target's in-degree; both
-/// normalise the same sum). A source without incoming edges holds zero, so d_in is taken as 1.
+/// `docs/methods/arch-aware.md` §2 (the reference code's reading): a parameterised edge s -> t
+/// draws W ~ N(0, 2 / (d_in(s) * fan_in)), where d_in(s) is the in-degree of the *source* node,
+/// since the layer multiplies the source's summed value (the paper prints the target's in-degree;
+/// both normalise the same sum). A source without incoming edges holds zero, so d_in is taken as 1.
 pub fn edge_variance(in_degree: usize, fan_in: usize) -> f64 {
     2.0 / (in_degree.max(1) as f64 * fan_in.max(1) as f64)
 }
 
-/// arch-aware-hparams.md §2: readout std = 2 / fan, i.e. Var(W) = 4 / fan_in^2.
+/// `docs/methods/arch-aware.md` §2: readout std = 2 / fan, i.e. Var(W) = 4 / fan_in^2.
 pub fn readout_variance(fan_in: usize) -> f64 {
     let f = fan_in.max(1) as f64;
     4.0 / (f * f)

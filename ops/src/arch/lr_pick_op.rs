@@ -1,5 +1,5 @@
 //! `lr.pick`: the empirical maximal LR from a grid of `lr.probe` results
-//! (`../shared/papers/arch-aware-hparams.md` §3: the LR with the smallest training loss after
+//! (`docs/methods/arch-aware.md` §3: the LR with the smallest training loss after
 //! one epoch, diverged runs counted as infinite loss).
 //!
 //! Input contract: `probes`, a list input over `lr.probe` stages (`"probe[*]"` or
@@ -112,8 +112,8 @@ pub fn grid(probes: &[(f64, Option<f64>)]) -> Vec<GridPoint> {
         .collect()
 }
 
-/// arch-aware-hparams.md §3: the LR with the smallest loss (diverged = infinite); ties go to the
-/// smaller LR. `None` when every point diverged.
+/// `docs/methods/arch-aware.md` §3: the LR with the smallest loss (diverged = infinite); ties go to
+/// the smaller LR. `None` when every point diverged.
 pub fn pick(points: &[GridPoint]) -> Option<&GridPoint> {
     points.iter().filter(|p| p.loss.is_some()).min_by(|a, b| {
         a.loss

@@ -1,6 +1,6 @@
 //! Architecture-aware hyperparameters, connectivity (NNGP) analysis and NAS re-ranking
-//! (arXiv 2402.17440, 2205.05662; `../shared/papers/arch-aware-hparams.md` and
-//! `../shared/papers/connectivity-convergence.md`).
+//! (arXiv 2402.17440, 2205.05662; `docs/methods/arch-aware.md` and
+//! `docs/methods/connectivity.md`).
 //!
 //! Everything here is training-free arithmetic on a cell's DAG (parsed by
 //! [`nn::models::topology::Dag`]) or on finished `train` results:

@@ -1,12 +1,12 @@
 //! The NNGP kernel of a wide ReLU network built from a DAG cell, and the bounds on its smallest
-//! eigenvalue (`../shared/papers/connectivity-convergence.md` §1).
+//! eigenvalue (`docs/methods/connectivity.md` §1).
 //!
 //! Which network the recursion describes: every node's kernel is the sum of its incoming edges'
 //! kernels with no cross terms. That is exact in the infinite-width limit when each
 //! parameterised edge ends in a fresh zero-mean weight matrix, i.e. the pre-activation form
 //! `sqrt(2/m) W ReLU(z)` (ReLU-Conv-BN order, as in NAS-Bench-201) behind a Gaussian stem, and
 //! for any form along a single chain. With the post-activation form `sqrt(2/m) ReLU(W z)` two
-//! branches meeting at a node are correlated through E[ReLU] > 0, which the note's recursion (and
+//! branches meeting at a node are correlated through E[ReLU] > 0, which the paper's recursion (and
 //! hence its worked examples) leaves out. Conv edges are treated as the fully-connected map f,
 //! skip and average pooling as identity (§3 counts them the same way).
 
@@ -84,7 +84,7 @@ impl Gram {
     }
 }
 
-/// connectivity-convergence.md §1: h(C) = (2 C arcsin(C) + 2 sqrt(1 - C^2) + pi C) / (2 pi), the
+/// `docs/methods/connectivity.md` §1: h(C) = (2 C arcsin(C) + 2 sqrt(1 - C^2) + pi C) / (2 pi), the
 /// ReLU arc-cosine map of a correlation C in [-1, 1] (clamped against rounding); h(1) = 1.
 pub fn relu_arccos(c: f64) -> f64 {
     let c = c.clamp(-1.0, 1.0);
@@ -92,7 +92,7 @@ pub fn relu_arccos(c: f64) -> f64 {
     (2.0 * c * c.asin() + 2.0 * (1.0 - c * c).max(0.0).sqrt() + pi * c) / (2.0 * pi)
 }
 
-/// connectivity-convergence.md §1: f(K)_ij = h(K_ij / sqrt(K_ii K_jj)) sqrt(K_ii K_jj), diagonal
+/// `docs/methods/connectivity.md` §1: f(K)_ij = h(K_ij / sqrt(K_ii K_jj)) sqrt(K_ii K_jj), diagonal
 /// preserved. A zero diagonal (a node without inputs) maps to zero.
 pub fn relu_map(k: &Gram) -> Gram {
     let mut out = k.clone();
@@ -110,12 +110,12 @@ pub fn relu_map(k: &Gram) -> Gram {
     out
 }
 
-/// connectivity-convergence.md §1: f^d applied to a unit-diagonal entry K_ij (f^0 = identity).
+/// `docs/methods/connectivity.md` §1: f^d applied to a unit-diagonal entry K_ij (f^0 = identity).
 pub fn relu_map_iter(k_ij: f64, depth: usize) -> f64 {
     (0..depth).fold(k_ij, |c, _| relu_arccos(c))
 }
 
-/// connectivity-convergence.md §1: K(0) = input kernel; K(t) = sum over existing edges (s, t)
+/// `docs/methods/connectivity.md` §1: K(0) = input kernel; K(t) = sum over existing edges (s, t)
 /// of K(s) (skip, pooling) or f(K(s)) (parameterised). Returns the kernel of every node.
 pub fn propagate(cell: &Cell, input: &Gram) -> Vec<Gram> {
     let n = cell.nodes();
@@ -138,7 +138,7 @@ pub fn propagate(cell: &Cell, input: &Gram) -> Vec<Gram> {
     kernels
 }
 
-/// connectivity-convergence.md §1: lambda_min(K_out) <= min over i != j of
+/// `docs/methods/connectivity.md` §1: lambda_min(K_out) <= min over i != j of
 /// [P - sum_p f^{d_p}(K_ij)], with K the unit-diagonal input kernel. `None` below two samples.
 pub fn path_bound(paths: &[CellPath], input: &Gram) -> Option<f64> {
     let mut best: Option<f64> = None;
@@ -153,7 +153,8 @@ pub fn path_bound(paths: &[CellPath], input: &Gram) -> Option<f64> {
     best
 }
 
-/// connectivity-convergence.md §1, the 2x2 principal-submatrix bound on a computed kernel: min over i != j of
+/// `docs/methods/connectivity.md` §1, the 2x2 principal-submatrix bound on a computed kernel:
+/// min over i != j of
 /// lambda_min([[K_ii, K_ij], [K_ij, K_jj]]) = (a + d) / 2 - sqrt(((a - d) / 2)^2 + b^2).
 pub fn pairwise_bound(k: &Gram) -> Option<f64> {
     let mut best: Option<f64> = None;
@@ -256,7 +257,7 @@ pub struct KernelStats {
     pub lambda_min: f64,
     /// min over 2x2 principal submatrices of K_out (an upper bound on lambda_min).
     pub lambda_min_pairwise: f64,
-    /// The note's path formula, min over i != j of [P - sum_p f^{d_p}(K_ij)].
+    /// The paper's path formula (§1), min over i != j of [P - sum_p f^{d_p}(K_ij)].
     pub lambda_min_bound: f64,
 }
 
@@ -342,7 +343,7 @@ mod tests {
 
     #[test]
     fn worked_example_bounds() {
-        // connectivity note §1, three linear edges each: chain 1 - f^3(K), parallel
+        // `docs/methods/connectivity.md` §1, three linear edges each: chain 1 - f^3(K), parallel
         // 3 (1 - f(K)), mixed "2_21_112" 4 - K - f(K) - 2 f^2(K). The recursion's K_out is
         // [[P, o], [o, P]], so its 2x2 bound P - o equals the path formula here.
         let f = relu_arccos;
@@ -470,7 +471,7 @@ mod tests {
     #[test]
     fn recursion_matches_a_wide_random_network() {
         // "2_12_002" makes f act on a sum of differently correlated kernels (K + f(K)), where
-        // the recursion and the path formula differ; "2_21_112" is the note's mixed cell.
+        // the recursion and the path formula differ; "2_21_112" is the paper's mixed cell.
         // At width 200,000 the draw's relative error is about 1%; tolerance 5% of the diagonal
         // on every entry, 0.02 on every correlation.
         let xs = normalised_inputs(4, 3, 11).unwrap();

@@ -1,5 +1,5 @@
-//! Cells as DAGs and their input->output paths (`../shared/papers/arch-aware-hparams.md` §1, §3;
-//! `../shared/papers/connectivity-convergence.md` §3).
+//! Cells as DAGs and their input->output paths (`docs/methods/arch-aware.md` §1, §3;
+//! `docs/methods/connectivity.md` §3).
 //!
 //! The topology strings are parsed by [`nn::models::topology::Dag`]; this file only adds
 //! what the analysis needs on top: which op codes are parameterised for a cell kind, the path
@@ -50,7 +50,7 @@ impl CellKind {
     }
 
     /// Whether an op code is a parameterised layer (counts towards d_p).
-    /// arch-aware-hparams.md §1: Linear / conv are layers; skip, avg-pool and zero are not.
+    /// `docs/methods/arch-aware.md` §1: Linear / conv are layers; skip, avg-pool and zero are not.
     pub fn is_parameterised(self, op: u8) -> bool {
         match self {
             CellKind::Mlp | CellKind::Cnn => op == 2,
@@ -59,7 +59,7 @@ impl CellKind {
     }
 
     /// Layers every path passes outside the cell.
-    /// arch-aware-hparams.md §3: +3 (stem/head) for MLP/CNN, +1 for NAS-Bench-201.
+    /// `docs/methods/arch-aware.md` §3: +3 (stem/head) for MLP/CNN, +1 for NAS-Bench-201.
     pub fn fixed_layers(self) -> usize {
         match self {
             CellKind::Mlp | CellKind::Cnn => 3,
@@ -68,7 +68,7 @@ impl CellKind {
     }
 
     /// The shallowest base network of §3: one path with no parameterised layer, so that its
-    /// path lengths are the note's `[3]` (MLP/CNN: a single skip edge) and `[1]` (NB201: the
+    /// path lengths are `[3]` (MLP/CNN: a single skip edge) and `[1]` (NB201: the
     /// cell whose only edge is the skip 0 -> 3).
     pub fn default_base_topology(self) -> &'static str {
         match self {
@@ -103,7 +103,7 @@ pub struct Cell {
     pub dag: Dag,
 }
 
-/// P, effective depth and effective width of a cell (connectivity-convergence.md §3).
+/// P, effective depth and effective width of a cell (`docs/methods/connectivity.md` §3).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct PathProxies {
     pub num_paths: usize,
@@ -243,7 +243,7 @@ impl Cell {
     }
 }
 
-/// connectivity-convergence.md §3: d_bar = sum_p d_p / P, m_bar = sum_p 1[d_p > 0] / d_bar.
+/// `docs/methods/connectivity.md` §3: d_bar = sum_p d_p / P, m_bar = sum_p 1[d_p > 0] / d_bar.
 /// `None` when there is no path (P = 0).
 pub fn path_proxies(paths: &[CellPath]) -> Option<PathProxies> {
     if paths.is_empty() {
@@ -285,7 +285,7 @@ mod tests {
     fn parallel_and_mixed_cells_by_hand() {
         // "1_10_222": 0 -skip-> 1, 0 -skip-> 2, and 0, 1, 2 -lin-> 3: three paths of one layer.
         assert_eq!(depths(CellKind::Mlp, "1_10_222"), vec![1, 1, 1]);
-        // "2_21_112" (connectivity note §1): paths 0-1-2-3 (lin, skip, lin) = 2,
+        // "2_21_112" (`docs/methods/connectivity.md` §1): paths 0-1-2-3 (lin, skip, lin) = 2,
         // 0-1-3 (lin, skip) = 1, 0-2-3 (lin, lin) = 2, 0-3 (skip) = 0.
         let cell = Cell::parse(CellKind::Mlp, "t", "2_21_112").unwrap();
         let paths = cell.paths().unwrap();

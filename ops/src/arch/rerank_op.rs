@@ -1,5 +1,5 @@
 //! `rerank`: how an architecture ranking changes between two training recipes
-//! (`../shared/papers/arch-aware-hparams.md` §4.2).
+//! (`docs/methods/arch-aware.md` §4.2).
 //!
 //! Input contract. The op takes one list input, `runs` (`inputs: {runs: "train[*]"}`), over a
 //! matrix with (at least) the keys `arch`, `recipe` and `seed` (names configurable). Each item's

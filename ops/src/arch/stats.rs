@@ -1,5 +1,5 @@
 //! Rank and linear correlation: Kendall's tau-b (with ties) and Pearson's r, used to compare
-//! rankings (arch-aware-hparams.md §4.2) and predicted vs probed maximal LRs (§4.1).
+//! rankings (`docs/methods/arch-aware.md` §4.2) and predicted vs probed maximal LRs (§4.1).
 
 /// Kendall's tau-b = (n_c - n_d) / sqrt((n0 - n1)(n0 - n2)), with n0 = n(n-1)/2, n1 / n2 the
 /// pairs tied in x / y (Kendall 1945; Knight 1966's O(n log n) count, as in scipy). `None` when

@@ -51,8 +51,8 @@ pub const MODELS_FILE: &str = crate::nas::vit_space::MODELS_FILE;
 pub struct TrainOp;
 
 /// `lr.probe`: one learning rate of an empirical maximal-LR grid search
-/// (arch-aware-hparams.md §3: the maximal LR is the one with the smallest training loss after
-/// one epoch). The params are `train`'s, with `epochs` defaulting to 1; divergence is always
+/// (`docs/methods/arch-aware.md` §3: the maximal LR is the one with the smallest training loss
+/// after one epoch). The params are `train`'s, with `epochs` defaulting to 1; divergence is always
 /// recorded (`diverged = 1`, no `train_loss`), never a failure. No checkpoint and no evaluation
 /// are written: the result is `metrics.json` (`lr`, `train_loss`, `diverged`) and
 /// `history.json`. One probe per stage, so a grid is a matrix over `lr` whose points are cached
@@ -77,7 +77,7 @@ pub enum Lr {
     /// This learning rate (>= 0).
     Fixed(f64),
     /// The maximal LR predicted for the model's own cell from `base_lr`
-    /// (arch-aware-hparams.md §3).
+    /// (`docs/methods/arch-aware.md` §3).
     ArchAware(ArchAwareTag),
 }
 
@@ -89,14 +89,15 @@ pub enum ArchAwareTag {
     ArchAware,
 }
 
-/// `init:` the base scheme alone, or the architecture-aware variances on top of it (§2).
+/// `init:` the base scheme alone, or the architecture-aware variances on top of it
+/// (`docs/methods/arch-aware.md` §2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InitChoice {
     /// `init_scheme` for every layer.
     #[default]
     Default,
-    /// The cell's edges, stem and readout by the path rule of arch-aware-hparams.md §2.
+    /// The cell's edges, stem and readout by the path rule of `docs/methods/arch-aware.md` §2.
     ArchAware,
 }
 
@@ -254,6 +255,10 @@ pub struct TrainParams {
     pub schedule: Schedule,
     /// Passes over the training split. Required by `train`; `lr.probe` runs 1 unless told.
     pub epochs: Option<Count>,
+    /// At least this many optimiser steps: when `epochs` passes make fewer, the epochs rise to
+    /// ceil(min_steps / steps per epoch), so a small training set (`samples: 8`) gets as many
+    /// updates as the protocol asks of every size. Unset: `epochs` as given.
+    pub min_steps: Option<Count>,
     /// Samples per optimisation step.
     pub batch_size: Count,
     /// `cross_entropy`, `mse` or `sum_of_squares`; default: cross_entropy for classification,
@@ -304,6 +309,7 @@ impl Default for TrainParams {
             cell_from: None,
             schedule: Schedule::constant(),
             epochs: None,
+            min_steps: None,
             batch_size: Count(64),
             loss: None,
             clip: None,
@@ -342,7 +348,7 @@ enum ModelSource {
 #[derive(Clone, Debug, PartialEq)]
 enum LrRule {
     Fixed(f64),
-    /// arch-aware-hparams.md §3 for the model's own cell.
+    /// `docs/methods/arch-aware.md` §3 for the model's own cell.
     ArchAware {
         base_lr: f64,
         base_topology: Option<String>,
@@ -361,6 +367,7 @@ pub struct TrainConfig {
     init: InitChoice,
     schedule: Schedule,
     epochs: usize,
+    min_steps: usize,
     batch_size: usize,
     loss: Option<LossKind>,
     clip: Option<f64>,
@@ -616,7 +623,7 @@ fn lr_rule(p: &TrainParams, lr: Lr, source: &ModelSource) -> Result<LrRule, Para
 }
 
 impl LrRule {
-    /// arch-aware-hparams.md §3 for `model`'s own cell: eta* from `base_lr`.
+    /// `docs/methods/arch-aware.md` §3 for `model`'s own cell: eta* from `base_lr`.
     fn arch_lr(&self, model: &ModelSpec) -> Result<LrPrediction, ArchError> {
         let Some((kind, topology, kernel, _)) = model_cell(model) else {
             return Err(ArchError::invalid("model.kind", "not a DAG model"));
@@ -707,6 +714,7 @@ impl TrainConfig {
             init: p.init,
             schedule: p.schedule,
             epochs,
+            min_steps: p.min_steps.map_or(0, Count::get),
             batch_size: p.batch_size.get(),
             loss: p.loss,
             clip: p.clip,
@@ -1026,6 +1034,8 @@ struct Trainer<'a> {
     kind: LossKind,
     base_lr: f64,
     total_steps: u64,
+    /// `epochs`, raised to meet `min_steps`.
+    epochs: usize,
     shuffle: StdRng,
     fctx: ForwardCtx,
     step: u64,
@@ -1063,6 +1073,9 @@ impl<'a> Trainer<'a> {
         }
         let opt = optimizer(c, &model)?;
         let steps_per_epoch = data.train.n.div_ceil(c.batch_size) as u64;
+        let epochs = c
+            .epochs
+            .max((c.min_steps as u64).div_ceil(steps_per_epoch.max(1)) as usize);
         let _ = writeln!(
             ctx.log,
             "{} ({} trainable) on {} samples of {:?}: {} epochs x {steps_per_epoch} steps, loss {kind:?}",
@@ -1070,7 +1083,7 @@ impl<'a> Trainer<'a> {
             model.num_trainable(),
             data.train.n,
             data.meta.shape,
-            c.epochs
+            epochs
         );
         Ok(Self {
             c,
@@ -1081,7 +1094,8 @@ impl<'a> Trainer<'a> {
             opt,
             kind,
             base_lr,
-            total_steps: steps_per_epoch * c.epochs as u64,
+            total_steps: steps_per_epoch * epochs as u64,
+            epochs,
             shuffle: StdRng::seed_from_u64(derive_seed(ctx.seed, 11)),
             fctx: ForwardCtx::train(derive_seed(ctx.seed, 12)),
             step: 0,
@@ -1157,7 +1171,7 @@ impl<'a> Trainer<'a> {
             if self.last_report.elapsed() > Duration::from_secs(1) {
                 ctx.progress.report(&format!(
                     "epoch {epoch}/{} step {}/{} loss {:.4}",
-                    c.epochs,
+                    self.epochs,
                     self.step,
                     self.total_steps,
                     loss_sum / seen.max(1) as f64
@@ -1168,7 +1182,7 @@ impl<'a> Trainer<'a> {
         self.epoch_times
             .push((factor, epoch_started.elapsed().as_secs_f64()));
         let train_loss = loss_sum / seen.max(1) as f64;
-        let due = epoch == c.epochs || (c.eval_every > 0 && epoch.is_multiple_of(c.eval_every));
+        let due = epoch == self.epochs || (c.eval_every > 0 && epoch.is_multiple_of(c.eval_every));
         let mut val_metrics = BTreeMap::new();
         if due && self.data.val.n > 0 {
             let bs = self.eval_batch();
@@ -1180,7 +1194,7 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|(k, v)| format!(" {k} {v:.4}"))
             .collect();
-        let line = format!("epoch {epoch}/{} loss {train_loss:.4}{shown}", c.epochs);
+        let line = format!("epoch {epoch}/{} loss {train_loss:.4}{shown}", self.epochs);
         ctx.progress.report(&line);
         let _ = writeln!(ctx.log, "{line} lr {lr:.3e}");
         self.history.push(EpochRecord {
@@ -1395,7 +1409,7 @@ fn fit(c: &TrainConfig, ctx: &mut RunContext<'_>, out: &mut Outputs<'_>) -> Resu
     let started = Instant::now();
     let spec = c.model_spec(ctx)?;
     let mut trainer = Trainer::new(c, &spec, ctx, out)?;
-    for epoch in 1..=c.epochs {
+    for epoch in 1..=trainer.epochs {
         if trainer.epoch(ctx, epoch)? == EpochEnd::Diverged {
             break;
         }
@@ -2111,6 +2125,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("search.json"), "{e}");
+    }
+
+    #[test]
+    fn min_steps_raises_the_epochs_of_a_small_training_set() {
+        let ws = tempfile::tempdir().unwrap();
+        let data = tiny_images(ws.path());
+        let run = |extra: Value| {
+            let mut params = json!({
+                "model": {"kind": "mlp_dag", "topology": "2", "width": 4, "classes": 10},
+                "optimizer": {"kind": "sgd", "momentum": 0.0}, "lr": 0.01, "epochs": 2,
+                "batch_size": 8, "samples": 16,
+            });
+            params
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            on_data(params, &data, 1).run(&TrainOp).result.unwrap()
+        };
+        // 16 samples at batch 8: 2 steps per epoch; 2 epochs make 4 steps.
+        assert_eq!(run(json!({}))["epochs"], 2.0);
+        assert_eq!(run(json!({"min_steps": 3}))["epochs"], 2.0);
+        // 11 steps need ceil(11 / 2) = 6 epochs.
+        assert_eq!(run(json!({"min_steps": 11}))["epochs"], 6.0);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The `indicators.correlate` op: Kendall tau-b between each indicator (and the rank-sum
-//! combination, `../shared/papers/training-free-nas.md` §3) and trained accuracy.
+//! combination, `docs/methods/training-free-nas.md` §3) and trained accuracy.
 //!
 //! Inputs: `search`, one `search` result (its `search.json` trajectory); `runs`, a list input of
 //! `train` results (`stage[*]`). Contract for each run item: its matrix label holds the cell

@@ -1,9 +1,9 @@
 //! Training-free indicators of an architecture at initialization
-//! (`../shared/papers/training-free-nas.md` §2). Each is a plain function of a supernet
+//! (`docs/methods/training-free-nas.md` §2). Each is a plain function of a supernet
 //! ([`OpSets`]; a single cell is a supernet with one op per edge), a network shape, inputs and a
 //! seed; each returns a value or a typed [`Failure`], never a made-up 0.
 //!
-//! As-ViT's length distortion (`../shared/papers/asvit.md` §2) is measured on `vit` models, in
+//! As-ViT's length distortion (`docs/methods/asvit.md` §2) is measured on `vit` models, in
 //! [`super::vit_space`].
 
 use schemars::JsonSchema;
@@ -30,7 +30,8 @@ pub enum Indicator {
     Generalization,
     /// NASWOT log|det K_H| (higher is better).
     Naswot,
-    /// As-ViT length distortion L_E of a `vit` model (higher is better; asvit.md §2).
+    /// As-ViT length distortion L_E of a `vit` model (higher is better; `docs/methods/asvit.md`
+    /// §2).
     LengthDistortion,
 }
 
@@ -53,7 +54,7 @@ impl Indicator {
         }
     }
 
-    /// training-free-nas.md §3: kappa and G ascending, R (and NASWOT) descending.
+    /// `docs/methods/training-free-nas.md` §3: kappa and G ascending, R (and NASWOT) descending.
     pub fn higher_is_better(self) -> bool {
         matches!(
             self,
@@ -125,7 +126,7 @@ fn repeat_seed(seed: u64, r: usize) -> u64 {
     derive_seed(seed, 7_000 + r as u64)
 }
 
-/// training-free-nas.md §2, trainability: kappa = lambda_max / lambda_min of
+/// `docs/methods/training-free-nas.md` §2, trainability: kappa = lambda_max / lambda_min of
 /// Theta = G G^T (batch x batch), G's row i the gradient of sum_k f_k(x_i) over every weight
 /// tensor (conv kernels, BN gammas, classifier matrix; no biases), BatchNorm on batch
 /// statistics; mean over `repeats` initializations. lambda_min <= 1e-12 lambda_max is singular.
@@ -151,7 +152,7 @@ pub fn ntk_condition_number(
     finite(IND, sum / repeats.max(1) as f64)
 }
 
-/// kappa of the Gram matrix of the rows of `g` (training-free-nas.md §2).
+/// kappa of the Gram matrix of the rows of `g` (`docs/methods/training-free-nas.md` §2).
 pub fn condition_number(g: &[Vec<f64>]) -> Result<f64, Failure> {
     const IND: Indicator = Indicator::Ntk;
     let n = g.len();
@@ -189,10 +190,11 @@ pub fn thin_config() -> NetConfig {
     }
 }
 
-/// training-free-nas.md §2, expressivity: R = sum_i 1 / #{j : pattern_j == pattern_i} (the number
-/// of distinct ReLU sign patterns) over `crops` `(n, 1, 3, 3)` through the thin network with
-/// BatchNorm on batch statistics; mean over `repeats` initializations. The ReLUs are those of
-/// the cell's conv edges (one per conv op: the sign of the edge's input) and the final BN-ReLU.
+/// `docs/methods/training-free-nas.md` §2, expressivity:
+/// R = sum_i 1 / #{j : pattern_j == pattern_i} (the number of distinct ReLU sign patterns) over
+/// `crops` `(n, 1, 3, 3)` through the thin network with BatchNorm on batch statistics; mean over
+/// `repeats` initializations. The ReLUs are those of the cell's conv edges (one per conv op: the
+/// sign of the edge's input) and the final BN-ReLU.
 pub fn linear_regions(
     cfg: &NetConfig,
     sets: &OpSets,
@@ -240,10 +242,10 @@ fn centred_one_hot(labels: &[usize], classes: usize) -> Vec<f64> {
     y
 }
 
-/// training-free-nas.md §2, generalization: with G_x, G_y the per-sample gradients over the cell
-/// parameters of a training batch X and a held-out batch Y, P = Theta_yx Theta_xx^{-1} Y_x and
-/// G = mean_i sum_c (P - Y_y)_ic^2 (labels one-hot, centred by batch mean); mean over repeats.
-/// A singular Theta_xx (or a cell without parameters) fails.
+/// `docs/methods/training-free-nas.md` §2, generalization: with G_x, G_y the per-sample gradients
+/// over the cell parameters of a training batch X and a held-out batch Y,
+/// P = Theta_yx Theta_xx^{-1} Y_x and G = mean_i sum_c (P - Y_y)_ic^2 (labels one-hot, centred by
+/// batch mean); mean over repeats. A singular Theta_xx (or a cell without parameters) fails.
 #[allow(clippy::too_many_arguments)]
 pub fn ntk_regression_error(
     cfg: &NetConfig,
@@ -294,8 +296,9 @@ pub fn ntk_regression_error(
     finite(IND, sum / repeats.max(1) as f64)
 }
 
-/// training-free-nas.md §2 (NASWOT baseline): log|det K_H|, K_H[i, j] = number of ReLU units on
-/// which samples i and j agree (sign of the ReLU input), over one batch at one initialization.
+/// `docs/methods/training-free-nas.md` §2 (NASWOT baseline): log|det K_H|, K_H[i, j] = number of
+/// ReLU units on which samples i and j agree (sign of the ReLU input), over one batch at one
+/// initialization.
 pub fn naswot(cfg: &NetConfig, sets: &OpSets, images: &Images, seed: u64) -> Result<f64, Failure> {
     const IND: Indicator = Indicator::Naswot;
     let dev = open_device().map_err(|e| Failure::network(IND, e))?;

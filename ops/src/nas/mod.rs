@@ -1,5 +1,5 @@
 //! Training-free architecture search (TE-NAS / TEG-NAS, arXiv 2108.11939;
-//! `../shared/papers/training-free-nas.md`): proxy networks, indicators, rank-sum combination,
+//! `docs/methods/training-free-nas.md`): proxy networks, indicators, rank-sum combination,
 //! search algorithms and the `search` / `indicators.correlate` ops; As-ViT's ViT space, length
 //! distortion and `scale` growth loop (arXiv 2202.11921).
 

@@ -1,5 +1,5 @@
 //! The proxy networks the indicators run on: the NAS-Bench-201 macro skeleton
-//! (`../shared/papers/training-free-nas.md` §1) at a chosen width, depth and number of stages,
+//! (`docs/methods/training-free-nas.md` §1) at a chosen width, depth and number of stages,
 //! with a *set* of ops on each edge mixed by equal weights, so that one type serves single cells
 //! (one op per edge) and TE-NAS's pruning supernets (§4).
 //!
@@ -150,8 +150,8 @@ impl MixedCell {
         Ok(Self { edges })
     }
 
-    /// training-free-nas.md §1: node j = sum over incoming edges; an edge with k ops outputs
-    /// (1/k) sum of its ops (`none` contributes zero but counts in k); output = node 3.
+    /// `docs/methods/training-free-nas.md` §1: node j = sum over incoming edges; an edge with k ops
+    /// outputs (1/k) sum of its ops (`none` contributes zero but counts in k); output = node 3.
     fn forward<T: Tape<f64, Dev>>(
         &mut self,
         x: Tensor4<f64, T>,
@@ -291,7 +291,7 @@ enum Block {
 }
 
 /// Stem Conv3x3 + BN; `stages` stages of N cells at C, 2C, 4C joined by reductions; BN + ReLU;
-/// global average pooling; Linear (training-free-nas.md §1).
+/// global average pooling; Linear (`docs/methods/training-free-nas.md` §1).
 #[derive(Clone, Debug)]
 pub struct ProxyNet {
     stem: Option<(Conv2d<f64>, BatchNorm2d<f64>)>,
@@ -341,7 +341,7 @@ impl HasParams<f64> for ProxyNet {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamSet {
     /// Every trainable weight tensor: conv kernels, BN gammas, the classifier matrix; no biases
-    /// (training-free-nas.md §2, kappa).
+    /// (`docs/methods/training-free-nas.md` §2, kappa).
     Weights,
     /// G's set (arXiv 2108.11939 §3.3 as VITA-Group/TEGNAS `ntk.py` takes it: parameters
     /// whose names contain both `weight` and `cell`): the weight tensors of the cells *and* of
@@ -461,8 +461,8 @@ impl ProxyNet {
     }
 
     /// Row i: d(sum_k f_k(x_i)) / d theta over the parameters of `set`, with BatchNorm in
-    /// training mode over the whole batch (training-free-nas.md §2). One backward pass per
-    /// sample, as in the reference code.
+    /// training mode over the whole batch (`docs/methods/training-free-nas.md` §2). One backward
+    /// pass per sample, as in the reference code.
     pub fn per_sample_gradients(
         &mut self,
         x: &Tensor4<f64>,

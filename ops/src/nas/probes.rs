@@ -73,7 +73,7 @@ impl Probes {
     }
 
     /// Two disjoint seeded batches of the training split, and 3x3 crops of one random channel
-    /// of random training images (training-free-nas.md §2).
+    /// of random training images (`docs/methods/training-free-nas.md` §2).
     pub fn from_dataset(dir: &Path, p: &ProxyParams, seed: u64) -> Result<Self, OpError> {
         let meta = read_meta(dir)?;
         let fail = |m: String| OpError::Failed(format!("input `data` ({}): {m}", dir.display()));

@@ -1,4 +1,4 @@
-//! Combining indicators (`../shared/papers/training-free-nas.md` §3): rank-sum with ties and the
+//! Combining indicators (`docs/methods/training-free-nas.md` §3): rank-sum with ties and the
 //! changing-range reward.
 
 use std::collections::VecDeque;
@@ -38,7 +38,7 @@ pub fn ranks_with_ties(values: &[Option<f64>], higher_is_better: bool) -> Vec<f6
     ranks
 }
 
-/// training-free-nas.md §3: per candidate, the sum over indicators of its rank among
+/// `docs/methods/training-free-nas.md` §3: per candidate, the sum over indicators of its rank among
 /// `candidates` (lower is better). `candidates[i][j]` is indicator j of candidate i.
 pub fn rank_sums(candidates: &[Vec<Option<f64>>], indicators: &[Indicator]) -> Vec<f64> {
     let mut sums = vec![0.0; candidates.len()];
@@ -69,7 +69,7 @@ pub fn best_by_rank_sum(
         .min_by(|&a, &b| sums[a].total_cmp(&sums[b]).then(a.cmp(&b)))
 }
 
-/// training-free-nas.md §3, the changing-range reward: per indicator,
+/// `docs/methods/training-free-nas.md` §3, the changing-range reward: per indicator,
 /// Delta_t = (v_t - v_{t-1}) / (max - min of the last `window` values + 1e-6), and
 /// r_t = sum of +Delta for higher-is-better indicators and -Delta for the others (TEG-NAS:
 /// -Delta(kappa) + Delta(R) - Delta(G)). A failed measurement takes the worst value seen so far
@@ -166,7 +166,7 @@ mod tests {
     }
 
     #[test]
-    fn changing_range_reward_follows_the_note() {
+    fn changing_range_reward_follows_the_method() {
         let mut cr = ChangingRange::new(&[Indicator::Ntk, Indicator::Regions], 10);
         assert_eq!(cr.reward(&[Some(10.0), Some(4.0)]), 0.0);
         // kappa 10 -> 6: Delta = -4 / (4 + 1e-6); R 4 -> 6: Delta = 2 / (2 + 1e-6).

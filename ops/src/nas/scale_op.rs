@@ -1,5 +1,5 @@
 //! The `scale` op: As-ViT's training-free growth of a seed topology into a family of models
-//! (`../shared/papers/asvit.md` §3).
+//! (`docs/methods/asvit.md` §3).
 //!
 //! Each step: candidates = (one more block in one of the 4 stages) x (hidden <- round(h (1 + r))
 //! for r in `ratios`); candidates above the parameter `budget` are dropped; the rest are scored
@@ -213,7 +213,7 @@ fn next_candidates(cfg: &GrowthConfig, cur: &Member) -> Vec<(usize, f64, [usize;
     todo
 }
 
-/// asvit.md §3, the growth loop. `score` maps a proxy spec to indicator values (in
+/// `docs/methods/asvit.md` §3, the growth loop. `score` maps a proxy spec to indicator values (in
 /// `indicators` order); candidates are scored in parallel on `pool`.
 pub fn grow(
     cfg: &GrowthConfig,

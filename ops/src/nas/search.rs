@@ -1,4 +1,4 @@
-//! Search algorithms over the NB201 space (`../shared/papers/training-free-nas.md` §4), generic
+//! Search algorithms over the NB201 space (`docs/methods/training-free-nas.md` §4), generic
 //! over a [`Scorer`] so that tests can plug in a synthetic score. Every supernet or cell scored
 //! is kept, once, in a trajectory; batches of candidates are scored in parallel on a rayon pool
 //! and the results depend only on the seed (never on the number of threads).
@@ -152,7 +152,7 @@ pub struct RandomDraws {
 /// Random sampling baseline (§4): `samples` distinct cells drawn uniformly from the whole
 /// space (fewer if it is smaller), scored, the rank-sum best taken. With a filtered `space`
 /// the draws are the same (same seed, same cells) but the ones the filter rejects are never
-/// scored (connectivity-convergence.md §3: "rejected architectures are never scored"), so a
+/// scored (`docs/methods/connectivity.md` §3: "rejected architectures are never scored"), so a
 /// filtered and an unfiltered run compare the same proposals at a lower scoring cost.
 pub fn random_search<S: Scorer>(
     ev: &mut Evaluator<'_, S>,

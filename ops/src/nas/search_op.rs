@@ -2,9 +2,9 @@
 //! (TE-NAS, arXiv 2102.11535; TEG-NAS, arXiv 2108.11939) scored by their indicators, or over As-ViT
 //! topologies (`space: vit`, As-ViT, arXiv 2202.11921; the space is [`super::vit_space`]).
 //!
-//! Algorithms: `random`, `prune`, `evolution`, `reinforce` (§4) and `listed` (score the given
-//! `cells`: a fixed sample to correlate with trained accuracy); the ViT space has `random` and
-//! `reinforce`. Params: [`SearchParams`].
+//! Algorithms: `random`, `prune`, `evolution`, `reinforce` (`docs/methods/training-free-nas.md`
+//! §4) and `listed` (score the given `cells`: a fixed sample to correlate with trained accuracy);
+//! the ViT space has `random` and `reinforce`. Params: [`SearchParams`].
 //!
 //! Inputs: optional `data`, a classification dataset folder (a `data.*` stage: `meta.json` +
 //! `train.safetensors`); without it the indicators run on seeded Gaussian images (recorded in

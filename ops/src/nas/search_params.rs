@@ -35,7 +35,7 @@ pub enum FilterMode {
     Paper,
 }
 
-/// Sizes of the proxy networks and probes (CPU-sized defaults; the note's values in brackets).
+/// Sizes of the proxy networks and probes (CPU-sized defaults; the paper's values in brackets).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyParams {

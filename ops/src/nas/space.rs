@@ -1,4 +1,4 @@
-//! The NAS-Bench-201 cell space (`../shared/papers/training-free-nas.md` §1) as search states:
+//! The NAS-Bench-201 cell space (`docs/methods/training-free-nas.md` §1) as search states:
 //! single architectures ([`Arch`]) and supernets with a set of ops per edge ([`OpSets`]).
 
 use rand::Rng;
@@ -69,7 +69,8 @@ impl Arch {
         Self(ops)
     }
 
-    /// training-free-nas.md §4: one mutation changes one edge's op to a different op.
+    /// `docs/methods/training-free-nas.md` §4: one mutation changes one edge's op to a different
+    /// op.
     pub fn mutate(&self, rng: &mut impl Rng) -> Self {
         let mut ops = self.0;
         let e = rng.gen_range(0..NUM_EDGES);
@@ -151,7 +152,7 @@ impl OpSets {
 }
 
 /// Which cells a search may visit: the whole space or those a connectivity filter accepts
-/// (`../shared/papers/connectivity-convergence.md` §3, via `crate::arch::filter`).
+/// (`docs/methods/connectivity.md` §3, via `crate::arch::filter`).
 #[derive(Clone, Debug)]
 pub enum Space {
     All,
@@ -186,7 +187,7 @@ impl Space {
         Ok(Self::Accepted { cells, acceptance })
     }
 
-    /// The box computed from the whole space (connectivity-convergence.md §3).
+    /// The box computed from the whole space (`docs/methods/connectivity.md` §3).
     pub fn space_box() -> Result<AcceptanceBox, crate::arch::ArchError> {
         let cells = crate::arch::filter::nb201_space()?;
         let mut proxies = Vec::with_capacity(cells.len());

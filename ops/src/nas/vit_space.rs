@@ -1,4 +1,4 @@
-//! The As-ViT search space and its training-free scores (`../shared/papers/asvit.md` §1-2):
+//! The As-ViT search space and its training-free scores (`docs/methods/asvit.md` §1-2):
 //! topologies of 13 categorical choices, the length distortion L_E and the NTK condition number
 //! of `vit` models, and the seed search (random sampling, REINFORCE) that `search` runs with
 //! `space: vit`; `models.json`, the list of `{label, model}` that a vit search and `scale`
@@ -49,8 +49,8 @@ pub fn write_models(
     out.write_json(MODELS_FILE, &list)
 }
 
-/// The 13 categorical choices of the space (asvit.md §1): tokenizer and merging kernels,
-/// windows per side (stage 4 is global), MLP expansions, heads of the last stage.
+/// The 13 categorical choices of the space (`docs/methods/asvit.md` §1): tokenizer and merging
+/// kernels, windows per side (stage 4 is global), MLP expansions, heads of the last stage.
 pub const CHOICES: [(&str, &[usize]); 13] = [
     ("kernel1", &[4, 5, 6, 7, 8]),
     ("kernel2", &[2, 3, 4]),
@@ -83,7 +83,7 @@ pub struct VitTopology {
 }
 
 impl VitTopology {
-    /// Number of topologies: about 4.6M (asvit.md §1).
+    /// Number of topologies: about 4.6M (`docs/methods/asvit.md` §1).
     pub fn space_size() -> usize {
         CHOICES.iter().map(|(_, o)| o.len()).product()
     }
@@ -197,9 +197,9 @@ pub fn closed_polygon_length(rows: &[f64], points: usize, width: usize) -> f64 {
         .sum()
 }
 
-/// asvit.md §2, length distortion L_E, the finite-difference estimator: the arc length of
-/// f(circle) over `points` points of a random unit circle in input space (`dim` values per
-/// input), mean over `repeats` circles. `f` maps `(points, dim)` rows to `(points, width)` rows
+/// `docs/methods/asvit.md` §2, length distortion L_E, the finite-difference estimator: the arc
+/// length of f(circle) over `points` points of a random unit circle in input space (`dim` values
+/// per input), mean over `repeats` circles. `f` maps `(points, dim)` rows to `(points, width)` rows
 /// and gets the repeat index (a fresh initialization per repeat).
 pub fn length_distortion(
     dim: usize,
@@ -265,7 +265,8 @@ impl VitScorer {
         Model::build(&ModelSpec::Vit(spec.clone()), self.input(), vb)
     }
 
-    /// asvit.md §2: L_E of the pooled last-stage features with every LayerNorm as identity.
+    /// `docs/methods/asvit.md` §2: L_E of the pooled last-stage features with every LayerNorm as
+    /// identity.
     pub fn length_distortion(&self, spec: &VitSpec) -> Result<f64, Failure> {
         let input = self.input();
         let dim = input.channels * input.height * input.width;
@@ -286,10 +287,10 @@ impl VitScorer {
         })
     }
 
-    /// asvit.md §2: kappa of the NTK of the pooled features: row i is d(sum_k f_k(x_i)) / d theta
-    /// over every weight tensor (names ending in `weight`: linear and conv matrices, LayerNorm
-    /// gammas; no biases), LayerNorms on; mean over repeats. One sample per backward pass (a ViT
-    /// has no batch coupling).
+    /// `docs/methods/asvit.md` §2: kappa of the NTK of the pooled features: row i is
+    /// d(sum_k f_k(x_i)) / d theta over every weight tensor (names ending in `weight`: linear and
+    /// conv matrices, LayerNorm gammas; no biases), LayerNorms on; mean over repeats. One sample
+    /// per backward pass (a ViT has no batch coupling).
     pub fn ntk(&self, spec: &VitSpec) -> Result<f64, Failure> {
         const IND: Indicator = Indicator::Ntk;
         let net = |e: NnError| Failure::Network {

@@ -1,5 +1,6 @@
 //! `pde.dataset`: a labeled `pde.generate` artifact -> the ml dataset format `train`,
-//! `evaluate` and `eval.in_context` read, with the note's input scaling (section 1).
+//! `evaluate` and `eval.in_context` read, with the input scaling of
+//! `docs/methods/operator-learning.md` §1 ("Model input and scaling").
 
 use std::collections::BTreeMap;
 
@@ -41,7 +42,7 @@ impl TypedOp for PdeDatasetOp {
     const NAME: &'static str = "pde.dataset";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str =
-        "scale a labeled pde.generate pool (note section 1) into train/val/test dataset splits";
+        "scale a labeled pde.generate pool (arXiv 2402.15734 §3; docs/methods/operator-learning.md §1) into train/val/test dataset splits";
     type Params = PdeDatasetParams;
     type Config = PdeDatasetParams;
 

@@ -1,5 +1,5 @@
 //! `eval.in_context`: in-context learning at inference for a fine-tuned operator
-//! (`../shared/papers/operator-learning.md` section 5), with the metrics of section 4.
+//! (`docs/methods/operator-learning.md` §5), with the metrics of §4.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;

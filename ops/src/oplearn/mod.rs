@@ -1,8 +1,8 @@
 //! Operator learning with unsupervised pretraining and in-context learning (arXiv 2402.15734):
 //! `pde.dataset`, `pretrain.mask`, `eval.in_context`.
 //!
-//! Implements sections 1 ("Model input and scaling"), 3 and 5 of
-//! `../shared/papers/operator-learning.md`. Fine-tuning (section 4) is the `train` op with an
+//! Implements §1 ("Model input and scaling"), §3 and §5 of
+//! `docs/methods/operator-learning.md`. Fine-tuning (§4) is the `train` op with an
 //! `init` input and `init_map: {"encoder.*": "*"}`: `fno2d_mae`'s `encoder.lift.*` /
 //! `encoder.layers.*` load into `fno2d`'s `lift.*` / `layers.*`, bridge and decoder are skipped,
 //! the head stays fresh.
@@ -87,13 +87,13 @@ pub fn read_pde(dir: &Path) -> Result<PdeData, OpError> {
     })
 }
 
-/// Note section 1, "Model input and scaling": per sample i, every input channel is divided by
-/// s_i = f_norm_i / median_train(f_norm), then coefficient channel c (channels 1..) by its
-/// training median magnitude. `reference` is the *training* pool's meta (the data's own meta for
-/// a training set), so test/OOD sets are normalised with in-distribution scales. Targets are not
-/// scaled. Returns the scaled `x` `[n, c, h, w]`.
+/// `docs/methods/operator-learning.md` §1, "Model input and scaling": per sample i, every input
+/// channel is divided by s_i = f_norm_i / median_train(f_norm), then coefficient channel c
+/// (channels 1..) by its training median magnitude. `reference` is the *training* pool's meta (the
+/// data's own meta for a training set), so test/OOD sets are normalised with in-distribution
+/// scales. Targets are not scaled. Returns the scaled `x` `[n, c, h, w]`.
 ///
-/// The time-dependent equations carry no scaling (the note defines it for Poisson/Helmholtz;
+/// The time-dependent equations carry no scaling (the paper defines it for Poisson/Helmholtz;
 /// their inputs, a state at t_start, are O(1) already): their `x` comes back unchanged, after
 /// the same check that `reference` is the same equation.
 pub fn scale_inputs(data: &PdeData, reference: &PdeMeta) -> Result<Vec<f32>, OpError> {

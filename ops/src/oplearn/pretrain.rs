@@ -1,5 +1,5 @@
 //! `pretrain.mask`: masked reconstruction with optional blur on unlabeled PDE inputs with the
-//! `fno2d_mae` model (`../shared/papers/operator-learning.md` section 3).
+//! `fno2d_mae` model (`docs/methods/operator-learning.md` §3).
 
 use std::time::{Duration, Instant};
 

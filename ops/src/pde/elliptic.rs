@@ -1,5 +1,5 @@
-//! Spectral solvers for the two time-independent problems of the operator-learning note,
-//! section 1: anisotropic Poisson and Helmholtz on the periodic unit square [0, 1)^2.
+//! Spectral solvers for the two time-independent problems of `docs/methods/operator-learning.md`
+//! §1: anisotropic Poisson and Helmholtz on the periodic unit square [0, 1)^2.
 //!
 //! Grid x_j = j / n, row-major `[y, x]`; Fourier mode k = (kx, ky) integer is exp(2 pi i k.x).
 //! Computations are f64.
@@ -13,24 +13,26 @@ use super::fft::{derivative_wavenumber, wavenumber, RealFft2, RealFftWork};
 /// Diffusion prefactor of both PDEs (the 0.01 in -div(0.01 K grad u) and 0.01 Lap u).
 pub const DIFFUSIVITY: f64 = 0.01;
 
-/// Note section 1, Poisson: K = R(-theta) diag(1, e) R(theta) with R(t) = [[cos t, -sin t],
-/// [sin t, cos t]]. Returns [K11, K22, K12] (dimensionless, eigenvalues 1 and e).
+/// `docs/methods/operator-learning.md` §1, Poisson: K = R(-theta) diag(1, e) R(theta) with
+/// R(t) = [[cos t, -sin t], [sin t, cos t]]. Returns [K11, K22, K12] (dimensionless, eigenvalues
+/// 1 and e).
 pub fn conductivity(e: f64, theta: f64) -> [f64; 3] {
     let (s, c) = theta.sin_cos();
     [c * c + e * s * s, s * s + e * c * c, (e - 1.0) * s * c]
 }
 
-/// Note section 1, Poisson: Fourier symbol of -div(0.01 K grad .) at integer mode (kx, ky):
-/// 0.01 * 4 pi^2 (K11 kx^2 + K22 ky^2 + 2 K12 kx' ky'), where kx', ky' are the first-derivative
-/// wavenumbers (0 at Nyquist, so the operator maps real fields to real fields).
+/// `docs/methods/operator-learning.md` §1, Poisson: Fourier symbol of -div(0.01 K grad .) at
+/// integer mode (kx, ky): 0.01 * 4 pi^2 (K11 kx^2 + K22 ky^2 + 2 K12 kx' ky'), where kx', ky' are
+/// the first-derivative wavenumbers (0 at Nyquist, so the operator maps real fields to real
+/// fields).
 pub fn poisson_symbol(k: [f64; 3], ix: usize, iy: usize, n: usize) -> f64 {
     let (kx, ky) = (wavenumber(ix, n), wavenumber(iy, n));
     let (kxd, kyd) = (derivative_wavenumber(ix, n), derivative_wavenumber(iy, n));
     DIFFUSIVITY * 4.0 * PI * PI * (k[0] * kx * kx + k[1] * ky * ky + 2.0 * k[2] * kxd * kyd)
 }
 
-/// Note section 1, Helmholtz: Fourier symbol of 0.01 Lap + omega at integer mode (kx, ky):
-/// omega - 0.01 * 4 pi^2 (kx^2 + ky^2).
+/// `docs/methods/operator-learning.md` §1, Helmholtz: Fourier symbol of 0.01 Lap + omega at integer
+/// mode (kx, ky): omega - 0.01 * 4 pi^2 (kx^2 + ky^2).
 pub fn helmholtz_symbol(omega: f64, ix: usize, iy: usize, n: usize) -> f64 {
     let (kx, ky) = (wavenumber(ix, n), wavenumber(iy, n));
     omega - DIFFUSIVITY * 4.0 * PI * PI * (kx * kx + ky * ky)
@@ -98,8 +100,9 @@ impl EllipticGrid {
         self.fft.inverse(&work.spectrum, u, h, &mut work.fft);
     }
 
-    /// Note section 1, Poisson: u_hat = f_hat / poisson_symbol, u_hat(0) = 0, then
-    /// u -= mean(u). `f` `[n, n]` (mean zero after the source normalisation); u into `u`.
+    /// `docs/methods/operator-learning.md` §1, Poisson: u_hat = f_hat / poisson_symbol,
+    /// u_hat(0) = 0, then u -= mean(u). `f` `[n, n]` (mean zero after the source normalisation);
+    /// u into `u`.
     pub fn solve_poisson(&self, work: &mut EllipticWork, f: &[f64], k: [f64; 3], u: &mut [f64]) {
         let n = self.fft.n();
         let scale = DIFFUSIVITY * 4.0 * PI * PI * (n * n) as f64;
@@ -119,8 +122,8 @@ impl EllipticGrid {
         }
     }
 
-    /// Note section 1, Helmholtz: u_hat = -f_hat / helmholtz_symbol, 0 where the symbol is 0.
-    /// `f` `[n, n]`; u into `u`.
+    /// `docs/methods/operator-learning.md` §1, Helmholtz: u_hat = -f_hat / helmholtz_symbol, 0
+    /// where the symbol is 0. `f` `[n, n]`; u into `u`.
     pub fn solve_helmholtz(&self, work: &mut EllipticWork, f: &[f64], omega: f64, u: &mut [f64]) {
         let n = self.fft.n();
         let scale = 1.0 / (n * n) as f64;

@@ -14,7 +14,7 @@ use super::source;
 use crate::seed::derive_seed;
 use crate::{CancelFlag, OpError};
 
-/// Note section 1, Helmholtz: a draw whose max |u| exceeds this is redrawn.
+/// `docs/methods/operator-learning.md` §1, Helmholtz: a draw whose max |u| exceeds this is redrawn.
 pub const HELMHOLTZ_MAX_ABS_U: f64 = 2.0;
 /// Redraws of one Helmholtz sample before the range is declared unusable.
 pub const HELMHOLTZ_MAX_DRAWS: u32 = 1000;
@@ -31,8 +31,8 @@ pub struct Dataset {
     pub y: Option<Vec<f32>>,
     /// `[N, k]`, columns `config.coeff_names()`.
     pub coeffs: Vec<f64>,
-    /// Poisson/Helmholtz: ||f||_F (1/n)^2 per sample `[N]` (note section 1, "Model input and
-    /// scaling").
+    /// Poisson/Helmholtz: ||f||_F (1/n)^2 per sample `[N]` (`docs/methods/operator-learning.md` §1,
+    /// "Model input and scaling").
     pub f_norm: Option<Vec<f64>>,
     /// Helmholtz draws rejected for max |u| > 2, over the whole dataset.
     pub redraws: u64,
@@ -227,7 +227,8 @@ fn store_with_constant_channels(out: &mut [f32], field: &[f64], constants: &[f64
     }
 }
 
-/// Note section 1, "Model input and scaling": ||f||_F * (1/n)^2 of `f` `[n, n]`.
+/// `docs/methods/operator-learning.md` §1, "Model input and scaling": ||f||_F * (1/n)^2 of `f`
+/// `[n, n]`.
 fn source_norm(f: &[f64], n: usize) -> f64 {
     source::sum_by(f, |v| v * v).sqrt() / (n * n) as f64
 }
@@ -298,7 +299,7 @@ fn sample(
     }
 }
 
-/// Note section 1, Poisson: one draw, always usable.
+/// `docs/methods/operator-learning.md` §1, Poisson: one draw, always usable.
 fn sample_poisson(
     e: &[f64; 2],
     grid: &EllipticGrid,
@@ -313,8 +314,8 @@ fn sample_poisson(
         x,
         y,
     } = slot;
-    // Note section 1, Poisson: e ~ U[lo, hi], theta ~ U[0, 2 pi], bump source with
-    // mean removed; stored coefficients 0.01 [K11, K22, K12].
+    // `docs/methods/operator-learning.md` §1, Poisson: e ~ U[lo, hi], theta ~ U[0, 2 pi], bump
+    // source with mean removed; stored coefficients 0.01 [K11, K22, K12].
     let e = rng.gen_range(e[0]..=e[1]);
     let theta = rng.gen_range(0.0..std::f64::consts::TAU);
     let vf = source::volume_fraction(index);
@@ -334,7 +335,8 @@ fn sample_poisson(
     }
 }
 
-/// Note section 1, Helmholtz: draws until max |u| is in range (labeled only).
+/// `docs/methods/operator-learning.md` §1, Helmholtz: draws until max |u| is in range (labeled
+/// only).
 fn sample_helmholtz(
     omega: &[i64; 2],
     grid: &EllipticGrid,
@@ -349,8 +351,8 @@ fn sample_helmholtz(
         x,
         mut y,
     } = slot;
-    // Note section 1, Helmholtz: omega ~ U{lo..hi}, bump source without mean removal,
-    // redraw while max |u| > 2 (only checkable when the solver runs, i.e. labeled).
+    // `docs/methods/operator-learning.md` §1, Helmholtz: omega ~ U{lo..hi}, bump source without
+    // mean removal, redraw while max |u| > 2 (only checkable when the solver runs, i.e. labeled).
     let vf = source::volume_fraction(index);
     let EllipticBuffers { solver, f, u, t } = work;
     for redraws in 0..HELMHOLTZ_MAX_DRAWS {
@@ -378,7 +380,8 @@ fn sample_helmholtz(
     )))
 }
 
-/// Note section 1, reaction-diffusion: a random state, burnt in, then the frames.
+/// `docs/methods/operator-learning.md` §1, reaction-diffusion: a random state, burnt in, then the
+/// frames.
 fn sample_reaction_diffusion(
     window: &Window,
     model: &FitzHughNagumo,
@@ -392,7 +395,7 @@ fn sample_reaction_diffusion(
         x,
         y,
     } = slot;
-    // Note section 1, reaction-diffusion: u, v ~ N(0, 1) per cell at t = 0.
+    // `docs/methods/operator-learning.md` §1, reaction-diffusion: u, v ~ N(0, 1) per cell at t = 0.
     let mut state: Vec<f64> = (0..2 * n * n)
         .map(|_| rng.sample(rand_distr::StandardNormal))
         .collect();
@@ -429,7 +432,7 @@ fn sample_reaction_diffusion(
     Ok(time_info(coeffs))
 }
 
-/// Note section 1, NS: a random vorticity, burnt in, then the frames.
+/// `docs/methods/operator-learning.md` §1, NS: a random vorticity, burnt in, then the frames.
 fn sample_navier_stokes(
     re: &[f64],
     window: &Window,
@@ -444,7 +447,8 @@ fn sample_navier_stokes(
         x,
         y,
     } = slot;
-    // Note section 1, NS: Re cycles through the list; w0 a GRF(alpha 2.5, tau 3).
+    // `docs/methods/operator-learning.md` §1, NS: Re cycles through the list; w0 a GRF(alpha 2.5,
+    // tau 3).
     let re = re[index % re.len()];
     let w0 = navier_stokes::random_vorticity(
         &mut rng,

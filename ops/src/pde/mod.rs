@@ -1,6 +1,6 @@
 //! PDE data generation for operator learning (arXiv 2402.15734): `pde.generate`.
 //!
-//! Implements section 1 of `../shared/papers/operator-learning.md`: Poisson and Helmholtz
+//! Implements section 1 of `docs/methods/operator-learning.md`: Poisson and Helmholtz
 //! (spectral, [`elliptic`]), FitzHugh-Nagumo reaction-diffusion ([`reaction_diffusion`]) and
 //! Kolmogorov-flow Navier-Stokes ([`navier_stokes`]), with the Gaussian-bump source of
 //! [`source`]. [`params`] validates the YAML, [`generate`] draws and solves samples in parallel

@@ -1,6 +1,6 @@
-//! 2-D incompressible Navier-Stokes in vorticity form (Kolmogorov flow), operator-learning note
-//! section 1 "Navier-Stokes": w_t + u . grad w = nu Lap w + f, u = (psi_y, -psi_x), Lap psi = -w,
-//! f = -4 cos(4 y), on the periodic [0, 2 pi)^2.
+//! 2-D incompressible Navier-Stokes in vorticity form (Kolmogorov flow),
+//! `docs/methods/operator-learning.md` §1 "Navier-Stokes": w_t + u . grad w = nu Lap w + f,
+//! u = (psi_y, -psi_x), Lap psi = -w, f = -4 cos(4 y), on the periodic [0, 2 pi)^2.
 //!
 //! Pseudo-spectral: the state is w_hat `[n, n]` (row-major `[ky, kx]`, integer wavenumbers
 //! because the period is 2 pi); the advection term is formed in physical space and dealiased
@@ -17,11 +17,12 @@ use std::ops::Range;
 
 use super::fft::{derivative_wavenumber, wavenumber, Fft2, FftWork, RealFft2, RealFftWork};
 
-/// Amplitude of the note's forcing f = -4 cos(4 y).
+/// Amplitude of the paper's forcing f = -4 cos(4 y).
 pub const FORCING_AMPLITUDE: f64 = 4.0;
 /// Wavenumber of the forcing.
 pub const FORCING_WAVENUMBER: f64 = 4.0;
-/// Note section 1: initial vorticity is a Gaussian random field with these parameters.
+/// `docs/methods/operator-learning.md` §1: initial vorticity is a Gaussian random field with these
+/// parameters.
 pub const GRF_ALPHA: f64 = 2.5;
 pub const GRF_TAU: f64 = 3.0;
 
@@ -81,7 +82,7 @@ pub struct NsWork {
 }
 
 impl KolmogorovGrid {
-    /// `forcing_amplitude` 4 is the note's f = -4 cos(4 y); 0 switches forcing off (tests).
+    /// `forcing_amplitude` 4 is the paper's f = -4 cos(4 y); 0 switches forcing off (tests).
     pub fn new(n: usize, forcing_amplitude: f64) -> Self {
         let fft = RealFft2::new(n);
         let h = fft.h();
@@ -188,9 +189,9 @@ impl KolmogorovGrid {
         w
     }
 
-    /// Note section 1 (NS): FFT(u . grad w) of `w_hat` into `out` (valid on the band's
-    /// entries only: the caller reads nothing else, which is the 2/3-rule dealiasing), with
-    /// psi_hat = w_hat / |k|^2, u_hat = i ky psi_hat, v_hat = -i kx psi_hat. Returns
+    /// `docs/methods/operator-learning.md` §1 (NS): FFT(u . grad w) of `w_hat` into `out` (valid on
+    /// the band's entries only: the caller reads nothing else, which is the 2/3-rule dealiasing),
+    /// with psi_hat = w_hat / |k|^2, u_hat = i ky psi_hat, v_hat = -i kx psi_hat. Returns
     /// max(|u| + |v|) for the CFL check.
     fn advection(
         &self,
@@ -236,7 +237,8 @@ impl KolmogorovGrid {
         speed
     }
 
-    /// One Crank-Nicolson/Heun step of length `dt` with viscosity `nu` (note section 1, NS):
+    /// One Crank-Nicolson/Heun step of length `dt` with viscosity `nu`
+    /// (`docs/methods/operator-learning.md` §1, NS):
     /// w* = [(1 - dt nu k^2 / 2) w - dt N(w) + dt f] / (1 + dt nu k^2 / 2),
     /// w' = [(1 - dt nu k^2 / 2) w - dt (N(w) + N(w*)) / 2 + dt f] / (1 + dt nu k^2 / 2).
     /// Returns the CFL number dt max(|u| + |v|) / dx of the state at the start of the step.
@@ -311,12 +313,12 @@ impl KolmogorovGrid {
     }
 }
 
-/// Note section 1 (NS): initial vorticity ~ Gaussian random field N(0, s^2 (-Lap + tau^2)^-alpha)
-/// on [0, 2 pi)^2 with s = tau^(alpha - 1) (the FNO generator's scaling, whose Laplacian
-/// eigenvalues are |k|^2 on this period), mean zero: w(x) = Re sum_{k != 0} s (|k|^2 +
-/// tau^2)^(-alpha/2) (a_k + i b_k) e^{i k.x}, a_k, b_k ~ N(0, 1), restricted to the 2/3-rule
-/// band (the modes the solver resolves; beyond it the amplitude is below 1% of mode 1's at
-/// n >= 32). Returns `[n, n]`.
+/// `docs/methods/operator-learning.md` §1 (NS): initial vorticity ~ Gaussian random field
+/// N(0, s^2 (-Lap + tau^2)^-alpha) on [0, 2 pi)^2 with s = tau^(alpha - 1) (the FNO generator's
+/// scaling, whose Laplacian eigenvalues are |k|^2 on this period), mean zero:
+/// w(x) = Re sum_{k != 0} s (|k|^2 + tau^2)^(-alpha/2) (a_k + i b_k) e^{i k.x}, a_k, b_k ~ N(0, 1),
+/// restricted to the 2/3-rule band (the modes the solver resolves; beyond it the amplitude is
+/// below 1% of mode 1's at n >= 32). Returns `[n, n]`.
 pub fn random_vorticity(
     rng: &mut impl Rng,
     grid: &KolmogorovGrid,

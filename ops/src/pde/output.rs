@@ -4,7 +4,7 @@
 //! (solutions; only when labeled) and `coeffs` `[N, k]` (per-sample parameters, columns named in
 //! `meta.json`). numpy users read it with `safetensors.numpy.load_file`. `meta.json` holds the
 //! resolved config, shapes, channel names, the solver used, and the normalisation statistics of
-//! the operator-learning note, section 1 "Model input and scaling". Everything written is a pure
+//! `docs/methods/operator-learning.md` §1 "Model input and scaling". Everything written is a pure
 //! function of params and seed (no timings), so equal inputs give byte-identical artifacts.
 
 use std::collections::BTreeMap;
@@ -48,10 +48,10 @@ pub struct PdeMeta {
     pub redraws: u64,
 }
 
-/// Note section 1, "Model input and scaling". A training op takes `f_norm_median` and
-/// `coeff_channel_medians` of its *training* dataset and, per sample i of any dataset, divides
-/// every input channel by s_i = f_norm_i / f_norm_median, then coefficient channel c by
-/// `coeff_channel_medians[c]`.
+/// `docs/methods/operator-learning.md` §1, "Model input and scaling". A training op takes
+/// `f_norm_median` and `coeff_channel_medians` of its *training* dataset and, per sample i of any
+/// dataset, divides every input channel by s_i = f_norm_i / f_norm_median, then coefficient channel
+/// c by `coeff_channel_medians[c]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scaling {
@@ -83,9 +83,9 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Note section 1, "Model input and scaling": the medians of f_norm and of each coefficient
-/// channel after dividing by the per-sample scale. `coeffs` `[N, k]`, `k_channels` coefficient
-/// columns that are input channels (the first ones).
+/// `docs/methods/operator-learning.md` §1, "Model input and scaling": the medians of f_norm and of
+/// each coefficient channel after dividing by the per-sample scale. `coeffs` `[N, k]`, `k_channels`
+/// coefficient columns that are input channels (the first ones).
 fn scaling(data: &Dataset, f_norm: &[f64], coeff_channels: &[String]) -> Scaling {
     let f_norm_median = median(f_norm);
     let k = data.config.coeff_names().len();

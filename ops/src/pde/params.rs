@@ -42,7 +42,7 @@ impl Equation {
     }
 }
 
-/// The note's named parameter ranges (section 1, "Splits").
+/// The paper's named parameter ranges (`docs/methods/operator-learning.md` §1, "Splits").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
@@ -196,7 +196,7 @@ impl Config {
                     p.resolution
                 ),
             )
-            .with_fix("the note's sizes are 32 (small default) and 64 (paper)"));
+            .with_fix("the sizes used are 32 (the CPU default) and 64 (the paper)"));
         }
         if !(1..=MAX_SAMPLES).contains(&p.samples) {
             return Err(ParamError::new(

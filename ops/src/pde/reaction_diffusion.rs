@@ -1,8 +1,8 @@
-//! 2-D diffusion-reaction (FitzHugh-Nagumo type, PDEBench), operator-learning note section 1
+//! 2-D diffusion-reaction (FitzHugh-Nagumo type, PDEBench), `docs/methods/operator-learning.md` §1
 //! "Reaction-diffusion": u_t = Du Lap u + u - u^3 - k - v, v_t = Dv Lap v + u - v on [-1, 1]^2
 //! with no-flux (Neumann) boundaries.
 //!
-//! Integrator (the note leaves it free; PDEBench used finite volumes + RK45): cell-centred finite
+//! Integrator (the paper leaves it free; PDEBench used finite volumes + RK45): cell-centred finite
 //! volumes on n x n cells of width h = 2 / n, 5-point Laplacian with mirror ghost cells (zero
 //! flux through every wall), classical fourth-order Runge-Kutta with a fixed step. Explicit, so
 //! dt is bounded by the diffusion stability limit checked in [`stable_dt`].
@@ -23,7 +23,7 @@ pub struct FitzHughNagumo {
     pub reaction: bool,
 }
 
-/// Note section 1: Du = 1e-3, Dv = 5e-3, k = 5e-3.
+/// `docs/methods/operator-learning.md` §1: Du = 1e-3, Dv = 5e-3, k = 5e-3.
 pub const PDEBENCH: FitzHughNagumo = FitzHughNagumo {
     du: 1e-3,
     dv: 5e-3,
@@ -87,8 +87,8 @@ fn laplacian(a: &[f64], n: usize, inv_h2: f64, out: &mut [f64]) {
     }
 }
 
-/// Note section 1 (reaction-diffusion) right-hand side: (u_t, v_t) of the state (u, v), all
-/// `[n, n]`.
+/// `docs/methods/operator-learning.md` §1 (reaction-diffusion) right-hand side: (u_t, v_t) of the
+/// state (u, v), all `[n, n]`.
 fn rates(
     model: &FitzHughNagumo,
     n: usize,

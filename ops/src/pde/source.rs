@@ -1,5 +1,6 @@
-//! The Gaussian-bump source term shared by Poisson and Helmholtz (operator-learning note,
-//! section 1, "Poisson": 12 x 12 lattice, sigma 1/32, spacing 1/16, centred on (0.5, 0.5)).
+//! The Gaussian-bump source term shared by Poisson and Helmholtz
+//! (`docs/methods/operator-learning.md` §1, "Source": 12 x 12 lattice, sigma 1/32, spacing 1/16,
+//! centred on (0.5, 0.5)).
 
 use rand::Rng;
 
@@ -12,7 +13,8 @@ pub const SIGMA: f64 = 1.0 / 32.0;
 /// The "volume fraction" of switched-off bumps cycles through these across a dataset.
 pub const VOLUME_FRACTIONS: [f64; 4] = [0.2, 0.4, 0.6, 0.8];
 
-/// vf of the sample with dataset index `index` (note section 1: vf cycles across the dataset).
+/// vf of the sample with dataset index `index` (`docs/methods/operator-learning.md` §1: vf cycles
+/// across the dataset).
 pub fn volume_fraction(index: usize) -> f64 {
     VOLUME_FRACTIONS[index % VOLUME_FRACTIONS.len()]
 }
@@ -22,9 +24,9 @@ pub fn centre(m: usize) -> f64 {
     0.5 + (m as f64 - (LATTICE as f64 - 1.0) / 2.0) * SPACING
 }
 
-/// Note section 1: each of the 144 bumps is on with probability 1 - vf with amplitude
-/// U[1e-3, 1]; if none is on, one (chosen uniformly) is forced on. Returns `[12, 12]` amplitudes
-/// `[row = y, col = x]`, 0 for bumps that are off.
+/// `docs/methods/operator-learning.md` §1: each of the 144 bumps is on with probability 1 - vf with
+/// amplitude U[1e-3, 1]; if none is on, one (chosen uniformly) is forced on. Returns `[12, 12]`
+/// amplitudes `[row = y, col = x]`, 0 for bumps that are off.
 pub fn draw_amplitudes(rng: &mut impl Rng, vf: f64) -> [f64; LATTICE * LATTICE] {
     let mut amplitudes = [0.0; LATTICE * LATTICE];
     let mut any = false;
@@ -43,10 +45,10 @@ pub fn draw_amplitudes(rng: &mut impl Rng, vf: f64) -> [f64; LATTICE * LATTICE] 
     amplitudes
 }
 
-/// Note section 1: f(x, y) = sum_b a_b exp(-|(x, y) - c_b|^2 / (2 sigma^2)) on the grid
-/// x_j = j / n of the periodic unit square, distances taken to the nearest periodic image.
-/// The Gaussian is separable, so f = G^T A G with G `[12, n]`: O(12 n^2), not O(144 n^2) exps.
-/// `amplitudes` `[12, 12]`; returns `[n, n]` (row = y).
+/// `docs/methods/operator-learning.md` §1: f(x, y) = sum_b a_b exp(-|(x, y) - c_b|^2 / (2 sigma^2))
+/// on the grid x_j = j / n of the periodic unit square, distances taken to the nearest periodic
+/// image. The Gaussian is separable, so f = G^T A G with G `[12, n]`: O(12 n^2), not O(144 n^2)
+/// exps. `amplitudes` `[12, 12]`; returns `[n, n]` (row = y).
 pub fn render(amplitudes: &[f64; LATTICE * LATTICE], n: usize) -> Vec<f64> {
     let basis = BumpBasis::new(n);
     let mut f = vec![0.0; n * n];
@@ -74,7 +76,7 @@ impl BumpBasis {
         Self { n, g }
     }
 
-    /// The note's per-sample source: [`render`] into `f` `[n, n]` (with `t` `[12, n]` as
+    /// The paper's per-sample source: [`render`] into `f` `[n, n]` (with `t` `[12, n]` as
     /// scratch), then [`normalise`]. On x86-64 CPUs with AVX2 the same code runs compiled for
     /// AVX2 (twice SSE2's vector width); the arithmetic, and so every bit of the result, is the
     /// same (no fused multiply-add, reductions in a fixed order).
@@ -154,8 +156,8 @@ pub fn sum_by(values: &[f64], map: impl Fn(f64) -> f64) -> f64 {
     lanes.iter().sum()
 }
 
-/// Note section 1: f /= max(f), then (Poisson only) f -= mean(f). max(f) > 0 because every
-/// amplitude is at least 1e-3 and at least one bump is on.
+/// `docs/methods/operator-learning.md` §1: f /= max(f), then (Poisson only) f -= mean(f).
+/// max(f) > 0 because every amplitude is at least 1e-3 and at least one bump is on.
 #[inline(always)]
 pub fn normalise(f: &mut [f64], remove_mean: bool) {
     let mut lanes = [f64::NEG_INFINITY; LANES];
