@@ -435,7 +435,7 @@ fn noise_line(
     }
     let text = match values.len() {
         0 => format!(
-            "not measured (stage `{}` recorded no `{}`; a seed-vs-seed figure needs two or more seeds)",
+            "not measured (stage `{}` recorded no `{}`: a figure over seeds or cells needs two or more)",
             n.stage, n.metric
         ),
         1 => match errors.first() {

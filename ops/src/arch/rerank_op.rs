@@ -254,6 +254,32 @@ fn seed_tau(table: &Table, recipe: &str, archs: &[String]) -> (Option<f64>, usiz
     ((n > 0).then(|| taus.iter().sum::<f64>() / n as f64), n)
 }
 
+/// The like-for-like recipe tau: for each seed both recipes trained, tau over `archs` between
+/// the baseline's and the candidate's accuracies of that one seed; the mean over seeds. It is
+/// the figure to set beside the seed-vs-seed tau (both compare single runs), whereas `tau_all`
+/// compares seed means, which are less noisy.
+fn same_seed_tau(table: &Table, baseline: &str, candidate: &str, archs: &[String]) -> Option<f64> {
+    let (base, cand) = (table.get(baseline)?, table.get(candidate)?);
+    let seeds = sorted_seeds(base.values().flat_map(|s| s.keys()));
+    let mut taus = Vec::new();
+    for seed in &seeds {
+        let (mut xa, mut xb) = (Vec::new(), Vec::new());
+        for arch in archs {
+            if let (Some(va), Some(vb)) = (
+                base.get(arch).and_then(|s| s.get(seed)),
+                cand.get(arch).and_then(|s| s.get(seed)),
+            ) {
+                xa.push(*va);
+                xb.push(*vb);
+            }
+        }
+        if let Some(t) = kendall_tau_b(&xa, &xb) {
+            taus.push(t);
+        }
+    }
+    (!taus.is_empty()).then(|| taus.iter().sum::<f64>() / taus.len() as f64)
+}
+
 /// The metric-name suffix of a percentage: `100`, `5`, `2.5`.
 fn k_name(k: f64) -> String {
     format!("{k}")
@@ -261,8 +287,8 @@ fn k_name(k: f64) -> String {
 
 impl TypedOp for RerankOp {
     const NAME: &'static str = "rerank";
-    // Version 2: `tau_all_se`.
-    const VERSION: u32 = 2;
+    // Version 3: `tau_all_se`, `tau_same_seed`, `mean_acc_change_se`.
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str =
         "Kendall tau between two training recipes' architecture rankings, overall and in the \
          top-K%, with the seed-vs-seed control; reads `runs: train[*]`";
@@ -306,8 +332,20 @@ impl TypedOp for RerankOp {
             .collect();
         let seed_tau_all =
             (!seed_all.is_empty()).then(|| seed_all.iter().sum::<f64>() / seed_all.len() as f64);
+        let tau_same_seed = same_seed_tau(table, &baseline, &candidate, &order);
         let mean_base = rows.iter().map(|r| r.baseline_acc).sum::<f64>() / n as f64;
         let mean_cand = rows.iter().map(|r| r.candidate_acc).sum::<f64>() / n as f64;
+        // The standard error of the mean change: the spread of the per-architecture changes
+        // (of seed means) over sqrt(n).
+        let change_se = (n > 1).then(|| {
+            let d: Vec<f64> = rows
+                .iter()
+                .map(|r| r.candidate_acc - r.baseline_acc)
+                .collect();
+            let m = d.iter().sum::<f64>() / n as f64;
+            let var = d.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
+            (var / n as f64).sqrt()
+        });
         let mut moved = rows.clone();
         moved.sort_by(|a, b| b.shift.abs().cmp(&a.shift.abs()).then(a.arch.cmp(&b.arch)));
         moved.truncate(p.moved);
@@ -320,11 +358,13 @@ impl TypedOp for RerankOp {
             "excluded": runs.excluded,
             "tau_all": tau_all,
             "tau_all_se": tau_all_se,
+            "tau_same_seed": tau_same_seed,
             "seed_tau_all": seed_tau_all,
             "curve": curve,
             "seed_curves": seed_curves,
             "mean_acc": {"baseline": mean_base, "candidate": mean_cand},
             "mean_acc_change": mean_cand - mean_base,
+            "mean_acc_change_se": change_se,
             "moved": moved,
             "archs": rows,
         });
@@ -342,11 +382,17 @@ impl TypedOp for RerankOp {
         out.metric("mean_acc_baseline", mean_base);
         out.metric("mean_acc_candidate", mean_cand);
         out.metric("mean_acc_change", mean_cand - mean_base);
+        if let Some(se) = change_se {
+            out.metric("mean_acc_change_se", se);
+        }
         if let Some(t) = tau_all {
             out.metric("tau_all", t);
         }
         if let Some(t) = tau_all_se {
             out.metric("tau_all_se", t);
+        }
+        if let Some(t) = tau_same_seed {
+            out.metric("tau_same_seed", t);
         }
         if let Some(t) = seed_tau_all {
             out.metric("seed_tau_all", t);
@@ -667,12 +713,17 @@ mod tests {
         assert!((m["tau_top50"] + 1.0).abs() < 1e-12);
         // Top 25% is one architecture: no tau.
         assert!(!m.contains_key("tau_top25"));
-        // Mean change: (-0.05 + 0.1 + 0.05 - 0.1) / 4 = 0.
+        // Mean change: (-0.05 + 0.1 + 0.05 - 0.1) / 4 = 0; changes -0.05, 0.1, 0.05, -0.1
+        // have sample variance 0.025 / 3, so the standard error is sqrt(0.025 / 12).
         assert!(m["mean_acc_change"].abs() < 1e-12);
+        assert!((m["mean_acc_change_se"] - (0.025f64 / 12.0).sqrt()).abs() < 1e-12);
         // Seed control: bench seeds agree (tau 1); aware seeds: a 0.8 / 0.9, b 0.9 / 0.9,
         // c 0.75, d 0.5 -> seed 0 order b > a > c > d, seed 1 ties a = b: tau-b = 5 / sqrt(6*5).
         let aware = 5.0 / 30f64.sqrt();
         assert!((m["seed_tau_all"] - (1.0 + aware) / 2.0).abs() < 1e-12);
+        // Like for like: seed 0 of each recipe (a, b swapped: 4 / 6) and seed 1 (a = b tied
+        // under aware: 5 / sqrt(6 * 5)), averaged.
+        assert!((m["tau_same_seed"] - (4.0 / 6.0 + aware) / 2.0).abs() < 1e-12);
         let v: Value =
             serde_json::from_slice(&std::fs::read(output.out_dir.join(RERANK_FILE)).unwrap())
                 .unwrap();
