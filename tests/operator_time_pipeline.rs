@@ -26,7 +26,11 @@ fn run<S: AsRef<OsStr>>(cache: &Path, sets: &[S]) -> Value {
 }
 
 fn small() -> Vec<String> {
-    paper::operator_smoke_sets(&["vars.ns_t_end=0.1", "vars.rd_t_end=0.1"])
+    paper::operator_smoke_sets(&[
+        "vars.ns_t_end=0.1",
+        "vars.rd_t_end=0.1",
+        "vars.finetune_min_steps=1",
+    ])
 }
 
 #[test]

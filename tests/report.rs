@@ -139,3 +139,50 @@ fn a_bad_report_section_is_bad_input() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("metrc"));
 }
+
+/// A metric some instances leave out (undefined for that run) shows as "–" with the stages
+/// named; one that no instance records is a misspelt name, and an error.
+#[test]
+fn an_undefined_metric_is_shown_as_such_and_a_missing_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = r#"
+name: und
+stages:
+  fit:
+    op: shell
+    matrix: {N: [1, 2]}
+    cmd: "if [ ${matrix.N} = 1 ]; then echo '{\"r\": 0.5, \"n\": 1}'; else echo '{\"n\": 2}'; fi > $ENGINE_OUT/metrics.json"
+report:
+  tables:
+    - {name: r, stage: fit, rows: N, metric: r, digits: 2}
+"#;
+    std::fs::write(dir.path().join("p.yaml"), p).unwrap();
+    assert!(engine(dir.path(), &["run", "p.yaml"]).status.success());
+    let out = engine(dir.path(), &["report", "p.yaml"]);
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        md.contains("| 1 | 0.50 |") && md.contains("| 2 | – |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("not recorded (undefined for that run) by `fit[N=2]`"),
+        "{md}"
+    );
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        p.replace("metric: r,", "metric: rr,"),
+    )
+    .unwrap();
+    let out = engine(dir.path(), &["report", "p.yaml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("recorded no metric 'rr'"),
+        "{err}"
+    );
+    assert!(err.contains("its metrics are: n, r"), "{err}");
+}

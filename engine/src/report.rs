@@ -163,6 +163,9 @@ struct Grouped {
     cols: Vec<String>,
     cells: BTreeMap<(String, String), Vec<f64>>,
     provenance: Vec<(String, String)>,
+    /// Instances that ran but recorded no value of the metric (undefined for that run, e.g. a
+    /// correlation of a constant): shown as such, never as a number.
+    absent: Vec<String>,
 }
 
 pub fn parse_spec(plan: &Plan) -> Result<Option<ReportSpec>, SpecError> {
@@ -515,6 +518,8 @@ fn group(
     let mut cols: Vec<String> = Vec::new();
     let mut cells: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     let mut provenance = Vec::new();
+    let mut absent = Vec::new();
+    let mut have_any: std::collections::BTreeSet<String> = Default::default();
     for &i in nodes {
         let node = &plan.nodes[i];
         let key = statuses[i].key.clone().unwrap_or_default();
@@ -522,25 +527,6 @@ fn group(
             .lookup(&key)
             .map_err(ExecError::from)?
             .ok_or_else(|| ReportError::Missing(format!("  {}", node.name)))?;
-        let value = *record.metrics.get(metric).ok_or_else(|| {
-            let have: Vec<&str> = record.metrics.keys().map(String::as_str).collect();
-            ReportError::Spec(
-                plan.pipeline.locate(
-                    SpecError::new(
-                        "report",
-                        format!("stage {} recorded no metric '{metric}'", node.name),
-                    )
-                    .fix(format!(
-                        "its metrics are: {}",
-                        if have.is_empty() {
-                            "none".to_string()
-                        } else {
-                            have.join(", ")
-                        }
-                    )),
-                ),
-            )
-        })?;
         let r = match row_var {
             "" => node.stage.clone(),
             _ => node.matrix.get(row_var).map(render).unwrap_or_default(),
@@ -549,20 +535,46 @@ fn group(
             .and_then(|c| node.matrix.get(c))
             .map(render)
             .unwrap_or_else(|| metric.to_string());
+        provenance.push((node.name.clone(), key));
         if !rows.contains(&r) {
             rows.push(r.clone());
         }
         if !cols.contains(&c) {
             cols.push(c.clone());
         }
+        let Some(&value) = record.metrics.get(metric) else {
+            absent.push(node.name.clone());
+            have_any.extend(record.metrics.keys().cloned());
+            continue;
+        };
         cells.entry((r, c)).or_default().push(value);
-        provenance.push((node.name.clone(), key));
+    }
+    // No instance has the metric at all: a misspelt name, not an undefined value.
+    if cells.is_empty() && !absent.is_empty() {
+        let have: Vec<String> = have_any.into_iter().collect();
+        return Err(ReportError::Spec(
+            plan.pipeline.locate(
+                SpecError::new(
+                    "report",
+                    format!("stage {} recorded no metric '{metric}'", absent[0]),
+                )
+                .fix(format!(
+                    "its metrics are: {}",
+                    if have.is_empty() {
+                        "none".to_string()
+                    } else {
+                        have.join(", ")
+                    }
+                )),
+            ),
+        ));
     }
     Ok(Grouped {
         rows,
         cols,
         cells,
         provenance,
+        absent,
     })
 }
 
@@ -628,6 +640,14 @@ fn render_table(t: &TableSpec, g: &Grouped) -> String {
             }
         }
         let _ = writeln!(out, "{line}");
+    }
+    if !g.absent.is_empty() {
+        let names: Vec<String> = g.absent.iter().map(|n| format!("`{n}`")).collect();
+        let _ = writeln!(
+            out,
+            "\n– : not recorded (undefined for that run) by {}",
+            names.join(", ")
+        );
     }
     out
 }

@@ -15,7 +15,9 @@ import sys
 
 def pearson(x, y):
     n = len(x)
-    if n < 2:
+    # A constant variable has no correlation (tested exactly: the float sums below would
+    # leave a rounding residue instead of zero).
+    if n < 2 or len(set(x)) < 2 or len(set(y)) < 2:
         return None
     mx, my = sum(x) / n, sum(y) / n
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
