@@ -10,7 +10,7 @@ use crate::hash::{Hash, StatKey};
 use crate::{CacheError, Result};
 
 /// Bumped with every migration below; a database newer than this is refused, not corrupted.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the initial schema.
@@ -95,6 +95,31 @@ const MIGRATIONS: &[&str] = &[
     // written before: those are taken over only when their heartbeat stops.
     r#"
     ALTER TABLE claims ADD COLUMN pid_space TEXT;
+    "#,
+    // 6 -> 7: named experiments (`engine run --name`): what an invocation set and every stage
+    // key it produced, so runs can be compared later and gc keeps their results.
+    r#"
+    CREATE TABLE experiments (
+        id INTEGER PRIMARY KEY,
+        pipeline TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        meta TEXT NOT NULL,
+        UNIQUE (pipeline, name)
+    );
+    CREATE TABLE experiment_stages (
+        experiment_id INTEGER NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        key TEXT,
+        status TEXT NOT NULL,
+        matrix TEXT NOT NULL,
+        params TEXT NOT NULL,
+        duration_s REAL,
+        PRIMARY KEY (experiment_id, position)
+    ) WITHOUT ROWID;
+    CREATE INDEX experiment_stages_key ON experiment_stages(key);
     "#,
 ];
 
@@ -217,8 +242,8 @@ pub struct Hit {
 }
 
 pub(crate) struct Db {
-    conn: Connection,
-    path: PathBuf,
+    pub(crate) conn: Connection,
+    pub(crate) path: PathBuf,
     /// A read transaction opened by [`Db::begin_read`] is in progress.
     reading: bool,
 }
@@ -252,7 +277,7 @@ impl Db {
         Ok(db)
     }
 
-    fn err(&self, source: rusqlite::Error) -> CacheError {
+    pub(crate) fn err(&self, source: rusqlite::Error) -> CacheError {
         CacheError::Db {
             path: self.path.clone(),
             source,

@@ -11,6 +11,7 @@
 //! either no record or a complete one. `tmp/` leftovers of dead processes are removed on open.
 
 mod db;
+mod experiments;
 mod hash;
 mod machine;
 mod maintenance;
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 pub use db::{unix_now, ClaimOwner, ClaimState, Hit, NewRun, RunRecord, RunStatus, SCHEMA_VERSION};
+pub use experiments::{Experiment, ExperimentStage, ExperimentTable, NewExperiment};
 pub use hash::{hash_bytes, hash_file, Hash, HashParseError};
 pub use machine::{hostname, pid_space_id};
 pub use maintenance::{GcReport, Keep, VerifyReport};

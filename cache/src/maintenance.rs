@@ -254,6 +254,13 @@ impl Cache {
                 );
             }
         }
+        // A named experiment keeps the results it refers to until it is removed.
+        let experiment_keys = self.db().experiment_keys()?;
+        drop.retain(|id| {
+            runs.iter()
+                .find(|r| r.id == *id)
+                .is_none_or(|r| !(r.ok && experiment_keys.contains(&r.key)))
+        });
         let dropped: HashSet<i64> = drop.iter().copied().collect();
         let mut reachable: HashSet<Hash> = HashSet::new();
         for run in runs.iter().filter(|r| !dropped.contains(&r.id)) {
@@ -354,6 +361,42 @@ mod tests {
             })
             .unwrap();
         crate::hash_bytes(content)
+    }
+
+    #[test]
+    fn gc_keeps_what_a_named_experiment_refers_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let kept = record(&cache, "k1", b"kept", 1.0);
+        let gone = record(&cache, "k2", b"gone", 2.0);
+        cache
+            .record_experiment(&crate::NewExperiment {
+                pipeline: "p".into(),
+                name: "e".into(),
+                created_at: 3.0,
+                meta: serde_json::json!({}),
+                stages: vec![crate::ExperimentStage {
+                    name: "s".into(),
+                    stage: "s".into(),
+                    key: Some("k1".into()),
+                    status: "ran".into(),
+                    matrix: serde_json::json!({}),
+                    params: serde_json::json!({}),
+                    duration_s: None,
+                }],
+            })
+            .unwrap();
+        let report = cache.gc(&Keep::Keys(HashSet::new()), false).unwrap();
+        assert_eq!(report.runs_dropped, 1);
+        assert!(cache.lookup("k1").unwrap().is_some());
+        assert!(cache.lookup("k2").unwrap().is_none());
+        assert!(cache.store().contains(&kept));
+        assert!(!cache.store().contains(&gone));
+        let table = cache.experiment_table("p").unwrap();
+        assert_eq!(table.stages.values().next().unwrap()[0].1.as_deref(), Some("k1"));
+        cache.remove_experiment("p", "e").unwrap();
+        cache.gc(&Keep::Keys(HashSet::new()), false).unwrap();
+        assert!(!cache.store().contains(&kept));
     }
 
     #[test]
