@@ -329,7 +329,10 @@ mod tests {
             name: "a".into(),
             created_at: 10.0,
             meta: json!({"vars": {"lr": 0.1}}),
-            stages: vec![stage("data", Some("k1"), "ran"), stage("train", None, "skipped")],
+            stages: vec![
+                stage("data", Some("k1"), "ran"),
+                stage("train", None, "skipped"),
+            ],
         };
         assert!(!cache.record_experiment(&e).unwrap());
         let (got, stages) = cache.experiment("p", "a").unwrap().unwrap();

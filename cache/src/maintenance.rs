@@ -393,7 +393,10 @@ mod tests {
         assert!(cache.store().contains(&kept));
         assert!(!cache.store().contains(&gone));
         let table = cache.experiment_table("p").unwrap();
-        assert_eq!(table.stages.values().next().unwrap()[0].1.as_deref(), Some("k1"));
+        assert_eq!(
+            table.stages.values().next().unwrap()[0].1.as_deref(),
+            Some("k1")
+        );
         cache.remove_experiment("p", "e").unwrap();
         cache.gc(&Keep::Keys(HashSet::new()), false).unwrap();
         assert!(!cache.store().contains(&kept));
