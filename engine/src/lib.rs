@@ -8,6 +8,7 @@
 pub mod error;
 pub mod exec;
 pub mod executor;
+pub mod experiments;
 mod heartbeat;
 pub mod key_doc;
 pub mod node_keys;
@@ -22,5 +23,6 @@ pub mod slurm;
 pub mod spec;
 pub mod staleness;
 pub mod status;
+pub mod table;
 pub mod watch;
 pub mod worker;

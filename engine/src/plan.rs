@@ -104,6 +104,65 @@ impl Plan {
             .collect()
     }
 
+    /// The instances a command-line selector names: an instance name (`cnn[lr=0.02,seed=1]`,
+    /// variables in any order), a stage name (all its instances) or a partial selector
+    /// (`cnn[lr=0.02]`, `cnn[lr=0.02,*]`, `cnn[*]`: every instance matching), in the syntax
+    /// `inputs:` accept. In plan order; an error names what does not match and what would.
+    pub fn resolve_selector(&self, selector: &str) -> Result<Vec<usize>, SpecError> {
+        let selector = selector.trim();
+        let exact: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].name == selector)
+            .collect();
+        if !exact.is_empty() {
+            return Ok(exact);
+        }
+        let stage = selector.split('[').next().unwrap_or(selector).trim();
+        let Some(spec) = self.pipeline.stage(stage) else {
+            return Err(self.unknown_stage(stage));
+        };
+        let instances: Vec<(usize, BTreeMap<String, String>)> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].stage == stage)
+            .map(|i| {
+                let point = self.nodes[i]
+                    .matrix
+                    .iter()
+                    .map(|(k, v)| (k.clone(), render(v)))
+                    .collect();
+                (i, point)
+            })
+            .collect();
+        let Some(inner) = selector[stage.len()..].trim().strip_prefix('[') else {
+            return Ok(instances.into_iter().map(|(i, _)| i).collect());
+        };
+        // On the command line a partial selector takes every instance it matches.
+        let reference = if inner.contains('*') {
+            selector.to_string()
+        } else {
+            match inner.strip_suffix(']') {
+                Some(body) if body.trim().is_empty() => format!("{stage}[*]"),
+                Some(body) => format!("{stage}[{body},*]"),
+                None => selector.to_string(),
+            }
+        };
+        let index = StageIndex {
+            spec,
+            values: spec
+                .matrix
+                .iter()
+                .map(|(k, vs)| (k.clone(), RenderedValues::new(vs)))
+                .collect(),
+            instances,
+        };
+        let by_stage = HashMap::from([(stage, index)]);
+        let mut e = match resolve_reference(&self.pipeline, &by_stage, &reference) {
+            Ok(sources) => return Ok(sources.nodes()),
+            Err(e) => e,
+        };
+        e.message = format!("'{selector}': {}", e.message);
+        e.file = self.pipeline.file.clone();
+        Err(e)
+    }
+
     /// An error for a stage name on the command line that matches nothing.
     pub fn unknown_stage(&self, stage: &str) -> SpecError {
         let names: Vec<&str> = self
@@ -116,6 +175,48 @@ impl Plan {
             .fix(suggestion(stage, names.iter().copied()));
         e.file = self.pipeline.file.clone();
         e
+    }
+
+    /// The plan of `targets` and everything they need (their upstream nodes, transitively),
+    /// in the same order: what `engine run p.yaml TARGET...` runs. Keys do not change, since
+    /// they never depend on node positions.
+    pub fn restricted_to(self, targets: &[usize]) -> Plan {
+        let mut keep = vec![false; self.nodes.len()];
+        for &t in targets {
+            keep[t] = true;
+        }
+        for i in (0..self.nodes.len()).rev() {
+            if keep[i] {
+                for u in self.nodes[i].upstream() {
+                    keep[u] = true;
+                }
+            }
+        }
+        let mut position = vec![usize::MAX; self.nodes.len()];
+        let mut nodes = Vec::with_capacity(keep.iter().filter(|k| **k).count());
+        for (i, node) in self.nodes.into_iter().enumerate() {
+            if keep[i] {
+                position[i] = nodes.len();
+                nodes.push(node);
+            }
+        }
+        for node in &mut nodes {
+            for input in &mut node.inputs {
+                input.sources = match &input.sources {
+                    InputSources::One(u) => InputSources::One(position[*u]),
+                    InputSources::Many(us) => {
+                        InputSources::Many(us.iter().map(|u| position[*u]).collect())
+                    }
+                };
+            }
+            for p in &mut node.dep_producers {
+                *p = position[*p];
+            }
+        }
+        Plan {
+            pipeline: self.pipeline,
+            nodes,
+        }
     }
 
     /// Every node downstream of `roots`, including them.
@@ -1222,6 +1323,55 @@ stages:
         assert_eq!(e.field, "stages.total.inputs.parts");
         let e = plan(&DEMO.replace("\"square[*]\"", "\"sqare[*]\"")).unwrap_err();
         assert!(e.fix.unwrap().contains("square"));
+    }
+
+    #[test]
+    fn command_line_selectors_take_every_match_in_any_order() {
+        let text = DEMO.replace("matrix: {p: [2, 3]}", "matrix: {p: [2, 3], q: [a, b]}");
+        let p = plan(&text).unwrap();
+        let names = |sel: &str| -> Vec<String> {
+            p.resolve_selector(sel)
+                .unwrap()
+                .into_iter()
+                .map(|i| p.nodes[i].name.clone())
+                .collect()
+        };
+        assert_eq!(names("square[q=b,p=3]"), ["square[p=3,q=b]"]);
+        assert_eq!(names("square[p=3,q=b]"), ["square[p=3,q=b]"]);
+        assert_eq!(names("square[p=2]"), ["square[p=2,q=a]", "square[p=2,q=b]"]);
+        assert_eq!(
+            names("square[q=a,*]"),
+            ["square[p=2,q=a]", "square[p=3,q=a]"]
+        );
+        assert_eq!(names("square").len(), 4);
+        assert_eq!(names("square[*]").len(), 4);
+        assert_eq!(names("make"), ["make"]);
+        let e = p.resolve_selector("square[p=4]").unwrap_err();
+        assert!(e.message.contains("square[p=4]"), "{}", e.message);
+        assert!(e.fix.unwrap().contains("2, 3"));
+        let e = p.resolve_selector("square[r=1]").unwrap_err();
+        assert!(
+            e.message.contains("no matrix variable 'r'"),
+            "{}",
+            e.message
+        );
+        let e = p.resolve_selector("sqare").unwrap_err();
+        assert!(e.fix.unwrap().contains("square"));
+    }
+
+    #[test]
+    fn a_restricted_plan_keeps_the_targets_and_what_they_need() {
+        let p = plan(DEMO).unwrap();
+        let target = p.resolve_selector("square[p=3]").unwrap();
+        let r = p.restricted_to(&target);
+        let names: Vec<&str> = r.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["make", "square[p=3]"]);
+        assert_eq!(r.nodes[1].inputs[0].sources, InputSources::One(0));
+        let p = plan(DEMO).unwrap();
+        let all = p.resolve_selector("total").unwrap();
+        let r = p.restricted_to(&all);
+        assert_eq!(r.nodes.len(), 4);
+        assert_eq!(r.nodes[3].inputs[0].sources, InputSources::Many(vec![1, 2]));
     }
 
     /// A reference pinning every matrix variable (in any order) finds its instance by

@@ -14,6 +14,8 @@ pub struct NodeStatus {
     pub compared_with: Option<(String, f64)>,
     pub cached: bool,
     pub never_run: bool,
+    /// The latest attempt at this very key failed: when it ended, and its error.
+    pub failed: Option<(f64, String)>,
     pub key: Option<String>,
     pub reasons: Vec<String>,
 }
@@ -37,6 +39,7 @@ pub fn stage_statuses(
                     compared_with: None,
                     cached: false,
                     never_run: false,
+                    failed: None,
                     key: None,
                     reasons: vec![message],
                 });
@@ -66,6 +69,7 @@ pub fn stage_statuses(
                         compared_with: None,
                         cached: false,
                         never_run: previous.is_none(),
+                        failed: None,
                         key: Some(key),
                         reasons: vec!["--force".into()],
                     }
@@ -74,6 +78,7 @@ pub fn stage_statuses(
                         compared_with: None,
                         cached: false,
                         never_run: previous.is_none(),
+                        failed: None,
                         key: Some(key),
                         reasons: vec!["cache: false".into()],
                     }
@@ -83,6 +88,7 @@ pub fn stage_statuses(
                         compared_with: None,
                         cached: true,
                         never_run: false,
+                        failed: None,
                         key: Some(key),
                         reasons: Vec::new(),
                     }
@@ -100,6 +106,7 @@ pub fn stage_statuses(
                         compared_with: previous.map(|p| (p.key.clone(), p.ended_at)),
                         cached: false,
                         never_run: previous.is_none(),
+                        failed: None,
                         key: Some(key),
                         reasons,
                     }
@@ -128,6 +135,7 @@ pub fn stage_statuses(
                     compared_with: previous.map(|p| (p.key.clone(), p.ended_at)),
                     cached: false,
                     never_run: previous.is_none(),
+                    failed: None,
                     key: None,
                     reasons,
                 }
@@ -135,12 +143,35 @@ pub fn stage_statuses(
         };
         out.push(status);
     }
+    // A stage whose latest attempt at its current key failed says so, not "never run".
+    for (node, status) in plan.nodes.iter().zip(out.iter_mut()) {
+        let Some(key) = status.key.as_deref().filter(|_| !status.cached) else {
+            continue;
+        };
+        if let Some(last) = cache.latest_attempt(&plan.pipeline.name, &node.name)? {
+            if last.status == cache::RunStatus::Failed && last.key == key {
+                let error = last.error.clone().unwrap_or_default();
+                let first = error.lines().next().unwrap_or("").trim().to_string();
+                status.reasons.retain(|r| r != "never run");
+                status.reasons.insert(
+                    0,
+                    format!(
+                        "{first} (attempt of {})",
+                        crate::experiments::format_time(last.ended_at)
+                    ),
+                );
+                status.failed = Some((last.ended_at, first));
+            }
+        }
+    }
     Ok(out)
 }
 
 pub fn status_word(s: &NodeStatus) -> &'static str {
     if s.cached {
         "cached"
+    } else if s.failed.is_some() {
+        "failed"
     } else if s.never_run {
         "never run"
     } else {

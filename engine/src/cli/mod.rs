@@ -1,4 +1,7 @@
-//! Argument definitions and the commands behind them.
+//! Argument definitions and the commands behind them. `results.rs` holds the commands that
+//! read results out of the cache (experiments, tables, exports, paths, checkouts, config).
+
+mod results;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -60,13 +63,31 @@ enum Command {
     /// Re-hash every object and check every record; --repair drops records that need
     /// missing or corrupt objects, so their stages rerun.
     Verify(VerifyArgs),
-    /// Delete records outside a retention rule and every object no record refers to.
+    /// Delete records outside a retention rule and every object no record refers to
+    /// (results of named experiments are kept until `engine exp remove`).
     Gc(GcArgs),
+    /// Compare named runs (`engine run --name NAME`): list, show, diff, remove.
+    #[command(subcommand)]
+    Exp(results::ExpCommand),
+    /// A stage's instances as a table of matrix values and metrics (no `report:` needed).
+    Table(results::TableArgs),
+    /// Every stage instance as one row (matrix values, params, metrics, key, status,
+    /// duration) in CSV, JSON or Parquet, for pandas.
+    Export(results::ExportArgs),
+    /// Print the stored path of one output file of a cached stage.
+    Path(results::PathArgs),
+    /// Copy a cached stage's outputs into a folder.
+    Checkout(results::CheckoutArgs),
+    /// Print the pipeline after overrides and `${vars.*}` (and, with --expand, every
+    /// instance) as YAML.
+    Config(results::ConfigArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ReportFormat {
+    /// Markdown tables, SVG and PNG plots.
     Md,
+    /// One HTML page beside the plots.
     Html,
 }
 
@@ -77,6 +98,7 @@ struct ReportArgs {
     /// Output folder (default: reports/<pipeline name>/ beside the pipeline file).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// The report's format.
     #[arg(long, value_enum, default_value_t = ReportFormat::Md)]
     format: ReportFormat,
 }
@@ -95,6 +117,7 @@ struct OpsArgs {
 struct ExecStageArgs {
     /// The job file the driver wrote.
     job: PathBuf,
+    /// The shared cache folder whose store receives the outputs.
     #[arg(long)]
     cache_dir: PathBuf,
     /// Where to write the result for the driver.
@@ -118,6 +141,7 @@ struct VerifyArgs {
     /// Drop records that depend on missing or corrupt objects, delete corrupt objects.
     #[arg(long)]
     repair: bool,
+    /// Print one JSON object with the counts and problems.
     #[arg(long)]
     json: bool,
 }
@@ -148,8 +172,13 @@ struct PipelineArgs {
     /// The pipeline file (YAML).
     pipeline: PathBuf,
     /// Override a value: `vars.n=5`, `stages.train.params.lr=0.1` (value parsed as YAML).
+    /// A key the pipeline lacks is an error; `+vars.x=1` adds one, `++key=v` sets either way.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// A YAML file of overrides in the pipeline's shape (`vars: {lr: 0.1}`), applied before
+    /// any --set; repeatable.
+    #[arg(long = "params-file", value_name = "FILE")]
+    params_files: Vec<PathBuf>,
     /// Cache folder (default: .engine/ beside the pipeline file).
     #[arg(long, env = "ENGINE_CACHE_DIR", value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -166,6 +195,14 @@ struct PipelineArgs {
 struct RunArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
+    /// Run only these stages and what they need: `train`, `train[lr=0.1]`, `train[seed=0,*]`
+    /// (default: every stage).
+    #[arg(value_name = "TARGET")]
+    targets: Vec<String>,
+    /// Record this run as a named experiment (its overrides, vars, git commit and every
+    /// stage key), for `engine exp`; a name used before is replaced.
+    #[arg(long, value_name = "NAME", conflicts_with = "dry_run")]
+    name: Option<String>,
     /// CPUs to use for stages at once (default: all cores).
     #[arg(short, long, value_name = "N")]
     jobs: Option<usize>,
@@ -226,6 +263,10 @@ struct WatchArgs {
 struct StatusArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
+    /// Only these stages and what they need (as for `run`).
+    #[arg(value_name = "TARGET")]
+    targets: Vec<String>,
+    /// Print one JSON object with every stage's status and reasons.
     #[arg(long)]
     json: bool,
 }
@@ -234,7 +275,7 @@ struct StatusArgs {
 struct StageArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
-    /// A stage name, or one matrix instance such as `square[p=2]`.
+    /// A stage, an instance such as `square[p=2]`, or a partial selector (`square[p=2,*]`).
     stage: String,
 }
 
@@ -242,15 +283,20 @@ struct StageArgs {
 struct ShowArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
+    /// A stage, an instance such as `square[p=2]`, or a partial selector (`square[p=2,*]`).
     stage: String,
+    /// Print JSON (one object, or a list for several instances).
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DagFormat {
+    /// One line per instance with its inputs.
     Text,
+    /// Graphviz.
     Dot,
+    /// Mermaid flowchart.
     Mermaid,
 }
 
@@ -258,6 +304,7 @@ enum DagFormat {
 struct DagArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
+    /// How to print the graph.
     #[arg(long, value_enum, default_value_t = DagFormat::Text)]
     format: DagFormat,
 }
@@ -300,6 +347,9 @@ static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
 pub fn main() -> i32 {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
+    if !cli.command.runs_stages() {
+        restore_sigpipe();
+    }
     let result = match cli.command {
         Command::Run(args) => cmd_run(args),
         Command::Status(args) => cmd_status(args),
@@ -313,6 +363,12 @@ pub fn main() -> i32 {
         Command::ExecStage(args) => cmd_exec_stage(args),
         Command::Gc(args) => cmd_gc(args),
         Command::Ops(args) => cmd_ops(args),
+        Command::Exp(command) => results::cmd_exp(command),
+        Command::Table(args) => results::cmd_table(args),
+        Command::Export(args) => results::cmd_export(args),
+        Command::Path(args) => results::cmd_path(args),
+        Command::Checkout(args) => results::cmd_checkout(args),
+        Command::Config(args) => results::cmd_config(args),
     };
     match result {
         Ok(code) => code,
@@ -321,6 +377,36 @@ pub fn main() -> i32 {
             exit.code
         }
     }
+}
+
+impl Command {
+    /// Whether the command runs stages (and so must survive a closed stdout or stderr, as
+    /// SIGPIPE would not let it: a stage half-run is lost work). The others only print.
+    fn runs_stages(&self) -> bool {
+        match self {
+            Command::Run(args) => !args.dry_run,
+            Command::Watch(_) | Command::ExecStage(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Rust ignores SIGPIPE, so printing into a closed pipe (`engine status p.yaml | head -1`)
+/// panics with "Broken pipe". A command that only prints ends quietly instead, as Unix tools
+/// do, by taking the default action back.
+fn restore_sigpipe() {
+    // SAFETY: resets one signal's disposition; called before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Prints to stdout for a command that runs stages: a closed stdout is not worth a panic
+/// (stderr's messages and the cache keep what happened).
+fn print_quietly(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
 }
 
 fn cmd_ops(args: OpsArgs) -> Result<i32, Exit> {
@@ -374,9 +460,19 @@ fn init_tracing(verbose: u8) {
         .try_init();
 }
 
+/// Loads a pipeline with its overrides; touches no cache.
+fn load_pipeline(args: &PipelineArgs) -> Result<Pipeline, Exit> {
+    let params: Vec<engine::spec::ParamsFile> = args
+        .params_files
+        .iter()
+        .map(|p| engine::spec::ParamsFile::read(p))
+        .collect::<Result<_, _>>()?;
+    Ok(Pipeline::load_with(&args.pipeline, &params, &args.sets)?)
+}
+
 /// Loads and plans a pipeline; touches no cache.
 fn load_plan(args: &PipelineArgs) -> Result<Plan, Exit> {
-    let pipeline = Pipeline::load(&args.pipeline, &args.sets)?;
+    let pipeline = load_pipeline(args)?;
     let cache_dir = cache_dir(args, &pipeline);
     check_cache_dir(&cache_dir, args.cache_dir.is_some())?;
     let options = PlanOptions {
@@ -438,15 +534,33 @@ fn open_cache(args: &PipelineArgs, plan: &Plan) -> Result<Arc<Cache>, Exit> {
 }
 
 fn select(plan: &Plan, stage: &str) -> Result<Vec<usize>, Exit> {
-    let nodes = plan.select(stage);
+    let nodes = plan.resolve_selector(stage)?;
     if nodes.is_empty() {
         return Err(plan.unknown_stage(stage).into());
     }
     Ok(nodes)
 }
 
+/// The plan of `targets` and what they need; the whole plan without targets.
+fn targeted(plan: Plan, targets: &[String]) -> Result<Plan, Exit> {
+    if targets.is_empty() {
+        return Ok(plan);
+    }
+    let mut nodes = Vec::new();
+    for t in targets {
+        nodes.extend(select(&plan, t)?);
+    }
+    Ok(plan.restricted_to(&nodes))
+}
+
 fn cmd_run(args: RunArgs) -> Result<i32, Exit> {
-    let plan = load_plan(&args.pipeline)?;
+    if let Some(name) = &args.name {
+        engine::experiments::check_name(name).map_err(|message| Exit {
+            code: EXIT_BAD_INPUT,
+            message: format!("error: --name {message}"),
+        })?;
+    }
+    let plan = targeted(load_plan(&args.pipeline)?, &args.targets)?;
     let mut force = Vec::new();
     for f in &args.force {
         force.extend(select(&plan, f)?);
@@ -521,7 +635,33 @@ fn cmd_run(args: RunArgs) -> Result<i32, Exit> {
             "interrupted": summary.interrupted,
             "wall_s": summary.wall_s,
         });
-        println!("{out}");
+        print_quietly(&format!("{out}\n"));
+    }
+    if let Some(name) = &args.name {
+        let sets = &args.pipeline.sets;
+        let params_files: Vec<String> = args
+            .pipeline
+            .params_files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let ctx = engine::experiments::RunContext {
+            name,
+            sets,
+            params_files: &params_files,
+            argv: std::env::args().collect(),
+        };
+        let replaced = engine::experiments::record(&cache, &plan, &summary, &ctx)?;
+        eprintln!(
+            "recorded experiment '{name}'{} ({} stages); `engine exp show {}` compares it",
+            if replaced {
+                ", replacing the one of that name"
+            } else {
+                ""
+            },
+            summary.reports.len(),
+            display_path(&args.pipeline.pipeline)
+        );
     }
     let code = exit_code(&summary);
     // The process exits next: freeing a large plan and its reports one allocation at a time
@@ -693,6 +833,7 @@ fn print_statuses(plan: &Plan, statuses: &[NodeStatus], as_json: bool) {
                     "key": s.key,
                     "status": if s.cached { "cached" } else { "stale" },
                     "never_run": s.never_run,
+                    "failed": s.failed.is_some(),
                     "reasons": s.reasons,
                 })
             })
@@ -706,21 +847,23 @@ fn print_statuses(plan: &Plan, statuses: &[NodeStatus], as_json: bool) {
     }
     let width = plan.nodes.iter().map(|n| n.name.len()).max().unwrap_or(0);
     for (n, s) in plan.nodes.iter().zip(statuses) {
-        if s.cached {
-            println!("{:<width$}  cached", n.name);
+        let word = status_word(s);
+        let reasons: Vec<&str> = s
+            .reasons
+            .iter()
+            .map(String::as_str)
+            .filter(|r| *r != word)
+            .collect();
+        if reasons.is_empty() {
+            println!("{:<width$}  {word}", n.name);
         } else {
-            println!(
-                "{:<width$}  {}: {}",
-                n.name,
-                status_word(s),
-                s.reasons.join("; ")
-            );
+            println!("{:<width$}  {word}: {}", n.name, reasons.join("; "));
         }
     }
 }
 
 fn cmd_status(args: StatusArgs) -> Result<i32, Exit> {
-    let plan = load_plan(&args.pipeline)?;
+    let plan = targeted(load_plan(&args.pipeline)?, &args.targets)?;
     let cache = open_cache(&args.pipeline, &plan)?;
     let statuses = stage_statuses(&plan, &cache, &[])?;
     print_statuses(&plan, &statuses, args.json);
@@ -897,7 +1040,11 @@ fn cmd_show(args: ShowArgs) -> Result<i32, Exit> {
         println!("  params    {}", v["params"]);
         if let Some(m) = v["metrics"].as_object().filter(|m| !m.is_empty()) {
             for (k, val) in m {
-                println!("  metric    {k} = {val}");
+                let shown = val
+                    .as_f64()
+                    .map(engine::table::format_number)
+                    .unwrap_or_else(|| "–".into());
+                println!("  metric    {k} = {shown}");
             }
         }
         if let Some(o) = v["outputs"].as_object() {
@@ -1094,6 +1241,7 @@ fn cmd_gc(args: GcArgs) -> Result<i32, Exit> {
         (cache::Keep::Keys(_), Some(file)) => Some(load_plan(&PipelineArgs {
             pipeline: file.clone(),
             sets: args.sets.clone(),
+            params_files: Vec::new(),
             cache_dir: Some(dir.clone()),
             max_stages: None,
             device: None,

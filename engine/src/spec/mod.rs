@@ -140,11 +140,38 @@ impl Pipeline {
             )
             .fix("check the path; a pipeline is a YAML file such as pipelines/demo.yaml")
         })?;
-        Self::from_str(&text, file, sets)
+        Self::from_str_with(&text, file, &[], sets)
+    }
+
+    /// As [`Pipeline::load`], with the overrides of `params_files` applied first (in order),
+    /// then `sets`.
+    pub fn load_with(
+        file: &Path,
+        params_files: &[ParamsFile],
+        sets: &[String],
+    ) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            located(
+                file,
+                SpecError::new("", format!("cannot read the pipeline file: {e}")),
+            )
+            .fix("check the path; a pipeline is a YAML file such as pipelines/demo.yaml")
+        })?;
+        Self::from_str_with(&text, file, params_files, sets)
     }
 
     /// As [`Pipeline::load`], from text already read.
     pub fn from_str(text: &str, file: &Path, sets: &[String]) -> Result<Self, SpecError> {
+        Self::from_str_with(text, file, &[], sets)
+    }
+
+    /// As [`Pipeline::load_with`], from text already read.
+    pub fn from_str_with(
+        text: &str,
+        file: &Path,
+        params_files: &[ParamsFile],
+        sets: &[String],
+    ) -> Result<Self, SpecError> {
         // A byte-order mark is not content: editors on Windows write one, and YAML readers
         // would otherwise see text before `name:` (a second document).
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -153,9 +180,16 @@ impl Pipeline {
         let mut doc = top_level(parse_yaml(text, file)?, file, &locate)?;
         normalize_stages(&mut doc).map_err(&locate)?;
         let mut overrides = Vec::new();
+        for params in params_files {
+            for (key, value, origin) in params.entries()? {
+                let path =
+                    set_value(&mut doc, &key, value, &origin).map_err(|e| located(file, e))?;
+                overrides.push((path, origin));
+            }
+        }
         for set in sets {
             let path = apply_set(&mut doc, set).map_err(|e| located(file, e))?;
-            overrides.push((path, set.clone()));
+            overrides.push((path, format!("--set {set}")));
         }
         let locate = |e: SpecError| locate_with(&source, file, &overrides, e);
         let name = pipeline_name(&doc, file).map_err(&locate)?;
@@ -351,7 +385,7 @@ fn locate_with(
         .rev()
         .find(|(path, _)| error.field == *path || error.field.starts_with(&format!("{path}.")))
     {
-        error.message = format!("{} (value from --set {set})", error.message);
+        error.message = format!("{} (value from {set})", error.message);
     } else if error.pos.is_none() {
         error.pos = source.find(&error.field);
     }
@@ -562,6 +596,92 @@ fn validate_stage_name(name: &str, path: &str) -> Result<(), SpecError> {
     }
 }
 
+/// A `--params-file`: a YAML mapping of overrides in the pipeline's own shape
+/// (`vars: {lr: 0.1}`, `stages: {train: {epochs: 3}}`); each leaf is one override, checked
+/// as `--set` checks it.
+#[derive(Debug, Clone)]
+pub struct ParamsFile {
+    pub path: PathBuf,
+    text: String,
+}
+
+impl ParamsFile {
+    pub fn read(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            located(
+                path,
+                SpecError::new("", format!("cannot read the params file: {e}")),
+            )
+            .fix("pass a YAML file of overrides, e.g. `vars: {lr: 0.1}`")
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+
+    /// (dotted key, value, origin for messages) of every leaf, in file order.
+    fn entries(&self) -> Result<Vec<(String, Value, String)>, SpecError> {
+        let text = self.text.strip_prefix('\u{feff}').unwrap_or(&self.text);
+        let source = SourceMap::build(text);
+        let doc = match parse_yaml(text, &self.path)? {
+            Value::Object(m) => m,
+            Value::Null => Map::new(),
+            other => {
+                return Err(located(
+                    &self.path,
+                    SpecError::new(
+                        "",
+                        format!(
+                            "a params file is a mapping of overrides, found {}",
+                            kind(&other)
+                        ),
+                    ),
+                )
+                .fix("write e.g. `vars: {lr: 0.1}`"))
+            }
+        };
+        fn walk(prefix: &str, map: &Map<String, Value>, out: &mut Vec<(String, Value)>) {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    Value::Object(m) if !m.is_empty() => walk(&key, m, out),
+                    _ => out.push((key, v.clone())),
+                }
+            }
+        }
+        let mut leaves = Vec::new();
+        walk("", &doc, &mut leaves);
+        Ok(leaves
+            .into_iter()
+            .map(|(key, value)| {
+                let at = match source.find(&key) {
+                    Some(pos) => format!("{} line {}", self.path.display(), pos.line),
+                    None => self.path.display().to_string(),
+                };
+                let origin = format!("{at} ({key})");
+                (key, value, origin)
+            })
+            .collect())
+    }
+}
+
+/// How an override treats a key the pipeline does not have (Hydra's convention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetMode {
+    /// `key=value`: the key must exist where the pipeline's own names live (vars, matrix
+    /// variables, inputs), so a typo is an error, not a silently unused value.
+    Override,
+    /// `+key=value`: the key must not exist yet.
+    Add,
+    /// `++key=value`: set it either way.
+    Force,
+}
+
 /// Applies one `--set dotted.key=value` to the document; returns the path it set.
 fn apply_set(doc: &mut Map<String, Value>, set: &str) -> Result<String, SpecError> {
     let Some((key, raw)) = set.split_once('=') else {
@@ -570,19 +690,37 @@ fn apply_set(doc: &mut Map<String, Value>, set: &str) -> Result<String, SpecErro
                 .fix("e.g. --set vars.n=5 or --set stages.train.params.lr=0.1"),
         );
     };
-    let segments: Vec<&str> = key.split('.').collect();
-    if segments.iter().any(|s| s.is_empty()) {
-        return Err(SpecError::new(
-            "",
-            format!("--set {set}: '{key}' has an empty segment"),
-        ));
-    }
     let yaml: serde_yaml::Value = serde_yaml::from_str(raw).map_err(|e| {
         SpecError::new("", format!("--set {set}: the value is not valid YAML: {e}"))
             .fix("quote the value in the shell, e.g. --set 'stages.a.params.cmd=\"echo hi\"'")
     })?;
-    let value = yaml_to_json(&yaml, key)
+    let value = yaml_to_json(&yaml, key.trim_start_matches('+'))
         .map_err(|e| SpecError::new("", format!("--set {set}: {}", e.message)))?;
+    set_value(doc, key, value, &format!("--set {set}"))
+}
+
+/// Sets `key` (dotted, optionally `+` or `++` first) to `value`; `origin` names the override
+/// in errors (`--set vars.n=5`, `params.yaml line 3`). Returns the path it set.
+fn set_value(
+    doc: &mut Map<String, Value>,
+    key: &str,
+    value: Value,
+    origin: &str,
+) -> Result<String, SpecError> {
+    let (mode, key) = if let Some(k) = key.strip_prefix("++") {
+        (SetMode::Force, k)
+    } else if let Some(k) = key.strip_prefix('+') {
+        (SetMode::Add, k)
+    } else {
+        (SetMode::Override, key)
+    };
+    let segments: Vec<&str> = key.split('.').collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(SpecError::new(
+            "",
+            format!("{origin}: '{key}' has an empty segment"),
+        ));
+    }
     let mut segments: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
     if segments[0] == "stages" && segments.len() >= 3 {
         let stage = &segments[1];
@@ -592,7 +730,7 @@ fn apply_set(doc: &mut Map<String, Value>, set: &str) -> Result<String, SpecErro
                 .map(|s| s.keys().map(String::as_str).collect())
                 .unwrap_or_default();
             return Err(
-                SpecError::new("", format!("--set {set}: there is no stage '{stage}'"))
+                SpecError::new("", format!("{origin}: there is no stage '{stage}'"))
                     .fix(suggestion(stage, names.iter().copied())),
             );
         }
@@ -600,9 +738,46 @@ fn apply_set(doc: &mut Map<String, Value>, set: &str) -> Result<String, SpecErro
             segments.insert(2, "params".into());
         }
     }
+    // Names the pipeline defines itself: an override must find them, or it is a typo. Op
+    // params are checked by their op, which refuses unknown ones with the same hint.
+    let strict_from = match segments.as_slice() {
+        [first, ..] if first == "vars" => Some(1),
+        [first, _, field, ..] if first == "stages" && (field == "matrix" || field == "inputs") => {
+            Some(3)
+        }
+        _ => None,
+    };
+    let last = segments.len() - 1;
     let mut node = doc;
     for (i, seg) in segments.iter().enumerate() {
-        if i + 1 == segments.len() {
+        let exists = node.contains_key(seg);
+        if !exists && mode == SetMode::Override && strict_from.is_some_and(|from| i >= from) {
+            let here = segments[..i].join(".");
+            let names: Vec<&str> = node.keys().map(String::as_str).collect();
+            let hint = match closest(seg, names.iter().copied()) {
+                Some(c) => format!("did you mean '{}'?", [here.as_str(), c].join(".")),
+                None if names.is_empty() => format!("'{here}' has no keys"),
+                None => format!("'{here}' has: {}", names.join(", ")),
+            };
+            return Err(SpecError::new(
+                "",
+                format!(
+                    "{origin}: the pipeline has no '{}'",
+                    segments[..=i].join(".")
+                ),
+            )
+            .fix(format!("{hint} To add a new key, write +{key}=...")));
+        }
+        if i == last {
+            if exists && mode == SetMode::Add {
+                return Err(SpecError::new(
+                    "",
+                    format!("{origin}: '{key}' is already set in the pipeline"),
+                )
+                .fix(format!(
+                    "drop the '+' to override it ({key}=...), or write ++{key}=... to set it either way"
+                )));
+            }
             node.insert(seg.clone(), value);
             break;
         }
@@ -618,7 +793,7 @@ fn apply_set(doc: &mut Map<String, Value>, set: &str) -> Result<String, SpecErro
                 return Err(SpecError::new(
                     "",
                     format!(
-                        "--set {set}: '{}' is {}, not a mapping",
+                        "{origin}: '{}' is {}, not a mapping",
                         segments[..=i].join("."),
                         kind(other)
                     ),
